@@ -1,0 +1,195 @@
+"""The `unitrade` command."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from unitrade.topology.config import ConfigError, TopologyConfig, load_config
+
+console = Console()
+DATA_DIR_DEFAULT = Path(".unitrade/data")
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Topology TOML file (default: built-in hz/sh/bj on 127.0.0.1:8701-8703).",
+)
+
+
+def _load(config_path: Path | None) -> TopologyConfig:
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="unitrade")
+def main() -> None:
+    """unitrade: a multi-region, active-active trading platform.
+
+    Buyers are homed to a region by their ID (buyer -> bucket -> cell -> owner region);
+    any region's gateway serves any request, forwarding once to the owner.
+    """
+
+
+@main.command()
+@config_option
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DATA_DIR_DEFAULT,
+    show_default=True,
+    help="Directory for the regions' cell copies (SQLite) and logs.",
+)
+def up(config_path: Path | None, data_dir: Path) -> None:
+    """Start every region of the configuration as local processes.
+
+    Waits until all are healthy, prints the regions and their URLs, and stays in the
+    foreground; Ctrl-C or SIGTERM stops them cleanly.
+    """
+    from unitrade.cluster import ClusterError, LocalCluster
+
+    config = _load(config_path)
+    cluster = LocalCluster(config, data_dir.resolve(), config_path)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with console.status("starting regions..."):
+            cluster.start()
+        _print_regions(config, data_dir)
+        console.print("[bold green]cluster up[/] - Ctrl-C to stop")
+        while not stop.wait(0.5):
+            for region, process in cluster.processes.items():
+                if process.poll() is not None:
+                    console.print(f"[red]region {region} exited ({process.returncode})[/]")
+                    stop.set()
+    except KeyboardInterrupt:
+        pass
+    except ClusterError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        with console.status("stopping regions..."):
+            cluster.stop()
+        console.print("stopped")
+
+
+def _print_regions(config: TopologyConfig, data_dir: Path) -> None:
+    table = Table(title="unitrade regions")
+    for column in ("region", "role", "url", "owns cells"):
+        table.add_column(column, no_wrap=True)
+    for region in config.regions:
+        owned = ", ".join(c.name for c in config.cells if c.owner == region.name)
+        table.add_row(
+            region.name,
+            "center" if region.center else "unit",
+            region.base_url,
+            owned,
+        )
+    console.print(table)
+    for region in config.regions:
+        console.print(f"storage of {region.name}: {region.storage_url('{cell}', data_dir)}")
+
+
+@main.command(hidden=True)
+@config_option
+@click.option("--region", required=True, help="The region this process serves.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=DATA_DIR_DEFAULT)
+def serve(config_path: Path | None, region: str, data_dir: Path) -> None:
+    """Serve one region in this process (started by `up`)."""
+    from unitrade.serve import serve_region
+
+    config = _load(config_path)
+    if region not in config.region_names:
+        raise click.BadParameter(f"unknown region {region!r}", param_hint="--region")
+    serve_region(config, region, data_dir.resolve())
+
+
+@main.command()
+@config_option
+def status(config_path: Path | None) -> None:
+    """Print the regions (health, rule version) and the cells with their owners."""
+    config = _load(config_path)
+    regions = Table(title="regions")
+    for column in ("region", "role", "url", "health", "rule", "forwarded"):
+        regions.add_column(column)
+    owners: dict[str, str] = {}
+    with httpx.Client(timeout=2.0) as client:
+        for region in config.regions:
+            health: dict[str, Any] = {}
+            try:
+                health = client.get(region.base_url + "/healthz").json()
+                state = "[green]up[/]"
+            except (httpx.HTTPError, ValueError):
+                state = "[red]down[/]"
+            owners = owners or health.get("owners", {})
+            regions.add_row(
+                region.name,
+                "center" if region.center else "unit",
+                region.base_url,
+                state,
+                str(health.get("rule_version", "-")),
+                str(health.get("forwarded", "-")),
+            )
+    console.print(regions)
+    cells = Table(title="cells")
+    for column in ("cell", "id", "kind", "owner", "buckets"):
+        cells.add_column(column)
+    for cell in config.cells:
+        owner = owners.get(cell.name, cell.owner)
+        cells.add_row(cell.name, str(cell.id), cell.kind.value, owner, cell.buckets or "-")
+    console.print(cells)
+
+
+@main.command()
+@config_option
+@click.argument("buyer_id", type=click.IntRange(min=1, max=2**63 - 1), required=False)
+@click.option("--admin", is_flag=True, help="Print the admin token instead.")
+def token(config_path: Path | None, buyer_id: int | None, admin: bool) -> None:
+    """Print a bearer token for BUYER_ID (or --admin) for the configured cluster."""
+    from unitrade.gateway.auth import issue_token
+
+    if admin == (buyer_id is not None):
+        raise click.UsageError("give either BUYER_ID or --admin")
+    click.echo(issue_token(_load(config_path).secret, buyer_id=buyer_id, admin=admin))
+
+
+@main.command()
+@config_option
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".unitrade/demo"),
+    show_default=True,
+    help="Directory for the demo cluster (wiped at the start).",
+)
+@click.option("--buyers", type=click.IntRange(1, 100_000), default=300, show_default=True)
+@click.option("--skus", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--stock", type=click.IntRange(0, 10**6), default=40, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 256), default=16, show_default=True)
+def demo(
+    config_path: Path | None, data_dir: Path, buyers: int, skus: int, stock: int, concurrency: int
+) -> None:
+    """Start a cluster, seed a catalog, place, pay and close orders through random regions,
+    and print what happened: orders per region and cell, forwarding, stock conserved."""
+    from unitrade.demo import run_demo
+
+    ok = run_demo(_load(config_path), config_path, data_dir, buyers, skus, stock, concurrency)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""`unitrade demo`: a three-region cluster taking orders from many buyers through random
+regions, then a check that every order is where its ID says and that stock is conserved."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from unitrade.cluster import LocalCluster
+from unitrade.gateway.auth import issue_token
+from unitrade.topology.config import TopologyConfig
+from unitrade.topology.order_id import decode_order_id
+from unitrade.topology.rule import initial_rule
+
+console = Console()
+REQUEST_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Tally:
+    orders: dict[str, dict[str, Any]] = field(default_factory=dict)  # order_id -> order
+    direct: int = 0
+    forwarded: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def note(self, response: httpx.Response, gateway: str) -> None:
+        served_by = response.headers.get("x-unitrade-served-by")
+        if served_by == gateway:
+            self.direct += 1
+        else:
+            self.forwarded += 1
+        if response.status_code >= 400:
+            self.errors[response.json().get("error", str(response.status_code))] += 1
+
+
+def run_demo(
+    config: TopologyConfig,
+    config_path: Path | None,
+    data_dir: Path,
+    buyers: int,
+    skus: int,
+    stock: int,
+    concurrency: int,
+) -> bool:
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    cluster = LocalCluster(config, data_dir.resolve(), config_path)
+    with console.status("starting regions..."):
+        cluster.start()
+    try:
+        return asyncio.run(_workload(config, buyers, skus, stock, concurrency))
+    finally:
+        with console.status("stopping regions..."):
+            cluster.stop()
+
+
+async def _workload(
+    config: TopologyConfig, buyers: int, sku_count: int, stock: int, concurrency: int
+) -> bool:
+    rng = random.Random(7)
+    urls = {r.name: r.base_url for r in config.regions}
+    admin = {"authorization": "Bearer " + issue_token(config.secret, admin=True)}
+    tally = Tally()
+    skus = [f"SKU-{i:04d}" for i in range(1, sku_count + 1)]
+    limits = httpx.Limits(max_connections=concurrency * 2)
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
+        for i, sku in enumerate(skus):
+            region = rng.choice(list(urls))
+            body = {"title": f"Product {i + 1}", "price_cents": 100 * (i + 1), "stock": stock}
+            response = await http.put(
+                f"{urls[region]}/v1/admin/products/{sku}", json=body, headers=admin
+            )
+            response.raise_for_status()
+        console.print(f"seeded {len(skus)} products, {stock} units each, via random regions")
+
+        semaphore = asyncio.Semaphore(concurrency)
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("buyers shopping", total=buyers)
+
+            async def one(buyer: int) -> None:
+                async with semaphore:
+                    await _buyer(http, urls, config, buyer, skus, random.Random(buyer), tally)
+                progress.advance(task)
+
+            await asyncio.gather(*(one(b) for b in range(1, buyers + 1)))
+        return await _report(http, config, urls, admin, skus, stock, tally)
+
+
+async def _buyer(
+    http: httpx.AsyncClient,
+    urls: dict[str, str],
+    config: TopologyConfig,
+    buyer: int,
+    skus: list[str],
+    rng: random.Random,
+    tally: Tally,
+) -> None:
+    headers = {"authorization": "Bearer " + issue_token(config.secret, buyer_id=buyer)}
+
+    async def call(method: str, path: str, body: Any = None) -> httpx.Response:
+        gateway = rng.choice(list(urls))
+        response = await http.request(method, urls[gateway] + path, json=body, headers=headers)
+        tally.note(response, gateway)
+        return response
+
+    for n in range(rng.randint(1, 3)):
+        items = [{"sku": s, "qty": rng.randint(1, 2)} for s in rng.sample(skus, rng.randint(1, 3))]
+        if rng.random() < 0.3:
+            for item in items:
+                await call("PUT", f"/v1/cart/items/{item['sku']}", {"qty": item["qty"]})
+            response = await call("POST", "/v1/cart/checkout", {"idempotency_key": f"co-{n}"})
+        else:
+            response = await call(
+                "POST", "/v1/orders", {"items": items, "idempotency_key": f"o-{n}"}
+            )
+        if response.status_code != 201:
+            continue
+        order = response.json()
+        roll = rng.random()
+        if roll < 0.6:
+            pay = {"payment_id": f"pay-{order['order_id']}", "amount_cents": order["total_cents"]}
+            paid = await call("POST", f"/v1/orders/{order['order_id']}/pay", pay)
+            order = paid.json() if paid.status_code == 200 else order
+            if paid.status_code == 200 and rng.random() < 0.1:
+                refunded = await call("POST", f"/v1/orders/{order['order_id']}/refund")
+                order = refunded.json() if refunded.status_code == 200 else order
+        elif roll < 0.8:
+            closed = await call("POST", f"/v1/orders/{order['order_id']}/close")
+            order = closed.json() if closed.status_code == 200 else order
+        tally.orders[order["order_id"]] = order
+
+
+async def _report(
+    http: httpx.AsyncClient,
+    config: TopologyConfig,
+    urls: dict[str, str],
+    admin: dict[str, str],
+    skus: list[str],
+    stock: int,
+    tally: Tally,
+) -> bool:
+    rule = initial_rule(config)
+    per_cell: Counter[str] = Counter()
+    per_region: Counter[str] = Counter()
+    expected_reserved: Counter[str] = Counter()
+    expected_sold: Counter[str] = Counter()
+    for order in tally.orders.values():
+        cell = decode_order_id(int(order["order_id"])).cell
+        assert cell == order["cell"], "the order ID carries the order's cell"
+        per_cell[rule.cells[cell].name] += 1
+        per_region[rule.owner_of(cell)] += 1
+        tally.statuses[order["status"]] += 1
+        for item in order["items"]:
+            if order["status"] == "created":
+                expected_reserved[item["sku"]] += item["qty"]
+            elif order["status"] == "paid":
+                expected_sold[item["sku"]] += item["qty"]
+
+    table = Table(title="orders per cell")
+    for column in ("cell", "owner region", "orders"):
+        table.add_column(column)
+    for cell in rule.unit_cells():
+        name = rule.cells[cell].name
+        table.add_row(name, rule.owner_of(cell), str(per_cell[name]))
+    console.print(table)
+    console.print("orders per region: " + ", ".join(f"{r} {per_region[r]}" for r in urls))
+    console.print("order states: " + ", ".join(f"{s} {n}" for s, n in tally.statuses.items()))
+    console.print(
+        f"requests: {tally.direct} served by the region called, "
+        f"{tally.forwarded} forwarded to the owner region"
+    )
+    if tally.errors:
+        console.print("refused: " + ", ".join(f"{e} {n}" for e, n in tally.errors.items()))
+
+    conserved = True
+    region = next(iter(urls))
+    for sku in skus:
+        levels = (await http.get(f"{urls[region]}/v1/inventory/{sku}", headers=admin)).json()
+        total = levels["available"] + levels["reserved"] + levels["sold"]
+        if (
+            total != stock
+            or levels["reserved"] != expected_reserved[sku]
+            or levels["sold"] != expected_sold[sku]
+            or levels["available"] < 0
+        ):
+            conserved = False
+            console.print(
+                f"[red]{sku}: {levels} but expected reserved "
+                f"{expected_reserved[sku]} sold {expected_sold[sku]} total {stock}[/]"
+            )
+    all_cells = len(per_cell) == len(rule.unit_cells())
+    console.print(
+        f"stock conserved: {'[green]yes[/]' if conserved else '[red]NO[/]'} "
+        f"(available + reserved + sold = {stock} for all {len(skus)} SKUs; reserved and sold "
+        "match the open and paid orders)"
+    )
+    console.print(f"orders in every unit cell: {'[green]yes[/]' if all_cells else '[red]no[/]'}")
+    return conserved and all_cells and tally.forwarded > 0

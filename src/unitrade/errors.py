@@ -1,0 +1,152 @@
+"""Typed errors shared by every layer; the gateway maps them to `{error, message}` bodies.
+
+`code` is the stable machine-readable name clients switch on; `status` the HTTP status.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class UnitradeError(Exception):
+    code: ClassVar[str] = "error"
+    status: ClassVar[int] = 400
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.details}
+
+
+class InvalidRequest(UnitradeError):
+    code = "invalid_request"
+    status = 422
+
+
+class MalformedJson(UnitradeError):
+    code = "malformed_json"
+    status = 400
+
+
+class PayloadTooLarge(UnitradeError):
+    code = "payload_too_large"
+    status = 413
+
+
+class Unauthorized(UnitradeError):
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(UnitradeError):
+    code = "forbidden"
+    status = 403
+
+
+class NotFound(UnitradeError):
+    code = "not_found"
+    status = 404
+
+
+class UnknownSku(UnitradeError):
+    code = "unknown_sku"
+    status = 422
+
+
+class AmountMismatch(UnitradeError):
+    code = "amount_mismatch"
+    status = 422
+
+
+class InsufficientStock(UnitradeError):
+    code = "insufficient_stock"
+    status = 409
+
+
+class IllegalTransition(UnitradeError):
+    code = "illegal_transition"
+    status = 409
+
+
+class Conflict(UnitradeError):
+    """A request that contradicts an earlier one with the same key (idempotency, payment)."""
+
+    code = "conflict"
+    status = 409
+
+
+class CartEmpty(UnitradeError):
+    code = "cart_empty"
+    status = 409
+
+
+class StockBelowCommitted(UnitradeError):
+    code = "stock_below_committed"
+    status = 409
+
+
+class WrongRegion(UnitradeError):
+    """A write (or a forwarded request) reached a region that does not own the cell."""
+
+    code = "wrong_region"
+    status = 421  # Misdirected Request
+
+
+class WriteBanned(UnitradeError):
+    """The cell is banned for a switch: no region may write it now; retry shortly."""
+
+    code = "write_banned"
+    status = 503
+    retry_after_s: ClassVar[int] = 1
+
+
+class RegionUnavailable(UnitradeError):
+    code = "region_unavailable"
+    status = 503
+    retry_after_s: ClassVar[int] = 2
+
+
+class ClockBehind(UnitradeError):
+    """The clock went backwards further than order IDs may borrow from the future."""
+
+    code = "clock_behind"
+    status = 503
+    retry_after_s: ClassVar[int] = 1
+
+
+ERRORS_BY_CODE: dict[str, type[UnitradeError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest,
+        MalformedJson,
+        PayloadTooLarge,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        UnknownSku,
+        AmountMismatch,
+        InsufficientStock,
+        IllegalTransition,
+        Conflict,
+        CartEmpty,
+        StockBelowCommitted,
+        WrongRegion,
+        WriteBanned,
+        RegionUnavailable,
+        ClockBehind,
+    )
+}
+
+
+def error_from_body(status: int, body: Any) -> UnitradeError:
+    """Rebuild a typed error from another region's `{error, message}` answer."""
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        cls = ERRORS_BY_CODE.get(body["error"])
+        details = {k: v for k, v in body.items() if k not in ("error", "message")}
+        message = str(body.get("message", body["error"]))
+        if cls is not None:
+            return cls(message, **details)
+    return RegionUnavailable(f"remote region answered HTTP {status}")

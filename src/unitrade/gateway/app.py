@@ -1,0 +1,358 @@
+"""The HTTP API of a region: the same public API at every region, plus the internal API.
+
+Each public handler finds the owner region of the data it touches (the buyer's cell, or the
+cell in the order ID) and either serves locally or forwards once to the owner. Responses
+name the owner region in `X-Unitrade-Region` and the serving region in
+`X-Unitrade-Served-By`, so a client can go to its home region directly next time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated
+
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.responses import Response
+
+from unitrade import __version__
+from unitrade.errors import Forbidden, NotFound, Unauthorized, WrongRegion
+from unitrade.gateway import models
+from unitrade.gateway.auth import Principal, read_authorization
+from unitrade.gateway.edge import (
+    REPLAYED_HEADER,
+    EdgeMiddleware,
+    install_error_handlers,
+    json_response,
+)
+from unitrade.gateway.forward import Forwarder, request_target
+from unitrade.region import RegionRuntime
+from unitrade.rpc.signing import SIG_HEADER, verify
+from unitrade.topology.order_id import parse_order_id
+from unitrade.topology.rule import RoutingError, route_buyer, route_order
+
+FORWARD_TIMEOUT_S = 15.0
+SkuPath = Annotated[str, Path(pattern=models.SKU_PATTERN)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    principal: Principal
+    forwarded_from: str | None  # the region that forwarded this request, if signed
+
+    @property
+    def buyer_id(self) -> int:
+        if self.principal.buyer_id is None:
+            raise Forbidden("this endpoint needs a buyer token, not the admin token")
+        return self.principal.buyer_id
+
+
+async def signed_by(request: Request) -> str | None:
+    """The region that signed this request, or None (unsigned, or a forged signature)."""
+    if SIG_HEADER not in request.headers:
+        return None
+    body = await request.body()
+    secret = request.app.state.runtime.config.secret
+    return verify(secret, request.headers, request.method, request_target(request), body)
+
+
+async def caller(request: Request) -> Caller:
+    secret = request.app.state.runtime.config.secret
+    principal = read_authorization(secret, request.headers.get("authorization"))
+    return Caller(principal=principal, forwarded_from=await signed_by(request))
+
+
+async def region_caller(request: Request) -> str:
+    origin = await signed_by(request)
+    if origin is None or origin not in request.app.state.runtime.config.region_names:
+        raise Unauthorized("internal API: missing or invalid region signature")
+    return origin
+
+
+CallerDep = Annotated[Caller, Depends(caller)]
+
+
+def build_app(runtime: RegionRuntime) -> FastAPI:
+    http = httpx.AsyncClient(
+        timeout=httpx.Timeout(FORWARD_TIMEOUT_S, connect=2.0),
+        limits=httpx.Limits(max_connections=200, max_keepalive_connections=200),
+    )
+    forwarder = Forwarder(runtime.config, runtime.name, http)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await http.aclose()
+            await runtime.stop()
+
+    app = FastAPI(
+        title="unitrade",
+        version=__version__,
+        summary=f"region {runtime.name}: the same API at every region",
+        lifespan=lifespan,
+    )
+    app.add_middleware(EdgeMiddleware, region=runtime.name)
+    install_error_handlers(app)
+    app.state.runtime = runtime
+    app.state.forwarder = forwarder
+
+    async def routed(
+        request: Request,
+        who: Caller,
+        owner: str,
+        serve: Callable[[], Awaitable[Response]],
+    ) -> Response:
+        request.state.home_region = owner
+        if owner == runtime.name:
+            return await serve()
+        if who.forwarded_from is not None:
+            raise WrongRegion(
+                f"forwarded by {who.forwarded_from} to {runtime.name}, but the owner is {owner}",
+                owner=owner,
+            )
+        return await forwarder.forward(request, owner)
+
+    def buyer_home(buyer_id: int) -> str:
+        return route_buyer(runtime.fence.rule, buyer_id).region
+
+    def order_home(order_id: str) -> tuple[int, str]:
+        try:
+            parsed = parse_order_id(order_id)
+            return parsed, route_order(runtime.fence.rule, parsed).region
+        except (ValueError, RoutingError) as exc:
+            raise NotFound(f"no order {order_id[:40]}: {exc}") from exc
+
+    public = APIRouter()
+
+    @public.get("/healthz", tags=["operations"])
+    async def healthz() -> Response:
+        rule = runtime.fence.rule
+        return json_response(
+            {
+                "status": "ok",
+                "region": runtime.name,
+                "rule_version": rule.version,
+                "owned_cells": [rule.cells[c].name for c in runtime.owned_cells()],
+                "owners": {rule.cells[c].name: owner for c, owner in sorted(rule.owners.items())},
+                "forwarded": forwarder.forwarded,
+            }
+        )
+
+    # -- orders -----------------------------------------------------------------------------
+
+    @public.post("/v1/orders", status_code=201, tags=["orders"])
+    async def create_order(request: Request, body: models.CreateOrder, who: CallerDep) -> Response:
+        buyer = who.buyer_id
+
+        async def serve() -> Response:
+            items = [(i.sku, i.qty) for i in body.items]
+            created = await runtime.orders.create(buyer, items, body.idempotency_key)
+            headers = {REPLAYED_HEADER: "true"} if created.replayed else None
+            return json_response(created.order, 201, headers)
+
+        return await routed(request, who, buyer_home(buyer), serve)
+
+    @public.get("/v1/orders", tags=["orders"])
+    async def list_orders(
+        request: Request,
+        who: CallerDep,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        cursor: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> Response:
+        buyer = who.buyer_id
+
+        async def serve() -> Response:
+            page, next_cursor = await runtime.orders.list(buyer, limit, cursor)
+            return json_response({"orders": page, "next_cursor": next_cursor})
+
+        return await routed(request, who, buyer_home(buyer), serve)
+
+    @public.get("/v1/orders/{order_id}", tags=["orders"])
+    async def get_order(request: Request, order_id: str, who: CallerDep) -> Response:
+        buyer = who.buyer_id
+        parsed, home = order_home(order_id)
+
+        async def serve() -> Response:
+            return json_response(await runtime.orders.get(buyer, parsed))
+
+        return await routed(request, who, home, serve)
+
+    @public.post("/v1/orders/{order_id}/pay", tags=["orders"])
+    async def pay_order(
+        request: Request, order_id: str, body: models.Pay, who: CallerDep
+    ) -> Response:
+        buyer = who.buyer_id
+        parsed, home = order_home(order_id)
+
+        async def serve() -> Response:
+            order = await runtime.orders.pay(buyer, parsed, body.payment_id, body.amount_cents)
+            return json_response(order)
+
+        return await routed(request, who, home, serve)
+
+    def transition_route(name: str) -> None:
+        async def handler(request: Request, order_id: str, who: CallerDep) -> Response:
+            buyer = who.buyer_id
+            parsed, home = order_home(order_id)
+
+            async def serve() -> Response:
+                return json_response(await runtime.orders.transition(buyer, parsed, name))
+
+            return await routed(request, who, home, serve)
+
+        public.add_api_route(
+            f"/v1/orders/{{order_id}}/{name}",
+            handler,
+            methods=["POST"],
+            tags=["orders"],
+            name=f"{name}_order",
+            summary=f"{name.capitalize()} order",
+        )
+
+    transition_route("close")
+    transition_route("refund")
+
+    # -- cart -------------------------------------------------------------------------------
+
+    @public.put("/v1/cart/items/{sku}", tags=["cart"])
+    async def put_cart_item(
+        request: Request, sku: SkuPath, body: models.CartQty, who: CallerDep
+    ) -> Response:
+        buyer = who.buyer_id
+
+        async def serve() -> Response:
+            return json_response(await runtime.cart.put(buyer, sku, body.qty))
+
+        return await routed(request, who, buyer_home(buyer), serve)
+
+    @public.delete("/v1/cart/items/{sku}", tags=["cart"])
+    async def delete_cart_item(request: Request, sku: SkuPath, who: CallerDep) -> Response:
+        buyer = who.buyer_id
+
+        async def serve() -> Response:
+            return json_response(await runtime.cart.remove(buyer, sku))
+
+        return await routed(request, who, buyer_home(buyer), serve)
+
+    @public.get("/v1/cart", tags=["cart"])
+    async def get_cart(request: Request, who: CallerDep) -> Response:
+        buyer = who.buyer_id
+
+        async def serve() -> Response:
+            return json_response(await runtime.cart.get(buyer))
+
+        return await routed(request, who, buyer_home(buyer), serve)
+
+    @public.post("/v1/cart/checkout", status_code=201, tags=["cart"])
+    async def checkout(
+        request: Request, who: CallerDep, body: models.Checkout | None = None
+    ) -> Response:
+        buyer = who.buyer_id
+        key = body.idempotency_key if body else None
+
+        async def serve() -> Response:
+            created = await runtime.orders.checkout(buyer, key)
+            headers = {REPLAYED_HEADER: "true"} if created.replayed else None
+            return json_response(created.order, 201, headers)
+
+        return await routed(request, who, buyer_home(buyer), serve)
+
+    # -- catalog and inventory ----------------------------------------------------------------
+
+    def reader_home(request: Request, who: Caller, cell: int) -> None:
+        rule = runtime.fence.rule
+        buyer = who.principal.buyer_id
+        request.state.home_region = buyer_home(buyer) if buyer is not None else rule.owner_of(cell)
+
+    @public.get("/v1/products", tags=["catalog"])
+    async def list_products(
+        request: Request,
+        who: CallerDep,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: Annotated[str | None, Query(pattern=models.SKU_PATTERN)] = None,
+    ) -> Response:
+        reader_home(request, who, runtime.fence.rule.global_cell)
+        page = await runtime.catalog.page(limit, cursor)
+        next_cursor = page[-1]["sku"] if len(page) == limit else None
+        return json_response({"products": page, "next_cursor": next_cursor})
+
+    @public.get("/v1/products/{sku}", tags=["catalog"])
+    async def get_product(request: Request, sku: SkuPath, who: CallerDep) -> Response:
+        reader_home(request, who, runtime.fence.rule.global_cell)
+        found = await runtime.catalog.get_many([sku])
+        if sku not in found:
+            raise NotFound(f"no product {sku!r}")
+        return json_response(found[sku])
+
+    @public.get("/v1/inventory/{sku}", tags=["catalog"])
+    async def get_inventory(request: Request, sku: SkuPath, who: CallerDep) -> Response:
+        reader_home(request, who, runtime.fence.rule.center_cell)
+        return json_response(await runtime.center.levels(sku))
+
+    @public.put("/v1/admin/products/{sku}", tags=["admin"])
+    async def put_product(
+        request: Request, sku: SkuPath, body: models.PutProduct, who: CallerDep
+    ) -> Response:
+        if not who.principal.admin:
+            raise Forbidden("this endpoint needs the admin token")
+        rule = runtime.fence.rule
+
+        async def serve() -> Response:
+            # Stock first: it is the step that can be refused (below reserved + sold); both
+            # steps set absolute values, so retrying the whole request is safe.
+            levels = await runtime.center.set_stock(sku, body.stock)
+            product = await runtime.catalog_service.put(sku, body.title, body.price_cents)
+            return json_response({**product, "stock": body.stock, **levels})
+
+        return await routed(request, who, rule.owner_of(rule.global_cell), serve)
+
+    app.include_router(public)
+    app.include_router(internal_router(runtime))
+    return app
+
+
+def internal_router(runtime: RegionRuntime) -> APIRouter:
+    """Region-to-region calls; every request must carry a valid region signature."""
+    router = APIRouter(
+        prefix="/internal", include_in_schema=False, dependencies=[Depends(region_caller)]
+    )
+
+    def must_own(cell: int) -> None:
+        owner = runtime.fence.rule.owner_of(cell)
+        if owner != runtime.name:
+            raise WrongRegion(f"cell {cell} is owned by {owner}", owner=owner, cell=cell)
+
+    @router.post("/center/reserve")
+    async def reserve(body: models.ReserveCall) -> Response:
+        lines = [(sku, qty) for sku, qty in body.lines]
+        return json_response(await runtime.inventory.reserve(int(body.order_id), body.cell, lines))
+
+    @router.post("/center/step")
+    async def step(body: models.StepCall) -> Response:
+        return json_response(await runtime.inventory.step(int(body.order_id), body.step))
+
+    @router.post("/center/stock")
+    async def stock(body: models.StockCall) -> Response:
+        return json_response(await runtime.inventory.set_stock(body.sku, body.total))
+
+    @router.post("/center/levels")
+    async def levels(body: models.SkuCall) -> Response:
+        must_own(runtime.fence.rule.center_cell)
+        return json_response(await runtime.inventory.levels(body.sku))
+
+    @router.post("/global/lookup")
+    async def lookup(body: models.LookupCall) -> Response:
+        must_own(runtime.fence.rule.global_cell)
+        return json_response(await runtime.catalog_service.get_many(body.skus))
+
+    @router.post("/global/page")
+    async def page(body: models.PageCall) -> Response:
+        must_own(runtime.fence.rule.global_cell)
+        return json_response(await runtime.catalog_service.page(body.limit, body.after))
+
+    return router

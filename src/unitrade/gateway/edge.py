@@ -1,0 +1,146 @@
+"""The edge of every response: body size limit, `X-Unitrade-*` headers, error bodies.
+
+Every error leaves as `{error, message}` with a 4xx/5xx status; nothing leaves as a bare
+framework error page.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from unitrade.errors import UnitradeError
+
+log = logging.getLogger("unitrade.gateway")
+
+BODY_BYTES_MAX = 64 * 1024
+REGION_HEADER = "x-unitrade-region"
+SERVED_BY_HEADER = "x-unitrade-served-by"
+FORWARDED_BY_HEADER = "x-unitrade-forwarded-by"
+REPLAYED_HEADER = "idempotent-replayed"
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        content=orjson.dumps(body),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(error: UnitradeError) -> Response:
+    headers = {}
+    retry_after = getattr(error, "retry_after_s", None)
+    if retry_after is not None:
+        headers["retry-after"] = str(retry_after)
+    return json_response(error.body(), status=error.status, headers=headers)
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    return json_response({"error": code, "message": message}, status=status)
+
+
+class EdgeMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware overhead): bounds the request body and stamps the
+    region headers on every response."""
+
+    def __init__(self, app: ASGIApp, region: str, body_bytes_max: int = BODY_BYTES_MAX) -> None:
+        self.app = app
+        self.region = region
+        self.body_bytes_max = body_bytes_max
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.body_bytes_max):
+            await self._too_large(scope, receive, send)
+            return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body.extend(message.get("body", b""))
+            more = message.get("more_body", False)
+            if len(body) > self.body_bytes_max:
+                await self._too_large(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        started = False
+
+        async def stamped(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                if SERVED_BY_HEADER.encode() not in names:
+                    headers.append((SERVED_BY_HEADER.encode(), self.region.encode()))
+                home = state.get("home_region")
+                if home and REGION_HEADER.encode() not in names:
+                    headers.append((REGION_HEADER.encode(), str(home).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, replay, stamped)
+        except Exception:
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            response = _error(500, "internal", "internal error; the request was not applied")
+            await response(scope, receive, stamped)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _error(
+            413, "payload_too_large", f"request body is larger than {self.body_bytes_max} bytes"
+        )
+        response.headers[SERVED_BY_HEADER] = self.region
+        await response(scope, receive, send)
+
+
+def _validation_message(errors: list[Any]) -> tuple[int, str, str]:
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "malformed_json", "request body is not valid JSON"
+    parts = []
+    for error in errors[:5]:
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        where = ".".join(loc) or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return 422, "invalid_request", "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(UnitradeError)
+    async def _unitrade(_request: Request, exc: UnitradeError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> Response:
+        status, code, message = _validation_message(list(exc.errors()))
+        return _error(status, code, message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))

@@ -1,0 +1,85 @@
+"""Request bodies of the public and internal API. Unknown fields are refused."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+KEY_PATTERN = r"^[\x21-\x7e]{1,128}$"  # printable ASCII, no spaces
+PAYMENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+QTY_MAX = 10_000
+PRICE_CENTS_MAX = 10**12
+STOCK_MAX = 10**9
+ITEMS_MAX = 100
+
+Sku = Annotated[str, Field(pattern=SKU_PATTERN, description="product SKU")]
+Qty = Annotated[int, Field(ge=1, le=QTY_MAX, strict=True)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OrderItem(_Body):
+    sku: Sku
+    qty: Qty
+
+
+class CreateOrder(_Body):
+    items: Annotated[list[OrderItem], Field(min_length=1, max_length=ITEMS_MAX)]
+    idempotency_key: Annotated[str | None, Field(pattern=KEY_PATTERN)] = None
+
+
+class Checkout(_Body):
+    idempotency_key: Annotated[str | None, Field(pattern=KEY_PATTERN)] = None
+
+
+class Pay(_Body):
+    payment_id: Annotated[str, Field(pattern=PAYMENT_ID_PATTERN)]
+    amount_cents: Annotated[int, Field(ge=0, le=PRICE_CENTS_MAX, strict=True)]
+
+
+class CartQty(_Body):
+    qty: Qty
+
+
+class PutProduct(_Body):
+    title: Annotated[str, Field(min_length=1, max_length=200)]
+    price_cents: Annotated[int, Field(ge=0, le=PRICE_CENTS_MAX, strict=True)]
+    stock: Annotated[
+        int, Field(ge=0, le=STOCK_MAX, strict=True, description="available + reserved + sold")
+    ]
+
+
+# Internal API (region to region) -------------------------------------------------------
+
+
+class ReserveCall(_Body):
+    order_id: Annotated[str, Field(pattern=r"^[0-9]{1,19}$")]
+    cell: int
+    lines: Annotated[list[tuple[Sku, Qty]], Field(min_length=1, max_length=ITEMS_MAX)]
+
+
+class StepCall(_Body):
+    order_id: Annotated[str, Field(pattern=r"^[0-9]{1,19}$")]
+    step: Annotated[str, Field(pattern=r"^(commit|release|refund)$")]
+
+
+class StockCall(_Body):
+    sku: Sku
+    total: Annotated[int, Field(ge=0, le=STOCK_MAX)]
+
+
+class SkuCall(_Body):
+    sku: Sku
+
+
+class LookupCall(_Body):
+    skus: Annotated[list[Sku], Field(max_length=ITEMS_MAX)]
+
+
+class PageCall(_Body):
+    limit: Annotated[int, Field(ge=1, le=500)]
+    after: Sku | None = None

@@ -1,0 +1,72 @@
+"""One region's process: its cell copies, services, RPC clients and background work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from unitrade.rpc.center import CatalogClient, CenterClient
+from unitrade.rpc.client import RegionClient
+from unitrade.services.cart import CartService
+from unitrade.services.catalog import CatalogService
+from unitrade.services.inventory import InventoryService
+from unitrade.services.orders import OrderService
+from unitrade.storage.copies import CellCopies
+from unitrade.storage.fence import Fence
+from unitrade.storage.sequences import OrderIdAllocator
+from unitrade.topology.config import TopologyConfig
+from unitrade.topology.rule import initial_rule
+
+log = logging.getLogger("unitrade.region")
+
+OUTBOX_INTERVAL_S = 1.0
+
+
+class RegionRuntime:
+    def __init__(self, config: TopologyConfig, region: str, data_dir: Path) -> None:
+        self.config = config
+        self.name = region
+        self.data_dir = data_dir
+        # Until the control plane lands, the rule in force is version 1 from the config.
+        self.fence = Fence(region, initial_rule(config))
+        rule = self.fence.rule
+        self.copies = CellCopies(config, region, data_dir, self.fence)
+        self.client = RegionClient(config, region)
+        self.inventory = InventoryService(self.copies[rule.center_cell])
+        self.catalog_service = CatalogService(self.copies[rule.global_cell])
+        self.center = CenterClient(self.fence, self.inventory, self.client)
+        self.catalog = CatalogClient(self.fence, self.catalog_service, self.client)
+        self.allocators = {cell: OrderIdAllocator(self.copies[cell]) for cell in rule.unit_cells()}
+        self.orders = OrderService(self.copies, self.center, self.catalog, self.allocators)
+        self.cart = CartService(self.copies, self.catalog)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.copies.open()
+        self._tasks.append(asyncio.create_task(self._drain_outbox_forever()))
+        log.info("region %s started: owns cells %s", self.name, self.owned_cells())
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.client.aclose()
+        await self.copies.close()
+
+    def owned_cells(self) -> list[int]:
+        return self.fence.rule.cells_owned_by(self.name)
+
+    async def _drain_outbox_forever(self) -> None:
+        while True:
+            await asyncio.sleep(OUTBOX_INTERVAL_S)
+            for cell in self.owned_cells():
+                if cell not in self.allocators:
+                    continue
+                try:
+                    await self.orders.drain_outbox(self.copies[cell])
+                except Exception:
+                    log.exception("outbox drain of cell %s failed", cell)

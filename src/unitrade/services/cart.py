@@ -1,0 +1,74 @@
+"""The buyer's cart, in the buyer's unit cell."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from unitrade.errors import Conflict, UnknownSku
+from unitrade.rpc.center import CatalogClient
+from unitrade.storage.copies import CellCopies
+from unitrade.storage.schema import carts
+from unitrade.storage.store import CellStore, now_ms
+from unitrade.topology.rule import route_buyer
+
+CART_LINES_MAX = 100
+
+
+class CartService:
+    def __init__(self, copies: CellCopies, catalog: CatalogClient) -> None:
+        self.copies = copies
+        self.catalog = catalog
+
+    def _store(self, buyer_id: int) -> CellStore:
+        return self.copies[route_buyer(self.copies.fence.rule, buyer_id).cell]
+
+    async def put(self, buyer_id: int, sku: str, qty: int) -> dict[str, Any]:
+        assert qty > 0
+        if sku not in await self.catalog.get_many([sku]):
+            raise UnknownSku(f"unknown SKU {sku!r}", sku=sku)
+        store = self._store(buyer_id)
+        async with store.write() as tx:
+            key = {"buyer_id": buyer_id, "sku": sku}
+            updated = await tx.update(carts, key, {"qty": qty, "updated_ms": now_ms()})
+            if updated is None:
+                count = await tx.one(
+                    select(func.count()).select_from(carts).where(carts.c.buyer_id == buyer_id)
+                )
+                assert count is not None
+                if count[0] >= CART_LINES_MAX:
+                    raise Conflict(f"a cart holds at most {CART_LINES_MAX} SKUs")
+                await tx.insert(carts, {**key, "qty": qty, "updated_ms": now_ms()})
+        return await self.get(buyer_id)
+
+    async def remove(self, buyer_id: int, sku: str) -> dict[str, Any]:
+        store = self._store(buyer_id)
+        async with store.write() as tx:
+            await tx.delete(carts, {"buyer_id": buyer_id, "sku": sku})
+        return await self.get(buyer_id)
+
+    async def get(self, buyer_id: int) -> dict[str, Any]:
+        store = self._store(buyer_id)
+        async with store.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(carts).where(carts.c.buyer_id == buyer_id).order_by(carts.c.sku)
+                )
+            ).all()
+        catalog = await self.catalog.get_many([r.sku for r in rows]) if rows else {}
+        items = []
+        for row in rows:
+            product = catalog.get(row.sku)
+            price = product["price_cents"] if product else None
+            items.append(
+                {
+                    "sku": row.sku,
+                    "qty": row.qty,
+                    "title": product["title"] if product else None,
+                    "price_cents": price,
+                    "line_cents": None if price is None else price * row.qty,
+                }
+            )
+        total = sum(i["line_cents"] or 0 for i in items)
+        return {"buyer_id": buyer_id, "items": items, "total_cents": total}

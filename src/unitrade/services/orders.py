@@ -1,0 +1,476 @@
+"""Orders: create (with stock reserved at the center), read, list, pay, close, refund.
+
+An order lives in a unit cell and is written only by that cell's owner region. The state
+machine is `created -> paid -> refunded` and `created -> closed`; repeating the transition
+an order already made answers the order again (clients retry after timeouts), any other
+transition is `illegal_transition`.
+
+Creation never leaves a half-written order: stock is reserved first (idempotent by order ID),
+then the whole order (document, lines, the buyer's index, the idempotency key, and for a
+checkout the emptied cart) is written in one transaction of the buyer's cell. If that
+transaction fails the reservation is released. Center steps that follow a state change
+(commit on pay, release on close, return on refund) are written to the cell's outbox in the
+same transaction as the change and sent at once; the outbox drainer retries what failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, or_, select
+
+from unitrade.errors import (
+    AmountMismatch,
+    CartEmpty,
+    Conflict,
+    IllegalTransition,
+    InvalidRequest,
+    NotFound,
+    UnitradeError,
+    UnknownSku,
+)
+from unitrade.rpc.center import CatalogClient, CenterClient
+from unitrade.services.inventory import LINES_MAX, Lines, normalize_lines
+from unitrade.storage.copies import CellCopies
+from unitrade.storage.schema import (
+    buyer_orders,
+    carts,
+    idempotency_keys,
+    order_lines,
+    orders,
+    outbox,
+    payments,
+)
+from unitrade.storage.sequences import OrderIdAllocator
+from unitrade.storage.store import CellStore, WriteTx, now_ms
+from unitrade.topology.rule import route_buyer, route_order
+
+log = logging.getLogger("unitrade.orders")
+
+LIST_LIMIT_MAX = 100
+OUTBOX_ATTEMPTS_MAX = 100
+RELEASE_TIMEOUT_S = 10.0
+
+# transition -> (status it starts from, status it ends in, outbox step sent to the center)
+TRANSITIONS: dict[str, tuple[str, str, str]] = {
+    "close": ("created", "closed", "release"),
+    "refund": ("paid", "refunded", "refund"),
+}
+
+
+def order_body(row: Any, region: str) -> dict[str, Any]:
+    document = orjson.loads(row["document"])
+    return {
+        "order_id": str(row["order_id"]),
+        "buyer_id": row["buyer_id"],
+        "status": row["status"],
+        "total_cents": row["total_cents"],
+        "items": document["items"],
+        "payment_id": row["payment_id"],
+        "cell": row["cell_id"],
+        "region": region,
+        "created_ms": row["created_ms"],
+        "updated_ms": row["updated_ms"],
+    }
+
+
+def _fingerprint(kind: str, lines: Lines) -> str:
+    return hashlib.sha256(orjson.dumps([kind, lines])).hexdigest()
+
+
+@dataclass(frozen=True)
+class Created:
+    order: dict[str, Any]
+    replayed: bool  # True when an idempotency key returned an existing order
+
+
+class _Replay(Exception):
+    def __init__(self, order_id: int) -> None:
+        self.order_id = order_id
+
+
+class OrderService:
+    def __init__(
+        self,
+        copies: CellCopies,
+        center: CenterClient,
+        catalog: CatalogClient,
+        allocators: dict[int, OrderIdAllocator],
+    ) -> None:
+        self.copies = copies
+        self.center = center
+        self.catalog = catalog
+        self.allocators = allocators
+
+    @property
+    def region(self) -> str:
+        return self.copies.region
+
+    def _buyer_store(self, buyer_id: int) -> CellStore:
+        route = route_buyer(self.copies.fence.rule, buyer_id)
+        self.copies.fence.check(route.cell)  # wrong_region / write_banned before any work
+        return self.copies[route.cell]
+
+    def _order_store(self, order_id: int) -> CellStore:
+        return self.copies[route_order(self.copies.fence.rule, order_id).cell]
+
+    # -- create ----------------------------------------------------------------------------
+
+    async def create(self, buyer_id: int, items: Lines, idempotency_key: str | None) -> Created:
+        if not 1 <= len(items) <= LINES_MAX:
+            raise InvalidRequest(f"an order has 1 to {LINES_MAX} items")
+        lines = normalize_lines(items)
+        store = self._buyer_store(buyer_id)
+        fingerprint = _fingerprint("order", lines)
+        replay = await self._replay(store, buyer_id, idempotency_key, fingerprint)
+        if replay is not None:
+            return replay
+        return await self._create(store, buyer_id, lines, idempotency_key, fingerprint, {})
+
+    async def checkout(self, buyer_id: int, idempotency_key: str | None) -> Created:
+        store = self._buyer_store(buyer_id)
+        fingerprint = _fingerprint("checkout", [])
+        replay = await self._replay(store, buyer_id, idempotency_key, fingerprint)
+        if replay is not None:
+            return replay
+        async with store.read() as conn:
+            rows = (await conn.execute(select(carts).where(carts.c.buyer_id == buyer_id))).all()
+        if not rows:
+            raise CartEmpty("the cart is empty")
+        cart = {r.sku: r.qty for r in rows}
+        lines = normalize_lines(list(cart.items()))
+        return await self._create(store, buyer_id, lines, idempotency_key, fingerprint, cart)
+
+    async def _replay(
+        self, store: CellStore, buyer_id: int, key: str | None, fingerprint: str
+    ) -> Created | None:
+        if key is None:
+            return None
+        async with store.read() as conn:
+            row = (
+                await conn.execute(
+                    select(idempotency_keys).where(
+                        idempotency_keys.c.buyer_id == buyer_id,
+                        idempotency_keys.c.idempotency_key == key,
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        if row.fingerprint != fingerprint:
+            raise Conflict(
+                "this idempotency_key was used for a different request", idempotency_key=key
+            )
+        return Created(await self.get(buyer_id, row.order_id), replayed=True)
+
+    async def _create(
+        self,
+        store: CellStore,
+        buyer_id: int,
+        lines: Lines,
+        key: str | None,
+        fingerprint: str,
+        cart: dict[str, int],
+    ) -> Created:
+        catalog = await self.catalog.get_many([sku for sku, _ in lines])
+        missing = [sku for sku, _ in lines if sku not in catalog]
+        if missing:
+            raise UnknownSku(f"unknown SKU {missing[0]!r}", sku=missing[0])
+        cell = store.cell.id
+        order_id = await self.allocators[cell].next_id()
+        await self.center.reserve(order_id, cell, lines)
+        try:
+            row = await self._write_order(
+                store, order_id, buyer_id, lines, catalog, key, fingerprint, cart
+            )
+        except _Replay as replay:
+            await self._release_quietly(order_id)
+            return Created(await self.get(buyer_id, replay.order_id), replayed=True)
+        except BaseException:
+            await self._release_quietly(order_id)
+            raise
+        return Created(order_body(row, self.region), replayed=False)
+
+    async def _write_order(
+        self,
+        store: CellStore,
+        order_id: int,
+        buyer_id: int,
+        lines: Lines,
+        catalog: dict[str, dict[str, Any]],
+        key: str | None,
+        fingerprint: str,
+        cart: dict[str, int],
+    ) -> dict[str, Any]:
+        items = [
+            {
+                "sku": sku,
+                "title": catalog[sku]["title"],
+                "qty": qty,
+                "price_cents": catalog[sku]["price_cents"],
+                "line_cents": qty * catalog[sku]["price_cents"],
+            }
+            for sku, qty in lines
+        ]
+        stamp = now_ms()
+        row = {
+            "order_id": order_id,
+            "buyer_id": buyer_id,
+            "cell_id": store.cell.id,
+            "status": "created",
+            "total_cents": sum(item["line_cents"] for item in items),
+            "document": orjson.dumps({"items": items}).decode(),
+            "payment_id": None,
+            "idempotency_key": key,
+            "created_ms": stamp,
+            "updated_ms": stamp,
+            "version": 1,
+        }
+        async with store.write() as tx:
+            if key is not None:
+                existing = await tx.one(
+                    select(idempotency_keys.c.order_id).where(
+                        idempotency_keys.c.buyer_id == buyer_id,
+                        idempotency_keys.c.idempotency_key == key,
+                    )
+                )
+                if existing is not None:
+                    raise _Replay(existing.order_id)  # a concurrent twin won the race
+                await tx.insert(
+                    idempotency_keys,
+                    {
+                        "buyer_id": buyer_id,
+                        "idempotency_key": key,
+                        "order_id": order_id,
+                        "fingerprint": fingerprint,
+                        "created_ms": stamp,
+                    },
+                )
+            await tx.insert(orders, row)
+            for line_no, item in enumerate(items, start=1):
+                await tx.insert(
+                    order_lines,
+                    {
+                        "order_id": order_id,
+                        "line_no": line_no,
+                        "sku": item["sku"],
+                        "qty": item["qty"],
+                        "price_cents": item["price_cents"],
+                    },
+                )
+            await tx.insert(
+                buyer_orders, {"buyer_id": buyer_id, "created_ms": stamp, "order_id": order_id}
+            )
+            for sku in cart:
+                await tx.delete(carts, {"buyer_id": buyer_id, "sku": sku})
+        return row
+
+    async def _release_quietly(self, order_id: int) -> None:
+        """Compensate a reservation whose order was not written; bounded, never raises."""
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                await asyncio.shield(self.center.step(order_id, "release"))
+        except (UnitradeError, TimeoutError, OSError) as exc:
+            log.error("reservation of order %s not released: %s", order_id, exc)
+
+    # -- read ------------------------------------------------------------------------------
+
+    async def get(self, buyer_id: int, order_id: int) -> dict[str, Any]:
+        store = self._order_store(order_id)
+        async with store.read() as conn:
+            row = (await conn.execute(select(orders).where(orders.c.order_id == order_id))).first()
+        if row is None or row.buyer_id != buyer_id:
+            # Another buyer's order is indistinguishable from a missing one (DESIGN §14.7).
+            raise NotFound(f"no order {order_id}")
+        return order_body(row._mapping, self.copies.fence.rule.owner_of(store.cell.id))
+
+    async def list(
+        self, buyer_id: int, limit: int, cursor: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        assert 1 <= limit <= LIST_LIMIT_MAX
+        store = self.copies[route_buyer(self.copies.fence.rule, buyer_id).cell]
+        statement = (
+            select(buyer_orders.c.created_ms, buyer_orders.c.order_id)
+            .where(buyer_orders.c.buyer_id == buyer_id)
+            .order_by(buyer_orders.c.created_ms.desc(), buyer_orders.c.order_id.desc())
+            .limit(limit + 1)
+        )
+        if cursor is not None:
+            created_ms, order_id = _parse_cursor(cursor)
+            statement = statement.where(
+                or_(
+                    buyer_orders.c.created_ms < created_ms,
+                    and_(
+                        buyer_orders.c.created_ms == created_ms,
+                        buyer_orders.c.order_id < order_id,
+                    ),
+                )
+            )
+        async with store.read() as conn:
+            index = (await conn.execute(statement)).all()
+            page = index[:limit]
+            ids = [r.order_id for r in page]
+            rows = (await conn.execute(select(orders).where(orders.c.order_id.in_(ids)))).all()
+        by_id = {r.order_id: r._mapping for r in rows}
+        region = self.copies.fence.rule.owner_of(store.cell.id)
+        result = [order_body(by_id[i], region) for i in ids if i in by_id]
+        next_cursor = f"{page[-1].created_ms}.{page[-1].order_id}" if len(index) > limit else None
+        return result, next_cursor
+
+    # -- state changes ---------------------------------------------------------------------
+
+    async def pay(
+        self, buyer_id: int, order_id: int, payment_id: str, amount_cents: int
+    ) -> dict[str, Any]:
+        store = self._order_store(order_id)
+        async with store.write() as tx:
+            row = await self._owned_order(tx, buyer_id, order_id)
+            paid = await tx.one(select(payments).where(payments.c.payment_id == payment_id))
+            if paid is not None:
+                if paid.order_id != order_id:
+                    raise Conflict(f"payment {payment_id!r} belongs to another order")
+                return order_body(row._mapping, self.region)  # the same payment, again
+            if row.status != "created":
+                raise IllegalTransition(f"order {order_id} is {row.status}; cannot pay")
+            if amount_cents != row.total_cents:
+                raise AmountMismatch(
+                    f"amount {amount_cents} does not match the order total {row.total_cents}",
+                    total_cents=row.total_cents,
+                )
+            stamp = now_ms()
+            image = await tx.update(
+                orders,
+                {"order_id": order_id},
+                {
+                    "status": "paid",
+                    "payment_id": payment_id,
+                    "updated_ms": stamp,
+                    "version": row.version + 1,
+                },
+            )
+            await tx.insert(
+                payments,
+                {
+                    "payment_id": payment_id,
+                    "order_id": order_id,
+                    "amount_cents": amount_cents,
+                    "created_ms": stamp,
+                },
+            )
+            await _enqueue(tx, order_id, "commit", stamp)
+        await self.send_outbox(store, order_id, "commit")
+        assert image is not None
+        return order_body(image, self.region)
+
+    async def transition(self, buyer_id: int, order_id: int, name: str) -> dict[str, Any]:
+        start, end, step = TRANSITIONS[name]
+        store = self._order_store(order_id)
+        async with store.write() as tx:
+            row = await self._owned_order(tx, buyer_id, order_id)
+            if row.status == end:
+                return order_body(row._mapping, self.region)
+            if row.status != start:
+                raise IllegalTransition(f"order {order_id} is {row.status}; cannot {name}")
+            stamp = now_ms()
+            image = await tx.update(
+                orders,
+                {"order_id": order_id},
+                {"status": end, "updated_ms": stamp, "version": row.version + 1},
+            )
+            await _enqueue(tx, order_id, step, stamp)
+        await self.send_outbox(store, order_id, step)
+        assert image is not None
+        return order_body(image, self.region)
+
+    async def _owned_order(self, tx: WriteTx, buyer_id: int, order_id: int) -> Any:
+        row = await tx.one(select(orders).where(orders.c.order_id == order_id))
+        if row is None or row.buyer_id != buyer_id:
+            raise NotFound(f"no order {order_id}")
+        return row
+
+    # -- outbox ----------------------------------------------------------------------------
+
+    async def send_outbox(self, store: CellStore, order_id: int, step: str) -> bool:
+        """Send one outbox step to the center and mark it done; False if it must wait."""
+        try:
+            await self.center.step(order_id, step)
+        except UnitradeError as exc:
+            await self._outbox_failed(store, order_id, step, f"{exc.code}: {exc.message}")
+            return False
+        async with store.write() as tx:
+            await tx.update(
+                outbox,
+                {"order_id": order_id, "step": step},
+                {"status": "done", "updated_ms": now_ms()},
+                outbox.c.status == "pending",
+            )
+        return True
+
+    async def _outbox_failed(self, store: CellStore, order_id: int, step: str, error: str) -> None:
+        log.warning("outbox %s of order %s failed: %s", step, order_id, error)
+        async with store.write() as tx:
+            row = await tx.one(
+                select(outbox).where(outbox.c.order_id == order_id, outbox.c.step == step)
+            )
+            if row is None or row.status != "pending":
+                return
+            attempts = row.attempts + 1
+            await tx.update(
+                outbox,
+                {"order_id": order_id, "step": step},
+                {
+                    "attempts": attempts,
+                    "last_error": error[:256],
+                    "status": "failed" if attempts >= OUTBOX_ATTEMPTS_MAX else "pending",
+                    "updated_ms": now_ms(),
+                },
+            )
+
+    async def drain_outbox(self, store: CellStore, batch_max: int = 100) -> int:
+        """Retry pending outbox steps of one owned cell, oldest first; the number sent."""
+        async with store.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(outbox.c.order_id, outbox.c.step)
+                    .where(outbox.c.status == "pending")
+                    .order_by(outbox.c.created_ms)
+                    .limit(batch_max)
+                )
+            ).all()
+        blocked: set[int] = set()
+        sent = 0
+        for row in rows:
+            if row.order_id in blocked:
+                continue  # steps of one order go in order: commit before refund
+            if await self.send_outbox(store, row.order_id, row.step):
+                sent += 1
+            else:
+                blocked.add(row.order_id)
+        return sent
+
+
+async def _enqueue(tx: WriteTx, order_id: int, step: str, stamp: int) -> None:
+    await tx.insert(
+        outbox,
+        {
+            "order_id": order_id,
+            "step": step,
+            "status": "pending",
+            "attempts": 0,
+            "last_error": None,
+            "created_ms": stamp,
+            "updated_ms": stamp,
+        },
+    )
+
+
+def _parse_cursor(cursor: str) -> tuple[int, int]:
+    created, _, order = cursor.partition(".")
+    if not created.isdigit() or not order.isdigit():
+        raise InvalidRequest(f"bad cursor {cursor[:40]!r}")
+    return int(created), int(order)

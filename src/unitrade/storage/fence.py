@@ -1,0 +1,70 @@
+"""The write fence (DESIGN §6): a write to a cell is admitted only if this region owns the
+cell under the current rule and the cell is not banned; every admitted write carries the
+rule version (its epoch).
+
+Installing a new rule waits until every write admitted under an older version has finished,
+so that acknowledging version v means "no write admitted under < v can still commit" (the
+control plane of a later issue builds switchover on that promise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from unitrade.errors import WriteBanned, WrongRegion
+from unitrade.topology.rule import Rule
+
+DRAIN_TIMEOUT_S_DEFAULT = 10.0
+
+
+class Fence:
+    def __init__(self, region: str, rule: Rule) -> None:
+        self.region = region
+        self._rule = rule
+        self._in_flight: Counter[int] = Counter()  # rule version -> admitted, unfinished
+        self._drained = asyncio.Condition()
+
+    @property
+    def rule(self) -> Rule:
+        return self._rule
+
+    def check(self, cell: int) -> int:
+        """Raise the typed refusal for a write to `cell`, or return the epoch to write under."""
+        rule = self._rule
+        owner = rule.owner_of(cell)
+        if rule.is_banned(cell):
+            raise WriteBanned(f"cell {cell} is banned for a switch; retry shortly", cell=cell)
+        if owner != self.region:
+            raise WrongRegion(
+                f"cell {cell} is owned by region {owner}, not {self.region}",
+                cell=cell,
+                owner=owner,
+            )
+        return rule.version
+
+    @asynccontextmanager
+    async def admit(self, cell: int) -> AsyncIterator[int]:
+        epoch = self.check(cell)
+        self._in_flight[epoch] += 1
+        try:
+            yield epoch
+        finally:
+            self._in_flight[epoch] -= 1
+            if self._in_flight[epoch] == 0:
+                del self._in_flight[epoch]
+                async with self._drained:
+                    self._drained.notify_all()
+
+    def in_flight_below(self, version: int) -> int:
+        return sum(n for v, n in self._in_flight.items() if v < version)
+
+    async def install(self, rule: Rule, timeout_s: float = DRAIN_TIMEOUT_S_DEFAULT) -> None:
+        """Put `rule` in force; return once no write admitted under an older rule is open."""
+        if rule.version < self._rule.version:
+            raise ValueError(f"rule versions only grow: {rule.version} < {self._rule.version}")
+        self._rule = rule
+        async with asyncio.timeout(timeout_s), self._drained:
+            await self._drained.wait_for(lambda: self.in_flight_below(rule.version) == 0)

@@ -1,0 +1,188 @@
+"""Tables of each cell kind (DESIGN §3). Timestamps are integer milliseconds (UTC) so that
+row images are plain JSON and compare equal on every engine."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+from unitrade.topology.config import CellKind
+
+# Common to every cell copy --------------------------------------------------------------
+
+common = MetaData()
+
+# One row: the cell this database is a copy of, and the last changelog position. Every write
+# transaction locks this row first: positions are then gapless and in commit order, which is
+# what a replica needs to tell "nothing new" from "a hole" (replication, next issue).
+cell_meta = Table(
+    "cell_meta",
+    common,
+    Column("cell_id", Integer, primary_key=True, autoincrement=False),
+    Column("kind", String(16), nullable=False),
+    Column("last_position", BigInteger, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+changelog = Table(
+    "changelog",
+    common,
+    Column("position", BigInteger, primary_key=True, autoincrement=False),
+    Column("epoch", BigInteger, nullable=False),  # rule version the write was admitted under
+    Column("origin", String(16), nullable=False),  # region that accepted the write
+    Column("tbl", String(64), nullable=False),
+    Column("pk", Text, nullable=False),  # JSON object of the primary key
+    Column("op", String(1), nullable=False),  # i / u / d
+    Column("row_image", Text, nullable=True),  # JSON of the whole row after the change
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+# Unit cells: buyers' data ---------------------------------------------------------------
+
+unit = MetaData()
+
+orders = Table(
+    "orders",
+    unit,
+    Column("order_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("buyer_id", BigInteger, nullable=False),
+    Column("cell_id", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("total_cents", BigInteger, nullable=False),
+    Column("document", Text, nullable=False),  # the whole order as JSON (001: write once)
+    Column("payment_id", String(64), nullable=True),
+    Column("idempotency_key", String(128), nullable=True),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+    Column("version", Integer, nullable=False),
+)
+
+order_lines = Table(
+    "order_lines",
+    unit,
+    Column("order_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("line_no", Integer, primary_key=True, autoincrement=False),
+    Column("sku", String(64), nullable=False),
+    Column("qty", Integer, nullable=False),
+    Column("price_cents", BigInteger, nullable=False),
+)
+
+payments = Table(
+    "payments",
+    unit,
+    Column("payment_id", String(64), primary_key=True),
+    Column("order_id", BigInteger, nullable=False),
+    Column("amount_cents", BigInteger, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+buyer_orders = Table(
+    "buyer_orders",
+    unit,
+    Column("buyer_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("created_ms", BigInteger, primary_key=True, autoincrement=False),
+    Column("order_id", BigInteger, primary_key=True, autoincrement=False),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    unit,
+    Column("buyer_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("idempotency_key", String(128), primary_key=True),
+    Column("order_id", BigInteger, nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+)
+
+carts = Table(
+    "carts",
+    unit,
+    Column("buyer_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("sku", String(64), primary_key=True),
+    Column("qty", Integer, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+)
+
+# The order-ID segment row (storage/sequences.py): replicated with the cell, so a new owner
+# continues after the old owner's last segment.
+id_sequences = Table(
+    "id_sequences",
+    unit,
+    Column("cell_id", Integer, primary_key=True, autoincrement=False),
+    Column("time_s", BigInteger, nullable=False),
+    Column("next_sequence", BigInteger, nullable=False),
+)
+
+# Calls to the center that must happen after an order's state changed (commit, release,
+# refund), written in the same transaction as the change (cosmicpython's outbox).
+outbox = Table(
+    "outbox",
+    unit,
+    Column("order_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("step", String(16), primary_key=True),
+    Column("status", String(16), nullable=False),  # pending / done
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", String(256), nullable=True),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+)
+Index("ix_outbox_status", outbox.c.status, outbox.c.created_ms)
+
+# Center cell: inventory ----------------------------------------------------------------
+
+center = MetaData()
+
+inventory = Table(
+    "inventory",
+    center,
+    Column("sku", String(64), primary_key=True),
+    Column("available", BigInteger, nullable=False),
+    Column("reserved", BigInteger, nullable=False),
+    Column("sold", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+)
+
+reservations = Table(
+    "reservations",
+    center,
+    Column("order_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("cell_id", Integer, nullable=False),
+    Column("status", String(16), nullable=False),  # reserved/committed/released/refunded
+    Column("lines", Text, nullable=False),  # JSON [[sku, qty], ...] sorted by sku
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+)
+Index("ix_reservations_status", reservations.c.status, reservations.c.created_ms)
+
+# Global cell: master data --------------------------------------------------------------
+
+global_ = MetaData()
+
+products = Table(
+    "products",
+    global_,
+    Column("sku", String(64), primary_key=True),
+    Column("title", String(200), nullable=False),
+    Column("price_cents", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+    Column("version", Integer, nullable=False),
+)
+
+METADATA_BY_KIND: dict[CellKind, MetaData] = {
+    CellKind.UNIT: unit,
+    CellKind.CENTER: center,
+    CellKind.GLOBAL: global_,
+}
+
+
+def tables_of(kind: CellKind) -> dict[str, Table]:
+    """Every table a cell copy of this kind holds, by name (the changelog's `tbl`)."""
+    return {**common.tables, **METADATA_BY_KIND[kind].tables}

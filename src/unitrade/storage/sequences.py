@@ -1,0 +1,121 @@
+"""Order-ID sequences, allocated per cell in segments from the cell's own storage (Leaf's
+segment mode, DESIGN §5).
+
+The cell's `id_sequences` row holds `(time_s, next_sequence)`: the second the cell is issuing
+in and the next free sequence number of that second. Allocating a segment is a fenced write
+transaction on that row:
+
+    t = max(clock, row.time_s)                # the row's time never goes backwards
+    if t == row.time_s: start = row.next_sequence, else start = 0
+    if the second is used up: t = row.time_s + 1 (borrow a second from the future), start = 0
+    row := (t, start + n); the segment is (t, [start, start + n))
+
+Every (time, sequence) pair is therefore handed out once, whatever the clocks of the
+processes do: concurrent allocators are serialised by the write transaction, a restart
+continues from the stored row, and a clock that goes backwards only makes IDs carry the
+stored time (Leaf#216 shows what goes wrong when the clock is trusted across restarts).
+Borrowing from the future is bounded by `ahead_s_max`; past it allocation refuses with
+`clock_behind` instead of waiting without limit.
+
+A segment is used for at most `age_s_max` seconds so that the time an ID carries stays
+within that of its real creation time (cold/hot separation reads it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from unitrade.errors import ClockBehind
+from unitrade.storage.schema import id_sequences
+from unitrade.storage.store import CellStore
+from unitrade.topology.order_id import SEQUENCE_MAX, encode_order_id, unix_to_id_time
+
+SEGMENT_SIZE_DEFAULT = 256
+SEGMENT_AGE_S_MAX = 2.0
+AHEAD_S_MAX = 5
+
+
+@dataclass
+class Segment:
+    time_s: int
+    next_sequence: int
+    end_sequence: int  # exclusive
+    taken_monotonic: float
+
+    def exhausted(self) -> bool:
+        return self.next_sequence >= self.end_sequence
+
+
+async def allocate_segment(
+    store: CellStore,
+    size: int,
+    clock: Callable[[], float] = time.time,
+    ahead_s_max: int = AHEAD_S_MAX,
+) -> Segment:
+    assert 1 <= size <= SEQUENCE_MAX + 1
+    cell = store.cell.id
+    async with store.write() as tx:
+        row = await tx.one(select(id_sequences).where(id_sequences.c.cell_id == cell))
+        now_s = unix_to_id_time(clock())
+        if row is None:
+            time_s, start = now_s, 0
+        elif now_s > row.time_s:
+            time_s, start = now_s, 0
+        else:
+            time_s, start = row.time_s, row.next_sequence
+        if start > SEQUENCE_MAX:
+            time_s, start = time_s + 1, 0
+            if time_s > now_s + ahead_s_max:
+                raise ClockBehind(
+                    f"cell {cell} has used every order ID up to {ahead_s_max} s ahead of the "
+                    "clock; the clock is behind or the cell is overloaded"
+                )
+        end = min(start + size, SEQUENCE_MAX + 1)
+        values = {"time_s": time_s, "next_sequence": end}
+        if row is None:
+            await tx.insert(id_sequences, {"cell_id": cell, **values})
+        else:
+            await tx.update(id_sequences, {"cell_id": cell}, values)
+    assert start < end
+    return Segment(time_s, start, end, time.monotonic())
+
+
+class OrderIdAllocator:
+    """Hands out order IDs of one cell from segments; safe for concurrent tasks."""
+
+    def __init__(
+        self,
+        store: CellStore,
+        segment_size: int = SEGMENT_SIZE_DEFAULT,
+        clock: Callable[[], float] = time.time,
+        segment_age_s_max: float = SEGMENT_AGE_S_MAX,
+    ) -> None:
+        self.store = store
+        self.segment_size = segment_size
+        self.clock = clock
+        self.segment_age_s_max = segment_age_s_max
+        self._segment: Segment | None = None
+        self._lock = asyncio.Lock()
+
+    def drop_segment(self) -> None:
+        """Forget the current segment (after losing ownership its rest must not be used)."""
+        self._segment = None
+
+    async def next_id(self) -> int:
+        async with self._lock:
+            segment = self._segment
+            if (
+                segment is None
+                or segment.exhausted()
+                or time.monotonic() - segment.taken_monotonic > self.segment_age_s_max
+            ):
+                segment = await allocate_segment(self.store, self.segment_size, self.clock)
+                self._segment = segment
+            sequence = segment.next_sequence
+            segment.next_sequence += 1
+        return encode_order_id(self.store.cell.id, segment.time_s, sequence)

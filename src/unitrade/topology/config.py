@@ -1,0 +1,294 @@
+"""The topology configuration: regions, cells, buckets, owners, addresses, storage.
+
+Read from TOML; a built-in default (three regions `hz` (center), `sh`, `bj`; six unit cells)
+is used when no file is given. Validation errors name the field and the problem.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+BUCKET_COUNT_DEFAULT = 100
+BUCKET_COUNT_MAX = 10_000
+CELL_ID_MAX = 1023  # the order ID holds 10 bits of cell (order_id.py)
+REGION_NAME = re.compile(r"^[a-z][a-z0-9]{0,15}$")
+SECRET_DEFAULT = "unitrade-local-dev-secret-change-me"
+SQLITE_STORAGE_DEFAULT = "sqlite:///{data}/{region}/cell-{cell}.db"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names every bad field."""
+
+
+class CellKind(StrEnum):
+    UNIT = "unit"
+    CENTER = "center"
+    GLOBAL = "global"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RegionConfig(_Strict):
+    name: str
+    center: bool = False
+    listen: str
+    storage: str = SQLITE_STORAGE_DEFAULT
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not REGION_NAME.match(value):
+            raise ValueError("must be 1-16 lowercase letters or digits, starting with a letter")
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must be HOST:PORT with a port in 1..65535, got {value!r}")
+        return value
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0]
+        if scheme not in ("sqlite", "postgresql"):
+            raise ValueError(f"scheme must be sqlite or postgresql, got {scheme!r}")
+        if "{cell}" not in value:
+            raise ValueError("must contain {cell}: every cell copy has a database of its own")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.listen}"
+
+    def storage_url(self, cell_name: str, data_dir: Path) -> str:
+        """The storage URL of this region's copy of a cell, placeholders filled in."""
+        return self.storage.format(data=str(data_dir), region=self.name, cell=cell_name)
+
+
+class CellConfig(_Strict):
+    id: Annotated[int, Field(ge=1, le=CELL_ID_MAX)]
+    kind: CellKind
+    owner: str
+    buckets: str = ""
+    partition: str = "normal"
+
+    @property
+    def name(self) -> str:
+        return cell_name(self.id, self.kind)
+
+    def bucket_list(self) -> list[int]:
+        return parse_bucket_ranges(self.buckets)
+
+
+def cell_name(cell_id: int, kind: CellKind) -> str:
+    """Unit cells are `u<id>`; there is one center and one global cell, named by kind."""
+    return f"u{cell_id}" if kind is CellKind.UNIT else kind.value
+
+
+def parse_bucket_ranges(text: str) -> list[int]:
+    """`"0-16,40,42-44"` -> [0..16, 40, 42, 43, 44]."""
+    buckets: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        low, sep, high = part.partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()):
+            raise ValueError(f"bad bucket range {part!r}: use N or N-M")
+        first, last = int(low), int(high) if sep else int(low)
+        if last < first:
+            raise ValueError(f"bad bucket range {part!r}: end before start")
+        buckets.extend(range(first, last + 1))
+    return buckets
+
+
+class TopologyConfig(_Strict):
+    bucket_count: Annotated[int, Field(ge=1, le=BUCKET_COUNT_MAX)] = BUCKET_COUNT_DEFAULT
+    secret: Annotated[str, Field(min_length=16)] = SECRET_DEFAULT
+    regions: Annotated[list[RegionConfig], Field(min_length=1)]
+    cells: Annotated[list[CellConfig], Field(min_length=3)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TopologyConfig:
+        problems: list[str] = []
+        names = [r.name for r in self.regions]
+        if len(set(names)) != len(names):
+            problems.append("regions: region names must be unique")
+        centers = [r.name for r in self.regions if r.center]
+        if len(centers) != 1:
+            problems.append(f"regions: exactly one region must be center, found {centers}")
+        listens = [r.listen for r in self.regions]
+        if len(set(listens)) != len(listens):
+            problems.append("regions: listen addresses must be unique")
+        ids = [c.id for c in self.cells]
+        if len(set(ids)) != len(ids):
+            problems.append("cells: cell ids must be unique")
+        for kind in (CellKind.CENTER, CellKind.GLOBAL):
+            count = sum(1 for c in self.cells if c.kind is kind)
+            if count != 1:
+                problems.append(f"cells: exactly one {kind.value} cell is required, found {count}")
+        if not any(c.kind is CellKind.UNIT for c in self.cells):
+            problems.append("cells: at least one unit cell is required")
+        for index, cell in enumerate(self.cells):
+            if cell.owner not in names:
+                problems.append(f"cells.{index}.owner: unknown region {cell.owner!r}")
+            if cell.kind is not CellKind.UNIT and cell.buckets:
+                problems.append(f"cells.{index}.buckets: only unit cells hold buckets")
+        problems.extend(self._bucket_problems())
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _bucket_problems(self) -> list[str]:
+        owner_of_bucket: dict[int, int] = {}
+        problems: list[str] = []
+        for index, cell in enumerate(self.cells):
+            try:
+                buckets = cell.bucket_list()
+            except ValueError as exc:
+                problems.append(f"cells.{index}.buckets: {exc}")
+                continue
+            for bucket in buckets:
+                if bucket >= self.bucket_count:
+                    problems.append(
+                        f"cells.{index}.buckets: bucket {bucket} >= bucket_count "
+                        f"{self.bucket_count}"
+                    )
+                elif bucket in owner_of_bucket:
+                    problems.append(
+                        f"cells.{index}.buckets: bucket {bucket} is already assigned to cell "
+                        f"{owner_of_bucket[bucket]}"
+                    )
+                else:
+                    owner_of_bucket[bucket] = cell.id
+        missing = sorted(set(range(self.bucket_count)) - owner_of_bucket.keys())
+        if missing and not problems:
+            problems.append(f"cells: buckets not assigned to any unit cell: {_ranges(missing)}")
+        return problems
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def region(self, name: str) -> RegionConfig:
+        for region in self.regions:
+            if region.name == name:
+                return region
+        raise KeyError(f"unknown region {name!r}")
+
+    @property
+    def region_names(self) -> list[str]:
+        return [r.name for r in self.regions]
+
+    @property
+    def center_region(self) -> str:
+        return next(r.name for r in self.regions if r.center)
+
+    def cell(self, cell_id: int) -> CellConfig:
+        for cell in self.cells:
+            if cell.id == cell_id:
+                return cell
+        raise KeyError(f"unknown cell {cell_id}")
+
+    def cell_by_kind(self, kind: CellKind) -> CellConfig:
+        return next(c for c in self.cells if c.kind is kind)
+
+    def find_cell(self, text: str) -> CellConfig:
+        """A cell by id (`3`) or name (`u3`, `center`, `global`)."""
+        for cell in self.cells:
+            if text in (str(cell.id), cell.name):
+                return cell
+        raise KeyError(f"unknown cell {text!r}")
+
+
+def _ranges(values: list[int]) -> str:
+    parts: list[str] = []
+    start = prev = values[0]
+    for value in [*values[1:], None]:
+        if value is not None and value == prev + 1:
+            prev = value
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if value is not None:
+            start = prev = value
+    return ",".join(parts)
+
+
+def default_config() -> TopologyConfig:
+    """Three regions on loopback, hz the center; six unit cells, two owned by each region."""
+    regions = [
+        RegionConfig(name="hz", center=True, listen="127.0.0.1:8701"),
+        RegionConfig(name="sh", listen="127.0.0.1:8702"),
+        RegionConfig(name="bj", listen="127.0.0.1:8703"),
+    ]
+    owners = ["hz", "hz", "sh", "sh", "bj", "bj"]
+    cells = [
+        CellConfig(id=i + 1, kind=CellKind.UNIT, owner=owner, buckets=_even_share(i, 6))
+        for i, owner in enumerate(owners)
+    ]
+    cells.append(CellConfig(id=1000, kind=CellKind.CENTER, owner="hz"))
+    cells.append(CellConfig(id=1001, kind=CellKind.GLOBAL, owner="hz"))
+    return TopologyConfig(regions=regions, cells=cells)
+
+
+def _even_share(index: int, parts: int, total: int = BUCKET_COUNT_DEFAULT) -> str:
+    first = index * total // parts
+    last = (index + 1) * total // parts - 1
+    return f"{first}-{last}"
+
+
+def load_config(path: Path | None) -> TopologyConfig:
+    """Load and validate a TOML topology; `None` gives the built-in default."""
+    if path is None:
+        return default_config()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> TopologyConfig:
+    data = dict(raw)
+    regions = data.get("regions")
+    if isinstance(regions, dict):
+        # TOML reads naturally as [regions.hz]; the model wants a list with names.
+        data["regions"] = [
+            {"name": name, **body} if isinstance(body, dict) else body
+            for name, body in regions.items()
+        ]
+    try:
+        return TopologyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from exc
+
+
+def _describe(error: Any) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}"
