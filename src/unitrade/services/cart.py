@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from unitrade.errors import Conflict, UnknownSku
 from unitrade.rpc.center import CatalogClient
+from unitrade.services.orders import CART_OF
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.schema import carts
-from unitrade.storage.store import CellStore, now_ms
+from unitrade.storage.store import CellStore, WriteTx, now_ms
 from unitrade.topology.rule import route_buyer
 
 CART_LINES_MAX = 100
+_CART_LINES = (
+    select(func.count()).select_from(carts).where(carts.c.buyer_id == bindparam("buyer_id"))
+)
 
 
 class CartService:
@@ -28,34 +32,28 @@ class CartService:
         assert qty > 0
         if sku not in await self.catalog.get_many([sku]):
             raise UnknownSku(f"unknown SKU {sku!r}", sku=sku)
-        store = self._store(buyer_id)
-        async with store.write() as tx:
-            key = {"buyer_id": buyer_id, "sku": sku}
-            updated = await tx.update(carts, key, {"qty": qty, "updated_ms": now_ms()})
-            if updated is None:
-                count = await tx.one(
-                    select(func.count()).select_from(carts).where(carts.c.buyer_id == buyer_id)
-                )
-                assert count is not None
-                if count[0] >= CART_LINES_MAX:
-                    raise Conflict(f"a cart holds at most {CART_LINES_MAX} SKUs")
-                await tx.insert(carts, {**key, "qty": qty, "updated_ms": now_ms()})
+        key = {"buyer_id": buyer_id, "sku": sku}
+
+        def work(tx: WriteTx) -> None:
+            if tx.update(carts, key, {"qty": qty, "updated_ms": now_ms()}) is not None:
+                return
+            count = tx.one(_CART_LINES, {"buyer_id": buyer_id})
+            assert count is not None
+            if count[0] >= CART_LINES_MAX:
+                raise Conflict(f"a cart holds at most {CART_LINES_MAX} SKUs")
+            tx.insert(carts, {**key, "qty": qty, "updated_ms": now_ms()})
+
+        await self._store(buyer_id).write(work)
         return await self.get(buyer_id)
 
     async def remove(self, buyer_id: int, sku: str) -> dict[str, Any]:
-        store = self._store(buyer_id)
-        async with store.write() as tx:
-            await tx.delete(carts, {"buyer_id": buyer_id, "sku": sku})
+        key = {"buyer_id": buyer_id, "sku": sku}
+        await self._store(buyer_id).write(lambda tx: tx.delete(carts, key))
         return await self.get(buyer_id)
 
     async def get(self, buyer_id: int) -> dict[str, Any]:
-        store = self._store(buyer_id)
-        async with store.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(carts).where(carts.c.buyer_id == buyer_id).order_by(carts.c.sku)
-                )
-            ).all()
+        params = {"buyer_id": buyer_id}
+        rows = await self._store(buyer_id).read(lambda conn: conn.execute(CART_OF, params).all())
         catalog = await self.catalog.get_many([r.sku for r in rows]) if rows else {}
         items = []
         for row in rows:

@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, bindparam, select
 
 from unitrade.storage.schema import products
-from unitrade.storage.store import CellStore, now_ms
+from unitrade.storage.store import CellStore, WriteTx, now_ms
 
 PAGE_LIMIT_MAX = 500
+_PRODUCTS_IN = select(products).where(products.c.sku.in_(bindparam("skus", expanding=True)))
 
 
 def product_body(row: Any) -> dict[str, Any]:
@@ -28,26 +29,34 @@ class CatalogService:
         self.store = store
 
     async def put(self, sku: str, title: str, price_cents: int) -> dict[str, Any]:
-        async with self.store.write() as tx:
-            row = await tx.one(select(products).where(products.c.sku == sku))
+        def work(tx: WriteTx) -> dict[str, Any]:
+            row = tx.get(products, {"sku": sku})
             values = {"title": title, "price_cents": price_cents, "updated_ms": now_ms()}
             if row is None:
-                await tx.insert(products, {"sku": sku, "version": 1, **values})
+                tx.insert(products, {"sku": sku, "version": 1, **values})
                 return product_body({"sku": sku, **values})
-            image = await tx.update(products, {"sku": sku}, {**values, "version": row.version + 1})
+            image = tx.update(products, {"sku": sku}, {**values, "version": row.version + 1})
             assert image is not None
             return product_body(image)
 
+        return await self.store.write(work)
+
     async def get_many(self, skus: Iterable[str]) -> dict[str, dict[str, Any]]:
         wanted = sorted(set(skus))
-        async with self.store.read() as conn:
-            rows = await conn.execute(select(products).where(products.c.sku.in_(wanted)))
+
+        def work(conn: Connection) -> dict[str, dict[str, Any]]:
+            rows = conn.execute(_PRODUCTS_IN, {"skus": wanted})
             return {r["sku"]: product_body(r) for r in rows.mappings()}
+
+        return await self.store.read(work)
 
     async def page(self, limit: int, after: str | None) -> list[dict[str, Any]]:
         assert 1 <= limit <= PAGE_LIMIT_MAX
         statement = select(products).order_by(products.c.sku).limit(limit)
         if after is not None:
             statement = statement.where(products.c.sku > after)
-        async with self.store.read() as conn:
-            return [product_body(r) for r in (await conn.execute(statement)).mappings()]
+
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            return [product_body(r) for r in conn.execute(statement).mappings()]
+
+        return await self.store.read(work)

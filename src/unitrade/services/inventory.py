@@ -4,7 +4,7 @@ through `center` RPC (rpc/center.py).
 
 Each step is keyed by order ID and idempotent: repeating a step that already happened is a
 no-op that answers the same, so callers may retry freely. Stock never goes below zero
-(every decrement is conditional on `available >= qty` inside the cell's serialised write
+(every decrement is conditional on `column >= qty` inside the cell's serialised write
 transaction) and `available + reserved + sold` changes only through `set_stock`.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from sqlalchemy import select
 
 from unitrade.errors import (
     Conflict,
@@ -24,7 +23,7 @@ from unitrade.errors import (
     UnknownSku,
 )
 from unitrade.storage.schema import inventory, reservations
-from unitrade.storage.store import CellStore, WriteTx, now_ms
+from unitrade.storage.store import CellStore, WriteTx, by_key, key_params, now_ms
 
 Lines = list[tuple[str, int]]
 LINES_MAX = 100
@@ -38,12 +37,40 @@ _STEPS: dict[str, tuple[str, str, str, str]] = {
 
 
 def normalize_lines(lines: Lines) -> Lines:
+    """Merge repeated SKUs and sort by SKU (a stable key for idempotency checks)."""
     merged: dict[str, int] = {}
     for sku, qty in lines:
         assert qty > 0, "quantities are positive"
         merged[sku] = merged.get(sku, 0) + qty
     assert 1 <= len(merged) <= LINES_MAX
     return sorted(merged.items())
+
+
+def _move(tx: WriteTx, sku: str, qty: int, source: str, target: str, refuse: bool) -> None:
+    image = tx.update(
+        inventory,
+        {"sku": sku},
+        {"updated_ms": now_ms()},
+        add={source: -qty, target: qty},
+        at_least={source: qty},
+    )
+    if image is not None:
+        return
+    row = tx.get(inventory, {"sku": sku})
+    if row is None:
+        raise UnknownSku(f"unknown SKU {sku!r}", sku=sku)
+    if refuse:
+        raise InsufficientStock(
+            f"only {row.available} of {sku!r} available, {qty} requested",
+            sku=sku,
+            available=row.available,
+            requested=qty,
+        )
+    raise AssertionError(f"inventory of {sku} has {source}={row._mapping[source]} < {qty}")
+
+
+def _levels(row: Any) -> dict[str, int]:
+    return {"available": row["available"], "reserved": row["reserved"], "sold": row["sold"]}
 
 
 class InventoryService:
@@ -53,16 +80,17 @@ class InventoryService:
     async def reserve(self, order_id: int, cell: int, lines: Lines) -> dict[str, Any]:
         lines = normalize_lines(lines)
         encoded = orjson.dumps(lines).decode()
-        async with self.store.write() as tx:
-            existing = await tx.one(select(reservations).where(reservations.c.order_id == order_id))
+
+        def work(tx: WriteTx) -> dict[str, Any]:
+            existing = tx.get(reservations, {"order_id": order_id})
             if existing is not None:
                 if existing.lines != encoded:
                     raise Conflict(f"order {order_id} already has a different reservation")
                 return {"order_id": str(order_id), "status": existing.status}
             for sku, qty in lines:
-                await self._move(tx, sku, qty, "available", "reserved", insufficient=True)
+                _move(tx, sku, qty, "available", "reserved", refuse=True)
             stamp = now_ms()
-            await tx.insert(
+            tx.insert(
                 reservations,
                 {
                     "order_id": order_id,
@@ -73,20 +101,23 @@ class InventoryService:
                     "updated_ms": stamp,
                 },
             )
-        return {"order_id": str(order_id), "status": "reserved"}
+            return {"order_id": str(order_id), "status": "reserved"}
+
+        return await self.store.write(work)
 
     async def step(self, order_id: int, step: str) -> dict[str, Any]:
         """commit, release or refund the reservation of an order (idempotent)."""
         start, end, source, target = _STEPS[step]
-        async with self.store.write() as tx:
-            row = await tx.one(select(reservations).where(reservations.c.order_id == order_id))
+
+        def work(tx: WriteTx) -> dict[str, Any]:
+            row = tx.get(reservations, {"order_id": order_id})
             if row is None:
                 if step != "release":
                     raise NotFound(f"no reservation for order {order_id}")
                 # A release that overtook its reserve (a timed-out create): leave a tombstone
                 # so that the late reserve is refused instead of holding stock forever.
                 stamp = now_ms()
-                await tx.insert(
+                tx.insert(
                     reservations,
                     {
                         "order_id": order_id,
@@ -105,44 +136,21 @@ class InventoryService:
                     f"reservation of order {order_id} is {row.status}; cannot {step}"
                 )
             for sku, qty in orjson.loads(row.lines):
-                await self._move(tx, sku, qty, source, target, insufficient=False)
-            await tx.update(
-                reservations, {"order_id": order_id}, {"status": end, "updated_ms": now_ms()}
-            )
-        return {"order_id": str(order_id), "status": end}
+                _move(tx, sku, qty, source, target, refuse=False)
+            tx.update(reservations, {"order_id": order_id}, {"status": end, "updated_ms": now_ms()})
+            return {"order_id": str(order_id), "status": end}
 
-    async def _move(
-        self, tx: WriteTx, sku: str, qty: int, source: str, target: str, insufficient: bool
-    ) -> None:
-        column = inventory.c[source]
-        image = await tx.update(
-            inventory,
-            {"sku": sku},
-            {source: column - qty, target: inventory.c[target] + qty, "updated_ms": now_ms()},
-            column >= qty,
-        )
-        if image is not None:
-            return
-        row = await tx.one(select(inventory).where(inventory.c.sku == sku))
-        if row is None:
-            raise UnknownSku(f"unknown SKU {sku!r}", sku=sku)
-        if insufficient:
-            raise InsufficientStock(
-                f"only {row.available} of {sku!r} available, {qty} requested",
-                sku=sku,
-                available=row.available,
-                requested=qty,
-            )
-        raise AssertionError(f"inventory of {sku} has {source}={row._mapping[source]} < {qty}")
+        return await self.store.write(work)
 
     async def set_stock(self, sku: str, total: int) -> dict[str, Any]:
         """Set the total number of units (available + reserved + sold) of a SKU."""
         assert total >= 0
-        async with self.store.write() as tx:
-            row = await tx.one(select(inventory).where(inventory.c.sku == sku))
+
+        def work(tx: WriteTx) -> dict[str, Any]:
+            row = tx.get(inventory, {"sku": sku})
             if row is None:
                 values = {"available": total, "reserved": 0, "sold": 0, "updated_ms": now_ms()}
-                await tx.insert(inventory, {"sku": sku, **values})
+                tx.insert(inventory, {"sku": sku, **values})
                 return {"sku": sku, **_levels(values)}
             committed = row.reserved + row.sold
             if total < committed:
@@ -152,19 +160,17 @@ class InventoryService:
                     reserved=row.reserved,
                     sold=row.sold,
                 )
-            image = await tx.update(
+            image = tx.update(
                 inventory, {"sku": sku}, {"available": total - committed, "updated_ms": now_ms()}
             )
             assert image is not None
             return {"sku": sku, **_levels(image)}
 
+        return await self.store.write(work)
+
     async def levels(self, sku: str) -> dict[str, Any]:
-        async with self.store.read() as conn:
-            row = (await conn.execute(select(inventory).where(inventory.c.sku == sku))).first()
+        statement, params = by_key(inventory), key_params({"sku": sku})
+        row = await self.store.read(lambda conn: conn.execute(statement, params).first())
         if row is None:
             raise NotFound(f"no inventory for SKU {sku!r}")
         return {"sku": sku, **_levels(row._mapping)}
-
-
-def _levels(row: Any) -> dict[str, int]:
-    return {"available": row["available"], "reserved": row["reserved"], "sold": row["sold"]}

@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Connection, and_, bindparam, or_, select
 
 from unitrade.errors import (
     AmountMismatch,
@@ -47,7 +48,7 @@ from unitrade.storage.schema import (
     payments,
 )
 from unitrade.storage.sequences import OrderIdAllocator
-from unitrade.storage.store import CellStore, WriteTx, now_ms
+from unitrade.storage.store import CellStore, WriteTx, by_key, key_params, now_ms
 from unitrade.topology.rule import route_buyer, route_order
 
 log = logging.getLogger("unitrade.orders")
@@ -55,6 +56,31 @@ log = logging.getLogger("unitrade.orders")
 LIST_LIMIT_MAX = 100
 OUTBOX_ATTEMPTS_MAX = 100
 RELEASE_TIMEOUT_S = 10.0
+
+CART_OF = select(carts).where(carts.c.buyer_id == bindparam("buyer_id")).order_by(carts.c.sku)
+_ORDERS_IN = select(orders).where(orders.c.order_id.in_(bindparam("ids", expanding=True)))
+_PENDING_OUTBOX = (
+    select(outbox.c.order_id, outbox.c.step)
+    .where(outbox.c.status == "pending")
+    .order_by(outbox.c.created_ms)
+    .limit(bindparam("n"))
+)
+_BUYER_INDEX = (
+    select(buyer_orders.c.created_ms, buyer_orders.c.order_id)
+    .where(buyer_orders.c.buyer_id == bindparam("buyer_id"))
+    .order_by(buyer_orders.c.created_ms.desc(), buyer_orders.c.order_id.desc())
+    .limit(bindparam("n"))
+)
+# Newest first; the cursor is the (created_ms, order_id) of the last order of a page.
+_BUYER_INDEX_AFTER = _BUYER_INDEX.where(
+    or_(
+        buyer_orders.c.created_ms < bindparam("c_ms"),
+        and_(
+            buyer_orders.c.created_ms == bindparam("c_ms"),
+            buyer_orders.c.order_id < bindparam("c_id"),
+        ),
+    )
+)
 
 # transition -> (status it starts from, status it ends in, outbox step sent to the center)
 TRANSITIONS: dict[str, tuple[str, str, str]] = {
@@ -138,8 +164,7 @@ class OrderService:
         replay = await self._replay(store, buyer_id, idempotency_key, fingerprint)
         if replay is not None:
             return replay
-        async with store.read() as conn:
-            rows = (await conn.execute(select(carts).where(carts.c.buyer_id == buyer_id))).all()
+        rows = await store.read(lambda conn: conn.execute(CART_OF, {"buyer_id": buyer_id}).all())
         if not rows:
             raise CartEmpty("the cart is empty")
         cart = {r.sku: r.qty for r in rows}
@@ -151,15 +176,9 @@ class OrderService:
     ) -> Created | None:
         if key is None:
             return None
-        async with store.read() as conn:
-            row = (
-                await conn.execute(
-                    select(idempotency_keys).where(
-                        idempotency_keys.c.buyer_id == buyer_id,
-                        idempotency_keys.c.idempotency_key == key,
-                    )
-                )
-            ).first()
+        statement = by_key(idempotency_keys)
+        params = key_params({"buyer_id": buyer_id, "idempotency_key": key})
+        row = await store.read(lambda conn: conn.execute(statement, params).first())
         if row is None:
             return None
         if row.fingerprint != fingerprint:
@@ -231,17 +250,13 @@ class OrderService:
             "updated_ms": stamp,
             "version": 1,
         }
-        async with store.write() as tx:
+
+        def work(tx: WriteTx) -> None:
             if key is not None:
-                existing = await tx.one(
-                    select(idempotency_keys.c.order_id).where(
-                        idempotency_keys.c.buyer_id == buyer_id,
-                        idempotency_keys.c.idempotency_key == key,
-                    )
-                )
+                existing = tx.get(idempotency_keys, {"buyer_id": buyer_id, "idempotency_key": key})
                 if existing is not None:
                     raise _Replay(existing.order_id)  # a concurrent twin won the race
-                await tx.insert(
+                tx.insert(
                     idempotency_keys,
                     {
                         "buyer_id": buyer_id,
@@ -251,9 +266,9 @@ class OrderService:
                         "created_ms": stamp,
                     },
                 )
-            await tx.insert(orders, row)
+            tx.insert(orders, row)
             for line_no, item in enumerate(items, start=1):
-                await tx.insert(
+                tx.insert(
                     order_lines,
                     {
                         "order_id": order_id,
@@ -263,11 +278,13 @@ class OrderService:
                         "price_cents": item["price_cents"],
                     },
                 )
-            await tx.insert(
+            tx.insert(
                 buyer_orders, {"buyer_id": buyer_id, "created_ms": stamp, "order_id": order_id}
             )
             for sku in cart:
-                await tx.delete(carts, {"buyer_id": buyer_id, "sku": sku})
+                tx.delete(carts, {"buyer_id": buyer_id, "sku": sku})
+
+        await store.write(work)
         return row
 
     async def _release_quietly(self, order_id: int) -> None:
@@ -282,8 +299,8 @@ class OrderService:
 
     async def get(self, buyer_id: int, order_id: int) -> dict[str, Any]:
         store = self._order_store(order_id)
-        async with store.read() as conn:
-            row = (await conn.execute(select(orders).where(orders.c.order_id == order_id))).first()
+        statement, params = by_key(orders), key_params({"order_id": order_id})
+        row = await store.read(lambda conn: conn.execute(statement, params).first())
         if row is None or row.buyer_id != buyer_id:
             # Another buyer's order is indistinguishable from a missing one (DESIGN §14.7).
             raise NotFound(f"no order {order_id}")
@@ -294,28 +311,20 @@ class OrderService:
     ) -> tuple[list[dict[str, Any]], str | None]:
         assert 1 <= limit <= LIST_LIMIT_MAX
         store = self.copies[route_buyer(self.copies.fence.rule, buyer_id).cell]
-        statement = (
-            select(buyer_orders.c.created_ms, buyer_orders.c.order_id)
-            .where(buyer_orders.c.buyer_id == buyer_id)
-            .order_by(buyer_orders.c.created_ms.desc(), buyer_orders.c.order_id.desc())
-            .limit(limit + 1)
-        )
+        params: dict[str, Any] = {"buyer_id": buyer_id, "n": limit + 1}
+        statement = _BUYER_INDEX
         if cursor is not None:
-            created_ms, order_id = _parse_cursor(cursor)
-            statement = statement.where(
-                or_(
-                    buyer_orders.c.created_ms < created_ms,
-                    and_(
-                        buyer_orders.c.created_ms == created_ms,
-                        buyer_orders.c.order_id < order_id,
-                    ),
-                )
-            )
-        async with store.read() as conn:
-            index = (await conn.execute(statement)).all()
-            page = index[:limit]
-            ids = [r.order_id for r in page]
-            rows = (await conn.execute(select(orders).where(orders.c.order_id.in_(ids)))).all()
+            params["c_ms"], params["c_id"] = _parse_cursor(cursor)
+            statement = _BUYER_INDEX_AFTER
+
+        def work(conn: Connection) -> tuple[Sequence[Any], Sequence[Any]]:
+            index = conn.execute(statement, params).all()
+            ids = [r.order_id for r in index[:limit]]
+            return index, conn.execute(_ORDERS_IN, {"ids": ids}).all()
+
+        index, rows = await store.read(work)
+        page = index[:limit]
+        ids = [r.order_id for r in page]
         by_id = {r.order_id: r._mapping for r in rows}
         region = self.copies.fence.rule.owner_of(store.cell.id)
         result = [order_body(by_id[i], region) for i in ids if i in by_id]
@@ -328,13 +337,14 @@ class OrderService:
         self, buyer_id: int, order_id: int, payment_id: str, amount_cents: int
     ) -> dict[str, Any]:
         store = self._order_store(order_id)
-        async with store.write() as tx:
-            row = await self._owned_order(tx, buyer_id, order_id)
-            paid = await tx.one(select(payments).where(payments.c.payment_id == payment_id))
+
+        def work(tx: WriteTx) -> tuple[dict[str, Any], bool]:
+            row = _owned_order(tx, buyer_id, order_id)
+            paid = tx.get(payments, {"payment_id": payment_id})
             if paid is not None:
                 if paid.order_id != order_id:
                     raise Conflict(f"payment {payment_id!r} belongs to another order")
-                return order_body(row._mapping, self.region)  # the same payment, again
+                return dict(row._mapping), False  # the same payment, again
             if row.status != "created":
                 raise IllegalTransition(f"order {order_id} is {row.status}; cannot pay")
             if amount_cents != row.total_cents:
@@ -343,7 +353,7 @@ class OrderService:
                     total_cents=row.total_cents,
                 )
             stamp = now_ms()
-            image = await tx.update(
+            image = tx.update(
                 orders,
                 {"order_id": order_id},
                 {
@@ -353,7 +363,7 @@ class OrderService:
                     "version": row.version + 1,
                 },
             )
-            await tx.insert(
+            tx.insert(
                 payments,
                 {
                     "payment_id": payment_id,
@@ -362,36 +372,39 @@ class OrderService:
                     "created_ms": stamp,
                 },
             )
-            await _enqueue(tx, order_id, "commit", stamp)
-        await self.send_outbox(store, order_id, "commit")
-        assert image is not None
+            _enqueue(tx, order_id, "commit", stamp)
+            assert image is not None
+            return image, True
+
+        image, changed = await store.write(work)
+        if changed:
+            await self.send_outbox(store, order_id, "commit")
         return order_body(image, self.region)
 
     async def transition(self, buyer_id: int, order_id: int, name: str) -> dict[str, Any]:
         start, end, step = TRANSITIONS[name]
         store = self._order_store(order_id)
-        async with store.write() as tx:
-            row = await self._owned_order(tx, buyer_id, order_id)
+
+        def work(tx: WriteTx) -> tuple[dict[str, Any], bool]:
+            row = _owned_order(tx, buyer_id, order_id)
             if row.status == end:
-                return order_body(row._mapping, self.region)
+                return dict(row._mapping), False
             if row.status != start:
                 raise IllegalTransition(f"order {order_id} is {row.status}; cannot {name}")
             stamp = now_ms()
-            image = await tx.update(
+            image = tx.update(
                 orders,
                 {"order_id": order_id},
                 {"status": end, "updated_ms": stamp, "version": row.version + 1},
             )
-            await _enqueue(tx, order_id, step, stamp)
-        await self.send_outbox(store, order_id, step)
-        assert image is not None
-        return order_body(image, self.region)
+            _enqueue(tx, order_id, step, stamp)
+            assert image is not None
+            return image, True
 
-    async def _owned_order(self, tx: WriteTx, buyer_id: int, order_id: int) -> Any:
-        row = await tx.one(select(orders).where(orders.c.order_id == order_id))
-        if row is None or row.buyer_id != buyer_id:
-            raise NotFound(f"no order {order_id}")
-        return row
+        image, changed = await store.write(work)
+        if changed:
+            await self.send_outbox(store, order_id, step)
+        return order_body(image, self.region)
 
     # -- outbox ----------------------------------------------------------------------------
 
@@ -402,25 +415,20 @@ class OrderService:
         except UnitradeError as exc:
             await self._outbox_failed(store, order_id, step, f"{exc.code}: {exc.message}")
             return False
-        async with store.write() as tx:
-            await tx.update(
-                outbox,
-                {"order_id": order_id, "step": step},
-                {"status": "done", "updated_ms": now_ms()},
-                outbox.c.status == "pending",
-            )
+        key = {"order_id": order_id, "step": step}
+        done = {"status": "done", "updated_ms": now_ms()}
+        await store.write(lambda tx: tx.update(outbox, key, done, where={"status": "pending"}))
         return True
 
     async def _outbox_failed(self, store: CellStore, order_id: int, step: str, error: str) -> None:
         log.warning("outbox %s of order %s failed: %s", step, order_id, error)
-        async with store.write() as tx:
-            row = await tx.one(
-                select(outbox).where(outbox.c.order_id == order_id, outbox.c.step == step)
-            )
+
+        def work(tx: WriteTx) -> None:
+            row = tx.one(select(outbox).where(outbox.c.order_id == order_id, outbox.c.step == step))
             if row is None or row.status != "pending":
                 return
             attempts = row.attempts + 1
-            await tx.update(
+            tx.update(
                 outbox,
                 {"order_id": order_id, "step": step},
                 {
@@ -431,17 +439,12 @@ class OrderService:
                 },
             )
 
+        await store.write(work)
+
     async def drain_outbox(self, store: CellStore, batch_max: int = 100) -> int:
         """Retry pending outbox steps of one owned cell, oldest first; the number sent."""
-        async with store.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(outbox.c.order_id, outbox.c.step)
-                    .where(outbox.c.status == "pending")
-                    .order_by(outbox.c.created_ms)
-                    .limit(batch_max)
-                )
-            ).all()
+        params = {"n": batch_max}
+        rows = await store.read(lambda conn: conn.execute(_PENDING_OUTBOX, params).all())
         blocked: set[int] = set()
         sent = 0
         for row in rows:
@@ -454,8 +457,15 @@ class OrderService:
         return sent
 
 
-async def _enqueue(tx: WriteTx, order_id: int, step: str, stamp: int) -> None:
-    await tx.insert(
+def _owned_order(tx: WriteTx, buyer_id: int, order_id: int) -> Any:
+    row = tx.get(orders, {"order_id": order_id})
+    if row is None or row.buyer_id != buyer_id:
+        raise NotFound(f"no order {order_id}")  # another buyer's order looks missing
+    return row
+
+
+def _enqueue(tx: WriteTx, order_id: int, step: str, stamp: int) -> None:
+    tx.insert(
         outbox,
         {
             "order_id": order_id,

@@ -28,11 +28,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import select
-
 from unitrade.errors import ClockBehind
 from unitrade.storage.schema import id_sequences
-from unitrade.storage.store import CellStore
+from unitrade.storage.store import CellStore, WriteTx
 from unitrade.topology.order_id import SEQUENCE_MAX, encode_order_id, unix_to_id_time
 
 SEGMENT_SIZE_DEFAULT = 256
@@ -59,8 +57,9 @@ async def allocate_segment(
 ) -> Segment:
     assert 1 <= size <= SEQUENCE_MAX + 1
     cell = store.cell.id
-    async with store.write() as tx:
-        row = await tx.one(select(id_sequences).where(id_sequences.c.cell_id == cell))
+
+    def work(tx: WriteTx) -> tuple[int, int, int]:
+        row = tx.get(id_sequences, {"cell_id": cell})
         now_s = unix_to_id_time(clock())
         if row is None:
             time_s, start = now_s, 0
@@ -78,9 +77,12 @@ async def allocate_segment(
         end = min(start + size, SEQUENCE_MAX + 1)
         values = {"time_s": time_s, "next_sequence": end}
         if row is None:
-            await tx.insert(id_sequences, {"cell_id": cell, **values})
+            tx.insert(id_sequences, {"cell_id": cell, **values})
         else:
-            await tx.update(id_sequences, {"cell_id": cell}, values)
+            tx.update(id_sequences, {"cell_id": cell}, values)
+        return time_s, start, end
+
+    time_s, start, end = await store.write(work)
     assert start < end
     return Segment(time_s, start, end, time.monotonic())
 

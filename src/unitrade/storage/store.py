@@ -1,37 +1,47 @@
 """A region's copy of one cell, and the unit of work that writes it.
 
-`CellStore.write()` is the only way to change a cell copy on behalf of a client: it goes
-through the fence and, in the same transaction, appends one changelog row per changed row
-with the epoch, the origin region, the table, the primary key, the operation and the row
-image after the change (DESIGN §7; the replication issue streams these rows).
+`CellStore.write(work)` is the only way to change a cell copy on behalf of a client: it
+admits the write through the fence and runs `work(tx)` in one transaction which, before it
+commits, appends one changelog row per changed row: epoch, origin region, table, primary
+key, operation and the row image after the change (DESIGN §7; the replication issue streams
+these rows).
+
+Transactions run on threads owned by the store: all writes of a cell copy on one writer
+thread (SQLite allows one writer anyway, and on PostgreSQL the cell_meta row lock serialises
+them), reads on a small pool. A transaction is one thread hop, whatever its statement count.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import Table, and_, delete, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql import ColumnElement, Select
+from sqlalchemy.sql import Delete, Insert, Select, Update
 
-from unitrade.storage.engine import Engines, create_engines
+from unitrade.errors import RegionUnavailable
+from unitrade.storage.engine import READ_POOL_SIZE, backend_of, create_cell_engine
 from unitrade.storage.fence import Fence
 from unitrade.storage.schema import METADATA_BY_KIND, cell_meta, changelog, common
 from unitrade.topology.rule import CellInfo
 
+T = TypeVar("T")
 ROWS_PER_WRITE_MAX = 1_000  # a single transaction never changes more rows than this
+PENDING_WRITES_MAX = 1_024  # writes queued for one cell copy before callers are refused
+QUEUE_WAIT_S_MAX = 10.0
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _json(value: Any) -> str:
+def to_json(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode()
 
 
@@ -39,80 +49,150 @@ def primary_key_of(table: Table, row: Mapping[str, Any]) -> dict[str, Any]:
     return {str(c.name): row[c.name] for c in table.primary_key.columns}
 
 
-def _key_clause(table: Table, key: Mapping[str, Any]) -> ColumnElement[bool]:
-    assert set(key) == {c.name for c in table.primary_key.columns}, (table.name, key)
-    return and_(*(table.c[name] == value for name, value in key.items()))
+# Statements are built once per shape and executed with bind parameters: building a
+# statement per call cost 3x the whole transaction in SQLAlchemy's coercion and cache-key
+# code (docs/benchmarks.md, "profile").
+@functools.cache
+def _insert_statement(table: Table) -> Insert:
+    return insert(table)
+
+
+@functools.cache
+def _update_statement(
+    table: Table,
+    set_columns: tuple[str, ...],
+    add_columns: tuple[str, ...],
+    at_least_columns: tuple[str, ...],
+    equal_columns: tuple[str, ...],
+) -> Update:
+    values: dict[str, Any] = {c: bindparam(f"s_{c}") for c in set_columns}
+    values.update({c: table.c[c] + bindparam(f"a_{c}") for c in add_columns})
+    conditions = [c == bindparam(f"k_{c.name}") for c in table.primary_key.columns]
+    conditions += [table.c[c] >= bindparam(f"m_{c}") for c in at_least_columns]
+    conditions += [table.c[c] == bindparam(f"w_{c}") for c in equal_columns]
+    return update(table).where(*conditions).values(values).returning(*table.columns)
+
+
+@functools.cache
+def _delete_statement(table: Table) -> Delete:
+    return delete(table).where(*(c == bindparam(f"k_{c.name}") for c in table.primary_key.columns))
+
+
+@functools.cache
+def by_key(table: Table) -> Select[Any]:
+    """`SELECT * FROM table WHERE <primary key> = :k_<column>...`, built once."""
+    return select(table).where(*(c == bindparam(f"k_{c.name}") for c in table.primary_key.columns))
+
+
+def key_params(key: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"k_{name}": value for name, value in key.items()}
+
+
+_BUMP_POSITION = (
+    update(cell_meta)
+    .where(cell_meta.c.cell_id == bindparam("k_cell_id"))
+    .values(last_position=cell_meta.c.last_position + bindparam("n"))
+    .returning(cell_meta.c.last_position)
+)
 
 
 class WriteTx:
-    """One admitted write transaction on one cell copy."""
+    """One admitted write transaction on one cell copy (runs on the writer thread)."""
 
-    def __init__(self, conn: AsyncConnection, epoch: int, origin: str, position: int) -> None:
+    def __init__(self, conn: Connection, epoch: int, origin: str) -> None:
         self.conn = conn
         self.epoch = epoch
         self.origin = origin
-        self.position = position  # last changelog position used
-        self.changes = 0
+        self.captured: list[dict[str, Any]] = []
 
-    async def _capture(
+    def _capture(
         self, table: Table, op: str, key: Mapping[str, Any], image: Mapping[str, Any] | None
     ) -> None:
-        self.changes += 1
-        assert self.changes <= ROWS_PER_WRITE_MAX, "one write transaction changes too many rows"
-        self.position += 1
-        await self.conn.execute(
-            insert(changelog).values(
-                position=self.position,
-                epoch=self.epoch,
-                origin=self.origin,
-                tbl=table.name,
-                pk=_json(dict(key)),
-                op=op,
-                row_image=None if image is None else _json(dict(image)),
-                created_ms=now_ms(),
-            )
+        assert len(self.captured) < ROWS_PER_WRITE_MAX, "one transaction changes too many rows"
+        self.captured.append(
+            {
+                "epoch": self.epoch,
+                "origin": self.origin,
+                "tbl": table.name,
+                "pk": to_json(dict(key)),
+                "op": op,
+                "row_image": None if image is None else to_json(dict(image)),
+            }
         )
 
-    async def insert(self, table: Table, values: Mapping[str, Any]) -> None:
-        await self.conn.execute(insert(table).values(**values))
+    def insert(self, table: Table, values: Mapping[str, Any]) -> None:
         row = {str(c.name): values.get(c.name) for c in table.columns}
-        await self._capture(table, "i", primary_key_of(table, row), row)
+        assert set(values) <= set(row), f"unknown columns for {table.name}: {set(values)}"
+        self.conn.execute(_insert_statement(table), row)
+        self._capture(table, "i", primary_key_of(table, row), row)
 
-    async def update(
+    def update(
         self,
         table: Table,
         key: Mapping[str, Any],
-        values: Mapping[str, Any],
-        *conditions: ColumnElement[bool],
+        values: Mapping[str, Any] | None = None,
+        *,
+        add: Mapping[str, int] | None = None,
+        at_least: Mapping[str, int] | None = None,
+        where: Mapping[str, Any] | None = None,
     ) -> dict[str, Any] | None:
-        """Update one row by primary key (and optional conditions); the new image, or None."""
-        result = await self.conn.execute(
-            update(table)
-            .where(_key_clause(table, key), *conditions)
-            .values(**values)
-            .returning(*table.columns)
+        """Update one row by primary key: set `values`, add `add` to columns, only if the
+        columns in `at_least` are >= their value and those in `where` equal theirs.
+        Returns the row image after the change, or None if no row matched."""
+        values, add, at_least, where = values or {}, add or {}, at_least or {}, where or {}
+        statement = _update_statement(
+            table, tuple(values), tuple(add), tuple(at_least), tuple(where)
         )
-        row = result.mappings().first()
+        params = key_params(key)
+        params.update({f"s_{c}": v for c, v in values.items()})
+        params.update({f"a_{c}": v for c, v in add.items()})
+        params.update({f"m_{c}": v for c, v in at_least.items()})
+        params.update({f"w_{c}": v for c, v in where.items()})
+        row = self.conn.execute(statement, params).mappings().first()
         if row is None:
             return None
         image = dict(row)
-        await self._capture(table, "u", key, image)
+        self._capture(table, "u", key, image)
         return image
 
-    async def delete(self, table: Table, key: Mapping[str, Any]) -> bool:
-        result = await self.conn.execute(delete(table).where(_key_clause(table, key)))
+    def delete(self, table: Table, key: Mapping[str, Any]) -> bool:
+        result = self.conn.execute(_delete_statement(table), key_params(key))
         if result.rowcount == 0:
             return False
-        await self._capture(table, "d", key, None)
+        self._capture(table, "d", key, None)
         return True
 
-    async def one(self, statement: Select[Any]) -> Row[Any] | None:
-        row: Row[Any] | None = (await self.conn.execute(statement)).first()
-        return row
+    def get(self, table: Table, key: Mapping[str, Any]) -> Row[Any] | None:
+        """The row with this primary key, read inside the transaction."""
+        return self.conn.execute(by_key(table), key_params(key)).first()
 
-    async def all(self, statement: Select[Any]) -> Sequence[Row[Any]]:
-        rows: Sequence[Row[Any]] = (await self.conn.execute(statement)).all()
-        return rows
+    def one(
+        self, statement: Select[Any], params: Mapping[str, Any] | None = None
+    ) -> Row[Any] | None:
+        return self.conn.execute(statement, params).first()
+
+    def all(
+        self, statement: Select[Any], params: Mapping[str, Any] | None = None
+    ) -> Sequence[Row[Any]]:
+        return self.conn.execute(statement, params).all()
+
+    def append_changelog(self, cell_id: int) -> int:
+        """Give the captured changes their positions and append them; the last position.
+
+        The UPDATE ... RETURNING takes the cell_meta row lock and holds it to commit, so
+        positions are gapless and a later position never commits before an earlier one.
+        """
+        n = len(self.captured)
+        if n == 0:
+            return 0
+        last = self.conn.execute(_BUMP_POSITION, {"k_cell_id": cell_id, "n": n}).scalar_one()
+        stamp = now_ms()
+        rows = [
+            {**change, "position": last - n + i + 1, "created_ms": stamp}
+            for i, change in enumerate(self.captured)
+        ]
+        self.conn.execute(_insert_statement(changelog), rows)
+        return int(last)
 
 
 class CellStore:
@@ -123,21 +203,26 @@ class CellStore:
         self.region = region
         self.url = url
         self.fence = fence
-        self._engines: Engines | None = None
-
-    @property
-    def engines(self) -> Engines:
-        assert self._engines is not None, "CellStore.open() first"
-        return self._engines
+        self.backend = backend_of(url)
+        self._writer: Engine | None = None
+        self._reader: Engine | None = None
+        self._write_thread = ThreadPoolExecutor(1, thread_name_prefix=f"w-{cell.name}")
+        self._read_threads = ThreadPoolExecutor(READ_POOL_SIZE, thread_name_prefix=f"r-{cell.name}")
+        self._write_slots = asyncio.Semaphore(PENDING_WRITES_MAX)
 
     async def open(self) -> None:
-        self._engines = await create_engines(self.url)
-        async with self.engines.write.begin() as conn:
-            await conn.run_sync(common.create_all)
-            await conn.run_sync(METADATA_BY_KIND[self.cell.kind].create_all)
-            exists = (await conn.execute(select(cell_meta.c.cell_id))).first()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._write_thread, self._open_sync)
+
+    def _open_sync(self) -> None:
+        self._writer = create_cell_engine(self.url, writer=True)
+        self._reader = create_cell_engine(self.url, writer=False)
+        with self._writer.begin() as conn:
+            common.create_all(conn)
+            METADATA_BY_KIND[self.cell.kind].create_all(conn)
+            exists = conn.execute(select(cell_meta.c.cell_id)).first()
             if exists is None:
-                await conn.execute(
+                conn.execute(
                     insert(cell_meta).values(
                         cell_id=self.cell.id,
                         kind=self.cell.kind.value,
@@ -146,59 +231,83 @@ class CellStore:
                     )
                 )
             elif exists.cell_id != self.cell.id:
-                raise RuntimeError(
-                    f"{self.url} holds cell {exists.cell_id}, not cell {self.cell.id}"
-                )
+                raise RuntimeError(f"{self.url} holds cell {exists.cell_id}, not {self.cell.id}")
 
     async def close(self) -> None:
-        if self._engines is not None:
-            await self._engines.dispose()
-            self._engines = None
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._write_thread, self._close_sync)
+        self._write_thread.shutdown(wait=True)
+        self._read_threads.shutdown(wait=True)
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A read-only snapshot of this copy (a replica may lag its owner)."""
-        async with self.engines.read.begin() as conn:
-            yield conn
+    def _close_sync(self) -> None:
+        for engine in (self._writer, self._reader):
+            if engine is not None:
+                engine.dispose()
+        self._writer = self._reader = None
 
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[WriteTx]:
-        """Admit a write through the fence and open its transaction.
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in a read-only transaction of this copy (a replica may lag its owner)."""
+        assert self._reader is not None, "CellStore.open() first"
+        reader = self._reader
 
-        Everything done on the WriteTx commits together with its changelog rows, or nothing
-        does. The cell_meta row is locked first (FOR UPDATE on PostgreSQL; SQLite's
-        BEGIN IMMEDIATE already serialises writers), so changelog positions are gapless and
-        follow commit order.
-        """
-        async with self.fence.admit(self.cell.id) as epoch, self.engines.write.begin() as conn:
-            last = (
-                await conn.execute(
-                    select(cell_meta.c.last_position)
-                    .where(cell_meta.c.cell_id == self.cell.id)
-                    .with_for_update()
-                )
-            ).scalar_one()
-            tx = WriteTx(conn, epoch=epoch, origin=self.region, position=last)
-            yield tx
-            if tx.position != last:
-                await conn.execute(
-                    update(cell_meta)
-                    .where(cell_meta.c.cell_id == self.cell.id)
-                    .values(last_position=tx.position)
-                )
+        def run() -> T:
+            with reader.begin() as conn:
+                return work(conn)
+
+        return await _finish(asyncio.get_running_loop().run_in_executor(self._read_threads, run))
+
+    async def write(self, work: Callable[[WriteTx], T]) -> T:
+        """Admit a write through the fence and run `work` in one transaction on the writer
+        thread; its changes and their changelog rows commit together, or nothing does."""
+        assert self._writer is not None, "CellStore.open() first"
+        writer, cell_id = self._writer, self.cell.id
+        try:
+            async with asyncio.timeout(QUEUE_WAIT_S_MAX):
+                await self._write_slots.acquire()
+        except TimeoutError:
+            raise RegionUnavailable(f"cell {cell_id} has too many writes queued") from None
+        try:
+            async with self.fence.admit(cell_id) as epoch:
+
+                def run() -> T:
+                    with writer.begin() as conn:
+                        tx = WriteTx(conn, epoch=epoch, origin=self.region)
+                        result = work(tx)
+                        tx.append_changelog(cell_id)
+                        return result
+
+                loop = asyncio.get_running_loop()
+                return await _finish(loop.run_in_executor(self._write_thread, run))
+        finally:
+            self._write_slots.release()
 
     async def last_position(self) -> int:
-        async with self.read() as conn:
-            return int((await conn.execute(select(cell_meta.c.last_position))).scalar_one())
+        return await self.read(
+            lambda conn: int(conn.execute(select(cell_meta.c.last_position)).scalar_one())
+        )
 
     async def changes_since(self, position: int, limit: int) -> list[dict[str, Any]]:
         """Changelog rows after `position`, oldest first (what replication will stream)."""
         assert 1 <= limit <= ROWS_PER_WRITE_MAX
-        async with self.read() as conn:
-            rows = await conn.execute(
+
+        def work(conn: Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
                 select(changelog)
                 .where(changelog.c.position > position)
                 .order_by(changelog.c.position)
                 .limit(limit)
             )
             return [dict(r) for r in rows.mappings()]
+
+        return await self.read(work)
+
+
+async def _finish(future: asyncio.Future[T]) -> T:
+    """Await a thread's transaction; if the caller is cancelled, still wait for the thread
+    to finish, so that nobody believes a write is over while it can still commit (the
+    fence's promise rests on it)."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
