@@ -88,6 +88,16 @@ def key_params(key: Mapping[str, Any]) -> dict[str, Any]:
     return {f"k_{name}": value for name, value in key.items()}
 
 
+# Taken first in every write transaction on engines with row locks: writes to one cell copy
+# are then serialised as on SQLite (BEGIN IMMEDIATE), so a transaction's reads stay true
+# until it commits. Without it, two PostgreSQL transactions under READ COMMITTED read the
+# same sequence row and handed out the same order IDs (tests/test_sequences.py).
+_LOCK_CELL = (
+    select(cell_meta.c.last_position)
+    .where(cell_meta.c.cell_id == bindparam("k_cell_id"))
+    .with_for_update()
+)
+
 _BUMP_POSITION = (
     update(cell_meta)
     .where(cell_meta.c.cell_id == bindparam("k_cell_id"))
@@ -179,7 +189,7 @@ class WriteTx:
     def append_changelog(self, cell_id: int) -> int:
         """Give the captured changes their positions and append them; the last position.
 
-        The UPDATE ... RETURNING takes the cell_meta row lock and holds it to commit, so
+        The cell_meta row is locked (or the database is, on SQLite) until commit, so
         positions are gapless and a later position never commits before an earlier one.
         """
         n = len(self.captured)
@@ -261,6 +271,7 @@ class CellStore:
         thread; its changes and their changelog rows commit together, or nothing does."""
         assert self._writer is not None, "CellStore.open() first"
         writer, cell_id = self._writer, self.cell.id
+        lock_cell = self.backend != "sqlite"  # SQLite's BEGIN IMMEDIATE already serialises
         try:
             async with asyncio.timeout(QUEUE_WAIT_S_MAX):
                 await self._write_slots.acquire()
@@ -271,6 +282,8 @@ class CellStore:
 
                 def run() -> T:
                     with writer.begin() as conn:
+                        if lock_cell:
+                            conn.execute(_LOCK_CELL, {"k_cell_id": cell_id}).scalar_one()
                         tx = WriteTx(conn, epoch=epoch, origin=self.region)
                         result = work(tx)
                         tx.append_changelog(cell_id)

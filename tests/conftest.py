@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import Api, write_topology
+from unitrade.cluster import LocalCluster
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real three-region cluster: three processes on loopback, SQLite cell copies."""
+    directory: Path = tmp_path_factory.mktemp("cluster")
+    config, path = write_topology(directory)
+    with LocalCluster(config, directory / "data", path) as running:
+        running.start()
+        yield running
+
+
+@pytest.fixture(scope="session")
+def api(cluster: LocalCluster) -> Iterator[Api]:
+    client = Api(cluster.config)
+    yield client
+    client.http.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A storage URL template with `{cell}`, on SQLite or on PostgreSQL."""
+    from tests.support import drop_pg_databases, pg_prefix, require_postgres
+
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/cell-{{cell}}.db"
+        return
+    require_postgres()
+    prefix = pg_prefix()
+    yield f"postgresql://postgres@127.0.0.1:5432/{prefix}_{{cell}}"
+    drop_pg_databases(prefix)

@@ -1,0 +1,151 @@
+"""Helpers shared by the tests: free ports, topology files, PostgreSQL, HTTP clients."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from unitrade.gateway.auth import issue_token
+from unitrade.topology.config import TopologyConfig, default_config, parse_config
+from unitrade.topology.rule import initial_rule, route_buyer
+
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(n):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def topology_toml(ports: list[int], storage: str | None = None) -> str:
+    """The default topology (hz center, sh, bj; six unit cells) on the given ports."""
+    default = default_config()
+    lines = []
+    for region, port in zip(default.regions, ports, strict=True):
+        lines += [f"[regions.{region.name}]", f'listen = "127.0.0.1:{port}"']
+        if region.center:
+            lines.append("center = true")
+        if storage is not None:
+            lines.append(f'storage = "{storage}"')
+    for cell in default.cells:
+        lines += ["[[cells]]", f"id = {cell.id}", f'kind = "{cell.kind.value}"']
+        lines.append(f'owner = "{cell.owner}"')
+        if cell.buckets:
+            lines.append(f'buckets = "{cell.buckets}"')
+    return "\n".join(lines) + "\n"
+
+
+def write_topology(directory: Path, storage: str | None = None) -> tuple[TopologyConfig, Path]:
+    path = directory / "topology.toml"
+    path.write_text(topology_toml(free_ports(3), storage))
+    import tomllib
+
+    return parse_config(tomllib.loads(path.read_text())), path
+
+
+def pg_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(
+            host="127.0.0.1", user="postgres", dbname="postgres", connect_timeout=3
+        ):
+            return True
+    except Exception:
+        return False
+
+
+def require_postgres() -> None:
+    """Skip without PostgreSQL, unless UNITRADE_REQUIRE_BACKENDS=1 (CI), where it fails."""
+    if pg_available():
+        return
+    message = "PostgreSQL is not reachable on 127.0.0.1:5432"
+    if os.environ.get("UNITRADE_REQUIRE_BACKENDS") == "1":
+        pytest.fail(message + " and UNITRADE_REQUIRE_BACKENDS=1")
+    pytest.skip(message)
+
+
+def pg_prefix() -> str:
+    return f"ut_test_{uuid.uuid4().hex[:8]}"
+
+
+def drop_pg_databases(prefix: str) -> None:
+    import psycopg
+
+    with psycopg.connect(
+        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+    ) as conn:
+        names = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", (prefix + "%",)
+        ).fetchall()
+        for (name,) in names:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class Api:
+    """A client of one cluster: tokens, region URLs and buyer placement."""
+
+    def __init__(self, config: TopologyConfig) -> None:
+        self.config = config
+        self.rule = initial_rule(config)
+        self.http = httpx.Client(timeout=30.0)
+        self.admin_headers = {"authorization": "Bearer " + issue_token(config.secret, admin=True)}
+
+    def url(self, region: str, path: str) -> str:
+        return self.config.region(region).base_url + path
+
+    def buyer_headers(self, buyer_id: int) -> dict[str, str]:
+        return {"authorization": "Bearer " + issue_token(self.config.secret, buyer_id=buyer_id)}
+
+    def home(self, buyer_id: int) -> str:
+        return route_buyer(self.rule, buyer_id).region
+
+    def buyer_in(self, region: str, start: int = 1) -> int:
+        """The first buyer ID >= start homed in `region`."""
+        buyer = start
+        while self.home(buyer) != region:
+            buyer += 1
+        return buyer
+
+    def call(
+        self,
+        region: str,
+        method: str,
+        path: str,
+        buyer: int | None = None,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        all_headers = dict(self.admin_headers if buyer is None else self.buyer_headers(buyer))
+        all_headers.update(headers or {})
+        return self.http.request(method, self.url(region, path), json=body, headers=all_headers)
+
+    def put_product(self, sku: str, stock: int, price_cents: int = 250, region: str = "hz") -> Any:
+        body = {"title": f"title of {sku}", "price_cents": price_cents, "stock": stock}
+        response = self.call(region, "PUT", f"/v1/admin/products/{sku}", body=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def levels(self, sku: str) -> dict[str, int]:
+        response = self.call("hz", "GET", f"/v1/inventory/{sku}")
+        assert response.status_code == 200, response.text
+        body: dict[str, int] = response.json()
+        return body
+
+    def order(self, region: str, buyer: int, items: list[tuple[str, int]], **extra: Any) -> Any:
+        body = {"items": [{"sku": s, "qty": q} for s, q in items], **extra}
+        return self.call(region, "POST", "/v1/orders", buyer, body)

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support import free_ports, topology_toml
+from unitrade.topology.config import (
+    CellKind,
+    ConfigError,
+    default_config,
+    load_config,
+    parse_config,
+)
+
+
+def test_default_topology_is_three_regions_six_unit_cells() -> None:
+    config = default_config()
+    assert config.region_names == ["hz", "sh", "bj"]
+    assert config.center_region == "hz"
+    assert [r.listen for r in config.regions] == [
+        "127.0.0.1:8701",
+        "127.0.0.1:8702",
+        "127.0.0.1:8703",
+    ]
+    units = [c for c in config.cells if c.kind is CellKind.UNIT]
+    assert len(units) == 6
+    for region in ("hz", "sh", "bj"):
+        assert sum(1 for c in units if c.owner == region) == 2
+    assert config.cell_by_kind(CellKind.CENTER).owner == "hz"
+    assert config.cell_by_kind(CellKind.GLOBAL).owner == "hz"
+    assert config.bucket_count == 100
+    buckets = sorted(b for c in units for b in c.bucket_list())
+    assert buckets == list(range(100))
+
+
+def test_load_config_from_toml_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.toml"
+    ports = free_ports(3)
+    path.write_text(topology_toml(ports))
+    config = load_config(path)
+    assert config.region("sh").port == ports[1]
+    assert config.find_cell("u3").owner == "sh"
+    assert config.find_cell("1000").kind is CellKind.CENTER
+
+
+def test_no_file_means_the_default() -> None:
+    assert load_config(None) == default_config()
+
+
+def _raw() -> dict:  # type: ignore[type-arg]
+    import tomllib
+
+    return tomllib.loads(topology_toml([9001, 9002, 9003]))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda r: r["cells"][0].update(owner="xx"), "cells.0.owner: unknown region 'xx'"),
+        (lambda r: r["cells"][1].update(buckets="0-20"), "bucket 0 is already assigned"),
+        (lambda r: r["cells"][0].update(buckets="0-10"), "not assigned to any unit cell"),
+        (lambda r: r["regions"]["sh"].update(center=True), "exactly one region must be center"),
+        (lambda r: r["regions"]["sh"].update(listen="nowhere"), "regions.1.listen"),
+        (lambda r: r["regions"]["sh"].update(storage="mysql://x/{cell}"), "scheme must be"),
+        (lambda r: r["regions"]["sh"].update(storage="sqlite:///x.db"), "must contain {cell}"),
+        (lambda r: r["regions"]["sh"].update(colour="red"), "regions.1.colour: Extra inputs"),
+        (lambda r: r["cells"][0].update(kind="shard"), "cells.0.kind"),
+        (lambda r: r["cells"][6].update(buckets="1"), "only unit cells hold buckets"),
+        (lambda r: r.update(bucket_count=0), "bucket_count"),
+        (lambda r: r["cells"][0].update(buckets="5-1"), "end before start"),
+        (lambda r: r["cells"].pop(6), "exactly one center cell"),
+        (lambda r: r["cells"][0].update(id=2), "cell ids must be unique"),
+        (lambda r: r["regions"]["bj"].update(listen="127.0.0.1:9001"), "listen addresses"),
+    ],
+)
+def test_validation_errors_name_the_field_and_the_problem(mutate, expected) -> None:  # type: ignore[no-untyped-def]
+    raw = _raw()
+    mutate(raw)
+    with pytest.raises(ConfigError) as error:
+        parse_config(raw, source="t.toml")
+    assert expected in str(error.value)
+    assert str(error.value).startswith("t.toml: ")
+
+
+def test_unreadable_and_invalid_toml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[regions\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)

@@ -1,0 +1,158 @@
+"""The data access layer: changelog capture in the same transaction, and the write fence."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import Any
+
+import orjson
+import pytest
+from sqlalchemy import select
+
+from tests.storage_support import RULE, make_store
+from unitrade.errors import WriteBanned, WrongRegion
+from unitrade.storage.schema import carts, changelog
+from unitrade.storage.store import CellStore, WriteTx
+
+
+async def _changelog(store: CellStore) -> list[dict[str, Any]]:
+    statement = select(changelog).order_by(changelog.c.position)
+    return await store.read(lambda conn: [dict(r) for r in conn.execute(statement).mappings()])
+
+
+def test_every_write_appends_changelog_rows_in_its_transaction(storage_url: str) -> None:
+    async def scenario() -> None:
+        store = make_store(storage_url, 1)
+        await store.open()
+        try:
+            key = {"buyer_id": 7, "sku": "A"}
+            await store.write(lambda tx: tx.insert(carts, {**key, "qty": 1, "updated_ms": 5}))
+            await store.write(lambda tx: tx.update(carts, key, {"qty": 3}))
+            await store.write(lambda tx: tx.delete(carts, key))
+            rows = await _changelog(store)
+            assert [r["position"] for r in rows] == [1, 2, 3]
+            assert [r["op"] for r in rows] == ["i", "u", "d"]
+            assert {r["epoch"] for r in rows} == {RULE.version}
+            assert {r["origin"] for r in rows} == {"hz"}
+            assert {r["tbl"] for r in rows} == {"carts"}
+            assert all(orjson.loads(r["pk"]) == key for r in rows)
+            assert orjson.loads(rows[0]["row_image"]) == {**key, "qty": 1, "updated_ms": 5}
+            assert orjson.loads(rows[1]["row_image"])["qty"] == 3
+            assert rows[2]["row_image"] is None
+            assert await store.last_position() == 3
+            assert [c["position"] for c in await store.changes_since(1, 10)] == [2, 3]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_transaction_leaves_neither_row_nor_changelog(storage_url: str) -> None:
+    async def scenario() -> None:
+        store = make_store(storage_url, 1)
+        await store.open()
+        try:
+
+            def work(tx: WriteTx) -> None:
+                tx.insert(carts, {"buyer_id": 1, "sku": "A", "qty": 1, "updated_ms": 0})
+                raise RuntimeError("fails after the insert")
+
+            with pytest.raises(RuntimeError):
+                await store.write(work)
+            assert await _changelog(store) == []
+            assert await store.last_position() == 0
+            count = await store.read(lambda c: c.execute(select(carts)).all())
+            assert count == []
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_write_to_a_cell_of_another_region_is_refused_with_the_owner(storage_url: str) -> None:
+    async def scenario() -> None:
+        store = make_store(storage_url, 3, region="hz")  # u3 is owned by sh
+        await store.open()
+        try:
+            with pytest.raises(WrongRegion) as refused:
+                await store.write(
+                    lambda tx: tx.insert(
+                        carts, {"buyer_id": 1, "sku": "A", "qty": 1, "updated_ms": 0}
+                    )
+                )
+            assert refused.value.code == "wrong_region"
+            assert refused.value.details["owner"] == "sh"
+            assert await store.last_position() == 0
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_banned_cell_refuses_writes(storage_url: str) -> None:
+    async def scenario() -> None:
+        store = make_store(storage_url, 1)
+        await store.open()
+        try:
+            await store.fence.install(replace(RULE, version=2, banned=frozenset({1})))
+            with pytest.raises(WriteBanned):
+                await store.write(lambda tx: None)
+            await store.fence.install(replace(RULE, version=3))
+            await store.write(
+                lambda tx: tx.insert(carts, {"buyer_id": 1, "sku": "A", "qty": 1, "updated_ms": 0})
+            )
+            assert [r["epoch"] for r in await _changelog(store)] == [3]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_writes_get_gapless_unique_positions(storage_url: str) -> None:
+    async def scenario() -> None:
+        store = make_store(storage_url, 1)
+        await store.open()
+        try:
+
+            async def one(i: int) -> None:
+                await store.write(
+                    lambda tx: tx.insert(
+                        carts, {"buyer_id": i, "sku": "A", "qty": 1, "updated_ms": 0}
+                    )
+                )
+
+            await asyncio.gather(*(one(i) for i in range(1, 201)))
+            positions = [r["position"] for r in await _changelog(store)]
+            assert positions == list(range(1, 201))
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_installing_a_rule_waits_for_writes_admitted_under_older_rules(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async def scenario() -> None:
+        store = make_store(f"sqlite:///{tmp_path}/cell-{{cell}}.db", 1)
+        await store.open()
+        try:
+
+            def slow(tx: WriteTx) -> float:
+                time.sleep(0.4)
+                tx.insert(carts, {"buyer_id": 1, "sku": "A", "qty": 1, "updated_ms": 0})
+                return time.monotonic()
+
+            write = asyncio.create_task(store.write(slow))
+            await asyncio.sleep(0.05)
+            await store.fence.install(replace(RULE, version=2))
+            installed = time.monotonic()
+            committed = await write
+            assert committed <= installed  # acked only once the v1 write had finished
+            assert [r["epoch"] for r in await _changelog(store)] == [1]
+            with pytest.raises(ValueError, match="only grow"):
+                await store.fence.install(RULE)
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
