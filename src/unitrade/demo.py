@@ -99,7 +99,9 @@ async def _workload(
                     await _buyer(http, urls, config, buyer, skus, random.Random(buyer), tally)
                 progress.advance(task)
 
-            await asyncio.gather(*(one(b) for b in range(1, buyers + 1)))
+            # Buyer IDs spread over the ID space, as real ones are, so every bucket is used.
+            buyer_ids = rng.sample(range(1, 10**9), buyers)
+            await asyncio.gather(*(one(b) for b in buyer_ids))
         return await _report(http, config, urls, admin, skus, stock, tally)
 
 

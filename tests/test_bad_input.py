@@ -1,0 +1,167 @@
+"""Bad input gets a 4xx with `{error, message}`: never a 500, never a partial write."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.support import Api
+
+pytestmark = pytest.mark.cluster
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def sku(api: Api) -> str:
+    name = f"BAD-{uuid.uuid4().hex[:8]}"
+    api.put_product(name, stock=5)
+    return name
+
+
+def assert_error(response, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"] == code
+    assert isinstance(body["message"], str) and body["message"]
+
+
+@pytest.mark.parametrize("region", ["hz", "sh"])
+@pytest.mark.parametrize(
+    ("raw", "status", "code"),
+    [
+        (b"{not json", 400, "malformed_json"),
+        (b'{"items": [{"sku": "A", "qty": 1}], "colour": "red"}', 422, "invalid_request"),
+        (b'{"items": []}', 422, "invalid_request"),
+        (b"{}", 422, "invalid_request"),
+        (b'{"items": [{"sku": "A"}]}', 422, "invalid_request"),
+        (b'{"items": [{"sku": "A", "qty": 0}]}', 422, "invalid_request"),
+        (b'{"items": [{"sku": "A", "qty": -3}]}', 422, "invalid_request"),
+        (b'{"items": [{"sku": "A", "qty": "2"}]}', 422, "invalid_request"),
+        (b'{"items": [{"sku": "A", "qty": 1.5}]}', 422, "invalid_request"),
+        (b'{"items": [{"sku": "bad sku!", "qty": 1}]}', 422, "invalid_request"),
+        (b'{"items": [{"sku": "A", "qty": 100000}]}', 422, "invalid_request"),
+        (b"[1, 2]", 422, "invalid_request"),
+        (b"null", 422, "invalid_request"),
+    ],
+)
+def test_malformed_orders_are_refused(
+    api: Api, sku: str, region: str, raw: bytes, status: int, code: str
+) -> None:
+    buyer = api.buyer_in("bj", 501)
+    before = api.levels(sku)
+    response = api.http.post(
+        api.url(region, "/v1/orders"), content=raw, headers={**api.buyer_headers(buyer), **JSON}
+    )
+    assert_error(response, status, code)
+    assert api.levels(sku) == before
+    assert api.call("bj", "GET", "/v1/orders", buyer).json()["orders"] == []
+
+
+def test_unknown_sku_writes_nothing(api: Api, sku: str) -> None:
+    buyer = api.buyer_in("sh", 601)
+    before = api.levels(sku)
+    response = api.order("hz", buyer, [(sku, 1), ("NO-SUCH-SKU", 1)])
+    assert_error(response, 422, "unknown_sku")
+    assert response.json()["sku"] == "NO-SUCH-SKU"
+    assert api.levels(sku) == before
+    assert api.call("sh", "GET", "/v1/orders", buyer).json()["orders"] == []
+    assert_error(
+        api.call("sh", "PUT", "/v1/cart/items/NO-SUCH-SKU", buyer, {"qty": 1}), 422, "unknown_sku"
+    )
+
+
+def test_oversized_bodies_are_refused(api: Api) -> None:
+    buyer = api.buyer_in("hz", 701)
+    big = b'{"items": [' + b'{"sku": "A", "qty": 1},' * 5000 + b'{"sku": "A", "qty": 1}]}'
+    for region in ("hz", "sh"):
+        response = api.http.post(
+            api.url(region, "/v1/orders"), content=big, headers={**api.buyer_headers(buyer), **JSON}
+        )
+        assert_error(response, 413, "payload_too_large")
+
+    def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(100):
+            yield b" " * 1024
+
+    chunked = api.http.post(
+        api.url("hz", "/v1/orders"), content=chunks(), headers={**api.buyer_headers(buyer), **JSON}
+    )
+    assert_error(chunked, 413, "payload_too_large")
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "",
+        "Bearer",
+        "Basic abc",
+        "Bearer ut1.b5.forged",
+        "Bearer ut1.admin.x",
+        "Bearer " + "x" * 500,
+    ],
+)
+def test_missing_or_bad_tokens_are_refused(api: Api, authorization: str | None) -> None:
+    headers = {} if authorization is None else {"authorization": authorization}
+    for path in ("/v1/orders", "/v1/cart", "/v1/products"):
+        response = api.http.get(api.url("sh", path), headers=headers)
+        assert_error(response, 401, "unauthorized")
+
+
+def test_tokens_of_another_cluster_are_refused(api: Api) -> None:
+    from unitrade.gateway.auth import issue_token
+
+    token = issue_token("some-other-cluster-secret", buyer_id=5)
+    response = api.http.get(api.url("hz", "/v1/cart"), headers={"authorization": f"Bearer {token}"})
+    assert_error(response, 401, "unauthorized")
+
+
+def test_the_admin_token_is_not_a_buyer_and_buyers_are_not_admins(api: Api, sku: str) -> None:
+    assert_error(api.call("hz", "GET", "/v1/cart"), 403, "forbidden")
+    buyer = api.buyer_in("hz", 801)
+    body = {"title": "x", "price_cents": 1, "stock": 1}
+    assert_error(api.call("sh", "PUT", f"/v1/admin/products/{sku}", buyer, body), 403, "forbidden")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"title": "", "price_cents": 1, "stock": 1},
+        {"title": "x", "price_cents": -1, "stock": 1},
+        {"title": "x", "price_cents": 1, "stock": -1},
+        {"title": "x", "price_cents": 1},
+        {"title": "x", "price_cents": 1, "stock": 1, "extra": True},
+    ],
+)
+def test_bad_product_writes_are_refused(api: Api, sku: str, body: dict) -> None:  # type: ignore[type-arg]
+    before = api.levels(sku)
+    assert_error(
+        api.call("bj", "PUT", f"/v1/admin/products/{sku}", body=body), 422, "invalid_request"
+    )
+    assert api.levels(sku) == before
+
+
+@pytest.mark.parametrize("order_id", ["abc", "0", "-1", "99999999999999999999", "123"])
+def test_unroutable_order_ids_are_not_found(api: Api, order_id: str) -> None:
+    buyer = api.buyer_in("hz", 901)
+    assert_error(api.call("sh", "GET", f"/v1/orders/{order_id}", buyer), 404, "not_found")
+
+
+def test_bad_payments_and_queries(api: Api, sku: str) -> None:
+    buyer = api.buyer_in("sh", 1001)
+    oid = api.order("sh", buyer, [(sku, 1)]).json()["order_id"]
+    for body in (
+        {"payment_id": "", "amount_cents": 250},
+        {"payment_id": "p"},
+        {"payment_id": "p", "amount_cents": "250"},
+        {"payment_id": "a b", "amount_cents": 1},
+    ):
+        assert_error(
+            api.call("hz", "POST", f"/v1/orders/{oid}/pay", buyer, body), 422, "invalid_request"
+        )
+    for query in ("limit=0", "limit=1000", "limit=x", "cursor=abc"):
+        assert_error(api.call("bj", "GET", f"/v1/orders?{query}", buyer), 422, "invalid_request")
+    assert_error(api.call("hz", "POST", "/v1/cart/items/x", buyer), 405, "method_not_allowed")
+    assert_error(api.call("hz", "GET", "/v1/nothing", buyer), 404, "not_found")
+    assert api.call("sh", "GET", f"/v1/orders/{oid}", buyer).json()["status"] == "created"
