@@ -109,6 +109,15 @@ class RegionUnavailable(UnitradeError):
     retry_after_s: ClassVar[int] = 2
 
 
+class OrderTimedOut(UnitradeError):
+    """An order could not be written in time after its stock was reserved; nothing was
+    written and the reservation is released. Safe to retry."""
+
+    code = "order_timeout"
+    status = 503
+    retry_after_s: ClassVar[int] = 1
+
+
 class ClockBehind(UnitradeError):
     """The clock went backwards further than order IDs may borrow from the future."""
 
@@ -136,6 +145,7 @@ ERRORS_BY_CODE: dict[str, type[UnitradeError]] = {
         WrongRegion,
         WriteBanned,
         RegionUnavailable,
+        OrderTimedOut,
         ClockBehind,
     )
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from unitrade.topology.rule import initial_rule
 log = logging.getLogger("unitrade.region")
 
 OUTBOX_INTERVAL_S = 1.0
+ABANDONED_INTERVAL_S = 15.0
 
 
 class RegionRuntime:
@@ -61,12 +63,18 @@ class RegionRuntime:
         return self.fence.rule.cells_owned_by(self.name)
 
     async def _drain_outbox_forever(self) -> None:
-        while True:
+        """Retry center steps that failed (outbox), and release reservations whose order
+        was never written, for every unit cell this region owns."""
+        rounds_per_sweep = max(1, int(ABANDONED_INTERVAL_S / OUTBOX_INTERVAL_S))
+        for round_no in itertools.count(1):
             await asyncio.sleep(OUTBOX_INTERVAL_S)
             for cell in self.owned_cells():
                 if cell not in self.allocators:
                     continue
+                store = self.copies[cell]
                 try:
-                    await self.orders.drain_outbox(self.copies[cell])
+                    await self.orders.drain_outbox(store)
+                    if round_no % rounds_per_sweep == 0:
+                        await self.orders.release_abandoned(store)
                 except Exception:
-                    log.exception("outbox drain of cell %s failed", cell)
+                    log.exception("background work on cell %s failed", cell)

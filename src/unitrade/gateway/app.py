@@ -340,6 +340,12 @@ def internal_router(runtime: RegionRuntime) -> APIRouter:
     async def stock(body: models.StockCall) -> Response:
         return json_response(await runtime.inventory.set_stock(body.sku, body.total))
 
+    @router.post("/center/stale")
+    async def stale(body: models.StaleCall) -> Response:
+        must_own(runtime.fence.rule.center_cell)
+        found = await runtime.inventory.stale(body.cell, body.older_than_ms, body.limit)
+        return json_response([str(order_id) for order_id in found])
+
     @router.post("/center/levels")
     async def levels(body: models.SkuCall) -> Response:
         must_own(runtime.fence.rule.center_cell)

@@ -72,6 +72,12 @@ class StockCall(_Body):
     total: Annotated[int, Field(ge=0, le=STOCK_MAX)]
 
 
+class StaleCall(_Body):
+    cell: int
+    older_than_ms: Annotated[int, Field(ge=0)]
+    limit: Annotated[int, Field(ge=1, le=1000)]
+
+
 class SkuCall(_Body):
     sku: Sku
 

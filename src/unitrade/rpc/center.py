@@ -52,6 +52,13 @@ class CenterClient:
         )
         return result
 
+    async def stale(self, cell: int, older_than_ms: int, limit: int) -> list[int]:
+        if self.is_local():
+            return await self.local.stale(cell, older_than_ms, limit)
+        payload = {"cell": cell, "older_than_ms": older_than_ms, "limit": limit}
+        result = await self.client.call(self.owner, "POST", "/internal/center/stale", payload)
+        return [int(order_id) for order_id in result]
+
     async def levels(self, sku: str) -> dict[str, Any]:
         if self.is_local():
             return await self.local.levels(sku)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from sqlalchemy import bindparam, select
 
 from unitrade.errors import (
     Conflict,
@@ -34,6 +35,18 @@ _STEPS: dict[str, tuple[str, str, str, str]] = {
     "release": ("reserved", "released", "reserved", "available"),
     "refund": ("committed", "refunded", "sold", "available"),
 }
+
+
+_STALE = (
+    select(reservations.c.order_id)
+    .where(
+        reservations.c.status == "reserved",
+        reservations.c.created_ms < bindparam("before"),
+        reservations.c.cell_id == bindparam("cell"),
+    )
+    .order_by(reservations.c.created_ms)
+    .limit(bindparam("n"))
+)
 
 
 def normalize_lines(lines: Lines) -> Lines:
@@ -167,6 +180,12 @@ class InventoryService:
             return {"sku": sku, **_levels(image)}
 
         return await self.store.write(work)
+
+    async def stale(self, cell: int, older_than_ms: int, limit: int) -> list[int]:
+        """Order IDs of `cell` whose stock is still only reserved after `older_than_ms`."""
+        params = {"cell": cell, "before": now_ms() - older_than_ms, "n": limit}
+        rows = await self.store.read(lambda conn: conn.execute(_STALE, params).all())
+        return [r.order_id for r in rows]
 
     async def levels(self, sku: str) -> dict[str, Any]:
         statement, params = by_key(inventory), key_params({"sku": sku})

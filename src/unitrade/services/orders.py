@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from unitrade.errors import (
     IllegalTransition,
     InvalidRequest,
     NotFound,
+    OrderTimedOut,
     UnitradeError,
     UnknownSku,
 )
@@ -56,6 +58,12 @@ log = logging.getLogger("unitrade.orders")
 LIST_LIMIT_MAX = 100
 OUTBOX_ATTEMPTS_MAX = 100
 RELEASE_TIMEOUT_S = 10.0
+# A region that dies between reserving stock and writing the order leaves a reservation with
+# no order. The owner of the order's cell releases such reservations once they are older
+# than RESERVATION_GRACE_S (release_abandoned); an order write refuses to commit later than
+# half that after its reserve, so a released reservation never has an order.
+RESERVATION_GRACE_S = 60.0
+ABANDONED_BATCH_MAX = 200
 
 CART_OF = select(carts).where(carts.c.buyer_id == bindparam("buyer_id")).order_by(carts.c.sku)
 _ORDERS_IN = select(orders).where(orders.c.order_id.in_(bindparam("ids", expanding=True)))
@@ -132,6 +140,7 @@ class OrderService:
         self.center = center
         self.catalog = catalog
         self.allocators = allocators
+        self.write_deadline_s = RESERVATION_GRACE_S / 2
 
     @property
     def region(self) -> str:
@@ -203,9 +212,10 @@ class OrderService:
         cell = store.cell.id
         order_id = await self.allocators[cell].next_id()
         await self.center.reserve(order_id, cell, lines)
+        deadline = time.monotonic() + self.write_deadline_s
         try:
             row = await self._write_order(
-                store, order_id, buyer_id, lines, catalog, key, fingerprint, cart
+                store, order_id, buyer_id, lines, catalog, key, fingerprint, cart, deadline
             )
         except _Replay as replay:
             await self._release_quietly(order_id)
@@ -225,6 +235,7 @@ class OrderService:
         key: str | None,
         fingerprint: str,
         cart: dict[str, int],
+        deadline: float,
     ) -> dict[str, Any]:
         items = [
             {
@@ -252,6 +263,8 @@ class OrderService:
         }
 
         def work(tx: WriteTx) -> None:
+            if time.monotonic() > deadline:
+                raise OrderTimedOut(f"order {order_id} was not written in time; retry")
             if key is not None:
                 existing = tx.get(idempotency_keys, {"buyer_id": buyer_id, "idempotency_key": key})
                 if existing is not None:
@@ -294,6 +307,25 @@ class OrderService:
                 await asyncio.shield(self.center.step(order_id, "release"))
         except (UnitradeError, TimeoutError, OSError) as exc:
             log.error("reservation of order %s not released: %s", order_id, exc)
+
+    async def release_abandoned(
+        self, store: CellStore, grace_s: float = RESERVATION_GRACE_S
+    ) -> int:
+        """Release the center's reservations for orders of this owned cell that were never
+        written (their region died between reserve and write); the number released."""
+        stale = await self.center.stale(store.cell.id, int(grace_s * 1000), ABANDONED_BATCH_MAX)
+        released = 0
+        for order_id in stale:
+            if not await self._exists(store, order_id):
+                await self.center.step(order_id, "release")
+                log.warning("released the reservation of order %s, never written", order_id)
+                released += 1
+        return released
+
+    async def _exists(self, store: CellStore, order_id: int) -> bool:
+        params = key_params({"order_id": order_id})
+        row = await store.read(lambda conn: conn.execute(by_key(orders), params).first())
+        return row is not None
 
     # -- read ------------------------------------------------------------------------------
 
