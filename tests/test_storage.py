@@ -156,3 +156,32 @@ def test_installing_a_rule_waits_for_writes_admitted_under_older_rules(tmp_path)
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_write_waits_for_a_lock_held_by_another_process_instead_of_failing(  # type: ignore[no-untyped-def]
+    tmp_path,
+) -> None:
+    import sqlite3
+    import threading
+
+    async def scenario() -> None:
+        store = make_store(f"sqlite:///{tmp_path}/cell-{{cell}}.db", 1)
+        await store.open()
+        other = sqlite3.connect(
+            tmp_path / "cell-u1.db", isolation_level=None, timeout=5, check_same_thread=False
+        )
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            releaser = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+            releaser.start()
+            started = time.monotonic()
+            row = {"buyer_id": 1, "sku": "A", "qty": 1, "updated_ms": 0}
+            await store.write(lambda tx: tx.insert(carts, row))
+            assert time.monotonic() - started >= 0.25
+            assert [r["position"] for r in await _changelog(store)] == [1]
+            releaser.join()
+        finally:
+            other.close()
+            await store.close()
+
+    asyncio.run(scenario())

@@ -33,6 +33,38 @@ def backend_of(url: str) -> str:
     return make_url(sync_url(url)).get_backend_name()
 
 
+def create_inline_engine(url: str) -> Engine:
+    """SQLite only: the one connection that runs transactions on the event loop itself.
+
+    It never waits for a lock (busy_timeout 0): a transaction that finds the database
+    locked by another process fails at BEGIN, before any work, and goes to the writer
+    thread instead. It never checkpoints the WAL (the only step that fsyncs): the writer
+    thread does, off the loop. Transactions are begun and ended explicitly (AUTOCOMMIT at
+    the driver), so BEGIN IMMEDIATE is under the store's control.
+    """
+    parsed = make_url(sync_url(url))
+    assert parsed.get_backend_name() == "sqlite"
+    engine = create_engine(
+        parsed,
+        isolation_level="AUTOCOMMIT",
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=POOL_TIMEOUT_S,
+        connect_args={"check_same_thread": False, "timeout": 0},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=0")
+        cursor.execute("PRAGMA wal_autocheckpoint=0")
+        cursor.close()
+
+    return engine
+
+
 def create_cell_engine(url: str, *, writer: bool) -> Engine:
     """The engine of a cell copy's writer thread (one connection) or of its readers."""
     full = sync_url(url)
