@@ -17,13 +17,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from unitrade.errors import UnitradeError
+from unitrade.gateway.forward import Forwarder
+from unitrade.rpc.signing import SIG_HEADER, verify
 
 log = logging.getLogger("unitrade.gateway")
 
 BODY_BYTES_MAX = 64 * 1024
 REGION_HEADER = "x-unitrade-region"
 SERVED_BY_HEADER = "x-unitrade-served-by"
-FORWARDED_BY_HEADER = "x-unitrade-forwarded-by"
 REPLAYED_HEADER = "idempotent-replayed"
 
 
@@ -49,12 +50,24 @@ def _error(status: int, code: str, message: str) -> Response:
 
 
 class EdgeMiddleware:
-    """Pure ASGI (no BaseHTTPMiddleware overhead): bounds the request body and stamps the
-    region headers on every response."""
+    """Pure ASGI (no BaseHTTPMiddleware overhead): bounds the request body, checks region
+    signatures, forwards requests owned by another region, and stamps the region headers
+    on every response."""
 
-    def __init__(self, app: ASGIApp, region: str, body_bytes_max: int = BODY_BYTES_MAX) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        region: str,
+        secret: str,
+        regions: list[str],
+        forwarder: Forwarder,
+        body_bytes_max: int = BODY_BYTES_MAX,
+    ) -> None:
         self.app = app
         self.region = region
+        self.secret = secret
+        self.regions = regions
+        self.forwarder = forwarder
         self.body_bytes_max = body_bytes_max
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -103,7 +116,26 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, replay, stamped)
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            target = _target(scope)
+            method = scope["method"]
+            origin = None
+            if SIG_HEADER in headers:
+                origin = verify(self.secret, headers, method, target, bytes(body))
+                origin = origin if origin in self.regions else None
+            state["forwarded_from"] = origin
+            owner = None
+            if origin is None:
+                owner = self.forwarder.route(method, scope["path"], headers.get("authorization"))
+            if owner is None:
+                await self.app(scope, replay, stamped)
+                return
+            try:
+                response = await self.forwarder.forward(method, target, headers, bytes(body), owner)
+            except UnitradeError as error:
+                state["home_region"] = owner
+                response = error_response(error)
+            await response(scope, replay, stamped)
         except Exception:
             log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
             if started:
@@ -117,6 +149,13 @@ class EdgeMiddleware:
         )
         response.headers[SERVED_BY_HEADER] = self.region
         await response(scope, receive, send)
+
+
+def _target(scope: Scope) -> str:
+    """path?query as the client sent it: what a region signature covers."""
+    path: str = scope["path"]
+    query = scope.get("query_string", b"").decode("latin-1")
+    return path + (f"?{query}" if query else "")
 
 
 def _validation_message(errors: list[Any]) -> tuple[int, str, str]:

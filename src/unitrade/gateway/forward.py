@@ -1,69 +1,98 @@
-"""Forwarding a client request, once, to the region that owns its data (DESIGN §2).
+"""Routing at the edge, and forwarding a client request once to its owner region.
 
-The forwarded request is signed by this region (rpc/signing.py). The owner serves it; a
-signed forwarded request that reaches a region which is not the owner is refused with
+The owner region of a public request follows from its method, path and token alone
+(the buyer's cell, or the cell carried in the order ID), so the edge decides before the
+framework parses or validates anything: a request for another region costs one token check
+and one signed hop. Whatever the edge does not route (bad tokens, unknown paths, local
+data) goes to the handlers, which answer it.
+
+A forwarded request is signed by this region (rpc/signing.py). The owner serves it; a signed
+forwarded request that reaches a region which is not the owner is refused with
 `wrong_region` instead of being forwarded again, so a request crosses at most one hop even
 while regions disagree about the rule.
 """
 
 from __future__ import annotations
 
-import httpx
-from fastapi import Request
-from fastapi.responses import Response
+import aiohttp
+from starlette.responses import Response
 
-from unitrade.errors import RegionUnavailable
-from unitrade.gateway.edge import FORWARDED_BY_HEADER, REGION_HEADER, SERVED_BY_HEADER
-from unitrade.rpc.signing import sign
-from unitrade.topology.config import TopologyConfig
+from unitrade.errors import RegionUnavailable, UnitradeError
+from unitrade.gateway.auth import Principal, read_authorization
+from unitrade.rpc.client import RegionClient, Reply
+from unitrade.storage.fence import Fence
+from unitrade.topology.order_id import parse_order_id
+from unitrade.topology.rule import RoutingError, Rule, route_buyer, route_order
 
+FORWARDED_BY_HEADER = "x-unitrade-forwarded-by"
 PASSED_REQUEST_HEADERS = ("authorization", "content-type", "accept")
 PASSED_RESPONSE_HEADERS = (
     "content-type",
-    REGION_HEADER,
-    SERVED_BY_HEADER,
+    "x-unitrade-region",
+    "x-unitrade-served-by",
     "retry-after",
     "idempotent-replayed",
 )
 
 
-def request_target(request: Request) -> str:
-    query = request.url.query
-    return request.url.path + (f"?{query}" if query else "")
+def owner_of_request(rule: Rule, method: str, path: str, principal: Principal) -> str | None:
+    """The region that owns what a public request touches; None when it is not routed."""
+    parts = path.strip("/").split("/")
+    if len(parts) < 2 or parts[0] != "v1":
+        return None
+    if parts[1] == "admin":
+        return rule.owner_of(rule.global_cell) if principal.admin and method == "PUT" else None
+    buyer = principal.buyer_id
+    if buyer is None:
+        return None
+    if parts[1] == "cart" or (parts[1] == "orders" and len(parts) == 2):
+        return route_buyer(rule, buyer).region
+    if parts[1] == "orders":
+        try:
+            return route_order(rule, parse_order_id(parts[2])).region
+        except (ValueError, RoutingError):
+            return None  # the handler answers 404
+    return None
 
 
 class Forwarder:
-    def __init__(self, config: TopologyConfig, region: str, http: httpx.AsyncClient) -> None:
-        self.config = config
-        self.region = region
-        self.http = http
-        self.forwarded = 0  # requests this region sent to an owner
+    def __init__(self, fence: Fence, secret: str, client: RegionClient) -> None:
+        self.fence = fence
+        self.secret = secret
+        self.client = client
+        self.forwarded = 0  # requests this region sent on to an owner
         self.failed = 0
 
-    async def forward(self, request: Request, owner: str) -> Response:
-        assert owner != self.region
-        body = await request.body()
-        target = request_target(request)
-        headers = {h: request.headers[h] for h in PASSED_REQUEST_HEADERS if h in request.headers}
-        headers.update(sign(self.config.secret, self.region, request.method, target, body))
-        url = self.config.region(owner).base_url + target
+    def route(self, method: str, path: str, authorization: str | None) -> str | None:
+        """The owner region if it is another region, else None (serve here)."""
         try:
-            response = await self._send(request.method, url, body, headers)
-        except httpx.TransportError as exc:
+            principal = read_authorization(self.secret, authorization)
+        except UnitradeError:
+            return None  # the handler answers 401
+        owner = owner_of_request(self.fence.rule, method, path, principal)
+        return owner if owner != self.fence.region else None
+
+    async def forward(
+        self, method: str, target: str, headers: dict[str, str], body: bytes, owner: str
+    ) -> Response:
+        passed = {h: headers[h] for h in PASSED_REQUEST_HEADERS if h in headers}
+        try:
+            reply = await self._send(owner, method, target, body, passed)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             self.failed += 1
             raise RegionUnavailable(
                 f"owner region {owner} is unreachable: {type(exc).__name__}", region=owner
             ) from exc
         self.forwarded += 1
-        out = {h: response.headers[h] for h in PASSED_RESPONSE_HEADERS if h in response.headers}
-        out[FORWARDED_BY_HEADER] = self.region
-        return Response(content=response.content, status_code=response.status_code, headers=out)
+        out = {h: reply.headers[h] for h in PASSED_RESPONSE_HEADERS if h in reply.headers}
+        out[FORWARDED_BY_HEADER] = self.fence.region
+        return Response(content=reply.body, status_code=reply.status, headers=out)
 
     async def _send(
-        self, method: str, url: str, body: bytes, headers: dict[str, str]
-    ) -> httpx.Response:
+        self, owner: str, method: str, target: str, body: bytes, headers: dict[str, str]
+    ) -> Reply:
         try:
-            return await self.http.request(method, url, content=body, headers=headers)
-        except httpx.ConnectError:
+            return await self.client.send(owner, method, target, body, headers)
+        except aiohttp.ClientConnectorError:
             # Nothing reached the owner, so one more try cannot apply the request twice.
-            return await self.http.request(method, url, content=body, headers=headers)
+            return await self.client.send(owner, method, target, body, headers)
