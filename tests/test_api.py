@@ -328,3 +328,18 @@ def test_concurrent_orders_for_one_sku_through_all_gateways_never_oversell(api: 
     assert statuses.count(201) == stock
     assert statuses.count(409) == len(attempts) - stock
     assert api.levels(sku) == {"sku": sku, "available": 0, "reserved": stock, "sold": 0}
+
+
+def test_a_price_change_reaches_orders_in_every_region_within_a_second(api: Api) -> None:
+    import time
+
+    sku = new_sku()
+    api.put_product(sku, stock=100, price_cents=100)
+    buyers = {region: new_buyer(api, region) for region in ("hz", "sh", "bj")}
+    for region, buyer in buyers.items():
+        assert api.order(region, buyer, [(sku, 1)]).json()["total_cents"] == 100
+    api.put_product(sku, stock=100, price_cents=150)
+    assert api.order("hz", buyers["hz"], [(sku, 1)]).json()["total_cents"] == 150  # the owner
+    time.sleep(1.1)
+    for region, buyer in buyers.items():
+        assert api.order(region, buyer, [(sku, 1)]).json()["total_cents"] == 150

@@ -7,6 +7,7 @@ from typing import Any
 
 from unitrade.rpc.client import RegionClient
 from unitrade.services.catalog import CatalogService
+from unitrade.services.catalog_cache import CatalogCache
 from unitrade.services.inventory import InventoryService, Lines
 from unitrade.storage.fence import Fence
 
@@ -72,10 +73,27 @@ class CatalogClient:
     """Reads of the global cell. Until replication lands they go to the global cell's owner;
     with replication they will read the local copy (DESIGN §3)."""
 
-    def __init__(self, fence: Fence, local: CatalogService, client: RegionClient) -> None:
+    def __init__(
+        self,
+        fence: Fence,
+        local: CatalogService,
+        client: RegionClient,
+        cache: CatalogCache | None = None,
+    ) -> None:
         self.fence = fence
         self.local = local
         self.client = client
+        self.cache = cache or CatalogCache()
+        local.on_write.append(self.cache.invalidate)
+
+    async def get_cached(self, skus: list[str]) -> dict[str, dict[str, Any]]:
+        """Products for pricing and carts: cached (see services/catalog_cache.py)."""
+        found, missing = self.cache.get(skus)
+        if missing:
+            fetched = await self.get_many(missing)
+            self.cache.put(fetched)
+            found.update(fetched)
+        return found
 
     @property
     def owner(self) -> str:

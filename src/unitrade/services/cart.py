@@ -30,7 +30,7 @@ class CartService:
 
     async def put(self, buyer_id: int, sku: str, qty: int) -> dict[str, Any]:
         assert qty > 0
-        if sku not in await self.catalog.get_many([sku]):
+        if sku not in await self.catalog.get_cached([sku]):
             raise UnknownSku(f"unknown SKU {sku!r}", sku=sku)
         key = {"buyer_id": buyer_id, "sku": sku}
 
@@ -54,7 +54,7 @@ class CartService:
     async def get(self, buyer_id: int) -> dict[str, Any]:
         params = {"buyer_id": buyer_id}
         rows = await self._store(buyer_id).read(lambda conn: conn.execute(CART_OF, params).all())
-        catalog = await self.catalog.get_many([r.sku for r in rows]) if rows else {}
+        catalog = await self.catalog.get_cached([r.sku for r in rows]) if rows else {}
         items = []
         for row in rows:
             product = catalog.get(row.sku)

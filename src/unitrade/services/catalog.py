@@ -3,7 +3,7 @@ DESIGN §3)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, select
@@ -27,6 +27,8 @@ def product_body(row: Any) -> dict[str, Any]:
 class CatalogService:
     def __init__(self, store: CellStore) -> None:
         self.store = store
+        # Called with the SKUs a write changed, after it committed (cache invalidation).
+        self.on_write: list[Callable[[list[str]], None]] = []
 
     async def put(self, sku: str, title: str, price_cents: int) -> dict[str, Any]:
         def work(tx: WriteTx) -> dict[str, Any]:
@@ -39,7 +41,10 @@ class CatalogService:
             assert image is not None
             return product_body(image)
 
-        return await self.store.write(work)
+        product = await self.store.write(work)
+        for listener in self.on_write:
+            listener([sku])
+        return product
 
     async def get_many(self, skus: Iterable[str]) -> dict[str, dict[str, Any]]:
         wanted = sorted(set(skus))

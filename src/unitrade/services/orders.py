@@ -205,7 +205,7 @@ class OrderService:
         fingerprint: str,
         cart: dict[str, int],
     ) -> Created:
-        catalog = await self.catalog.get_many([sku for sku, _ in lines])
+        catalog = await self.catalog.get_cached([sku for sku, _ in lines])
         missing = [sku for sku, _ in lines if sku not in catalog]
         if missing:
             raise UnknownSku(f"unknown SKU {missing[0]!r}", sku=missing[0])
