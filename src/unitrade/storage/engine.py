@@ -15,6 +15,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# After a checkpoint resets the WAL, the file is truncated to this size (bytes).
+SQLITE_WAL_BYTES_KEPT = 16 * 1024 * 1024
 POOL_TIMEOUT_S = 10.0
 READ_POOL_SIZE = 4
 
@@ -60,6 +62,7 @@ def create_inline_engine(url: str) -> Engine:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=0")
         cursor.execute("PRAGMA wal_autocheckpoint=0")
+        cursor.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_BYTES_KEPT}")
         cursor.close()
 
     return engine
@@ -103,6 +106,7 @@ def _sqlite_events(engine: Engine, begin: str) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_BYTES_KEPT}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
