@@ -321,6 +321,10 @@ class CellStore:
             raise RegionUnavailable(f"cell {cell_id} has too many writes queued") from None
         try:
             async with self.fence.admit(cell_id) as epoch:
+                if self._checkpoint is not None and not self._checkpoint.done():
+                    # Our own checkpoint holds the lock for a few ms: wait for it rather
+                    # than find the lock taken and queue every writer on the thread.
+                    await asyncio.wait([self._checkpoint])
                 if self._inline is not None:
 
                     def inline_work(conn: Connection) -> T:
