@@ -456,7 +456,7 @@ class OrderService:
         log.warning("outbox %s of order %s failed: %s", step, order_id, error)
 
         def work(tx: WriteTx) -> None:
-            row = tx.one(select(outbox).where(outbox.c.order_id == order_id, outbox.c.step == step))
+            row = tx.get(outbox, {"order_id": order_id, "step": step})
             if row is None or row.status != "pending":
                 return
             attempts = row.attempts + 1
