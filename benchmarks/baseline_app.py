@@ -7,7 +7,11 @@ and inserts the order row and its lines in one transaction, with SQLAlchemy Core
 run on a writer thread, one thread hop per transaction. It is what a single-database shop
 would write: no regions, no forwarding, no stock reservation, no changelog.
 
-    python -m benchmarks.baseline_app --port 8799 --db /tmp/baseline.db
+With `--inline` the transactions run on the event loop itself instead (no thread hop), as
+unitrade's SQLite storage now does: the same app with the same trick, for an
+honest second comparison.
+
+    python -m benchmarks.baseline_app --port 8799 --db /tmp/baseline.db [--inline]
 """
 
 from __future__ import annotations
@@ -216,7 +220,9 @@ Caller = Annotated[Principal, Depends(principal)]
 SkuPath = Annotated[str, PathParam(pattern=SKU_PATTERN)]
 
 
-def build_baseline_app(db_path: Path, secret: str = SECRET_DEFAULT) -> FastAPI:
+def build_baseline_app(
+    db_path: Path, secret: str = SECRET_DEFAULT, inline: bool = False
+) -> FastAPI:
     engine = create_db_engine(db_path)
     writer = ThreadPoolExecutor(1, thread_name_prefix="db-writer")
 
@@ -225,6 +231,8 @@ def build_baseline_app(db_path: Path, secret: str = SECRET_DEFAULT) -> FastAPI:
             with engine.begin() as conn:
                 return work(conn, *args)
 
+        if inline:
+            return run()
         return await asyncio.get_running_loop().run_in_executor(writer, run)
 
     @asynccontextmanager
@@ -269,10 +277,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--db", type=Path, required=True, help="the SQLite database file")
     parser.add_argument("--secret", default=SECRET_DEFAULT, help="token secret")
+    parser.add_argument(
+        "--inline", action="store_true", help="run transactions on the event loop, no thread"
+    )
     args = parser.parse_args()
     server = uvicorn.Server(
         uvicorn.Config(  # the settings of unitrade.serve.serve_region
-            build_baseline_app(args.db.resolve(), args.secret),
+            build_baseline_app(args.db.resolve(), args.secret, args.inline),
             host=args.host,
             port=args.port,
             log_level="warning",
