@@ -1,9 +1,8 @@
 """Database engines for a cell copy: SQLite (WAL) by default, PostgreSQL by configuration.
 
-SQLAlchemy Core is the whole dialect layer: the same statements run on both. Transactions
-run synchronously on threads owned by the cell store (storage/store.py): one thread hop per
-transaction instead of one per statement, which measured 0.35 ms each with an async driver
-(docs/benchmarks.md).
+SQLAlchemy Core is the whole dialect layer: the same statements run on both. Where the
+transactions run (on the event loop for SQLite, on the store's threads for PostgreSQL) is
+decided in storage/store.py.
 """
 
 from __future__ import annotations

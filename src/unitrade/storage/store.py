@@ -60,9 +60,9 @@ def primary_key_of(table: Table, row: Mapping[str, Any]) -> dict[str, Any]:
     return {str(c.name): row[c.name] for c in table.primary_key.columns}
 
 
-# Statements are built once per shape and executed with bind parameters: building a
-# statement per call cost 3x the whole transaction in SQLAlchemy's coercion and cache-key
-# code (docs/benchmarks.md, "profile").
+# Statements are built once per shape and executed with bind parameters: building them per
+# call made a transaction 2.7-2.8x slower, in SQLAlchemy's coercion and cache-key code
+# (benchmarks/bench_micro.py, docs/benchmarks.md).
 @functools.cache
 def _insert_statement(table: Table) -> Insert:
     return insert(table)
@@ -110,8 +110,9 @@ _LOCK_CELL = (
 )
 
 # The inline SQLite path executes these statements on the driver's cursor: SQLAlchemy
-# renders each statement shape once (named parameters), and the per-call execution machinery,
-# which measured ~0.45 ms of a 0.5 ms transaction (docs/benchmarks.md), is skipped.
+# renders each statement shape once (named parameters), and its per-call execution
+# machinery, ~0.35 ms of a 0.45 ms transaction, is skipped: the same transaction then takes
+# 0.10-0.12 ms, as fast as hand-written SQL (benchmarks/bench_micro.py).
 # SQLAlchemy stays the dialect layer; PostgreSQL goes through it in full. Every column type
 # of the schema is an integer or a string, so there are no bind or result conversions to lose.
 _SQLITE_NAMED = sqlite_dialect(paramstyle="named")
@@ -298,8 +299,8 @@ class CellStore:
     """This region's copy of one cell: its database and the fenced write path.
 
     On SQLite, transactions run inline on the event loop: a WAL transaction without fsync
-    takes tens of microseconds, a thread hop ~150 us plus GIL contention, which cost a third
-    of the CPU under load (docs/benchmarks.md). The writer thread takes over only when
+    takes ~0.1 ms, a thread hop alone 165-192 us (benchmarks/bench_micro.py), and under
+    load the hand-off took 21 % of the region's CPU (docs/benchmarks.md). The writer thread takes over only when
     another process holds the database's write lock, and runs the WAL checkpoints. On
     PostgreSQL every transaction runs on the store's threads.
     """
