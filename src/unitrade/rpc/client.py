@@ -1,8 +1,8 @@
 """HTTP client for calls to other regions, with bounded timeouts and retries.
 
 aiohttp rather than httpx for region-to-region traffic: an httpx request cost 1.07 ms
-against 0.21-0.24 ms for aiohttp (benchmarks/bench_micro.py, docs/benchmarks.md), and every
-remote order makes such a call.
+against 0.21-0.24 ms for aiohttp (benchmarks/bench_micro.py, docs/benchmarks.md), and
+every remote order makes such a call.
 """
 
 from __future__ import annotations

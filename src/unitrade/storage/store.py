@@ -300,9 +300,9 @@ class CellStore:
 
     On SQLite, transactions run inline on the event loop: a WAL transaction without fsync
     takes ~0.1 ms, a thread hop alone 165-192 us (benchmarks/bench_micro.py), and under
-    load the hand-off took 21 % of the region's CPU (docs/benchmarks.md). The writer thread takes over only when
-    another process holds the database's write lock, and runs the WAL checkpoints. On
-    PostgreSQL every transaction runs on the store's threads.
+    load the hand-off took 21 % of the region's CPU (docs/benchmarks.md). The writer thread
+    takes over only when another process holds the database's write lock, and runs the WAL
+    checkpoints. On PostgreSQL every transaction runs on the store's threads.
     """
 
     def __init__(self, cell: CellInfo, region: str, url: str, fence: Fence) -> None:
