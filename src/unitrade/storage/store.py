@@ -19,8 +19,9 @@ import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import orjson
@@ -30,7 +31,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.sql import ClauseElement, Delete, Executable, Insert, Select, Update
 
-from unitrade.errors import RegionUnavailable
+from unitrade.errors import RegionUnavailable, WrongRegion
 from unitrade.storage.engine import (
     READ_POOL_SIZE,
     backend_of,
@@ -38,7 +39,7 @@ from unitrade.storage.engine import (
     create_inline_engine,
 )
 from unitrade.storage.fence import Fence
-from unitrade.storage.schema import METADATA_BY_KIND, cell_meta, changelog, common
+from unitrade.storage.schema import METADATA_BY_KIND, cell_meta, changelog, common, tables_of
 from unitrade.topology.rule import CellInfo
 
 T = TypeVar("T")
@@ -153,6 +154,46 @@ _BUMP_POSITION = (
 )
 
 
+_POSITION = select(cell_meta.c.last_position).where(cell_meta.c.cell_id == bindparam("k_cell_id"))
+_MOVE_CHECKPOINT = (
+    update(cell_meta)
+    .where(
+        cell_meta.c.cell_id == bindparam("k_cell_id"),
+        cell_meta.c.last_position == bindparam("w_from"),
+    )
+    .values(last_position=bindparam("s_to"))
+)
+CHANGE_FIELDS = ("position", "epoch", "origin", "tbl", "pk", "op", "row_image", "created_ms")
+
+
+def apply_changes(
+    tx: WriteTx, cell_id: int, tables: Mapping[str, Table], changes: Sequence[Mapping[str, Any]]
+) -> int:
+    """Apply the contiguous changelog rows after this copy's checkpoint; the new checkpoint."""
+    (row,) = tx.all(_POSITION, {"k_cell_id": cell_id})
+    checkpoint = int(row[0])
+    applied: list[dict[str, Any]] = []
+    for change in sorted(changes, key=lambda c: int(c["position"])):
+        position = int(change["position"])
+        if position <= checkpoint + len(applied):
+            continue  # applied before: a duplicate
+        if position != checkpoint + len(applied) + 1:
+            break  # a gap: the rest comes again, in order
+        table = tables[str(change["tbl"])]
+        key = orjson.loads(change["pk"])
+        tx.delete_row(table, key)
+        if change["op"] != "d":
+            tx.put_row(table, orjson.loads(change["row_image"]))
+        applied.append({field: change[field] for field in CHANGE_FIELDS})
+    if not applied:
+        return checkpoint
+    tx.append_verbatim(applied)
+    last = checkpoint + len(applied)
+    moved = tx.count(_MOVE_CHECKPOINT, {"k_cell_id": cell_id, "w_from": checkpoint, "s_to": last})
+    assert moved == 1, "the checkpoint moved under this transaction"
+    return last
+
+
 class WriteTx:
     """One admitted write transaction on one cell copy."""
 
@@ -246,6 +287,21 @@ class WriteTx:
         self._capture(table, "d", key, None)
         return True
 
+    def put_row(self, table: Table, image: Mapping[str, Any]) -> None:
+        """Insert a row image as it is, without capturing it (replication)."""
+        self._count(_insert_statement(table), dict(image))
+
+    def delete_row(self, table: Table, key: Mapping[str, Any]) -> None:
+        """Delete by primary key without capturing it (replication)."""
+        self._count(_delete_statement(table), key_params(key))
+
+    def append_verbatim(self, changes: list[dict[str, Any]]) -> None:
+        """Append another copy's changelog rows unchanged (replication)."""
+        self._many(_insert_statement(changelog), changes)
+
+    def count(self, statement: Executable, params: Mapping[str, Any]) -> int:
+        return self._count(statement, params)
+
     def get(self, table: Table, key: Mapping[str, Any]) -> Row[Any] | None:
         """The row with this primary key, read inside the transaction."""
         rows = self._rows(by_key(table), key_params(key))
@@ -320,10 +376,13 @@ class CellStore:
         self._cursor: Any = None  # SQLite only: its driver cursor, for writes
         self._writes_since_checkpoint = 0
         self._checkpoint: asyncio.Future[None] | None = None
+        self.position = 0  # last changelog position committed in this copy
+        self._moved = asyncio.Event()
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._write_thread, self._open_sync)
+        self.position = await self.last_position()
         if self.backend == "sqlite":
             self._inline = create_inline_engine(self.url).connect()
             self._cursor = self._inline.connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -382,41 +441,101 @@ class CellStore:
         return await _finish(asyncio.get_running_loop().run_in_executor(self._read_threads, run))
 
     async def write(self, work: Callable[[WriteTx], T]) -> T:
-        """Admit a write through the fence and run `work` in one transaction on the writer
-        thread; its changes and their changelog rows commit together, or nothing does."""
-        assert self._writer is not None, "CellStore.open() first"
-        writer, cell_id = self._writer, self.cell.id
-        lock_cell = self.backend != "sqlite"  # SQLite's BEGIN IMMEDIATE already serialises
+        """Admit a write through the fence and run `work` in one transaction; its changes
+        and their changelog rows commit together, or nothing does."""
+        cell_id = self.cell.id
+
+        def body(tx: WriteTx) -> tuple[T, int]:
+            result = work(tx)
+            return result, tx.append_changelog(cell_id)
+
+        async with self._write_slot(), self.fence.admit(cell_id) as epoch:
+            result, position = await self._transact(body, epoch)
+        self._advance(position)
+        return result
+
+    async def apply(self, changes: Sequence[Mapping[str, Any]]) -> int:
+        """Apply the owner's changelog rows to this replica copy; the new checkpoint.
+
+        One transaction applies the row images, appends the rows to this copy's changelog
+        verbatim (same positions, epochs, origins: nothing is captured again, so nothing
+        loops back) and moves the checkpoint, which is this copy's `last_position`. Rows at
+        or below the checkpoint are skipped (a duplicated batch is harmless); the first row
+        after a gap ends the batch (a reordered batch applies what is contiguous, the rest
+        comes again). A region never applies to a cell it owns.
+        """
+        owner = self.fence.rule.owner_of(self.cell.id)
+        if owner == self.region:
+            raise WrongRegion(
+                f"cell {self.cell.id} is owned by {self.region}; its copy here is not a replica",
+                owner=owner,
+            )
+        tables = tables_of(self.cell.kind)
+        cell_id = self.cell.id
+
+        def body(tx: WriteTx) -> tuple[int, int]:
+            return 0, apply_changes(tx, cell_id, tables, changes)
+
+        async with self._write_slot():
+            _, position = await self._transact(body, epoch=0)
+        self._advance(position)
+        return self.position
+
+    @asynccontextmanager
+    async def _write_slot(self) -> AsyncIterator[None]:
         try:
             async with asyncio.timeout(QUEUE_WAIT_S_MAX):
                 await self._write_slots.acquire()
         except TimeoutError:
-            raise RegionUnavailable(f"cell {cell_id} has too many writes queued") from None
+            raise RegionUnavailable(f"cell {self.cell.id} has too many writes queued") from None
         try:
-            async with self.fence.admit(cell_id) as epoch:
-                if self._checkpoint is not None and not self._checkpoint.done():
-                    # Our own checkpoint holds the lock for a few ms: wait for it rather
-                    # than find the lock taken and queue every writer on the thread.
-                    await asyncio.wait([self._checkpoint])
-                if self._cursor is not None:
-                    done = self._write_inline(self._cursor, work, epoch)
-                    if not isinstance(done, _Busy):
-                        self._after_inline_write()
-                        return done
-
-                def run() -> T:
-                    with writer.begin() as conn:
-                        if lock_cell:
-                            conn.execute(_LOCK_CELL, {"k_cell_id": cell_id}).scalar_one()
-                        tx = WriteTx(conn, epoch=epoch, origin=self.region)
-                        result = work(tx)
-                        tx.append_changelog(cell_id)
-                        return result
-
-                loop = asyncio.get_running_loop()
-                return await _finish(loop.run_in_executor(self._write_thread, run))
+            yield
         finally:
             self._write_slots.release()
+
+    async def _transact(
+        self, body: Callable[[WriteTx], tuple[T, int]], epoch: int
+    ) -> tuple[T, int]:
+        """Run `body` in one write transaction: inline on SQLite (on the writer thread when
+        another process holds the lock), on the writer thread on PostgreSQL."""
+        assert self._writer is not None, "CellStore.open() first"
+        writer, cell_id = self._writer, self.cell.id
+        lock_cell = self.backend != "sqlite"  # SQLite's BEGIN IMMEDIATE already serialises
+        if self._checkpoint is not None and not self._checkpoint.done():
+            # Our own checkpoint holds the lock for a few ms: wait for it rather than find
+            # the lock taken and queue every writer on the thread.
+            await asyncio.wait([self._checkpoint])
+        if self._cursor is not None:
+            done = self._write_inline(self._cursor, body, epoch)
+            if not isinstance(done, _Busy):
+                self._after_inline_write()
+                return done
+
+        def run() -> tuple[T, int]:
+            with writer.begin() as conn:
+                if lock_cell:
+                    conn.execute(_LOCK_CELL, {"k_cell_id": cell_id}).scalar_one()
+                return body(WriteTx(conn, epoch=epoch, origin=self.region))
+
+        loop = asyncio.get_running_loop()
+        return await _finish(loop.run_in_executor(self._write_thread, run))
+
+    def _advance(self, position: int) -> None:
+        """Note a committed position and wake whoever waits for it (replication pulls)."""
+        if position > self.position:
+            self.position = position
+            self._moved.set()
+            self._moved = asyncio.Event()
+
+    async def wait_beyond(self, position: int, timeout_s: float) -> int:
+        """Wait until this copy has a position above `position`, at most `timeout_s`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.position <= position:
+                    await self._moved.wait()
+        except TimeoutError:
+            pass
+        return self.position
 
     @staticmethod
     def _run_inline(conn: Connection, begin: str, work: Callable[[Connection], T]) -> T | _Busy:
@@ -438,7 +557,9 @@ class CellStore:
         finally:
             conn.commit()  # no-op at the driver (AUTOCOMMIT); resets SQLAlchemy's marker
 
-    def _write_inline(self, cursor: Any, work: Callable[[WriteTx], T], epoch: int) -> T | _Busy:
+    def _write_inline(
+        self, cursor: Any, body: Callable[[WriteTx], tuple[T, int]], epoch: int
+    ) -> tuple[T, int] | _Busy:
         """One write transaction on the loop's own SQLite connection, on its driver cursor;
         BUSY if another process holds the write lock (nothing was done)."""
         try:
@@ -448,9 +569,7 @@ class CellStore:
                 return BUSY
             raise
         try:
-            tx = WriteTx(None, epoch=epoch, origin=self.region, cursor=cursor)
-            result = work(tx)
-            tx.append_changelog(self.cell.id)
+            result = body(WriteTx(None, epoch=epoch, origin=self.region, cursor=cursor))
             cursor.execute("COMMIT")
             return result
         except BaseException:
