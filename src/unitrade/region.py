@@ -7,7 +7,11 @@ import contextlib
 import itertools
 import logging
 from pathlib import Path
+from typing import Any
 
+import orjson
+
+from unitrade.replication.replicator import Replicator
 from unitrade.rpc.center import CatalogClient, CenterClient
 from unitrade.rpc.client import RegionClient
 from unitrade.services.cart import CartService
@@ -43,14 +47,17 @@ class RegionRuntime:
         self.allocators = {cell: OrderIdAllocator(self.copies[cell]) for cell in rule.unit_cells()}
         self.orders = OrderService(self.copies, self.center, self.catalog, self.allocators)
         self.cart = CartService(self.copies, self.catalog)
+        self.replicator = Replicator(self.copies, self.client, [self._applied])
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await self.copies.open()
+        self.replicator.start()
         self._tasks.append(asyncio.create_task(self._drain_outbox_forever()))
         log.info("region %s started: owns cells %s", self.name, self.owned_cells())
 
     async def stop(self) -> None:
+        await self.replicator.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -58,6 +65,13 @@ class RegionRuntime:
                 await task
         await self.client.aclose()
         await self.copies.close()
+
+    def _applied(self, cell: int, changes: list[dict[str, Any]]) -> None:
+        """A replicated change of the global cell invalidates the catalog cache (DESIGN §7)."""
+        if cell != self.fence.rule.global_cell:
+            return
+        skus = [orjson.loads(c["pk"])["sku"] for c in changes if c["tbl"] == "products"]
+        self.catalog.cache.invalidate(skus)
 
     def owned_cells(self) -> list[int]:
         return self.fence.rule.cells_owned_by(self.name)

@@ -30,6 +30,7 @@ from unitrade.gateway.edge import (
 )
 from unitrade.gateway.forward import Forwarder
 from unitrade.region import RegionRuntime
+from unitrade.replication.replicator import serve_pull
 from unitrade.topology.order_id import parse_order_id
 from unitrade.topology.rule import RoutingError, route_buyer, route_order
 
@@ -142,6 +143,10 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
                 "owned_cells": [rule.cells[c].name for c in runtime.owned_cells()],
                 "owners": {rule.cells[c].name: owner for c, owner in sorted(rule.owners.items())},
                 "forwarded": forwarder.forwarded,
+                "positions": {
+                    rule.cells[c].name: store.position for c, store in runtime.copies.stores.items()
+                },
+                "replication": runtime.replicator.status(),
             }
         )
 
@@ -324,15 +329,18 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
     Every request must carry a valid region signature (checked by the edge)."""
 
     def endpoint(
-        model: type[BodyT], serve: Callable[[BodyT], Awaitable[Any]], owned: Callable[[], int]
+        model: type[BodyT],
+        serve: Callable[[BodyT], Awaitable[Any]],
+        owned: Callable[[], int] | None,
     ) -> Callable[[Request], Awaitable[Response]]:
         async def handle(request: Request) -> Response:
             if signed_by(request) is None:
                 raise Unauthorized("internal API: missing or invalid region signature")
-            cell = owned()
-            owner = runtime.fence.rule.owner_of(cell)
-            if owner != runtime.name:
-                raise WrongRegion(f"cell {cell} is owned by {owner}", owner=owner, cell=cell)
+            if owned is not None:
+                cell = owned()
+                owner = runtime.fence.rule.owner_of(cell)
+                if owner != runtime.name:
+                    raise WrongRegion(f"cell {cell} is owned by {owner}", owner=owner, cell=cell)
             try:
                 body = model.model_validate_json(await request.body())
             except ValidationError as exc:
@@ -371,7 +379,13 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
     async def page(b: models.PageCall) -> Any:
         return await catalog.page(b.limit, b.after)
 
+    async def pull(b: models.PullCall) -> Any:
+        if b.cell not in runtime.copies.stores:
+            raise NotFound(f"no cell {b.cell}")
+        return await serve_pull(runtime.copies, b.cell, b.after, b.limit, b.wait_ms)
+
     calls: list[tuple[str, Callable[[Request], Awaitable[Response]]]] = [
+        ("/internal/replication/pull", endpoint(models.PullCall, pull, None)),
         ("/internal/center/reserve", endpoint(models.ReserveCall, reserve, center)),
         ("/internal/center/step", endpoint(models.StepCall, step, center)),
         ("/internal/center/stock", endpoint(models.StockCall, stock, center)),

@@ -30,7 +30,7 @@ REPLAYED_HEADER = "idempotent-replayed"
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
-        content=orjson.dumps(body),
+        content=orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS),
         status_code=status,
         media_type="application/json",
         headers=headers,

@@ -89,3 +89,10 @@ class LookupCall(_Body):
 class PageCall(_Body):
     limit: Annotated[int, Field(ge=1, le=500)]
     after: Sku | None = None
+
+
+class PullCall(_Body):
+    cell: int
+    after: Annotated[int, Field(ge=0)]
+    limit: Annotated[int, Field(ge=1, le=500)]
+    wait_ms: Annotated[int, Field(ge=0, le=2000)]

@@ -154,6 +154,12 @@ _BUMP_POSITION = (
 )
 
 
+_CHANGES_AFTER = (
+    select(changelog)
+    .where(changelog.c.position > bindparam("after"))
+    .order_by(changelog.c.position)
+    .limit(bindparam("n"))
+)
 _POSITION = select(cell_meta.c.last_position).where(cell_meta.c.cell_id == bindparam("k_cell_id"))
 _MOVE_CHECKPOINT = (
     update(cell_meta)
@@ -610,17 +616,19 @@ class CellStore:
         )
 
     async def changes_since(self, position: int, limit: int) -> list[dict[str, Any]]:
-        """Changelog rows after `position`, oldest first (what replication will stream)."""
+        """Changelog rows after `position`, oldest first (what replication streams)."""
         assert 1 <= limit <= ROWS_PER_WRITE_MAX
+        params = {"after": position, "n": limit}
+        if self._cursor is not None:
+            # One statement on the loop's driver cursor (an implicit read transaction): the
+            # owner serves every replica's pulls, and this is most of what a pull costs.
+            cursor = self._cursor.execute(*_bound(_CHANGES_AFTER, params))
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
 
         def work(conn: Connection) -> list[dict[str, Any]]:
-            rows = conn.execute(
-                select(changelog)
-                .where(changelog.c.position > position)
-                .order_by(changelog.c.position)
-                .limit(limit)
-            )
-            return [dict(r) for r in rows.mappings()]
+            rows = conn.execute(_CHANGES_AFTER, params)
+            return [{str(k): v for k, v in r.items()} for r in rows.mappings()]
 
         return await self.read(work)
 

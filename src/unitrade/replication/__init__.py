@@ -1,0 +1,2 @@
+"""Replication: every cell's owner streams its changelog to every other region's copy
+(DESIGN §7)."""

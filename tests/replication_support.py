@@ -1,0 +1,62 @@
+"""Checks on replication from outside: every copy's position, and row-by-row comparison of
+the SQLite files of a cluster's regions."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from unitrade.topology.config import TopologyConfig
+from unitrade.topology.rule import initial_rule
+
+
+def positions(config: TopologyConfig) -> dict[str, dict[str, int]]:
+    """region -> cell name -> the position of that region's copy."""
+    result = {}
+    with httpx.Client(timeout=5) as client:
+        for region in config.regions:
+            result[region.name] = client.get(region.base_url + "/healthz").json()["positions"]
+    return result
+
+
+def wait_converged(config: TopologyConfig, timeout_s: float = 30.0) -> dict[str, int]:
+    """Wait until every copy of every cell has its owner's position; the owners' positions."""
+    rule = initial_rule(config)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = positions(config)
+        heads = {cell.name: seen[rule.owner_of(cell.id)][cell.name] for cell in rule.cells.values()}
+        if all(seen[r][c] == heads[c] for r in seen for c in heads):
+            return heads
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not converged after {timeout_s} s: {seen}")
+        time.sleep(0.1)
+
+
+def table_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {n: conn.execute(f"SELECT * FROM {n} ORDER BY 1, 2").fetchall() for n in names}
+
+
+def differences(config: TopologyConfig, data_dir: Path) -> list[str]:
+    """Every (cell, region, table) whose rows differ from the owner's copy."""
+    rule = initial_rule(config)
+    found = []
+    for cell in rule.cells.values():
+        owner = rule.owner_of(cell.id)
+        expected = table_rows(data_dir / owner / f"cell-{cell.name}.db")
+        for region in config.region_names:
+            if region == owner:
+                continue
+            actual = table_rows(data_dir / region / f"cell-{cell.name}.db")
+            for table, rows in expected.items():
+                if table == "cell_meta":
+                    continue  # the copy's own metadata; its position is compared above
+                if actual.get(table) != rows:
+                    found.append(f"{cell.name}@{region}.{table}")
+    return found
