@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -135,10 +136,22 @@ class Api:
         return self.http.request(method, self.url(region, path), json=body, headers=all_headers)
 
     def put_product(self, sku: str, stock: int, price_cents: int = 250, region: str = "hz") -> Any:
+        """Write a product and wait until every region's copy of the catalog shows it."""
         body = {"title": f"title of {sku}", "price_cents": price_cents, "stock": stock}
         response = self.call(region, "PUT", f"/v1/admin/products/{sku}", body=body)
         assert response.status_code == 200, response.text
+        self.wait_product(sku, price_cents)
         return response.json()
+
+    def wait_product(self, sku: str, price_cents: int, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for region in self.config.region_names:
+            while True:
+                seen = self.call(region, "GET", f"/v1/products/{sku}")
+                if seen.status_code == 200 and seen.json()["price_cents"] == price_cents:
+                    break
+                assert time.monotonic() < deadline, f"{sku} not replicated to {region}"
+                time.sleep(0.01)
 
     def levels(self, sku: str) -> dict[str, int]:
         response = self.call("hz", "GET", f"/v1/inventory/{sku}")

@@ -275,6 +275,7 @@ def test_catalog_admin_and_inventory(api: Api) -> None:
         )
         assert put.status_code == 200, put.text
         assert put.headers["x-unitrade-served-by"] == "hz"
+    api.wait_product(sku, 1200)  # read from each region's own copy of the global cell
     buyer = new_buyer(api, "sh")
     for region in api.config.region_names:
         product = api.call(region, "GET", f"/v1/products/{sku}", buyer)
@@ -297,6 +298,7 @@ def test_catalog_admin_and_inventory(api: Api) -> None:
         f"/v1/admin/products/{sku}",
         body={"title": "Tea", "price_cents": 1300, "stock": 10},
     )
+    api.wait_product(sku, 1300)
     assert grown.json()["available"] == 7 and grown.json()["reserved"] == 3
     forbidden = api.call(
         "hz",
@@ -343,3 +345,27 @@ def test_a_price_change_reaches_orders_in_every_region_within_a_second(api: Api)
     time.sleep(1.1)
     for region, buyer in buyers.items():
         assert api.order(region, buyer, [(sku, 1)]).json()["total_cents"] == 150
+
+
+def test_replica_reads_are_served_by_the_region_called(api: Api) -> None:
+    from tests.replication_support import wait_converged
+
+    sku = new_sku()
+    api.put_product(sku, stock=10)
+    buyer = new_buyer(api, "sh")
+    order = api.order("sh", buyer, [(sku, 1)]).json()
+    wait_converged(api.config)
+    for region in api.config.region_names:
+        path = f"/v1/orders/{order['order_id']}?consistency=replica"
+        read = api.call(region, "GET", path, buyer)
+        assert read.status_code == 200, read.text
+        assert read.json() == order
+        assert read.headers["x-unitrade-served-by"] == region
+        assert read.headers["x-unitrade-region"] == "sh"
+        assert "x-unitrade-forwarded-by" not in read.headers
+    other = api.call(
+        "hz", "GET", f"/v1/orders/{order['order_id']}?consistency=replica", new_buyer(api, "sh")
+    )
+    assert other.status_code == 404  # another buyer's order, on a replica too
+    bad = api.call("hz", "GET", f"/v1/orders/{order['order_id']}?consistency=eventual", buyer)
+    assert bad.status_code == 422

@@ -43,7 +43,7 @@ class RegionRuntime:
         self.inventory = InventoryService(self.copies[rule.center_cell])
         self.catalog_service = CatalogService(self.copies[rule.global_cell])
         self.center = CenterClient(self.fence, self.inventory, self.client)
-        self.catalog = CatalogClient(self.fence, self.catalog_service, self.client)
+        self.catalog = CatalogClient(self.catalog_service)
         self.allocators = {cell: OrderIdAllocator(self.copies[cell]) for cell in rule.unit_cells()}
         self.orders = OrderService(self.copies, self.center, self.catalog, self.allocators)
         self.cart = CartService(self.copies, self.catalog)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import Response
@@ -36,6 +36,7 @@ from unitrade.topology.rule import RoutingError, route_buyer, route_order
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 SkuPath = Annotated[str, Path(pattern=models.SKU_PATTERN)]
+Consistency = Literal["owner", "replica"]
 
 
 @dataclass(frozen=True)
@@ -180,13 +181,27 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
         return await routed(request, who, buyer_home(buyer), serve)
 
     @public.get("/v1/orders/{order_id}", tags=["orders"])
-    async def get_order(request: Request, order_id: str, who: CallerDep) -> Response:
+    async def get_order(
+        request: Request,
+        order_id: str,
+        who: CallerDep,
+        consistency: Annotated[
+            Consistency,
+            Query(
+                description="owner: read at the owner region (forwarded); replica: this "
+                "region's copy, which may lag the owner by the replication lag"
+            ),
+        ] = "owner",
+    ) -> Response:
         buyer = who.buyer_id
         parsed, home = order_home(order_id)
 
         async def serve() -> Response:
             return json_response(await runtime.orders.get(buyer, parsed))
 
+        if consistency == "replica":
+            request.state.home_region = home
+            return await serve()
         return await routed(request, who, home, serve)
 
     @public.post("/v1/orders/{order_id}/pay", tags=["orders"])
@@ -352,10 +367,7 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
     def center() -> int:
         return runtime.fence.rule.center_cell
 
-    def global_() -> int:
-        return runtime.fence.rule.global_cell
-
-    inventory, catalog = runtime.inventory, runtime.catalog_service
+    inventory = runtime.inventory
 
     async def reserve(b: models.ReserveCall) -> Any:
         return await inventory.reserve(int(b.order_id), b.cell, [(s, q) for s, q in b.lines])
@@ -373,12 +385,6 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
     async def levels(b: models.SkuCall) -> Any:
         return await inventory.levels(b.sku)
 
-    async def lookup(b: models.LookupCall) -> Any:
-        return await catalog.get_many(b.skus)
-
-    async def page(b: models.PageCall) -> Any:
-        return await catalog.page(b.limit, b.after)
-
     async def pull(b: models.PullCall) -> Any:
         if b.cell not in runtime.copies.stores:
             raise NotFound(f"no cell {b.cell}")
@@ -391,7 +397,5 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
         ("/internal/center/stock", endpoint(models.StockCall, stock, center)),
         ("/internal/center/stale", endpoint(models.StaleCall, stale, center)),
         ("/internal/center/levels", endpoint(models.SkuCall, levels, center)),
-        ("/internal/global/lookup", endpoint(models.LookupCall, lookup, global_)),
-        ("/internal/global/page", endpoint(models.PageCall, page, global_)),
     ]
     return [Route(path, handler, methods=["POST"]) for path, handler in calls]

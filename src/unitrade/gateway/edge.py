@@ -126,7 +126,12 @@ class EdgeMiddleware:
             state["forwarded_from"] = origin
             owner = None
             if origin is None:
-                owner = self.forwarder.route(method, scope["path"], headers.get("authorization"))
+                owner = self.forwarder.route(
+                    method,
+                    scope["path"],
+                    headers.get("authorization"),
+                    scope.get("query_string", b"").decode("latin-1"),
+                )
             if owner is None:
                 await self.app(scope, replay, stamped)
                 return

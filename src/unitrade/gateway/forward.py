@@ -35,8 +35,13 @@ PASSED_RESPONSE_HEADERS = (
 )
 
 
-def owner_of_request(rule: Rule, method: str, path: str, principal: Principal) -> str | None:
-    """The region that owns what a public request touches; None when it is not routed."""
+def owner_of_request(
+    rule: Rule, method: str, path: str, principal: Principal, query: str = ""
+) -> str | None:
+    """The region that owns what a public request touches; None when it is not routed
+    (including a read that asks for this region's replica)."""
+    if method == "GET" and "consistency=replica" in query:
+        return None
     parts = path.strip("/").split("/")
     if len(parts) < 2 or parts[0] != "v1":
         return None
@@ -63,13 +68,15 @@ class Forwarder:
         self.forwarded = 0  # requests this region sent on to an owner
         self.failed = 0
 
-    def route(self, method: str, path: str, authorization: str | None) -> str | None:
+    def route(
+        self, method: str, path: str, authorization: str | None, query: str = ""
+    ) -> str | None:
         """The owner region if it is another region, else None (serve here)."""
         try:
             principal = read_authorization(self.secret, authorization)
         except UnitradeError:
             return None  # the handler answers 401
-        owner = owner_of_request(self.fence.rule, method, path, principal)
+        owner = owner_of_request(self.fence.rule, method, path, principal, query)
         return owner if owner != self.fence.region else None
 
     async def forward(

@@ -82,15 +82,6 @@ class SkuCall(_Body):
     sku: Sku
 
 
-class LookupCall(_Body):
-    skus: Annotated[list[Sku], Field(max_length=ITEMS_MAX)]
-
-
-class PageCall(_Body):
-    limit: Annotated[int, Field(ge=1, le=500)]
-    after: Sku | None = None
-
-
 class PullCall(_Body):
     cell: int
     after: Annotated[int, Field(ge=0)]

@@ -70,19 +70,11 @@ class CenterClient:
 
 
 class CatalogClient:
-    """Reads of the global cell. Until replication lands they go to the global cell's owner;
-    with replication they will read the local copy (DESIGN §3)."""
+    """Reads of the global cell, from this region's own copy (replicated from the owner,
+    DESIGN §3), with a cache that every replicated product change invalidates."""
 
-    def __init__(
-        self,
-        fence: Fence,
-        local: CatalogService,
-        client: RegionClient,
-        cache: CatalogCache | None = None,
-    ) -> None:
-        self.fence = fence
+    def __init__(self, local: CatalogService, cache: CatalogCache | None = None) -> None:
         self.local = local
-        self.client = client
         self.cache = cache or CatalogCache()
         local.on_write.append(self.cache.invalidate)
 
@@ -90,31 +82,13 @@ class CatalogClient:
         """Products for pricing and carts: cached (see services/catalog_cache.py)."""
         found, missing = self.cache.get(skus)
         if missing:
-            fetched = await self.get_many(missing)
+            fetched = await self.local.get_many(missing)
             self.cache.put(fetched)
             found.update(fetched)
         return found
 
-    @property
-    def owner(self) -> str:
-        rule = self.fence.rule
-        return rule.owner_of(rule.global_cell)
-
-    def is_local(self) -> bool:
-        return self.owner == self.fence.region
-
     async def get_many(self, skus: list[str]) -> dict[str, dict[str, Any]]:
-        if self.is_local():
-            return await self.local.get_many(skus)
-        result: dict[str, dict[str, Any]] = await self.client.call(
-            self.owner, "POST", "/internal/global/lookup", {"skus": skus}
-        )
-        return result
+        return await self.local.get_many(skus)
 
     async def page(self, limit: int, after: str | None) -> list[dict[str, Any]]:
-        if self.is_local():
-            return await self.local.page(limit, after)
-        result: list[dict[str, Any]] = await self.client.call(
-            self.owner, "POST", "/internal/global/page", {"limit": limit, "after": after}
-        )
-        return result
+        return await self.local.page(limit, after)

@@ -1,9 +1,10 @@
 """A region's cache of products (the global cell), for pricing orders and showing carts.
 
-Until replication lands, a region that does not own the global cell reads products from its
-owner; the cache bounds how often (one RPC per SKU per `ttl_s`), and so how stale a price
-used for an order can be. At the owner, every write invalidates its SKU at once. The
-replication issue will invalidate on every applied change of the global cell (DESIGN §7).
+Every region reads products from its own copy of the global cell. The cache saves that read
+on the order path; it is invalidated at once by every change of a product, whether written
+here (the owner) or applied by replication (DESIGN §7), and entries also expire after
+`ttl_s` as a bound on staleness should an invalidation ever be missed (a copy repaired by
+`unitrade diff --repair`, say).
 """
 
 from __future__ import annotations
