@@ -24,6 +24,7 @@ from unitrade.topology.rule import initial_rule
 
 console = Console()
 REQUEST_TIMEOUT_S = 30.0
+WAIT_S_MAX = 30.0
 
 
 @dataclass
@@ -82,6 +83,7 @@ async def _workload(
                 f"{urls[region]}/v1/admin/products/{sku}", json=body, headers=admin
             )
             response.raise_for_status()
+        await _wait_catalog(http, urls, admin, skus)
         console.print(f"seeded {len(skus)} products, {stock} units each, via random regions")
 
         semaphore = asyncio.Semaphore(concurrency)
@@ -103,6 +105,38 @@ async def _workload(
             buyer_ids = rng.sample(range(1, 10**9), buyers)
             await asyncio.gather(*(one(b) for b in buyer_ids))
         return await _report(http, config, urls, admin, skus, stock, tally)
+
+
+async def _wait_catalog(
+    http: httpx.AsyncClient, urls: dict[str, str], admin: dict[str, str], skus: list[str]
+) -> None:
+    """Products are written at the global cell's owner and read from each region's copy:
+    wait until replication has brought them everywhere (bounded)."""
+    deadline = asyncio.get_running_loop().time() + WAIT_S_MAX
+    for url in urls.values():
+        while True:
+            listed = await http.get(f"{url}/v1/products?limit=500", headers=admin)
+            if {p["sku"] for p in listed.json()["products"]} >= set(skus):
+                break
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"the catalog did not reach {url} in {WAIT_S_MAX} s")
+            await asyncio.sleep(0.05)
+
+
+async def _converged(http: httpx.AsyncClient, urls: dict[str, str]) -> dict[str, int]:
+    """Wait until every region's copy of every cell has its owner's position."""
+    deadline = asyncio.get_running_loop().time() + WAIT_S_MAX
+    while True:
+        health = {r: (await http.get(f"{u}/healthz")).json() for r, u in urls.items()}
+        heads = {
+            cell: health[owner]["positions"][cell]
+            for cell, owner in next(iter(health.values()))["owners"].items()
+        }
+        if all(h["positions"] == heads for h in health.values()):
+            return heads
+        if asyncio.get_running_loop().time() > deadline:
+            raise RuntimeError(f"copies did not converge in {WAIT_S_MAX} s")
+        await asyncio.sleep(0.1)
 
 
 async def _buyer(
@@ -208,6 +242,11 @@ async def _report(
                 f"{expected_reserved[sku]} sold {expected_sold[sku]} total {stock}[/]"
             )
     all_cells = len(per_cell) == len(rule.unit_cells())
+    heads = await _converged(http, urls)
+    console.print(
+        f"replication: every region's copy of all {len(heads)} cells is at its owner's "
+        f"position ({sum(heads.values())} changelog rows in all)"
+    )
     console.print(
         f"stock conserved: {'[green]yes[/]' if conserved else '[red]NO[/]'} "
         f"(available + reserved + sold = {stock} for all {len(skus)} SKUs; reserved and sold "
