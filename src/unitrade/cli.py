@@ -151,6 +151,113 @@ def status(config_path: Path | None) -> None:
         owner = owners.get(cell.name, cell.owner)
         cells.add_row(cell.name, str(cell.id), cell.kind.value, owner, cell.buckets or "-")
     console.print(cells)
+    _print_replication(config)
+
+
+def _print_replication(config: TopologyConfig) -> None:
+    table = Table(title="replication (owner -> copy)")
+    for column in (
+        "cell",
+        "from",
+        "to",
+        "applied",
+        "owner head",
+        "lag positions",
+        "lag ms",
+        "errors",
+    ):
+        table.add_column(column)
+    with httpx.Client(timeout=2.0) as client:
+        for region in config.regions:
+            try:
+                streams = client.get(region.base_url + "/healthz").json()["replication"]
+            except (httpx.HTTPError, ValueError, KeyError):
+                continue
+            for s in streams:
+                lag = s["lag_positions"]
+                style = "green" if lag == 0 and not s["last_error"] else "yellow"
+                table.add_row(
+                    s["cell_name"],
+                    s["source"],
+                    region.name,
+                    str(s["applied"]),
+                    str(s["head"]),
+                    f"[{style}]{lag}[/]",
+                    str(s["lag_ms"]),
+                    str(s["errors"]),
+                )
+    console.print(table)
+
+
+@main.command()
+@config_option
+@click.option("--cell", "cell_text", required=True, help="Cell id or name (3, u3, center).")
+@click.option("--region", required=True, help="The region whose copy to wait for.")
+@click.option(
+    "--position",
+    type=click.IntRange(min=0),
+    required=True,
+    help="Changelog position of the cell to wait for.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, max=3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait at most.",
+)
+def wait(
+    config_path: Path | None, cell_text: str, region: str, position: int, timeout_s: float
+) -> None:
+    """Wait until REGION has applied CELL up to POSITION (exit 0), or time out (exit 1).
+
+    The switchover uses the same internal API: it reads a cell's final position at the old
+    owner and waits for the new owner to reach it.
+    """
+    import time
+
+    import orjson
+
+    from unitrade.rpc.signing import sign
+
+    config = _load(config_path)
+    try:
+        cell = config.find_cell(cell_text)
+    except KeyError as exc:
+        raise click.BadParameter(str(exc), param_hint="--cell") from exc
+    if region not in config.region_names:
+        raise click.BadParameter(f"unknown region {region!r}", param_hint="--region")
+    target = "/internal/replication/wait"
+    deadline = time.monotonic() + timeout_s
+    reached = {"position": None}
+    with httpx.Client(timeout=70.0) as client:
+        while True:
+            left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            body = orjson.dumps(
+                {"cell": cell.id, "position": position, "timeout_ms": min(left_ms, 60_000)}
+            )
+            headers = {
+                "content-type": "application/json",
+                **sign(config.secret, region, "POST", target, body),
+            }
+            try:
+                answer = client.post(
+                    config.region(region).base_url + target, content=body, headers=headers
+                )
+            except httpx.HTTPError as exc:
+                raise click.ClickException(f"region {region} is unreachable: {exc}") from exc
+            if answer.status_code != 200:
+                raise click.ClickException(f"region {region} answered {answer.text}")
+            reached = answer.json()
+            if reached["reached"] or time.monotonic() >= deadline:
+                break
+    if not reached["reached"]:
+        console.print(
+            f"[red]timed out[/]: {region} has {cell.name} at {reached['position']}, not {position}"
+        )
+        sys.exit(1)
+    console.print(f"{region} has applied {cell.name} up to {reached['position']} (>= {position})")
 
 
 @main.command()

@@ -29,7 +29,9 @@ from unitrade.gateway.edge import (
     json_response,
 )
 from unitrade.gateway.forward import Forwarder
+from unitrade.gateway.metrics import metrics_endpoint
 from unitrade.region import RegionRuntime
+from unitrade.replication.diff_routes import diff_routes
 from unitrade.replication.replicator import serve_pull
 from unitrade.topology.order_id import parse_order_id
 from unitrade.topology.rule import RoutingError, route_buyer, route_order
@@ -335,6 +337,8 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
 
     app.include_router(public)
     app.router.routes.extend(internal_routes(runtime))
+    app.router.routes.extend(diff_routes(runtime))
+    app.add_route("/metrics", metrics_endpoint(runtime, forwarder), include_in_schema=False)
     return app
 
 
@@ -390,7 +394,15 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
             raise NotFound(f"no cell {b.cell}")
         return await serve_pull(runtime.copies, b.cell, b.after, b.limit, b.wait_ms)
 
+    async def wait(b: models.WaitCall) -> Any:
+        if b.cell not in runtime.copies.stores:
+            raise NotFound(f"no cell {b.cell}")
+        store = runtime.copies[b.cell]
+        position = await store.wait_beyond(b.position - 1, b.timeout_ms / 1000)
+        return {"cell": b.cell, "position": position, "reached": position >= b.position}
+
     calls: list[tuple[str, Callable[[Request], Awaitable[Response]]]] = [
+        ("/internal/replication/wait", endpoint(models.WaitCall, wait, None)),
         ("/internal/replication/pull", endpoint(models.PullCall, pull, None)),
         ("/internal/center/reserve", endpoint(models.ReserveCall, reserve, center)),
         ("/internal/center/step", endpoint(models.StepCall, step, center)),

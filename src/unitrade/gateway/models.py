@@ -87,3 +87,9 @@ class PullCall(_Body):
     after: Annotated[int, Field(ge=0)]
     limit: Annotated[int, Field(ge=1, le=500)]
     wait_ms: Annotated[int, Field(ge=0, le=2000)]
+
+
+class WaitCall(_Body):
+    cell: int
+    position: Annotated[int, Field(ge=0)]
+    timeout_ms: Annotated[int, Field(ge=0, le=60_000)]

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+import orjson
 from sqlalchemy import Connection, Table, bindparam, select, tuple_
 from sqlalchemy.sql import ColumnElement, Select
 
@@ -56,6 +57,16 @@ TOUCHED_MAX = 50_000
 CATCH_UP_WAIT_S = 5.0  # how long a replica waits to reach the owner's page position
 PAGE_ATTEMPTS = 4  # reads of the owner's page when the replica's page is the smaller one
 DIGEST_MODULUS = 2**64
+# One call computes at most this many chunks, and checksums at most this many rows (bounded
+# time per call: a table of any size is many short calls, not one long one).
+CHUNKS_PER_CALL_MAX = 64
+ROWS_PER_CALL_MAX = 100_000
+
+# The internal API (replication/diff_routes.py), which the `diff` command calls.
+CHUNKS_PATH = "/internal/diff/chunks"
+CHECKSUMS_PATH = "/internal/diff/checksums"
+ROWS_PATH = "/internal/diff/rows"
+COMPARE_PATH = "/internal/diff/compare"
 
 
 # -- which tables ---------------------------------------------------------------------------
@@ -308,8 +319,6 @@ def _touched(fetch: Fetch, table: Table, after: int, upto: int) -> set[str]:
 
 
 def _parse_pk(text: str) -> Key:
-    import orjson
-
     parsed: Key = orjson.loads(text)
     return parsed
 
@@ -353,6 +362,16 @@ def repair_page(
     return Outcome(outcome.mismatches, outcome.in_flux, repaired=True)
 
 
+def refuse_owner(store: CellStore) -> None:
+    """The owner's copy is the reference: it is never compared with itself, nor repaired."""
+    owner = store.fence.rule.owner_of(store.cell.id)
+    if owner == store.region:
+        raise WrongRegion(
+            f"cell {store.cell.id} is owned by {store.region}; its copy here is not a replica",
+            owner=owner,
+        )
+
+
 async def run_unfenced(store: CellStore, work: Callable[[WriteTx], T]) -> T:
     """Run `work` in one write transaction of a replica copy: not through the fence (which
     admits only the owner's writes) and without changelog capture.
@@ -360,12 +379,7 @@ async def run_unfenced(store: CellStore, work: Callable[[WriteTx], T]) -> T:
     Stands in for a `CellStore.repair(work)` method, which belongs in storage/store.py next
     to `CellStore.apply`; until then it uses the store's private transaction runner.
     """
-    owner = store.fence.rule.owner_of(store.cell.id)
-    if owner == store.region:
-        raise WrongRegion(
-            f"cell {store.cell.id} is owned by {store.region}; its copy here is not a replica",
-            owner=owner,
-        )
+    refuse_owner(store)
 
     def body(tx: WriteTx) -> tuple[T, int]:
         return work(tx), 0  # position 0: the copy's position does not move
@@ -412,6 +426,7 @@ async def compare_page(
     up to there: bounds always come from a database, never from ordering keys in Python.
     """
     assert 1 <= limit <= PAGE_ROWS_MAX
+    refuse_owner(store)
     end = hi
     for _ in range(PAGE_ATTEMPTS):
         owner = await owner_page(lo, end, limit)

@@ -137,6 +137,7 @@ class Replicator:
                 state.source, state.head, state.lag_ms = "", store.position, 0
                 await asyncio.sleep(0.5)  # a cell we own has nothing to pull
                 continue
+            state.source = owner
             try:
                 await self._pull_once(cell, owner, state)
                 backoff = BACKOFF_S_MIN

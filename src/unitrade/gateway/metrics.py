@@ -1,0 +1,87 @@
+"""Prometheus metrics of a region, at `/metrics`.
+
+A collector reads the region's state when scraped, so the request path pays nothing for
+metrics: replication lag per stream (positions and ms), applied rows, stream errors, each
+cell copy's changelog position, requests forwarded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+from unitrade.gateway.forward import Forwarder
+from unitrade.region import RegionRuntime
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class RegionCollector(Collector):
+    def __init__(self, runtime: RegionRuntime, forwarder: Forwarder) -> None:
+        self.runtime = runtime
+        self.forwarder = forwarder
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        region = self.runtime.name
+        stream = ["region", "cell", "source"]
+        lag_positions = GaugeMetricFamily(
+            "unitrade_replication_lag_positions",
+            "Changelog positions the owner has and this copy has not applied yet",
+            labels=stream,
+        )
+        lag_ms = GaugeMetricFamily(
+            "unitrade_replication_lag_ms",
+            "Age of the oldest change not applied yet, on the owner's clock",
+            labels=stream,
+        )
+        applied = CounterMetricFamily(
+            "unitrade_replication_applied_rows",
+            "Changelog rows applied to this copy since the region started",
+            labels=stream,
+        )
+        errors = CounterMetricFamily(
+            "unitrade_replication_errors", "Failed pulls or applies of a stream", labels=stream
+        )
+        for s in self.runtime.replicator.status():
+            labels = [region, s["cell_name"], s["source"]]
+            lag_positions.add_metric(labels, s["lag_positions"])
+            lag_ms.add_metric(labels, s["lag_ms"])
+            applied.add_metric(labels, s["applied_rows"])
+            errors.add_metric(labels, s["errors"])
+        position = GaugeMetricFamily(
+            "unitrade_cell_position",
+            "Last changelog position of this region's copy of a cell",
+            labels=["region", "cell", "owned"],
+        )
+        rule = self.runtime.fence.rule
+        for cell, store in self.runtime.copies.stores.items():
+            owned = "true" if rule.owner_of(cell) == region else "false"
+            position.add_metric([region, rule.cells[cell].name, owned], store.position)
+        forwarded = CounterMetricFamily(
+            "unitrade_forwarded_requests",
+            "Client requests forwarded to an owner region",
+            labels=["region"],
+        )
+        forwarded.add_metric([region], self.forwarder.forwarded)
+        rule_version = GaugeMetricFamily(
+            "unitrade_rule_version", "Version of the rule in force", labels=["region"]
+        )
+        rule_version.add_metric([region], rule.version)
+        yield from (lag_positions, lag_ms, applied, errors, position, forwarded, rule_version)
+
+
+def metrics_endpoint(
+    runtime: RegionRuntime, forwarder: Forwarder
+) -> Callable[[Request], Awaitable[Response]]:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(RegionCollector(runtime, forwarder))
+
+    async def metrics(_request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE)
+
+    return metrics

@@ -1,0 +1,285 @@
+"""`unitrade diff`: compare every replica copy of a cell with its owner's copy, row by row.
+
+For each cell, table and replica region: the owner lists its chunks (key ranges of at most
+`--chunk-rows` rows, with checksums), the replica checksums the same ranges of its copy, and
+only the chunks whose checksums differ are compared row by row, by the replica, against the
+owner's rows (replication/diff.py). Each mismatched primary key is printed with its cell,
+region, table and kind; `--repair` makes the replica's rows equal to the owner's, then checks
+everything again.
+
+Exit status: 0 when every copy equals its owner's (after the repair, with `--repair`), 1 when
+differences remain, 2 when a region could not be asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+import orjson
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from unitrade.replication.diff import (
+    CHECKSUMS_PATH,
+    CHUNK_ROWS_DEFAULT,
+    CHUNK_ROWS_MAX,
+    CHUNKS_PATH,
+    CHUNKS_PER_CALL_MAX,
+    COMPARE_PATH,
+    REPLICA_OVERSHOOT,
+    ROWS_PER_CALL_MAX,
+    Checksum,
+    compared_tables,
+)
+from unitrade.rpc.signing import sign
+from unitrade.topology.config import CellConfig, ConfigError, TopologyConfig, load_config
+
+CONNECT_TIMEOUT_S = 3.0
+# A call reads a bounded number of rows, but a compare call may also wait for the replica to
+# catch up (diff.CATCH_UP_WAIT_S) and call the owner (rpc.client.REQUEST_TIMEOUT_S).
+CALL_TIMEOUT_S = 60.0
+COMPARE_PAGE_ROWS = 500
+HEADERS = {"mismatched_chunks": "differ", "in_flux": "in flux"}
+
+
+class DiffError(click.ClickException):
+    """The comparison could not be made (exit status 2, not 1: nothing is known to differ)."""
+
+    exit_code = 2
+
+
+@dataclass
+class Tally:
+    """What the comparison of one replica copy of one cell found."""
+
+    chunks: int = 0
+    mismatched_chunks: int = 0
+    missing: int = 0
+    extra: int = 0
+    different: int = 0
+    in_flux: int = 0
+    repaired: int = 0
+
+    @property
+    def differences(self) -> int:
+        return self.missing + self.extra + self.different
+
+
+class Regions:
+    """Signed calls to the regions' internal API, as the CLI holds the cluster secret."""
+
+    def __init__(self, config: TopologyConfig, http: httpx.Client) -> None:
+        self.config = config
+        self.http = http
+
+    def call(self, region: str, path: str, payload: Any, origin: str) -> Any:
+        body = orjson.dumps(payload)
+        headers = {"content-type": "application/json"}
+        headers.update(sign(self.config.secret, origin, "POST", path, body))
+        try:
+            response = self.http.post(
+                self.config.region(region).base_url + path, content=body, headers=headers
+            )
+            answer = orjson.loads(response.content) if response.content else None
+        except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
+            raise DiffError(f"region {region}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 400:
+            message = answer.get("message") if isinstance(answer, dict) else None
+            raise DiffError(f"region {region} answered {response.status_code}: {message}")
+        return answer
+
+    def owners(self) -> dict[str, str]:
+        """cell name -> owner region under the rule in force, from the first region that
+        answers (the configuration's owners are only rule version 1)."""
+        for region in self.config.regions:
+            try:
+                health = self.http.get(region.base_url + "/healthz").json()
+            except (httpx.HTTPError, ValueError):
+                continue
+            if isinstance(health, dict) and isinstance(health.get("owners"), dict):
+                return {str(k): str(v) for k, v in health["owners"].items()}
+        raise DiffError("no region answered /healthz")
+
+
+class Differ:
+    """One pass over the chosen cells: compare (and repair) every replica copy."""
+
+    def __init__(self, regions: Regions, chunk_rows: int, repair: bool) -> None:
+        self.regions = regions
+        self.chunk_rows = chunk_rows
+        self.repair = repair
+        self.tallies: dict[tuple[str, str], Tally] = {}
+
+    def cell(self, cell: CellConfig, owner: str) -> None:
+        replicas = [r for r in self.regions.config.region_names if r != owner]
+        for replica in replicas:
+            self.tallies[(cell.name, replica)] = Tally()
+        for table in compared_tables(cell.kind):
+            self.table(cell, owner, replicas, table)
+
+    def table(self, cell: CellConfig, owner: str, replicas: list[str], table: str) -> None:
+        after: Any = None
+        chunks_max = min(CHUNKS_PER_CALL_MAX, max(1, ROWS_PER_CALL_MAX // self.chunk_rows))
+        while True:
+            call = {"cell": cell.id, "table": table, "after": after}
+            call.update({"chunk_rows": self.chunk_rows, "chunks_max": chunks_max})
+            answer = self.regions.call(owner, CHUNKS_PATH, call, origin=owner)
+            chunks: list[dict[str, Any]] = answer["chunks"]
+            for replica in replicas:
+                self.chunks(cell, owner, replica, table, chunks)
+            if answer["done"]:
+                return
+            after = chunks[-1]["hi"]
+
+    def chunks(
+        self, cell: CellConfig, owner: str, replica: str, table: str, chunks: list[dict[str, Any]]
+    ) -> None:
+        """Checksum the owner's chunks on the replica; compare those that differ."""
+        ranges = [{"lo": c["lo"], "hi": c["hi"]} for c in chunks]
+        call = {"cell": cell.id, "table": table, "ranges": ranges}
+        call["rows_max"] = self.chunk_rows * REPLICA_OVERSHOOT
+        answer = self.regions.call(replica, CHECKSUMS_PATH, call, origin=owner)
+        tally = self.tallies[(cell.name, replica)]
+        for chunk, theirs in zip(chunks, answer["checksums"], strict=True):
+            tally.chunks += 1
+            if Checksum.from_body(chunk) != Checksum.from_body(theirs):
+                tally.mismatched_chunks += 1
+                self.compare(cell, owner, replica, table, chunk["lo"], chunk["hi"])
+
+    def compare(
+        self, cell: CellConfig, owner: str, replica: str, table: str, lo: Any, hi: Any
+    ) -> None:
+        """Compare (and repair) one chunk on the replica, page by page."""
+        tally = self.tallies[(cell.name, replica)]
+        while True:
+            call = {"cell": cell.id, "table": table, "lo": lo, "hi": hi}
+            call.update({"limit": COMPARE_PAGE_ROWS, "repair": self.repair})
+            answer = self.regions.call(replica, COMPARE_PATH, call, origin=owner)
+            for mismatch in answer["mismatches"]:
+                self.found(cell, replica, mismatch, answer["repaired"], tally)
+            tally.in_flux += int(answer["in_flux"])
+            if answer["done"]:
+                return
+            lo = answer["next_lo"]
+
+    def found(
+        self, cell: CellConfig, replica: str, mismatch: dict[str, Any], repaired: bool, tally: Tally
+    ) -> None:
+        kind = str(mismatch["kind"])
+        tally.missing += kind == "missing"
+        tally.extra += kind == "extra"
+        tally.different += kind == "different"
+        tally.repaired += repaired
+        what = {"missing": "missing on replica", "extra": "extra on replica"}.get(kind, kind)
+        if mismatch["columns"]:
+            what += f" ({', '.join(mismatch['columns'])})"
+        key = orjson.dumps(mismatch["key"]).decode()
+        # One tab-separated line per key, not through rich: greppable, never wrapped.
+        fields = [cell.name, replica, mismatch["table"], key, what]
+        click.echo("\t".join([*fields, "repaired"] if repaired else fields))
+
+    def run(self, cells: list[CellConfig], owners: dict[str, str]) -> None:
+        for cell in cells:
+            self.cell(cell, owners.get(cell.name, cell.owner))
+
+    @property
+    def differences(self) -> int:
+        return sum(t.differences for t in self.tallies.values())
+
+    @property
+    def in_flux(self) -> int:
+        return sum(t.in_flux for t in self.tallies.values())
+
+
+def summary(tallies: dict[tuple[str, str], Tally], title: str) -> Table:
+    # No vertical rules and no cut headers: fits 80 columns.
+    table = Table(title=title, box=box.SIMPLE, pad_edge=False, collapse_padding=True)
+    names = [f.name for f in fields(Tally)]
+    table.add_column("cell", no_wrap=True)
+    table.add_column("replica", no_wrap=True, min_width=7)
+    for name in names:
+        header = HEADERS.get(name, name)
+        table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
+    for (cell, region), tally in tallies.items():
+        table.add_row(cell, region, *(str(getattr(tally, n)) for n in names))
+    return table
+
+
+def choose_cells(config: TopologyConfig, wanted: tuple[str, ...]) -> list[CellConfig]:
+    if not wanted:
+        return list(config.cells)
+    try:
+        return [config.find_cell(text) for text in wanted]
+    except KeyError as exc:
+        raise click.BadParameter(str(exc.args[0]), param_hint="--cell") from exc
+
+
+@contextmanager
+def cluster_regions(config: TopologyConfig) -> Iterator[Regions]:
+    timeout = httpx.Timeout(CALL_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+    with httpx.Client(timeout=timeout) as http:
+        yield Regions(config, http)
+
+
+def run_diff(
+    config: TopologyConfig, cells: list[CellConfig], chunk_rows: int, repair: bool, console: Console
+) -> int:
+    """Compare (and repair) the cells' copies; the number of differences left."""
+    with cluster_regions(config) as regions:
+        owners = regions.owners()
+        first = Differ(regions, chunk_rows, repair)
+        first.run(cells, owners)
+        console.print(summary(first.tallies, "repaired" if repair else "differences"))
+        left = first
+        if repair:
+            left = Differ(regions, chunk_rows, repair=False)
+            left.run(cells, owners)
+            console.print(f"re-check after the repair: {left.differences} differences")
+    if left.in_flux:
+        console.print(f"{left.in_flux} rows changed while they were compared: run diff again")
+    return left.differences
+
+
+@click.command("diff")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Topology TOML file (default: built-in hz/sh/bj on 127.0.0.1:8701-8703).",
+)
+@click.option(
+    "--cell",
+    "cells",
+    multiple=True,
+    help="Cell id or name (u3, center, global); repeat for several. Default: every cell.",
+)
+@click.option("--repair", is_flag=True, help="Make every replica equal to its owner's copy.")
+@click.option(
+    "--chunk-rows",
+    type=click.IntRange(10, CHUNK_ROWS_MAX),
+    default=CHUNK_ROWS_DEFAULT,
+    show_default=True,
+    help="Rows per checksummed chunk.",
+)
+def diff(config_path: Path | None, cells: tuple[str, ...], repair: bool, chunk_rows: int) -> None:
+    """Compare every replica copy of the cells with the owner's copy, row by row.
+
+    Prints each mismatched primary key (cell, replica region, table, kind) and a summary.
+    Exit status 0: equal (after the repair, with --repair); 1: differences; 2: a region
+    could not be asked.
+    """
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise DiffError(str(exc)) from exc
+    console = Console(highlight=False)
+    left = run_diff(config, choose_cells(config, cells), chunk_rows, repair, console)
+    raise SystemExit(1 if left else 0)
