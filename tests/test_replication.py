@@ -112,3 +112,25 @@ def test_source_killed_mid_stream_resumes_from_the_checkpoints(
     heads = wait_converged(api.config)
     assert differences(api.config, cluster.data_dir) == []
     assert positions(api.config)["sh"]["center"] == heads["center"]
+
+
+def test_a_wiped_copy_is_rebuilt_from_a_snapshot_while_the_owner_keeps_writing(
+    fresh: tuple[LocalCluster, Api],
+) -> None:
+    cluster, api = fresh
+    api.put_product("W1", stock=100_000)
+    burst(api, ["W1"], 150, 5)
+    wait_converged(api.config)
+    cluster.kill_region("bj")
+    for cell in ("u1", "u3", "center", "global"):  # bj's copies of cells owned elsewhere
+        for suffix in ("", "-wal", "-shm"):
+            (cluster.data_dir / "bj" / f"cell-{cell}.db{suffix}").unlink(missing_ok=True)
+    with ThreadPoolExecutor(1) as pool:
+        load = pool.submit(burst, api, ["W1"], 80, 6)  # writes go on at the owners
+        cluster.start(["bj"])
+        load.result()
+    wait_converged(api.config)
+    assert differences(api.config, cluster.data_dir) == []
+    streams = api.http.get(api.url("bj", "/healthz")).json()["replication"]
+    rebuilt = {s["cell_name"] for s in streams if s["bootstraps"] > 0}
+    assert {"u1", "u3", "center"} <= rebuilt

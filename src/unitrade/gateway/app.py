@@ -33,6 +33,7 @@ from unitrade.gateway.metrics import metrics_endpoint
 from unitrade.region import RegionRuntime
 from unitrade.replication.diff_routes import diff_routes
 from unitrade.replication.replicator import serve_pull
+from unitrade.replication.snapshot import serve_snapshot, snapshot_tables
 from unitrade.topology.order_id import parse_order_id
 from unitrade.topology.rule import RoutingError, route_buyer, route_order
 
@@ -394,6 +395,13 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
             raise NotFound(f"no cell {b.cell}")
         return await serve_pull(runtime.copies, b.cell, b.after, b.limit, b.wait_ms)
 
+    async def snapshot(b: models.SnapshotCall) -> Any:
+        if b.cell not in runtime.copies.stores:
+            raise NotFound(f"no cell {b.cell}")
+        if b.table is not None and b.table not in snapshot_tables(runtime.copies[b.cell]):
+            raise NotFound(f"no table {b.table} in cell {b.cell}")
+        return await serve_snapshot(runtime.copies, b.cell, b.table, b.after, b.limit, b.upto)
+
     async def wait(b: models.WaitCall) -> Any:
         if b.cell not in runtime.copies.stores:
             raise NotFound(f"no cell {b.cell}")
@@ -403,6 +411,7 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
 
     calls: list[tuple[str, Callable[[Request], Awaitable[Response]]]] = [
         ("/internal/replication/wait", endpoint(models.WaitCall, wait, None)),
+        ("/internal/replication/snapshot", endpoint(models.SnapshotCall, snapshot, None)),
         ("/internal/replication/pull", endpoint(models.PullCall, pull, None)),
         ("/internal/center/reserve", endpoint(models.ReserveCall, reserve, center)),
         ("/internal/center/step", endpoint(models.StepCall, step, center)),

@@ -93,3 +93,11 @@ class WaitCall(_Body):
     cell: int
     position: Annotated[int, Field(ge=0)]
     timeout_ms: Annotated[int, Field(ge=0, le=60_000)]
+
+
+class SnapshotCall(_Body):
+    cell: int
+    table: Annotated[str | None, Field(pattern=r"^[a-z_]{1,64}$")] = None
+    after: Annotated[list[int | str] | None, Field(max_length=8)] = None
+    limit: Annotated[int, Field(ge=1, le=1000)] = 1000
+    upto: Annotated[int, Field(ge=0)] = 0

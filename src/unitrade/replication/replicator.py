@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unitrade.errors import UnitradeError, WrongRegion
+from unitrade.replication.snapshot import bootstrap, owner_position
 from unitrade.rpc.client import RegionClient
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.store import now_ms
@@ -36,6 +37,9 @@ WAIT_MS_MAX = 2_000  # how long an owner holds a pull with nothing new
 # batch: at most one pull per stream per window instead of one per commit, which halved the
 # owner's latency under sequential load, for a few ms of lag.
 BATCH_WINDOW_S = 0.01
+# A copy at position 0 (new, or wiped) whose owner is further ahead than this is rebuilt from
+# a snapshot rather than from the whole changelog (replication/snapshot.py).
+BOOTSTRAP_AFTER_POSITIONS = 100
 BACKOFF_S_MIN = 0.05
 BACKOFF_S_MAX = 2.0
 
@@ -51,6 +55,7 @@ class StreamState:
     lag_ms: int = 0
     applied_rows: int = 0
     errors: int = 0
+    bootstraps: int = 0
     last_error: str = ""
     updated_monotonic: float = field(default_factory=time.monotonic)
 
@@ -68,6 +73,7 @@ class StreamState:
             "lag_ms": self.lag_ms,
             "applied_rows": self.applied_rows,
             "errors": self.errors,
+            "bootstraps": self.bootstraps,
             "last_error": self.last_error,
         }
 
@@ -100,6 +106,7 @@ class Replicator:
         self.client = client
         self.streams = {cell: StreamState(cell) for cell in copies.stores}
         self.on_applied = on_applied or []  # called with (cell, changes) after each batch
+        self.bootstrap_after_positions = BOOTSTRAP_AFTER_POSITIONS
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -151,6 +158,12 @@ class Replicator:
     async def _pull_once(self, cell: int, owner: str, state: StreamState) -> None:
         store = self.copies[cell]
         after = store.position
+        if after == 0 and await owner_position(self.client, owner, cell) > (
+            self.bootstrap_after_positions
+        ):
+            log.info("cell %s: rebuilding this copy from a snapshot of %s", cell, owner)
+            after = await bootstrap(store, self.client, owner)
+            state.bootstraps += 1
         reply = await self.client.call(
             owner,
             "POST",

@@ -468,24 +468,31 @@ class CellStore:
         loops back) and moves the checkpoint, which is this copy's `last_position`. Rows at
         or below the checkpoint are skipped (a duplicated batch is harmless); the first row
         after a gap ends the batch (a reordered batch applies what is contiguous, the rest
-        comes again). A region never applies to a cell it owns.
+        comes again).
         """
+        tables = tables_of(self.cell.kind)
+        cell_id = self.cell.id
+        position = await self.write_replica(lambda tx: apply_changes(tx, cell_id, tables, changes))
+        self._advance(position)
+        return self.position
+
+    async def write_replica(self, work: Callable[[WriteTx], T]) -> T:
+        """A transaction on this replica copy outside the fence, never captured: for
+        replication (apply, snapshot) and repair. A region never does this to a cell it owns:
+        the owner's copy changes only through `write`."""
         owner = self.fence.rule.owner_of(self.cell.id)
         if owner == self.region:
             raise WrongRegion(
                 f"cell {self.cell.id} is owned by {self.region}; its copy here is not a replica",
                 owner=owner,
             )
-        tables = tables_of(self.cell.kind)
-        cell_id = self.cell.id
 
-        def body(tx: WriteTx) -> tuple[int, int]:
-            return 0, apply_changes(tx, cell_id, tables, changes)
+        def body(tx: WriteTx) -> tuple[T, int]:
+            return work(tx), 0
 
         async with self._write_slot():
-            _, position = await self._transact(body, epoch=0)
-        self._advance(position)
-        return self.position
+            result, _ = await self._transact(body, epoch=0)
+        return result
 
     @asynccontextmanager
     async def _write_slot(self) -> AsyncIterator[None]:
@@ -525,6 +532,10 @@ class CellStore:
 
         loop = asyncio.get_running_loop()
         return await _finish(loop.run_in_executor(self._write_thread, run))
+
+    def restored(self, position: int) -> None:
+        """Note the position a snapshot brought this copy to (replication/snapshot.py)."""
+        self._advance(position)
 
     def _advance(self, position: int) -> None:
         """Note a committed position and wake whoever waits for it (replication pulls)."""

@@ -1,0 +1,135 @@
+"""Bootstrap of a new or wiped cell copy: a snapshot plus the stream (DESIGN §7).
+
+The replica first asks the owner for its current position P, then copies every table in
+chunks of primary-key order, each chunk its own read at the owner: a fuzzy snapshot, so the
+owner never pauses writes. It then sets its checkpoint to P and streams from there. Replaying
+the changes after P over rows copied at or after P converges to the owner's state, since
+every change carries the whole row image (or is a delete) and is applied in order; the
+changelog itself is copied up to P only, so every copy keeps the same changelog.
+
+A bootstrap that dies half-way leaves the copy at position 0, and the next one starts by
+wiping what the last one copied (rows the owner may have deleted since would otherwise stay).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from sqlalchemy import Connection, Table, bindparam, delete, select, tuple_, update
+from sqlalchemy.sql import Select
+
+from unitrade.errors import WrongRegion
+from unitrade.rpc.client import RegionClient
+from unitrade.storage.copies import CellCopies
+from unitrade.storage.schema import cell_meta, changelog, tables_of
+from unitrade.storage.store import CellStore, WriteTx
+
+CHUNK_ROWS_MAX = 1_000
+SNAPSHOT_TARGET = "/internal/replication/snapshot"
+
+
+def snapshot_tables(store: CellStore) -> dict[str, Table]:
+    """Every table a snapshot copies: all but the copy's own metadata."""
+    return {n: t for n, t in tables_of(store.cell.kind).items() if n != "cell_meta"}
+
+
+@functools.cache
+def _chunk_statement(table: Table, after: bool) -> Select[Any]:
+    key = list(table.primary_key.columns)
+    statement = select(table).order_by(*key).limit(bindparam("n"))
+    if after:
+        bound = tuple_(*(bindparam(f"a_{c.name}") for c in key))
+        statement = statement.where(tuple_(*key) > bound)
+    if table is changelog:
+        statement = statement.where(changelog.c.position <= bindparam("upto"))
+    return statement
+
+
+async def serve_snapshot(
+    copies: CellCopies,
+    cell: int,
+    table_name: str | None,
+    after: list[Any] | None,
+    limit: int,
+    upto: int,
+) -> dict[str, Any]:
+    """The owner's side: its position (no table), or a chunk of a table after a key."""
+    assert 1 <= limit <= CHUNK_ROWS_MAX
+    owner = copies.fence.rule.owner_of(cell)
+    if owner != copies.region:
+        raise WrongRegion(f"cell {cell} is owned by {owner}", owner=owner, cell=cell)
+    store = copies[cell]
+    if table_name is None:
+        return {"cell": cell, "position": await store.last_position()}
+    table = snapshot_tables(store)[table_name]
+    key = [str(c.name) for c in table.primary_key.columns]
+    params: dict[str, Any] = {"n": limit, "upto": upto}
+    if after is not None:
+        params.update({f"a_{name}": value for name, value in zip(key, after, strict=True)})
+    statement = _chunk_statement(table, after is not None)
+
+    def work(conn: Connection) -> list[dict[str, Any]]:
+        rows = conn.execute(statement, params).mappings()
+        return [{str(k): v for k, v in r.items()} for r in rows]
+
+    rows = await store.read(work)
+    last = [rows[-1][name] for name in key] if rows else None
+    return {"cell": cell, "table": table_name, "rows": rows, "last_key": last}
+
+
+_SET_START = (
+    update(cell_meta)
+    .where(cell_meta.c.cell_id == bindparam("k_cell_id"), cell_meta.c.last_position == 0)
+    .values(last_position=bindparam("s_position"))
+)
+
+
+def _load(table: Table, rows: list[dict[str, Any]], tx: WriteTx) -> None:
+    for row in rows:
+        tx.put_row(table, row)
+
+
+async def owner_position(client: RegionClient, owner: str, cell: int) -> int:
+    reply = await client.call(owner, "POST", SNAPSHOT_TARGET, {"cell": cell})
+    return int(reply["position"])
+
+
+async def bootstrap(store: CellStore, client: RegionClient, owner: str) -> int:
+    """Rebuild this replica copy from the owner's snapshot; the position to stream from."""
+    cell = store.cell.id
+    target = SNAPSHOT_TARGET
+    start = await owner_position(client, owner, cell)
+    tables = snapshot_tables(store)
+
+    def wipe(tx: WriteTx) -> None:
+        for table in tables.values():
+            tx.count(delete(table), {})
+
+    await store.write_replica(wipe)
+    for name, table in tables.items():
+        after: list[Any] | None = None
+        while True:
+            chunk = await client.call(
+                owner,
+                "POST",
+                target,
+                {
+                    "cell": cell,
+                    "table": name,
+                    "after": after,
+                    "limit": CHUNK_ROWS_MAX,
+                    "upto": start,
+                },
+            )
+            rows = chunk["rows"]
+            if rows:
+                await store.write_replica(functools.partial(_load, table, rows))
+            if len(rows) < CHUNK_ROWS_MAX:
+                break
+            after = chunk["last_key"]
+    params = {"k_cell_id": cell, "s_position": start}
+    moved = await store.write_replica(lambda tx: tx.count(_SET_START, params))
+    assert moved == 1, "the copy's position moved during its bootstrap"
+    store.restored(start)
+    return start
