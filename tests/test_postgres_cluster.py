@@ -9,6 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.replication_support import wait_converged
 from tests.support import Api, drop_pg_databases, pg_prefix, require_postgres, write_topology
 from unitrade.cluster import LocalCluster
 
@@ -31,6 +32,30 @@ def pg_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, str]
             api.http.close()
     finally:
         drop_pg_databases(prefix)
+
+
+def pg_rows(database: str) -> dict[str, list[tuple[object, ...]]]:
+    with psycopg.connect(host="127.0.0.1", user="postgres", dbname=database) as conn:
+        names = [
+            r[0]
+            for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        ]
+        return {
+            n: conn.execute(f"SELECT * FROM {n} ORDER BY 1, 2").fetchall()
+            for n in names
+            if n != "cell_meta"
+        }
+
+
+def pg_differences(api: Api, prefix: str) -> list[str]:
+    found = []
+    for cell in api.rule.cells.values():
+        owner = api.rule.owner_of(cell.id)
+        expected = pg_rows(f"{prefix}_{owner}_{cell.name}")
+        for region in api.config.region_names:
+            actual = pg_rows(f"{prefix}_{region}_{cell.name}")
+            found += [f"{cell.name}@{region}.{t}" for t in expected if actual.get(t) != expected[t]]
+    return found
 
 
 def test_orders_on_postgresql(pg_api: tuple[Api, str]) -> None:
@@ -57,6 +82,10 @@ def test_orders_on_postgresql(pg_api: tuple[Api, str]) -> None:
         statuses = list(pool.map(create, range(40)))
     assert statuses.count(201) == 24 and statuses.count(409) == 16
     assert api.levels("PG-1") == {"sku": "PG-1", "available": 0, "reserved": 24, "sold": 6}
+
+    # Replication on PostgreSQL: every copy of every cell converges to its owner's, row by row.
+    wait_converged(api.config)
+    assert pg_differences(api, prefix) == []
 
     # Every cell copy is a database of its own, and the changelog is in it.
     with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres") as conn:
