@@ -116,3 +116,4 @@ def test_demo_shows_orders_in_every_cell_forwarding_and_conserved_stock(tmp_path
     assert "stock conserved: yes" in result.stdout
     assert "orders in every unit cell: yes" in result.stdout
     assert "forwarded to the owner region" in result.stdout
+    assert "every copy of every cell identical to its owner's: yes" in result.stdout

@@ -13,6 +13,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from unitrade.replication.diff_cli import diff
 from unitrade.topology.config import ConfigError, TopologyConfig, load_config
 
 console = Console()
@@ -297,6 +298,8 @@ def demo(
     ok = run_demo(_load(config_path), config_path, data_dir, buyers, skus, stock, concurrency)
     sys.exit(0 if ok else 1)
 
+
+main.add_command(diff)
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from unitrade.cluster import LocalCluster
 from unitrade.gateway.auth import issue_token
+from unitrade.replication.diff_cli import run_diff
 from unitrade.topology.config import TopologyConfig
 from unitrade.topology.order_id import decode_order_id
 from unitrade.topology.rule import initial_rule
@@ -245,7 +246,13 @@ async def _report(
     heads = await _converged(http, urls)
     console.print(
         f"replication: every region's copy of all {len(heads)} cells is at its owner's "
-        f"position ({sum(heads.values())} changelog rows in all)"
+        f"position ({sum(heads.values())} changelog rows in all); comparing row by row:"
+    )
+    left = await asyncio.to_thread(run_diff, config, list(config.cells), 1000, False, console)
+    identical = left == 0
+    console.print(
+        f"every copy of every cell identical to its owner's: "
+        f"{'[green]yes[/]' if identical else '[red]NO[/]'}"
     )
     console.print(
         f"stock conserved: {'[green]yes[/]' if conserved else '[red]NO[/]'} "
@@ -253,4 +260,4 @@ async def _report(
         "match the open and paid orders)"
     )
     console.print(f"orders in every unit cell: {'[green]yes[/]' if all_cells else '[red]no[/]'}")
-    return conserved and all_cells and tally.forwarded > 0
+    return conserved and all_cells and identical and tally.forwarded > 0

@@ -27,7 +27,7 @@ import functools
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import orjson
 from sqlalchemy import Connection, Table, bindparam, select, tuple_
@@ -38,7 +38,6 @@ from unitrade.storage.schema import cell_meta, changelog, tables_of
 from unitrade.storage.store import ROWS_PER_WRITE_MAX, CellStore, WriteTx, to_json
 from unitrade.topology.config import CellKind
 
-T = TypeVar("T")
 Key = dict[str, Any]  # primary key column -> value
 RowImage = dict[str, Any]
 Kind = Literal["missing", "extra", "different"]
@@ -52,10 +51,12 @@ CHUNK_ROWS_MAX = 10_000
 REPLICA_OVERSHOOT = 4
 PAGE_ROWS_MAX = ROWS_PER_WRITE_MAX  # rows compared (and repaired) in one transaction
 # Changes applied to the replica after the owner's page was read, looked at to set aside the
-# keys in flux: more than this and the page is read again.
+# keys in flux: more than this and the call fails (the replica was far behind; retry later).
 TOUCHED_MAX = 50_000
 CATCH_UP_WAIT_S = 5.0  # how long a replica waits to reach the owner's page position
-PAGE_ATTEMPTS = 4  # reads of the owner's page when the replica's page is the smaller one
+# When the replica holds more than a page of rows before the owner's page ends, the owner's
+# page is read again up to the replica's last row; at most this many reads per page.
+PAGE_ATTEMPTS = 4
 DIGEST_MODULUS = 2**64
 # One call computes at most this many chunks, and checksums at most this many rows (bounded
 # time per call: a table of any size is many short calls, not one long one).
@@ -372,23 +373,6 @@ def refuse_owner(store: CellStore) -> None:
         )
 
 
-async def run_unfenced(store: CellStore, work: Callable[[WriteTx], T]) -> T:
-    """Run `work` in one write transaction of a replica copy: not through the fence (which
-    admits only the owner's writes) and without changelog capture.
-
-    Stands in for a `CellStore.repair(work)` method, which belongs in storage/store.py next
-    to `CellStore.apply`; until then it uses the store's private transaction runner.
-    """
-    refuse_owner(store)
-
-    def body(tx: WriteTx) -> tuple[T, int]:
-        return work(tx), 0  # position 0: the copy's position does not move
-
-    async with store._write_slot():
-        result, _ = await store._transact(body, epoch=0)
-    return result
-
-
 OwnerPages = Callable[[Key | None, Key | None, int], Awaitable[Page]]
 
 
@@ -440,7 +424,7 @@ async def compare_page(
         def look(conn: Connection, owner: Page = owner, page_end: Key | None = page_end) -> Outcome:
             return reconcile(_on(conn), table, lo, page_end, owner, limit)
 
-        outcome = await run_unfenced(store, work) if repair else await store.read(look)
+        outcome = await store.write_replica(work) if repair else await store.read(look)
         if outcome.truncated_at is None:
             done = owner.complete and end == hi
             return PageResult(outcome, None if done else page_end, done)

@@ -126,7 +126,7 @@ def diff_routes(runtime: RegionRuntime) -> list[Route]:
             work = functools.partial(range_checksum, table=table, lo=lo, hi=hi, rows_max=b.rows_max)
             checksum = await store.read(work)
             sums.append(checksum.body())
-        return {"checksums": sums, "position": store.position}
+        return {"checksums": sums}
 
     async def rows(b: RowsCall) -> Any:
         store, table = store_and_table(b)
