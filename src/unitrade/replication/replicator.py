@@ -10,8 +10,9 @@ backpressure is the replica's own pace. The owner answers with a long poll (it w
 request per batch, with lag bounded by one round trip.
 
 Lag is reported per stream in positions (owner's head minus the checkpoint) and in
-milliseconds: the age of the oldest change not yet applied, both ends of it measured on the
-owner's clock, so that clock skew between regions never shows up as lag (otter#876).
+milliseconds: the delay of the last batch applied, from the commit of its oldest change at
+the owner to its apply here, measured on the owner's clock so that clock skew between
+regions never shows up as lag (otter#876); 0 once a pull finds nothing new.
 """
 
 from __future__ import annotations
@@ -174,14 +175,17 @@ class Replicator:
         state.source = owner
         state.head = int(reply["head"])
         if changes:
-            oldest_unapplied_ms = int(changes[0]["created_ms"])
+            pulled = time.monotonic()
             applied = await store.apply(changes)
             state.applied_rows += applied - after
             for listener in self.on_applied:
                 listener(cell, changes)
+            # The delay of this batch: from the commit of its oldest change at the owner to
+            # now that it is applied here, on the owner's clock (its `now_ms` at the pull,
+            # plus the time the apply took).
+            apply_ms = int((time.monotonic() - pulled) * 1000)
+            state.lag_ms = max(0, int(reply["now_ms"]) - int(changes[0]["created_ms"]) + apply_ms)
+        else:
+            state.lag_ms = 0  # nothing new within the long poll: caught up
         state.applied = store.position
-        if state.applied >= state.head:
-            state.lag_ms = 0
-        elif changes:
-            state.lag_ms = max(0, int(reply["now_ms"]) - oldest_unapplied_ms)
         state.updated_monotonic = time.monotonic()
