@@ -35,9 +35,10 @@ log = logging.getLogger("unitrade.replication")
 BATCH_ROWS_MAX = 500
 WAIT_MS_MAX = 2_000  # how long an owner holds a pull with nothing new
 # A pull that was caught up and is woken by a commit waits this much longer to collect a
-# batch: at most one pull per stream per window instead of one per commit, which halved the
-# owner's latency under sequential load, for a few ms of lag.
-BATCH_WINDOW_S = 0.01
+# batch: at most one pull per stream per window instead of one per commit. Every pull costs
+# a request at both ends whatever it carries, and at 10 ms the pulls took about a quarter of
+# the owner's CPU under load (docs/benchmarks.md, Replication); 25 ms, for ~15 ms more lag.
+BATCH_WINDOW_S = 0.025
 # A copy at position 0 (new, or wiped) whose owner is further ahead than this is rebuilt from
 # a snapshot rather than from the whole changelog (replication/snapshot.py).
 BOOTSTRAP_AFTER_POSITIONS = 100

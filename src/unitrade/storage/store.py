@@ -185,12 +185,22 @@ def apply_changes(
             continue  # applied before: a duplicate
         if position != checkpoint + len(applied) + 1:
             break  # a gap: the rest comes again, in order
-        table = tables[str(change["tbl"])]
-        key = orjson.loads(change["pk"])
-        tx.delete_row(table, key)
-        if change["op"] != "d":
-            tx.put_row(table, orjson.loads(change["row_image"]))
         applied.append({field: change[field] for field in CHANGE_FIELDS})
+    # Every change is a whole row image or a delete, so a batch comes down to the last change
+    # of each (table, key), applied with one delete and one insert per table: two statements
+    # per row cost most of a replica's catch-up (docs/benchmarks.md, Replication).
+    final_change: dict[tuple[str, str], dict[str, Any]] = {}
+    for change in applied:
+        final_change[(str(change["tbl"]), str(change["pk"]))] = change
+    by_table: dict[str, list[dict[str, Any]]] = {}
+    for (name, _), change in final_change.items():
+        by_table.setdefault(name, []).append(change)
+    for name, final in by_table.items():
+        table = tables[name]
+        tx.delete_rows(table, [orjson.loads(c["pk"]) for c in final])
+        images = [orjson.loads(c["row_image"]) for c in final if c["op"] != "d"]
+        if images:
+            tx.put_rows(table, images)
     if not applied:
         return checkpoint
     tx.append_verbatim(applied)
@@ -300,6 +310,15 @@ class WriteTx:
     def delete_row(self, table: Table, key: Mapping[str, Any]) -> None:
         """Delete by primary key without capturing it (replication)."""
         self._count(_delete_statement(table), key_params(key))
+
+    def put_rows(self, table: Table, images: list[dict[str, Any]]) -> None:
+        """Insert row images as they are, in one statement, without capturing them."""
+        columns = [str(c.name) for c in table.columns]
+        self._many(_insert_statement(table), [{c: i.get(c) for c in columns} for i in images])
+
+    def delete_rows(self, table: Table, keys: list[dict[str, Any]]) -> None:
+        """Delete by primary keys in one statement, without capturing it."""
+        self._many(_delete_statement(table), [key_params(k) for k in keys])
 
     def append_verbatim(self, changes: list[dict[str, Any]]) -> None:
         """Append another copy's changelog rows unchanged (replication)."""
