@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1023,10 +1023,20 @@ def main(argv: list[str] | None = None) -> int:
     # A hard bound on the whole run; the handler raises, so the processes are still stopped.
     budget = 180 + (args.rounds * 4 + 4) * (args.duration + args.warmup + GRACE_S)
     budget += args.sequential * 0.2 + (2 * args.profile_seconds + 80 if args.profile else 0)
+    return run_bounded(run, args, budget)
+
+
+def run_bounded(
+    run_fn: Callable[[argparse.Namespace], dict[str, Any]],
+    args: argparse.Namespace,
+    budget_s: float,
+) -> int:
+    """Run a benchmark under a hard time bound (the alarm handler raises, so every process
+    is still stopped) and write its results to `--json`; the exit status."""
     signal.signal(signal.SIGALRM, _interrupt)
-    signal.alarm(int(budget))
+    signal.alarm(int(budget_s))
     try:
-        results = run(args)
+        results = run_fn(args)
     except KeyboardInterrupt as exc:
         print(f"interrupted ({str(exc) or 'Ctrl-C'}); processes stopped", file=sys.stderr)
         return 130

@@ -96,6 +96,7 @@ from benchmarks.bench_orders import (
     machine_busy_fraction,
     machine_busy_seconds,
     print_profile,
+    run_bounded,
     seed,
     self_cpu_seconds,
     source_info,
@@ -1779,20 +1780,7 @@ def main(argv: list[str] | None = None) -> int:
     budget += (args.apply_rounds + 1) * (
         args.backlog_orders * 0.01 + CONVERGE_TIMEOUT_S + PG_MARKER_TIMEOUT_S
     )
-    signal.signal(signal.SIGALRM, _interrupt)
-    signal.alarm(int(budget))
-    try:
-        results = run(args)
-    except KeyboardInterrupt as exc:
-        print(f"interrupted ({str(exc) or 'Ctrl-C'}); processes stopped", file=sys.stderr)
-        return 130
-    finally:
-        signal.alarm(0)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        print(f"\nresults written to {args.json}")
-    return 0
+    return run_bounded(run, args, budget)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,6 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
     )
     install_error_handlers(app)
     app.state.runtime = runtime
-    app.state.forwarder = forwarder
 
     async def routed(
         request: Request,

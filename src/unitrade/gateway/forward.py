@@ -66,7 +66,6 @@ class Forwarder:
         self.secret = secret
         self.client = client
         self.forwarded = 0  # requests this region sent on to an owner
-        self.failed = 0
 
     def route(
         self, method: str, path: str, authorization: str | None, query: str = ""
@@ -86,7 +85,6 @@ class Forwarder:
         try:
             reply = await self._send(owner, method, target, body, passed)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self.failed += 1
             raise RegionUnavailable(
                 f"owner region {owner} is unreachable: {type(exc).__name__}", region=owner
             ) from exc

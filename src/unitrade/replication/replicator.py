@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from unitrade.errors import UnitradeError, WrongRegion
@@ -59,7 +59,6 @@ class StreamState:
     errors: int = 0
     bootstraps: int = 0
     last_error: str = ""
-    updated_monotonic: float = field(default_factory=time.monotonic)
 
     @property
     def lag_positions(self) -> int:
@@ -189,4 +188,3 @@ class Replicator:
         else:
             state.lag_ms = 0  # nothing new within the long poll: caught up
         state.applied = store.position
-        state.updated_monotonic = time.monotonic()

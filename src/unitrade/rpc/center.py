@@ -3,6 +3,7 @@ the center or global cell; when that is this region they run in-process."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from unitrade.rpc.client import RegionClient
@@ -18,53 +19,48 @@ class CenterClient:
         self.local = local
         self.client = client
 
-    @property
-    def owner(self) -> str:
+    async def _call(
+        self, local: Callable[[], Awaitable[Any]], path: str, payload: dict[str, Any]
+    ) -> Any:
+        """In-process when this region owns the center cell, else a signed call to its owner
+        (the rule is read once, so both halves agree on the owner)."""
         rule = self.fence.rule
-        return rule.owner_of(rule.center_cell)
-
-    def is_local(self) -> bool:
-        return self.owner == self.fence.region
+        owner = rule.owner_of(rule.center_cell)
+        if owner == self.fence.region:
+            return await local()
+        return await self.client.call(owner, "POST", f"/internal/center/{path}", payload)
 
     async def reserve(self, order_id: int, cell: int, lines: Lines) -> dict[str, Any]:
-        if self.is_local():
-            return await self.local.reserve(order_id, cell, lines)
         payload = {"order_id": str(order_id), "cell": cell, "lines": lines}
-        result: dict[str, Any] = await self.client.call(
-            self.owner, "POST", "/internal/center/reserve", payload
+        result: dict[str, Any] = await self._call(
+            lambda: self.local.reserve(order_id, cell, lines), "reserve", payload
         )
         return result
 
     async def step(self, order_id: int, step: str) -> dict[str, Any]:
-        if self.is_local():
-            return await self.local.step(order_id, step)
         payload = {"order_id": str(order_id), "step": step}
-        result: dict[str, Any] = await self.client.call(
-            self.owner, "POST", "/internal/center/step", payload
+        result: dict[str, Any] = await self._call(
+            lambda: self.local.step(order_id, step), "step", payload
         )
         return result
 
     async def set_stock(self, sku: str, total: int) -> dict[str, Any]:
-        if self.is_local():
-            return await self.local.set_stock(sku, total)
         payload = {"sku": sku, "total": total}
-        result: dict[str, Any] = await self.client.call(
-            self.owner, "POST", "/internal/center/stock", payload
+        result: dict[str, Any] = await self._call(
+            lambda: self.local.set_stock(sku, total), "stock", payload
         )
         return result
 
     async def stale(self, cell: int, older_than_ms: int, limit: int) -> list[int]:
-        if self.is_local():
-            return await self.local.stale(cell, older_than_ms, limit)
         payload = {"cell": cell, "older_than_ms": older_than_ms, "limit": limit}
-        result = await self.client.call(self.owner, "POST", "/internal/center/stale", payload)
-        return [int(order_id) for order_id in result]
+        found = await self._call(
+            lambda: self.local.stale(cell, older_than_ms, limit), "stale", payload
+        )
+        return [int(order_id) for order_id in found]
 
     async def levels(self, sku: str) -> dict[str, Any]:
-        if self.is_local():
-            return await self.local.levels(sku)
-        result: dict[str, Any] = await self.client.call(
-            self.owner, "POST", "/internal/center/levels", {"sku": sku}
+        result: dict[str, Any] = await self._call(
+            lambda: self.local.levels(sku), "levels", {"sku": sku}
         )
         return result
 
