@@ -23,13 +23,20 @@ def positions(config: TopologyConfig) -> dict[str, dict[str, int]]:
     return result
 
 
+def current_owners(config: TopologyConfig) -> dict[str, str]:
+    """cell name -> owner region under the rule in force (the first region's view)."""
+    with httpx.Client(timeout=5) as client:
+        health = client.get(config.regions[0].base_url + "/healthz").json()
+    return {str(cell): str(owner) for cell, owner in health["owners"].items()}
+
+
 def wait_converged(config: TopologyConfig, timeout_s: float = 30.0) -> dict[str, int]:
     """Wait until every copy of every cell has its owner's position; the owners' positions."""
-    rule = initial_rule(config)
     deadline = time.monotonic() + timeout_s
     while True:
         seen = positions(config)
-        heads = {cell.name: seen[rule.owner_of(cell.id)][cell.name] for cell in rule.cells.values()}
+        owners = current_owners(config)
+        heads = {cell: seen[owner][cell] for cell, owner in owners.items()}
         if all(seen[r][c] == heads[c] for r in seen for c in heads):
             return heads
         if time.monotonic() > deadline:
@@ -46,9 +53,10 @@ def table_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
 def differences(config: TopologyConfig, data_dir: Path) -> list[str]:
     """Every (cell, region, table) whose rows differ from the owner's copy."""
     rule = initial_rule(config)
+    owners = current_owners(config)
     found = []
     for cell in rule.cells.values():
-        owner = rule.owner_of(cell.id)
+        owner = owners[cell.name]
         expected = table_rows(data_dir / owner / f"cell-{cell.name}.db")
         for region in config.region_names:
             if region == owner:

@@ -32,16 +32,22 @@ def free_ports(n: int) -> list[int]:
             sock.close()
 
 
-def topology_toml(ports: list[int], storage: str | None = None) -> str:
+def topology_toml(
+    ports: list[int], storage: str | None = None, control_storage: str | None = None
+) -> str:
     """The default topology (hz center, sh, bj; six unit cells) on the given ports."""
     default = default_config()
     lines = []
-    for region, port in zip(default.regions, ports, strict=True):
+    for region, port in zip(default.regions, ports, strict=False):
         lines += [f"[regions.{region.name}]", f'listen = "127.0.0.1:{port}"']
         if region.center:
             lines.append("center = true")
         if storage is not None:
             lines.append(f'storage = "{storage}"')
+    if len(ports) > len(default.regions):
+        lines += ["[control]", f'listen = "127.0.0.1:{ports[len(default.regions)]}"']
+        if control_storage is not None:
+            lines.append(f'storage = "{control_storage}"')
     for cell in default.cells:
         lines += ["[[cells]]", f"id = {cell.id}", f'kind = "{cell.kind.value}"']
         lines.append(f'owner = "{cell.owner}"')
@@ -50,9 +56,11 @@ def topology_toml(ports: list[int], storage: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_topology(directory: Path, storage: str | None = None) -> tuple[TopologyConfig, Path]:
+def write_topology(
+    directory: Path, storage: str | None = None, control_storage: str | None = None
+) -> tuple[TopologyConfig, Path]:
     path = directory / "topology.toml"
-    path.write_text(topology_toml(free_ports(3), storage))
+    path.write_text(topology_toml(free_ports(4), storage, control_storage))
     import tomllib
 
     return parse_config(tomllib.loads(path.read_text())), path

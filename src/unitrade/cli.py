@@ -13,26 +13,17 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from unitrade.cli_options import config_option, load
+from unitrade.control.cli import evacuate, operations, switch
 from unitrade.replication.diff_cli import diff
-from unitrade.topology.config import ConfigError, TopologyConfig, load_config
+from unitrade.topology.config import TopologyConfig
 
 console = Console()
 DATA_DIR_DEFAULT = Path(".unitrade/data")
 
-config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Topology TOML file (default: built-in hz/sh/bj on 127.0.0.1:8701-8703).",
-)
-
 
 def _load(config_path: Path | None) -> TopologyConfig:
-    try:
-        return load_config(config_path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+    return load(config_path)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -118,15 +109,41 @@ def serve(config_path: Path | None, region: str, data_dir: Path) -> None:
     serve_region(config, region, data_dir.resolve())
 
 
+@main.command("serve-control", hidden=True)
+@config_option
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=DATA_DIR_DEFAULT)
+def serve_control(config_path: Path | None, data_dir: Path) -> None:
+    """Serve the control plane in this process (started by `up`)."""
+    from unitrade.control.serve import serve_control as run
+
+    run(_load(config_path), data_dir.resolve())
+
+
 @main.command()
 @config_option
 def status(config_path: Path | None) -> None:
-    """Print the regions (health, rule version) and the cells with their owners."""
+    """Print the control plane, the regions (health, the rule version each component has
+    acknowledged), the cells with their owners, and replication lag."""
     config = _load(config_path)
+    with httpx.Client(timeout=2.0) as client:
+        try:
+            control = client.get(config.control.base_url + "/healthz").json()
+            running = control.get("running") or "none"
+            console.print(
+                f"control plane {config.control.base_url}: [green]up[/], rule version "
+                f"{control['rule_version']}, running operation: {running}"
+            )
+        except (httpx.HTTPError, ValueError, KeyError):
+            console.print(
+                f"control plane {config.control.base_url}: [red]down[/] "
+                "(regions keep serving under the rule they have)"
+            )
     regions = Table(title="regions")
-    for column in ("region", "role", "url", "health", "rule", "forwarded"):
+    for column in ("region", "role", "url", "health", "rule", "acked gw/rpc/dal", "control"):
         regions.add_column(column)
+    regions.add_column("forwarded")
     owners: dict[str, str] = {}
+    banned: list[str] = []
     with httpx.Client(timeout=2.0) as client:
         for region in config.regions:
             health: dict[str, Any] = {}
@@ -136,21 +153,27 @@ def status(config_path: Path | None) -> None:
             except (httpx.HTTPError, ValueError):
                 state = "[red]down[/]"
             owners = owners or health.get("owners", {})
+            banned = banned or health.get("banned", [])
+            acked = health.get("acked", {})
+            connected = health.get("control", {}).get("connected")
             regions.add_row(
                 region.name,
                 "center" if region.center else "unit",
                 region.base_url,
                 state,
                 str(health.get("rule_version", "-")),
+                "/".join(str(acked.get(c, "-")) for c in ("gateway", "rpc", "dal")),
+                "-" if connected is None else ("connected" if connected else "[red]no[/]"),
                 str(health.get("forwarded", "-")),
             )
     console.print(regions)
     cells = Table(title="cells")
-    for column in ("cell", "id", "kind", "owner", "buckets"):
+    for column in ("cell", "id", "kind", "owner", "buckets", "status"):
         cells.add_column(column)
     for cell in config.cells:
         owner = owners.get(cell.name, cell.owner)
-        cells.add_row(cell.name, str(cell.id), cell.kind.value, owner, cell.buckets or "-")
+        state = "[yellow]banned[/]" if cell.name in banned else "writable"
+        cells.add_row(cell.name, str(cell.id), cell.kind.value, owner, cell.buckets or "-", state)
     console.print(cells)
     _print_replication(config)
 
@@ -300,6 +323,9 @@ def demo(
 
 
 main.add_command(diff)
+main.add_command(switch)
+main.add_command(evacuate)
+main.add_command(operations)
 
 if __name__ == "__main__":
     main()

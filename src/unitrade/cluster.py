@@ -17,7 +17,7 @@ from typing import IO
 
 import httpx
 
-from unitrade.topology.config import TopologyConfig
+from unitrade.topology.config import CONTROL_NAME, TopologyConfig
 
 HEALTHY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -41,37 +41,61 @@ class LocalCluster:
         return self.data_dir / "logs" / f"{region}.log"
 
     def start(self, regions: list[str] | None = None) -> None:
-        for name in regions or self.config.region_names:
-            self.start_region(name)
-        self.wait_healthy(regions)
+        """Start the control plane (unless it runs) and the regions; wait until healthy."""
+        names = regions or self.config.region_names
+        if not self.running(CONTROL_NAME):
+            self.start_control()
+            names = [CONTROL_NAME, *names]
+        for name in names:
+            if name != CONTROL_NAME:
+                self.start_region(name)
+        self.wait_healthy(names)
+
+    def running(self, name: str) -> bool:
+        process = self.processes.get(name)
+        return process is not None and process.poll() is None
+
+    def base_url(self, name: str) -> str:
+        if name == CONTROL_NAME:
+            return self.config.control.base_url
+        return self.config.region(name).base_url
+
+    def start_control(self, env: dict[str, str] | None = None) -> None:
+        """The control plane; `env` adds environment variables (fault injection in tests)."""
+        control = self.config.control
+        self._spawn(CONTROL_NAME, control.host, control.port, ["serve-control"], env)
 
     def start_region(self, region: str) -> None:
-        assert region not in self.processes or self.processes[region].poll() is not None
         listen = self.config.region(region)
-        if _port_busy(listen.host, listen.port):
+        self._spawn(region, listen.host, listen.port, ["serve", "--region", region], None)
+
+    def _spawn(
+        self, name: str, host: str, port: int, args: list[str], env: dict[str, str] | None
+    ) -> None:
+        assert not self.running(name)
+        if _port_busy(host, port):
             raise ClusterError(
-                f"region {region}: {listen.listen} is already in use (another cluster running?)"
+                f"{name}: {host}:{port} is already in use (another cluster running?)"
             )
-        self.log_path(region).parent.mkdir(parents=True, exist_ok=True)
-        log = self._logs.get(region) or open(self.log_path(region), "ab")
-        self._logs[region] = log
-        command = [sys.executable, "-m", "unitrade.cli", "serve", "--region", region]
-        command += ["--data", str(self.data_dir)]
+        self.log_path(name).parent.mkdir(parents=True, exist_ok=True)
+        log = self._logs.get(name) or open(self.log_path(name), "ab")
+        self._logs[name] = log
+        command = [sys.executable, "-m", "unitrade.cli", *args, "--data", str(self.data_dir)]
         if self.config_path is not None:
             command += ["--config", str(self.config_path)]
-        self.processes[region] = subprocess.Popen(
+        self.processes[name] = subprocess.Popen(
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
     def wait_healthy(
         self, regions: list[str] | None = None, timeout_s: float = HEALTHY_TIMEOUT_S
     ) -> None:
         deadline = time.monotonic() + timeout_s
-        pending = list(regions or self.config.region_names)
+        pending = list(regions or [CONTROL_NAME, *self.config.region_names])
         with httpx.Client(timeout=2.0) as client:
             while pending:
                 region = pending[0]
@@ -82,7 +106,7 @@ class LocalCluster:
                         f"see {self.log_path(region)}"
                     )
                 try:
-                    url = self.config.region(region).base_url + "/healthz"
+                    url = self.base_url(region) + "/healthz"
                     if client.get(url).status_code == 200:
                         pending.pop(0)
                         continue
@@ -93,7 +117,7 @@ class LocalCluster:
                 time.sleep(0.1)
 
     def kill_region(self, region: str) -> None:
-        """kill -9, for fault tests."""
+        """kill -9, for fault tests (`control` kills the control plane)."""
         process = self.processes[region]
         process.kill()
         process.wait(timeout=STOP_TIMEOUT_S)

@@ -126,6 +126,28 @@ class ClockBehind(UnitradeError):
     retry_after_s: ClassVar[int] = 1
 
 
+class SwitchRefused(UnitradeError):
+    """A switchover's pre-check failed; nothing was banned or changed."""
+
+    code = "switch_refused"
+    status = 409
+
+
+class OperationRunning(UnitradeError):
+    """Another operation holds the control plane's single operation slot."""
+
+    code = "operation_running"
+    status = 409
+    retry_after_s: ClassVar[int] = 2
+
+
+class PastPointOfNoReturn(UnitradeError):
+    """A switch that has published its new owner finishes; it can no longer be aborted."""
+
+    code = "past_point_of_no_return"
+    status = 409
+
+
 ERRORS_BY_CODE: dict[str, type[UnitradeError]] = {
     cls.code: cls
     for cls in (
@@ -147,6 +169,9 @@ ERRORS_BY_CODE: dict[str, type[UnitradeError]] = {
         RegionUnavailable,
         OrderTimedOut,
         ClockBehind,
+        SwitchRefused,
+        OperationRunning,
+        PastPointOfNoReturn,
     )
 }
 

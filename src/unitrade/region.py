@@ -6,11 +6,15 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from unitrade.control.agent import RuleAgent
+from unitrade.gateway.forward import Forwarder
+from unitrade.gateway.hold import Holds
 from unitrade.replication.replicator import Replicator
 from unitrade.rpc.center import CatalogClient, CenterClient
 from unitrade.rpc.client import RegionClient
@@ -22,7 +26,8 @@ from unitrade.storage.copies import CellCopies
 from unitrade.storage.fence import Fence
 from unitrade.storage.sequences import OrderIdAllocator
 from unitrade.topology.config import TopologyConfig
-from unitrade.topology.rule import initial_rule
+from unitrade.topology.rule import RoutingError, Rule, initial_rule, rule_from_body
+from unitrade.topology.rule_view import RuleView
 
 log = logging.getLogger("unitrade.region")
 
@@ -35,28 +40,101 @@ class RegionRuntime:
         self.config = config
         self.name = region
         self.data_dir = data_dir
-        # Until the control plane lands, the rule in force is version 1 from the config.
-        self.fence = Fence(region, initial_rule(config))
-        rule = self.fence.rule
+        self.rule_path = data_dir / region / "rule.json"
+        rule = self._load_rule()
+        # Each component that routes or writes holds its own view of the rule and
+        # acknowledges versions separately (DESIGN §6): the data access layer (the fence),
+        # the gateway (edge routing, forwarding, holds) and the RPC client (center calls).
+        self.fence = Fence(region, rule)
+        self.gateway = RuleView("gateway", rule)
+        self.rpc = RuleView("rpc", rule)
+        self._install_lock = asyncio.Lock()
         self.copies = CellCopies(config, region, data_dir, self.fence)
         self.client = RegionClient(config, region)
         self.inventory = InventoryService(self.copies[rule.center_cell])
         self.catalog_service = CatalogService(self.copies[rule.global_cell])
-        self.center = CenterClient(self.fence, self.inventory, self.client)
+        self.center = CenterClient(self.rpc, region, self.inventory, self.client)
         self.catalog = CatalogClient(self.catalog_service)
         self.allocators = {cell: OrderIdAllocator(self.copies[cell]) for cell in rule.unit_cells()}
         self.orders = OrderService(self.copies, self.center, self.catalog, self.allocators)
         self.cart = CartService(self.copies, self.catalog)
         self.replicator = Replicator(self.copies, self.client, [self._applied])
+        control = config.control
+        self.holds = Holds(self.gateway, control.hold_ms, control.hold_requests_max)
+        self.forwarder = Forwarder(self.gateway, region, config.secret, self.client, self.holds)
+        self.agent = RuleAgent(
+            self.client, region, lambda: self.fence.rule.version, self.acked, self.install_rule
+        )
         self._tasks: list[asyncio.Task[None]] = []
+
+    # -- the rule ----------------------------------------------------------------------------
+
+    def _load_rule(self) -> Rule:
+        """The newest rule this region ever acknowledged, else version 1 of the config."""
+        rule = initial_rule(self.config)
+        try:
+            stored = rule_from_body(orjson.loads(self.rule_path.read_bytes()))
+        except FileNotFoundError:
+            return rule
+        except (OSError, ValueError, RoutingError) as exc:
+            raise RuntimeError(f"{self.rule_path}: unreadable rule: {exc}") from exc
+        return stored if stored.version >= rule.version else rule
+
+    def _persist_rule(self, rule: Rule) -> None:
+        """Write atomically and durably: a restart must never go back to an older rule."""
+        self.rule_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.rule_path.with_suffix(".tmp")
+        with open(temporary, "wb") as out:
+            out.write(orjson.dumps(rule.body()))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, self.rule_path)
+
+    def acked(self) -> dict[str, int]:
+        return {view.component: view.acked for view in (self.gateway, self.rpc, self.fence)}
+
+    async def install_rule(self, rule: Rule) -> None:
+        """Put `rule` in force in every component; returns when all of them acknowledge it
+        (the data access layer once the writes admitted under older versions are done)."""
+        async with self._install_lock:
+            previous = self.fence.rule
+            if rule.version <= previous.version:
+                return
+            await asyncio.to_thread(self._persist_rule, rule)
+            moved = rule.moved_cells(previous)
+            for cell in moved:
+                if cell in self.allocators:
+                    self.allocators[cell].drop_segment(rule.version)
+            # The fence first: it refuses writes under the new rule at once, then waits for
+            # the older ones to finish while the gateway and RPC views move too.
+            await asyncio.gather(
+                self.fence.install(rule), self.gateway.install(rule), self.rpc.install(rule)
+            )
+            self.replicator.wake()
+            log.info(
+                "rule version %s in force (moved cells %s, banned %s, owns %s)",
+                rule.version,
+                moved,
+                sorted(rule.banned),
+                self.owned_cells(),
+            )
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.copies.open()
         self.replicator.start()
+        self.agent.start()
         self._tasks.append(asyncio.create_task(self._drain_outbox_forever()))
-        log.info("region %s started: owns cells %s", self.name, self.owned_cells())
+        log.info(
+            "region %s started under rule version %s: owns cells %s",
+            self.name,
+            self.fence.rule.version,
+            self.owned_cells(),
+        )
 
     async def stop(self) -> None:
+        await self.agent.stop()
         await self.replicator.stop()
         for task in self._tasks:
             task.cancel()

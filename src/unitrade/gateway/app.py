@@ -19,7 +19,14 @@ from pydantic import BaseModel, ValidationError
 from starlette.routing import Route
 
 from unitrade import __version__
-from unitrade.errors import Forbidden, InvalidRequest, NotFound, Unauthorized, WrongRegion
+from unitrade.errors import (
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    Unauthorized,
+    WriteBanned,
+    WrongRegion,
+)
 from unitrade.gateway import models
 from unitrade.gateway.auth import Principal, read_authorization
 from unitrade.gateway.edge import (
@@ -28,14 +35,15 @@ from unitrade.gateway.edge import (
     install_error_handlers,
     json_response,
 )
-from unitrade.gateway.forward import Forwarder
 from unitrade.gateway.metrics import metrics_endpoint
 from unitrade.region import RegionRuntime
 from unitrade.replication.diff_routes import diff_routes
 from unitrade.replication.replicator import serve_pull
 from unitrade.replication.snapshot import serve_snapshot, snapshot_tables
+from unitrade.topology.config import CONTROL_NAME
 from unitrade.topology.order_id import parse_order_id
-from unitrade.topology.rule import RoutingError, route_buyer, route_order
+from unitrade.topology.rule import Route as CellRoute
+from unitrade.topology.rule import RoutingError, Rule, route_buyer, route_cell, route_order
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 SkuPath = Annotated[str, Path(pattern=models.SKU_PATTERN)]
@@ -76,7 +84,7 @@ CallerDep = Annotated[Caller, Depends(caller)]
 
 
 def build_app(runtime: RegionRuntime) -> FastAPI:
-    forwarder = Forwarder(runtime.fence, runtime.config.secret, runtime.client)
+    forwarder = runtime.forwarder
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -96,7 +104,7 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
         EdgeMiddleware,
         region=runtime.name,
         secret=runtime.config.secret,
-        regions=runtime.config.region_names,
+        regions=[*runtime.config.region_names, CONTROL_NAME],
         forwarder=forwarder,
     )
     install_error_handlers(app)
@@ -105,51 +113,87 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
     async def routed(
         request: Request,
         who: Caller,
-        owner: str,
+        home: Callable[[Rule], CellRoute],
         serve: Callable[[], Awaitable[Response]],
     ) -> Response:
-        request.state.home_region = owner
-        if owner == runtime.name:
-            return await serve()
-        if who.forwarded_from is not None:
-            raise WrongRegion(
-                f"forwarded by {who.forwarded_from} to {runtime.name}, but the owner is {owner}",
-                owner=owner,
-            )
-        # The edge forwards what it can route; this is for a rule that changed since.
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        body = await request.body()
-        return await forwarder.forward(
-            request.method, request_target(request), headers, body, owner
-        )
+        """Serve a request here if this region owns its cell, else send it to the owner.
 
-    def buyer_home(buyer_id: int) -> str:
-        return route_buyer(runtime.fence.rule, buyer_id).region
+        The edge has already routed it (and held it while its cell was banned); this is for
+        a rule that changed since. A fence that refuses the write (`write_banned`,
+        `wrong_region`) has applied nothing, so the request is routed again under the newer
+        rule, within the hold deadline: a switch costs clients latency, not errors.
+        """
+        deadline = forwarder.holds.deadline()
+        while True:
+            rule = runtime.gateway.rule
+            route = home(rule)
+            request.state.home_region = route.region
+            if route.region != runtime.name:
+                if who.forwarded_from is not None:
+                    # One hop only: the region that forwarded this sends it on.
+                    raise WrongRegion(
+                        f"forwarded by {who.forwarded_from} to {runtime.name}, but the owner "
+                        f"of cell {route.cell} is {route.region}",
+                        owner=route.region,
+                        cell=route.cell,
+                    )
+                headers = {k.lower(): v for k, v in request.headers.items()}
+                response = await forwarder.forward_held(
+                    request.method,
+                    request_target(request),
+                    headers,
+                    await request.body(),
+                    home,
+                    deadline,
+                )
+                if response is not None:
+                    return response
+                continue
+            try:
+                return await serve()
+            except (WriteBanned, WrongRegion):
+                if not await forwarder.holds.after_refusal(rule.version, deadline):
+                    raise
 
-    def order_home(order_id: str) -> tuple[int, str]:
+    def buyer_home(buyer_id: int) -> Callable[[Rule], CellRoute]:
+        return lambda rule: route_buyer(rule, buyer_id)
+
+    def order_home(order_id: str) -> tuple[int, Callable[[Rule], CellRoute]]:
         try:
             parsed = parse_order_id(order_id)
-            return parsed, route_order(runtime.fence.rule, parsed).region
+            route_order(runtime.gateway.rule, parsed)
         except (ValueError, RoutingError) as exc:
             raise NotFound(f"no order {order_id[:40]}: {exc}") from exc
+        return parsed, lambda rule: route_order(rule, parsed)
 
     public = APIRouter()
 
     @public.get("/healthz", tags=["operations"])
     async def healthz() -> Response:
         rule = runtime.fence.rule
+        names = {c: info.name for c, info in rule.cells.items()}
         return json_response(
             {
                 "status": "ok",
                 "region": runtime.name,
                 "rule_version": rule.version,
-                "owned_cells": [rule.cells[c].name for c in runtime.owned_cells()],
-                "owners": {rule.cells[c].name: owner for c, owner in sorted(rule.owners.items())},
+                "acked": runtime.acked(),
+                "control": runtime.agent.status(),
+                "owned_cells": [names[c] for c in runtime.owned_cells()],
+                "owners": {names[c]: owner for c, owner in sorted(rule.owners.items())},
+                "banned": [names[c] for c in sorted(rule.banned)],
                 "forwarded": forwarder.forwarded,
+                "held": {
+                    "now": forwarder.holds.held,
+                    "total": forwarder.holds.held_total,
+                    "refused": forwarder.holds.refused_total,
+                    "retried": forwarder.retried,
+                },
                 "positions": {
-                    rule.cells[c].name: store.position for c, store in runtime.copies.stores.items()
+                    names[c]: store.position for c, store in runtime.copies.stores.items()
                 },
                 "replication": runtime.replicator.status(),
+                "followers": runtime.replicator.followers.body(names),
             }
         )
 
@@ -202,7 +246,7 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
             return json_response(await runtime.orders.get(buyer, parsed))
 
         if consistency == "replica":
-            request.state.home_region = home
+            request.state.home_region = home(runtime.gateway.rule).region
             return await serve()
         return await routed(request, who, home, serve)
 
@@ -289,9 +333,10 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
     # -- catalog and inventory ----------------------------------------------------------------
 
     def reader_home(request: Request, who: Caller, cell: int) -> None:
-        rule = runtime.fence.rule
+        rule = runtime.gateway.rule
         buyer = who.principal.buyer_id
-        request.state.home_region = buyer_home(buyer) if buyer is not None else rule.owner_of(cell)
+        home = route_buyer(rule, buyer) if buyer is not None else route_cell(rule, cell)
+        request.state.home_region = home.region
 
     @public.get("/v1/products", tags=["catalog"])
     async def list_products(
@@ -300,14 +345,14 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, Query(pattern=models.SKU_PATTERN)] = None,
     ) -> Response:
-        reader_home(request, who, runtime.fence.rule.global_cell)
+        reader_home(request, who, runtime.gateway.rule.global_cell)
         page = await runtime.catalog.page(limit, cursor)
         next_cursor = page[-1]["sku"] if len(page) == limit else None
         return json_response({"products": page, "next_cursor": next_cursor})
 
     @public.get("/v1/products/{sku}", tags=["catalog"])
     async def get_product(request: Request, sku: SkuPath, who: CallerDep) -> Response:
-        reader_home(request, who, runtime.fence.rule.global_cell)
+        reader_home(request, who, runtime.gateway.rule.global_cell)
         found = await runtime.catalog.get_many([sku])
         if sku not in found:
             raise NotFound(f"no product {sku!r}")
@@ -315,7 +360,7 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
 
     @public.get("/v1/inventory/{sku}", tags=["catalog"])
     async def get_inventory(request: Request, sku: SkuPath, who: CallerDep) -> Response:
-        reader_home(request, who, runtime.fence.rule.center_cell)
+        reader_home(request, who, runtime.gateway.rule.center_cell)
         return json_response(await runtime.center.levels(sku))
 
     @public.put("/v1/admin/products/{sku}", tags=["admin"])
@@ -324,7 +369,6 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
     ) -> Response:
         if not who.principal.admin:
             raise Forbidden("this endpoint needs the admin token")
-        rule = runtime.fence.rule
 
         async def serve() -> Response:
             # Stock first: it is the step that can be refused (below reserved + sold); both
@@ -333,7 +377,7 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
             product = await runtime.catalog_service.put(sku, body.title, body.price_cents)
             return json_response({**product, "stock": body.stock, **levels})
 
-        return await routed(request, who, rule.owner_of(rule.global_cell), serve)
+        return await routed(request, who, lambda rule: route_cell(rule, rule.global_cell), serve)
 
     app.include_router(public)
     app.router.routes.extend(internal_routes(runtime))
@@ -392,7 +436,16 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
     async def pull(b: models.PullCall) -> Any:
         if b.cell not in runtime.copies.stores:
             raise NotFound(f"no cell {b.cell}")
-        return await serve_pull(runtime.copies, b.cell, b.after, b.limit, b.wait_ms)
+        follower = (b.region, b.rule_version) if b.region else None
+        return await serve_pull(
+            runtime.copies,
+            b.cell,
+            b.after,
+            b.limit,
+            b.wait_ms,
+            runtime.replicator.followers,
+            follower,
+        )
 
     async def snapshot(b: models.SnapshotCall) -> Any:
         if b.cell not in runtime.copies.stores:

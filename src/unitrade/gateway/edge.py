@@ -17,8 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from unitrade.errors import UnitradeError
-from unitrade.gateway.forward import Forwarder
+from unitrade.gateway.forward import Forwarder, route_of_request
 from unitrade.rpc.signing import SIG_HEADER, verify
+from unitrade.topology.rule import Route, Rule
 
 log = logging.getLogger("unitrade.gateway")
 
@@ -124,22 +125,30 @@ class EdgeMiddleware:
                 origin = verify(self.secret, headers, method, target, bytes(body))
                 origin = origin if origin in self.regions else None
             state["forwarded_from"] = origin
-            owner = None
+            principal = None
             if origin is None:
-                owner = self.forwarder.route(
-                    method,
-                    scope["path"],
-                    headers.get("authorization"),
-                    scope.get("query_string", b"").decode("latin-1"),
-                )
-            if owner is None:
+                principal = self.forwarder.principal(headers.get("authorization"))
+            if principal is None:
                 await self.app(scope, replay, stamped)
                 return
+            path, query = scope["path"], scope.get("query_string", b"").decode("latin-1")
+
+            def route_of(rule: Rule) -> Route | None:
+                route = route_of_request(rule, method, path, principal, query)
+                if route is not None:
+                    state["home_region"] = route.region
+                return route
+
+            forwarder = self.forwarder
             try:
-                response = await self.forwarder.forward(method, target, headers, bytes(body), owner)
+                response = await forwarder.forward_held(
+                    method, target, headers, bytes(body), route_of, forwarder.holds.deadline()
+                )
             except UnitradeError as error:
-                state["home_region"] = owner
                 response = error_response(error)
+            if response is None:
+                await self.app(scope, replay, stamped)
+                return
             await response(scope, replay, stamped)
         except Exception:
             log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))

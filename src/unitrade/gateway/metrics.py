@@ -2,7 +2,8 @@
 
 A collector reads the region's state when scraped, so the request path pays nothing for
 metrics: replication lag per stream (positions and ms), applied rows, stream errors, each
-cell copy's changelog position, requests forwarded.
+cell copy's changelog position, requests forwarded, the rule version each component has
+acknowledged, and writes held while a cell was banned.
 """
 
 from __future__ import annotations
@@ -72,7 +73,30 @@ class RegionCollector(Collector):
             "unitrade_rule_version", "Version of the rule in force", labels=["region"]
         )
         rule_version.add_metric([region], rule.version)
+        acked = GaugeMetricFamily(
+            "unitrade_rule_acked_version",
+            "Rule version a component acknowledges as in force",
+            labels=["region", "component"],
+        )
+        for component, version in self.runtime.acked().items():
+            acked.add_metric([region, component], version)
+        holds = self.forwarder.holds
+        held = GaugeMetricFamily(
+            "unitrade_held_writes", "Writes to a banned cell held now", labels=["region"]
+        )
+        held.add_metric([region], holds.held)
+        held_total = CounterMetricFamily(
+            "unitrade_held_writes_total", "Writes held while a cell was banned", labels=["region"]
+        )
+        held_total.add_metric([region], holds.held_total)
+        refused = CounterMetricFamily(
+            "unitrade_write_banned_refusals",
+            "Writes answered write_banned after the hold bound",
+            labels=["region"],
+        )
+        refused.add_metric([region], holds.refused_total)
         yield from (lag_positions, lag_ms, applied, errors, position, forwarded, rule_version)
+        yield from (acked, held, held_total, refused)
 
 
 def metrics_endpoint(

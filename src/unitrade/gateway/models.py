@@ -87,6 +87,8 @@ class PullCall(_Body):
     after: Annotated[int, Field(ge=0)]
     limit: Annotated[int, Field(ge=1, le=500)]
     wait_ms: Annotated[int, Field(ge=0, le=2000)]
+    region: Annotated[str | None, Field(max_length=16)] = None  # the follower
+    rule_version: Annotated[int, Field(ge=0)] = 0  # the rule the follower acts under
 
 
 class WaitCall(_Body):

@@ -79,12 +79,38 @@ class StreamState:
         }
 
 
-async def serve_pull(copies: CellCopies, cell: int, after: int, limit: int, wait_ms: int) -> Any:
+class Followers:
+    """Which regions pull which cells from this region, and under which rule version: the
+    switchover checks here that every other region follows a cell's new owner (DESIGN §8
+    step 4), by rule version rather than by clock."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, dict[str, int]] = {}  # cell -> region -> rule version
+
+    def saw(self, cell: int, region: str, rule_version: int) -> None:
+        regions = self._seen.setdefault(cell, {})
+        regions[region] = max(regions.get(region, 0), rule_version)
+
+    def body(self, names: dict[int, str]) -> dict[str, dict[str, int]]:
+        return {names[c]: dict(sorted(r.items())) for c, r in sorted(self._seen.items())}
+
+
+async def serve_pull(
+    copies: CellCopies,
+    cell: int,
+    after: int,
+    limit: int,
+    wait_ms: int,
+    followers: Followers | None = None,
+    follower: tuple[str, int] | None = None,
+) -> Any:
     """The owner's side of a pull: changelog rows after `after`, waiting for one if none."""
     assert 1 <= limit <= BATCH_ROWS_MAX and 0 <= wait_ms <= WAIT_MS_MAX
     owner = copies.fence.rule.owner_of(cell)
     if owner != copies.region:
         raise WrongRegion(f"cell {cell} is owned by {owner}", owner=owner, cell=cell)
+    if followers is not None and follower is not None:
+        followers.saw(cell, *follower)
     store = copies[cell]
     if wait_ms and store.position <= after:
         if await store.wait_beyond(after, wait_ms / 1000) > after:
@@ -108,7 +134,9 @@ class Replicator:
         self.streams = {cell: StreamState(cell) for cell in copies.stores}
         self.on_applied = on_applied or []  # called with (cell, changes) after each batch
         self.bootstrap_after_positions = BOOTSTRAP_AFTER_POSITIONS
+        self.followers = Followers()  # who pulls the cells this region owns
         self._tasks: list[asyncio.Task[None]] = []
+        self._rule_changed = asyncio.Event()
 
     @property
     def region(self) -> str:
@@ -125,6 +153,16 @@ class Replicator:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+
+    def wake(self) -> None:
+        """A new rule is in force: streams of cells that changed owner move at once."""
+        self._rule_changed.set()
+        self._rule_changed = asyncio.Event()
+
+    async def _rule_change(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._rule_changed.wait()
 
     def status(self) -> list[dict[str, Any]]:
         rule = self.copies.fence.rule
@@ -143,7 +181,7 @@ class Replicator:
             state.applied = store.position
             if owner == self.region:
                 state.source, state.head, state.lag_ms = "", store.position, 0
-                await asyncio.sleep(0.5)  # a cell we own has nothing to pull
+                await self._rule_change(0.5)  # a cell we own has nothing to pull
                 continue
             state.source = owner
             try:
@@ -156,6 +194,24 @@ class Replicator:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_S_MAX)
 
+    async def _fetch(self, owner: str, payload: dict[str, Any]) -> Any:
+        """One pull request; None if a new rule arrives first. A long poll held by the old
+        owner of a cell that just switched would otherwise delay following the new owner
+        by up to WAIT_MS_MAX (the switchover checks that every region follows it)."""
+        changed = asyncio.ensure_future(self._rule_changed.wait())
+        request = asyncio.ensure_future(
+            self.client.call(owner, "POST", "/internal/replication/pull", payload)
+        )
+        try:
+            await asyncio.wait({request, changed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            if not request.done():
+                request.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await request
+        return request.result() if not request.cancelled() else None
+
     async def _pull_once(self, cell: int, owner: str, state: StreamState) -> None:
         store = self.copies[cell]
         after = store.position
@@ -165,12 +221,21 @@ class Replicator:
             log.info("cell %s: rebuilding this copy from a snapshot of %s", cell, owner)
             after = await bootstrap(store, self.client, owner)
             state.bootstraps += 1
-        reply = await self.client.call(
+        reply = await self._fetch(
             owner,
-            "POST",
-            "/internal/replication/pull",
-            {"cell": cell, "after": after, "limit": BATCH_ROWS_MAX, "wait_ms": WAIT_MS_MAX},
+            {
+                "cell": cell,
+                "after": after,
+                "limit": BATCH_ROWS_MAX,
+                "wait_ms": WAIT_MS_MAX,
+                "region": self.region,
+                "rule_version": self.copies.fence.rule.version,
+            },
         )
+        if reply is None:
+            return  # a new rule came during the long poll: pull again under it
+        if self.copies.fence.rule.owner_of(cell) == self.region:
+            return  # this region became the owner during the pull: nothing to apply
         changes = reply["changes"]
         state.source = owner
         state.head = int(reply["head"])

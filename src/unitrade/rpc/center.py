@@ -10,12 +10,15 @@ from unitrade.rpc.client import RegionClient
 from unitrade.services.catalog import CatalogService
 from unitrade.services.catalog_cache import CatalogCache
 from unitrade.services.inventory import InventoryService, Lines
-from unitrade.storage.fence import Fence
+from unitrade.topology.rule_view import RuleView
 
 
 class CenterClient:
-    def __init__(self, fence: Fence, local: InventoryService, client: RegionClient) -> None:
-        self.fence = fence
+    def __init__(
+        self, rules: RuleView, region: str, local: InventoryService, client: RegionClient
+    ) -> None:
+        self.rules = rules
+        self.region = region
         self.local = local
         self.client = client
 
@@ -24,9 +27,9 @@ class CenterClient:
     ) -> Any:
         """In-process when this region owns the center cell, else a signed call to its owner
         (the rule is read once, so both halves agree on the owner)."""
-        rule = self.fence.rule
+        rule = self.rules.rule
         owner = rule.owner_of(rule.center_cell)
-        if owner == self.fence.region:
+        if owner == self.region:
             return await local()
         return await self.client.call(owner, "POST", f"/internal/center/{path}", payload)
 

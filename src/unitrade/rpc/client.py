@@ -22,7 +22,7 @@ from tenacity import (
 
 from unitrade.errors import RegionUnavailable, error_from_body
 from unitrade.rpc.signing import sign
-from unitrade.topology.config import TopologyConfig
+from unitrade.topology.config import CONTROL_NAME, TopologyConfig
 
 CONNECT_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 10.0
@@ -59,6 +59,12 @@ class RegionClient:
             )
         return self._session
 
+    def base_url(self, peer: str) -> str:
+        """A region's address, or the control plane's (`control`)."""
+        if peer == CONTROL_NAME:
+            return self.config.control.base_url
+        return self.config.region(peer).base_url
+
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -70,7 +76,7 @@ class RegionClient:
         """One signed request to `region` (`target` = path?query); no retry."""
         assert region != self.region, "a call to this region runs in-process"
         signed = {**headers, **sign(self.config.secret, self.region, method, target, body)}
-        url = self.config.region(region).base_url + target
+        url = self.base_url(region) + target
         async with self.session.request(method, url, data=body, headers=signed) as response:
             return Reply(response.status, response.headers, await response.read())
 

@@ -3,8 +3,8 @@ cell under the current rule and the cell is not banned; every admitted write car
 rule version (its epoch).
 
 Installing a new rule waits until every write admitted under an older version has finished,
-so that acknowledging version v means "no write admitted under < v can still commit" (the
-control plane of a later issue builds switchover on that promise).
+so that acknowledging version v means "no write admitted under < v can still commit": the
+switchover (control/switchover.py) reads a banned cell's final position on that promise.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ class Fence:
     def __init__(self, region: str, rule: Rule) -> None:
         self.region = region
         self._rule = rule
+        self.component = "dal"
+        self.acked = rule.version  # the version in force: older writes have all finished
         self._in_flight: Counter[int] = Counter()  # rule version -> admitted, unfinished
         self._drained = asyncio.Condition()
 
@@ -68,3 +70,4 @@ class Fence:
         self._rule = rule
         async with asyncio.timeout(timeout_s), self._drained:
             await self._drained.wait_for(lambda: self.in_flight_below(rule.version) == 0)
+        self.acked = max(self.acked, rule.version)

@@ -19,6 +19,13 @@ Borrowing from the future is bounded by `ahead_s_max`; past it allocation refuse
 
 A segment is used for at most `age_s_max` seconds so that the time an ID carries stays
 within that of its real creation time (cold/hot separation reads it).
+
+A segment belongs to one stint of ownership. When a switchover moves the cell away, the
+rest of the segment must never be used: the new owner continues from the replicated row,
+and if the cell comes back the row has moved past it (DESIGN §5, issue 4 item 6). The
+region calls `drop_segment(version)` when it installs a rule that changes the cell's
+owner or ban, and a segment allocated under an older epoch is never handed out again,
+even one whose allocation was still in flight when the rule changed.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from unitrade.errors import ClockBehind
+from unitrade.errors import ClockBehind, WriteBanned
 from unitrade.storage.schema import id_sequences
 from unitrade.storage.store import CellStore, WriteTx
 from unitrade.topology.order_id import SEQUENCE_MAX, encode_order_id, unix_to_id_time
@@ -44,6 +51,7 @@ class Segment:
     next_sequence: int
     end_sequence: int  # exclusive
     taken_monotonic: float
+    epoch: int = 0  # the rule version its allocation was admitted under
 
     def exhausted(self) -> bool:
         return self.next_sequence >= self.end_sequence
@@ -58,7 +66,7 @@ async def allocate_segment(
     assert 1 <= size <= SEQUENCE_MAX + 1
     cell = store.cell.id
 
-    def work(tx: WriteTx) -> tuple[int, int, int]:
+    def work(tx: WriteTx) -> tuple[int, int, int, int]:
         row = tx.get(id_sequences, {"cell_id": cell})
         now_s = unix_to_id_time(clock())
         if row is None:
@@ -80,11 +88,11 @@ async def allocate_segment(
             tx.insert(id_sequences, {"cell_id": cell, **values})
         else:
             tx.update(id_sequences, {"cell_id": cell}, values)
-        return time_s, start, end
+        return time_s, start, end, tx.epoch
 
-    time_s, start, end = await store.write(work)
+    time_s, start, end, epoch = await store.write(work)
     assert start < end
-    return Segment(time_s, start, end, time.monotonic())
+    return Segment(time_s, start, end, time.monotonic(), epoch)
 
 
 class OrderIdAllocator:
@@ -102,11 +110,14 @@ class OrderIdAllocator:
         self.clock = clock
         self.segment_age_s_max = segment_age_s_max
         self._segment: Segment | None = None
+        self._epoch_min = 0  # segments allocated under an older epoch are void
         self._lock = asyncio.Lock()
 
-    def drop_segment(self) -> None:
-        """Forget the current segment (after losing ownership its rest must not be used)."""
+    def drop_segment(self, epoch_min: int = 0) -> None:
+        """Forget the current segment, and void every segment allocated under an epoch
+        below `epoch_min` (the cell changed owner or ban at that rule version)."""
         self._segment = None
+        self._epoch_min = max(self._epoch_min, epoch_min)
 
     async def next_id(self) -> int:
         async with self._lock:
@@ -114,9 +125,15 @@ class OrderIdAllocator:
             if (
                 segment is None
                 or segment.exhausted()
+                or segment.epoch < self._epoch_min
                 or time.monotonic() - segment.taken_monotonic > self.segment_age_s_max
             ):
                 segment = await allocate_segment(self.store, self.segment_size, self.clock)
+                if segment.epoch < self._epoch_min:
+                    # The rule changed while this allocation was in flight.
+                    raise WriteBanned(
+                        f"cell {self.store.cell.id} changed owner; retry", cell=self.store.cell.id
+                    )
                 self._segment = segment
             sequence = segment.next_sequence
             segment.next_sequence += 1

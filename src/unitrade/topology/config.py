@@ -27,6 +27,9 @@ CELL_ID_MAX = 1023  # the order ID holds 10 bits of cell (order_id.py)
 REGION_NAME = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 SECRET_DEFAULT = "unitrade-local-dev-secret-change-me"
 SQLITE_STORAGE_DEFAULT = "sqlite:///{data}/{region}/cell-{cell}.db"
+CONTROL_LISTEN_DEFAULT = "127.0.0.1:8700"
+CONTROL_STORAGE_DEFAULT = "sqlite:///{data}/control/control.db"
+CONTROL_NAME = "control"  # how signed requests from the control plane name their sender
 
 
 class ConfigError(ValueError):
@@ -43,36 +46,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class RegionConfig(_Strict):
-    name: str
-    center: bool = False
-    listen: str
-    storage: str = SQLITE_STORAGE_DEFAULT
+def _check_listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT with a port in 1..65535, got {value!r}")
+    return value
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not REGION_NAME.match(value):
-            raise ValueError("must be 1-16 lowercase letters or digits, starting with a letter")
-        return value
+
+class _Listening(_Strict):
+    """A server of the cluster: `listen` is its HOST:PORT."""
+
+    listen: str
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"must be HOST:PORT with a port in 1..65535, got {value!r}")
-        return value
-
-    @field_validator("storage")
-    @classmethod
-    def _storage(cls, value: str) -> str:
-        scheme = value.split(":", 1)[0]
-        if scheme not in ("sqlite", "postgresql"):
-            raise ValueError(f"scheme must be sqlite or postgresql, got {scheme!r}")
-        if "{cell}" not in value:
-            raise ValueError("must contain {cell}: every cell copy has a database of its own")
-        return value
+        return _check_listen(value)
 
     @property
     def host(self) -> str:
@@ -86,9 +75,67 @@ class RegionConfig(_Strict):
     def base_url(self) -> str:
         return f"http://{self.listen}"
 
+
+class RegionConfig(_Listening):
+    name: str
+    center: bool = False
+    listen: str
+    storage: str = SQLITE_STORAGE_DEFAULT
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not REGION_NAME.match(value):
+            raise ValueError("must be 1-16 lowercase letters or digits, starting with a letter")
+        if value == CONTROL_NAME:
+            raise ValueError(f"{CONTROL_NAME!r} is the control plane's name")
+        return value
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0]
+        if scheme not in ("sqlite", "postgresql"):
+            raise ValueError(f"scheme must be sqlite or postgresql, got {scheme!r}")
+        if "{cell}" not in value:
+            raise ValueError("must contain {cell}: every cell copy has a database of its own")
+        return value
+
     def storage_url(self, cell_name: str, data_dir: Path) -> str:
         """The storage URL of this region's copy of a cell, placeholders filled in."""
         return self.storage.format(data=str(data_dir), region=self.name, cell=cell_name)
+
+
+class ControlConfig(_Listening):
+    """The control plane (DESIGN §6, §8): where it listens, where it keeps the rule history
+    and the operations log, and the limits of a switchover."""
+
+    listen: str = CONTROL_LISTEN_DEFAULT
+    storage: str = CONTROL_STORAGE_DEFAULT
+    # Pre-check: a switch is refused, before anything is banned, when the target's
+    # replication lag for a moving cell is above this (in positions and in ms).
+    lag_positions_max: Annotated[int, Field(ge=0, le=10_000_000)] = 5_000
+    lag_ms_max: Annotated[int, Field(ge=0, le=600_000)] = 2_000
+    # How long a switch waits for every acknowledgement of a rule, and for the target to
+    # apply the final position; past either, it rolls back (before the new owner is
+    # published) so that a cell never stays banned.
+    ack_timeout_ms: Annotated[int, Field(ge=100, le=120_000)] = 5_000
+    catch_up_timeout_ms: Annotated[int, Field(ge=100, le=600_000)] = 10_000
+    # While a cell is banned, a gateway holds writes to it up to hold_ms (at most
+    # hold_requests_max at a time), then sends them to the owner of the new rule.
+    hold_ms: Annotated[int, Field(ge=0, le=30_000)] = 2_000
+    hold_requests_max: Annotated[int, Field(ge=0, le=100_000)] = 1_000
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0]
+        if scheme not in ("sqlite", "postgresql"):
+            raise ValueError(f"scheme must be sqlite or postgresql, got {scheme!r}")
+        return value
+
+    def storage_url(self, data_dir: Path) -> str:
+        return self.storage.format(data=str(data_dir))
 
 
 class CellConfig(_Strict):
@@ -132,6 +179,7 @@ class TopologyConfig(_Strict):
     secret: Annotated[str, Field(min_length=16)] = SECRET_DEFAULT
     regions: Annotated[list[RegionConfig], Field(min_length=1)]
     cells: Annotated[list[CellConfig], Field(min_length=3)]
+    control: ControlConfig = ControlConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> TopologyConfig:
@@ -142,9 +190,9 @@ class TopologyConfig(_Strict):
         centers = [r.name for r in self.regions if r.center]
         if len(centers) != 1:
             problems.append(f"regions: exactly one region must be center, found {centers}")
-        listens = [r.listen for r in self.regions]
+        listens = [r.listen for r in self.regions] + [self.control.listen]
         if len(set(listens)) != len(listens):
-            problems.append("regions: listen addresses must be unique")
+            problems.append("regions, control: listen addresses must be unique")
         ids = [c.id for c in self.cells]
         if len(set(ids)) != len(ids):
             problems.append("cells: cell ids must be unique")

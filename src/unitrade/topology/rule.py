@@ -12,8 +12,9 @@ moving load means moving buckets between cells or cells between regions, never r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from unitrade.topology.config import CellKind, TopologyConfig
 from unitrade.topology.order_id import decode_order_id
@@ -85,6 +86,64 @@ class Rule:
 
     def cells_owned_by(self, region: str) -> list[int]:
         return sorted(c for c, owner in self.owners.items() if owner == region)
+
+    def derive(
+        self,
+        version: int,
+        owners: Mapping[int, str] | None = None,
+        banned: Iterable[int] | None = None,
+    ) -> Rule:
+        """The next rule: same cells and buckets, with new owners and/or bans."""
+        assert version > self.version, "rule versions only grow"
+        new_owners = {**self.owners, **(owners or {})}
+        assert set(new_owners) == set(self.owners), "a rule cannot add cells"
+        return replace(
+            self,
+            version=version,
+            owners=new_owners,
+            banned=self.banned if banned is None else frozenset(banned),
+        )
+
+    def moved_cells(self, other: Rule) -> list[int]:
+        """Cells whose owner or ban differs between this rule and `other`."""
+        return sorted(
+            c
+            for c in self.cells
+            if self.owners[c] != other.owners.get(c) or self.is_banned(c) != other.is_banned(c)
+        )
+
+    def body(self) -> dict[str, Any]:
+        """The JSON form pushed to regions and kept in the rule history."""
+        return {
+            "version": self.version,
+            "bucket_cells": list(self.bucket_cells),
+            "cells": [
+                {"id": c.id, "name": c.name, "kind": c.kind.value, "partition": c.partition}
+                for c in sorted(self.cells.values(), key=lambda c: c.id)
+            ],
+            "owners": {str(c): owner for c, owner in sorted(self.owners.items())},
+            "banned": sorted(self.banned),
+        }
+
+
+def rule_from_body(body: Mapping[str, Any]) -> Rule:
+    """Inverse of `Rule.body`; RoutingError for a body that is not a valid rule."""
+    try:
+        cells = {
+            int(c["id"]): CellInfo(
+                int(c["id"]), str(c["name"]), CellKind(c["kind"]), c["partition"]
+            )
+            for c in body["cells"]
+        }
+        return Rule(
+            version=int(body["version"]),
+            bucket_cells=tuple(int(b) for b in body["bucket_cells"]),
+            cells=cells,
+            owners={int(c): str(owner) for c, owner in body["owners"].items()},
+            banned=frozenset(int(c) for c in body["banned"]),
+        )
+    except (KeyError, TypeError, ValueError, AssertionError) as exc:
+        raise RoutingError(f"not a valid rule: {type(exc).__name__}: {exc}") from exc
 
 
 def bucket_of(buyer_id: int, bucket_count: int) -> int:

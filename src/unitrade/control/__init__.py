@@ -1,0 +1,1 @@
+"""The control plane: rule history, push and acknowledgements, switchover workflows."""

@@ -1,0 +1,94 @@
+"""A region's side of the rule push (DESIGN §6): the rule agent.
+
+The agent holds a long poll open at the control plane (`/internal/control/watch`), so a new
+rule version reaches the region as soon as it is published: push, over a connection the
+region opens (no inbound port on the regions is needed for it). Each watch request carries
+the versions that the region's components have acknowledged, so the acknowledgement of a
+version is the next watch request after it is in force: one round trip per rule change.
+
+When the control plane is down the region keeps the rule it has (item 3) and retries with
+a bounded backoff; every installed rule is persisted before it is acknowledged, so a region
+that restarts comes back under the newest rule it ever acknowledged, never the older rule
+in its configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from unitrade.errors import UnitradeError
+from unitrade.rpc.client import RegionClient
+from unitrade.topology.config import CONTROL_NAME
+from unitrade.topology.rule import RoutingError, Rule, rule_from_body
+
+log = logging.getLogger("unitrade.rules")
+
+WATCH_WAIT_MS = 5_000  # how long the control plane holds a watch (< the client timeout)
+BACKOFF_S_MIN = 0.1
+BACKOFF_S_MAX = 2.0
+
+
+class RuleAgent:
+    def __init__(
+        self,
+        client: RegionClient,
+        region: str,
+        current: Callable[[], int],
+        acked: Callable[[], dict[str, int]],
+        install: Callable[[Rule], Awaitable[None]],
+    ) -> None:
+        self.client = client
+        self.region = region
+        self.current = current
+        self.acked = acked
+        self.install = install
+        self.connected = False
+        self.last_error = ""
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch_forever(), name="rule-agent")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def status(self) -> dict[str, Any]:
+        return {"connected": self.connected, "last_error": self.last_error}
+
+    async def _watch_forever(self) -> None:
+        backoff = BACKOFF_S_MIN
+        while True:
+            try:
+                await self._watch_once()
+                self.connected, self.last_error = True, ""
+                backoff = BACKOFF_S_MIN
+            except (UnitradeError, RoutingError, OSError, TimeoutError, ValueError) as exc:
+                if self.connected or not self.last_error:
+                    log.warning("control plane watch failed: %s: %s", type(exc).__name__, exc)
+                self.connected = False
+                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_S_MAX)
+
+    async def _watch_once(self) -> None:
+        payload = {
+            "region": self.region,
+            "after": self.current(),
+            "acked": self.acked(),
+            "wait_ms": WATCH_WAIT_MS,
+        }
+        reply = await self.client.call(CONTROL_NAME, "POST", "/internal/control/watch", payload)
+        body = reply.get("rule") if isinstance(reply, dict) else None
+        if body is None:
+            return
+        rule = rule_from_body(body)
+        if rule.version > self.current():
+            log.info("rule version %s received (banned: %s)", rule.version, sorted(rule.banned))
+            await self.install(rule)

@@ -1,0 +1,177 @@
+"""The control plane's HTTP API.
+
+Operators (the CLI, a console) use `/v1/...` with the admin token. Regions use
+`/internal/control/watch`, signed with the cluster secret like every region-to-region call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.routing import Route
+
+from unitrade import __version__
+from unitrade.control.agent import WATCH_WAIT_MS
+from unitrade.control.plane import ControlPlane
+from unitrade.control.store import OPERATIONS_LIST_MAX
+from unitrade.errors import Forbidden, InvalidRequest, NotFound, SwitchRefused, Unauthorized
+from unitrade.gateway.auth import read_authorization
+from unitrade.gateway.edge import install_error_handlers, json_response
+from unitrade.rpc.signing import verify
+from unitrade.topology.config import TopologyConfig
+
+CELLS_MAX = 1024
+WAIT_S_MAX = 60.0
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SwitchRequest(_Body):
+    cells: Annotated[list[Annotated[str, Field(max_length=16)]], Field(min_length=1, max_length=64)]
+    to: Annotated[str, Field(max_length=16)]
+
+
+class EvacuateRequest(_Body):
+    region: Annotated[str, Field(max_length=16)]
+    to: Annotated[str, Field(max_length=16)]
+
+
+class WatchCall(_Body):
+    region: Annotated[str, Field(max_length=16)]
+    after: Annotated[int, Field(ge=0)]
+    acked: dict[Annotated[str, Field(max_length=16)], Annotated[int, Field(ge=0)]]
+    wait_ms: Annotated[int, Field(ge=0, le=WATCH_WAIT_MS)]
+
+
+def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await plane.start()
+        try:
+            yield
+        finally:
+            await plane.stop()
+
+    app = FastAPI(
+        title="unitrade control plane",
+        version=__version__,
+        summary="rules, acknowledgements and switchovers of a unitrade cluster",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    def admin(request: Request) -> None:
+        principal = read_authorization(config.secret, request.headers.get("authorization"))
+        if not principal.admin:
+            raise Forbidden("the control plane needs the admin token")
+
+    Admin = Depends(admin)
+
+    def board() -> Any:
+        assert plane.board is not None
+        return plane.board
+
+    def cell_ids(texts: list[str]) -> list[int]:
+        ids: list[int] = []
+        for text in texts:
+            try:
+                ids.append(config.find_cell(text.strip()).id)
+            except KeyError:
+                raise InvalidRequest(f"unknown cell {text!r}") from None
+        if len(set(ids)) != len(ids):
+            raise InvalidRequest("a cell is named twice")
+        return ids
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> Response:
+        rule = board().rule
+        running = plane.running
+        return json_response(
+            {
+                "status": "ok",
+                "rule_version": rule.version,
+                "banned": sorted(rule.banned),
+                "running": running.op.id if running is not None else None,
+            }
+        )
+
+    @app.get("/v1/rules/current", tags=["rules"], dependencies=[Admin])
+    async def current_rule() -> Response:
+        return json_response(board().rule.body())
+
+    @app.get("/v1/rules", tags=["rules"], dependencies=[Admin])
+    async def rule_history(limit: Annotated[int, Query(ge=1, le=500)] = 20) -> Response:
+        return json_response({"rules": await plane.store.history(limit)})
+
+    @app.get("/v1/regions", tags=["rules"], dependencies=[Admin])
+    async def regions() -> Response:
+        """Which rule version each component of each region has acknowledged."""
+        return json_response({"rule_version": board().rule.version, "regions": board().status()})
+
+    @app.post("/v1/switch", status_code=202, tags=["operations"], dependencies=[Admin])
+    async def switch(body: SwitchRequest) -> Response:
+        if body.to not in config.region_names:
+            raise InvalidRequest(f"unknown region {body.to!r}")
+        op = await plane.switch(cell_ids(body.cells), body.to)
+        return json_response(op.body(), status=202)
+
+    @app.post("/v1/evacuate", status_code=202, tags=["operations"], dependencies=[Admin])
+    async def evacuate(body: EvacuateRequest) -> Response:
+        for name in (body.region, body.to):
+            if name not in config.region_names:
+                raise InvalidRequest(f"unknown region {name!r}")
+        cells = board().rule.cells_owned_by(body.region)
+        if not cells:
+            raise SwitchRefused(f"region {body.region} owns no cells")
+        op = await plane.switch(cells, body.to, kind="evacuate")
+        return json_response(op.body(), status=202)
+
+    @app.get("/v1/operations", tags=["operations"], dependencies=[Admin])
+    async def operations(
+        limit: Annotated[int, Query(ge=1, le=OPERATIONS_LIST_MAX)] = 20,
+    ) -> Response:
+        ops = await plane.store.operations(limit)
+        return json_response({"operations": [op.body() for op in ops]})
+
+    @app.get("/v1/operations/{operation_id}", tags=["operations"], dependencies=[Admin])
+    async def operation(
+        operation_id: Annotated[str, Path(max_length=40)],
+        wait_s: Annotated[float, Query(ge=0, le=WAIT_S_MAX)] = 0.0,
+    ) -> Response:
+        """An operation and its log; with `wait_s`, once it has ended or after that long."""
+        op = await plane.wait(operation_id, wait_s) if wait_s else None
+        op = op or await plane.store.operation(operation_id)
+        if op is None:
+            raise NotFound(f"no operation {operation_id}")
+        return json_response({**op.body(), "log": await plane.store.log(op.id)})
+
+    @app.post("/v1/operations/{operation_id}/abort", tags=["operations"], dependencies=[Admin])
+    async def abort(operation_id: Annotated[str, Path(max_length=40)]) -> Response:
+        op = await plane.abort(operation_id)
+        return json_response(op.body(), status=202)
+
+    async def watch(request: Request) -> Response:
+        body = await request.body()
+        target = request.url.path
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        origin = verify(config.secret, headers, request.method, target, body)
+        if origin is None or origin not in config.region_names:
+            raise Unauthorized("missing or invalid region signature")
+        try:
+            call = WatchCall.model_validate_json(body)
+        except ValidationError as exc:
+            raise InvalidRequest(f"watch: {exc.errors()[0]['msg']}") from exc
+        if call.region != origin:
+            raise Forbidden("a region watches for itself only")
+        rule = await board().watch(origin, call.after, call.acked, call.wait_ms / 1000)
+        return json_response({"rule": None if rule is None else rule.body()})
+
+    app.router.routes.append(Route("/internal/control/watch", watch, methods=["POST"]))
+    return app

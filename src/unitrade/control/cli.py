@@ -1,0 +1,234 @@
+"""`unitrade switch`, `unitrade evacuate` and `unitrade operations`: the operator's side of
+the control plane API, with the steps shown as they happen."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from unitrade.cli_options import config_option, load
+from unitrade.topology.config import TopologyConfig
+
+console = Console()
+POLL_S = 0.1
+STEP_TITLES = {
+    "precheck": "pre-check: target healthy, lag under the limits",
+    "ban": "ban the cells; every component acknowledges",
+    "catch_up": "final positions at the old owner; target applies them",
+    "publish": "publish the new owner; every component acknowledges",
+    "verify": "streams run from the new owner to every other region",
+    "rollback": "roll back: lift the ban under the old owner",
+    "done": "done",
+}
+
+
+class ControlApi:
+    def __init__(self, config: TopologyConfig, timeout_s: float = 10.0) -> None:
+        from unitrade.gateway.auth import issue_token
+
+        token = issue_token(config.secret, admin=True)
+        self.base = config.control.base_url
+        self.http = httpx.Client(
+            base_url=self.base, timeout=timeout_s, headers={"authorization": f"Bearer {token}"}
+        )
+
+    def call(self, method: str, path: str, body: Any = None, **params: Any) -> tuple[int, Any]:
+        try:
+            answer = self.http.request(method, path, json=body, params=params or None)
+        except httpx.HTTPError as exc:
+            raise click.ClickException(
+                f"the control plane at {self.base} is unreachable: {exc}"
+            ) from exc
+        try:
+            return answer.status_code, answer.json()
+        except ValueError:
+            raise click.ClickException(f"control plane answered {answer.status_code}") from None
+
+
+def _fail(status: int, body: Any) -> None:
+    if isinstance(body, dict) and "error" in body:
+        console.print(f"[red]{body['error']}[/]: {body.get('message', '')}")
+        if body.get("operation"):
+            console.print(f"operation {body['operation']} (see `unitrade operations`)")
+    else:
+        console.print(f"[red]control plane answered {status}[/]: {body}")
+    sys.exit(1)
+
+
+def follow(api: ControlApi, operation_id: str, timeout_s: float) -> dict[str, Any]:
+    """Print the operation's steps as they happen; the operation once it has ended."""
+    shown = 0
+    deadline = time.monotonic() + timeout_s
+    with console.status(f"{operation_id} running...") as status:
+        while True:
+            code, op = api.call("GET", f"/v1/operations/{operation_id}", wait_s=0.2)
+            if code != 200:
+                _fail(code, op)
+            for entry in op["log"][shown:]:
+                _print_event(entry)
+            shown = len(op["log"])
+            status.update(f"{operation_id}: step {op['step']}...")
+            if op["state"] != "running" or time.monotonic() > deadline:
+                return dict(op)
+            time.sleep(POLL_S)
+
+
+def _print_event(entry: dict[str, Any]) -> None:
+    step, event, detail = entry["step"], entry["event"], entry["detail"]
+    title = STEP_TITLES.get(step, step)
+    if event == "begin":
+        console.print(f"[cyan]>[/] {step:9} {title}")
+    elif event == "done":
+        took = detail.get(f"{step}_ms")
+        extra = f" ({took} ms)" if took is not None else ""
+        console.print(f"[green]v[/] {step:9} done{extra}")
+    elif event == "note":
+        notes = ", ".join(f"{k}={v}" for k, v in detail.items())
+        console.print(f"  {'':9} {notes}")
+    else:
+        console.print(f"[red]x[/] {step:9} {detail.get('reason') or detail.get('error') or detail}")
+
+
+def print_figures(op: dict[str, Any]) -> None:
+    detail = op["detail"]
+    table = Table(title=f"{op['kind']} {op['id']}: {op['state']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("cells", ", ".join(str(c) for c in op["cells"])),
+        ("from", ", ".join(sorted(set(op["sources"].values())))),
+        ("to", op["target"]),
+        ("total ms", detail.get("total_ms")),
+        ("cells banned ms", detail.get("banned_ms")),
+        ("pre-check ms", detail.get("precheck_ms")),
+        ("ban + acks ms", detail.get("ban_ms")),
+        ("catch-up ms", detail.get("catch_up_ms")),
+        ("publish + acks ms", detail.get("publish_ms")),
+        ("verify ms", detail.get("verify_ms")),
+        ("final positions", detail.get("final_positions")),
+        (
+            "rule versions",
+            f"ban {detail.get('ban_version')}, new owner {detail.get('publish_version')}",
+        ),
+    ]
+    for name, value in rows:
+        if value is not None:
+            table.add_row(name, str(value))
+    if op["error"]:
+        table.add_row("reason", op["error"])
+    console.print(table)
+
+
+@click.command()
+@config_option
+@click.option("--cell", "cells", help="Cells to move: ids or names, comma-separated (3,u4).")
+@click.option("--to", "target", help="The region that will own the cells.")
+@click.option("--abort", "abort_id", metavar="OP", help="Roll back a running switch.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(1, 3600),
+    default=120.0,
+    show_default=True,
+    help="Seconds to follow the switch.",
+)
+def switch(
+    config_path: Path | None,
+    cells: str | None,
+    target: str | None,
+    abort_id: str | None,
+    timeout_s: float,
+) -> None:
+    """Move the ownership of cells to another region with no acknowledged write lost.
+
+    Pre-check (the target is healthy and its lag under the limits; refused before anything
+    is banned), ban the cells, wait until the target has applied the old owner's final
+    position, publish the new owner, and check that replication now runs from it. Writes
+    to the cells are held by the gateways meanwhile: clients see latency, not errors.
+    Exit 0 when switched; 1 when refused or rolled back.
+
+    `--abort OP` rolls a running switch back (before its new owner is published).
+    """
+    api = ControlApi(load(config_path))
+    if abort_id is not None:
+        if cells or target:
+            raise click.UsageError("--abort takes no --cell or --to")
+        code, body = api.call("POST", f"/v1/operations/{abort_id}/abort")
+        if code != 202:
+            _fail(code, body)
+        console.print(f"abort of {abort_id} requested")
+        _finish(follow(api, abort_id, timeout_s))
+        return
+    if not cells or not target:
+        raise click.UsageError("give --cell and --to (or --abort OP)")
+    names = [c.strip() for c in cells.split(",") if c.strip()]
+    code, body = api.call("POST", "/v1/switch", {"cells": names, "to": target})
+    if code != 202:
+        _fail(code, body)
+    console.print(f"switch {body['id']}: cells {', '.join(names)} to {target}")
+    _finish(follow(api, body["id"], timeout_s))
+
+
+@click.command()
+@config_option
+@click.option("--region", required=True, help="The region to empty of owned cells.")
+@click.option("--to", "target", required=True, help="The region that takes them.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(1, 3600), default=300.0)
+def evacuate(config_path: Path | None, region: str, target: str, timeout_s: float) -> None:
+    """Switch every cell REGION owns to another region (one switchover of them all)."""
+    api = ControlApi(load(config_path))
+    code, body = api.call("POST", "/v1/evacuate", {"region": region, "to": target})
+    if code != 202:
+        _fail(code, body)
+    console.print(f"evacuate {body['id']}: cells {body['cells']} of {region} to {target}")
+    _finish(follow(api, body["id"], timeout_s))
+
+
+def _finish(op: dict[str, Any]) -> None:
+    print_figures(op)
+    if op["state"] == "running":
+        console.print("[yellow]still running[/]; follow it with `unitrade operations " + op["id"])
+        sys.exit(1)
+    sys.exit(0 if op["state"] == "done" else 1)
+
+
+@click.command()
+@config_option
+@click.argument("operation_id", required=False)
+@click.option("--limit", type=click.IntRange(1, 200), default=20, show_default=True)
+def operations(config_path: Path | None, operation_id: str | None, limit: int) -> None:
+    """List the control plane's operations, or show one (OPERATION_ID) with its log."""
+    api = ControlApi(load(config_path))
+    if operation_id is not None:
+        code, op = api.call("GET", f"/v1/operations/{operation_id}")
+        if code != 200:
+            _fail(code, op)
+        for entry in op["log"]:
+            _print_event(entry)
+        print_figures(op)
+        return
+    code, body = api.call("GET", "/v1/operations", limit=limit)
+    if code != 200:
+        _fail(code, body)
+    table = Table(title="operations (newest first)")
+    for column in ("id", "kind", "cells", "to", "state", "step", "total ms", "reason"):
+        table.add_column(column)
+    for op in body["operations"]:
+        table.add_row(
+            op["id"],
+            op["kind"],
+            ",".join(str(c) for c in op["cells"]),
+            op["target"],
+            op["state"],
+            op["step"],
+            str(op["detail"].get("total_ms", "-")),
+            op["error"][:60],
+        )
+    console.print(table)

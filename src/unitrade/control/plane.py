@@ -1,0 +1,127 @@
+"""The control plane's operations: one switchover (or evacuation) at a time, started by the
+API, resumed after a restart, abortable until its point of no return."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from unitrade.control.board import RuleBoard
+from unitrade.control.store import ControlStore, Operation
+from unitrade.control.switchover import FORWARD_ONLY, Control, Switchover, precheck
+from unitrade.errors import (
+    NotFound,
+    OperationRunning,
+    PastPointOfNoReturn,
+    SwitchRefused,
+)
+from unitrade.rpc.client import RegionClient
+from unitrade.topology.config import CONTROL_NAME, TopologyConfig
+from unitrade.topology.rule import initial_rule
+
+log = logging.getLogger("unitrade.control")
+
+
+class ControlPlane:
+    def __init__(self, config: TopologyConfig, store: ControlStore) -> None:
+        self.config = config
+        self.store = store
+        self.board: RuleBoard | None = None
+        self.client = RegionClient(config, CONTROL_NAME)
+        self.running: Switchover | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._slot = asyncio.Lock()  # taken while an operation is prechecked or started
+
+    @property
+    def ctx(self) -> Control:
+        assert self.board is not None, "start() first"
+        return Control(self.config, self.store, self.board, self.client)
+
+    async def start(self) -> None:
+        rule = await self.store.open(self.config, initial_rule(self.config))
+        self.board = RuleBoard(self.store, rule, self.config.region_names)
+        log.info("control plane started at rule version %s", rule.version)
+        unfinished = await self.store.operations(10, state="running")
+        if unfinished:
+            # At most one runs at a time, so at most one was cut off. It needs the regions'
+            # acknowledgements, which arrive once the API serves again: run it in the
+            # background.
+            op = unfinished[0]
+            log.warning("%s: resuming after a restart (step %s)", op.id, op.step)
+            self._launch(op)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.client.aclose()
+        await self.store.close()
+
+    def _launch(self, op: Operation) -> None:
+        switch = Switchover(self.ctx, op)
+        self.running = switch
+
+        async def run() -> None:
+            try:
+                await switch.run()
+            finally:
+                if self.running is switch:
+                    self.running = None
+
+        self._task = asyncio.create_task(run(), name=op.id)
+
+    async def switch(self, cells: list[int], target: str, kind: str = "switch") -> Operation:
+        """Pre-check and start a switch; SwitchRefused (nothing banned) when it cannot run."""
+        if self._slot.locked() or self.running is not None:
+            raise OperationRunning(
+                "another operation is running: "
+                + (self.running.op.id if self.running is not None else "a pre-check")
+            )
+        async with self._slot:
+            rule = self.ctx.board.rule
+            sources = {c: rule.owners[c] for c in cells if c in rule.owners}
+            op = await self.store.create_operation(kind, cells, sources, target)
+            await self.store.record(op, "precheck", "begin")
+            try:
+                figures = await precheck(self.ctx, cells, target)
+            except SwitchRefused as exc:
+                await self.store.record(
+                    op,
+                    "precheck",
+                    "error",
+                    {"reason": exc.message},
+                    state="refused",
+                    error=exc.message,
+                )
+                raise SwitchRefused(exc.message, operation=op.id) from exc
+            await self.store.record(op, "precheck", "done", {"precheck": figures})
+            self._launch(op)
+        return op
+
+    async def abort(self, operation_id: str) -> Operation:
+        op = await self.store.operation(operation_id)
+        if op is None:
+            raise NotFound(f"no operation {operation_id}")
+        running = self.running
+        if op.state != "running" or running is None or running.op.id != op.id:
+            raise PastPointOfNoReturn(f"operation {op.id} is {op.state}; nothing to abort")
+        if running.op.step in FORWARD_ONLY or running.op.step == "done":
+            raise PastPointOfNoReturn(
+                f"operation {op.id} has published the new owner (step {running.op.step}); "
+                "it finishes, and a switch back undoes it"
+            )
+        await self.store.request_abort(op.id)
+        running.abort_reason = "aborted by the operator"
+        running.abort.set()
+        return running.op
+
+    async def wait(self, operation_id: str, timeout_s: float) -> Operation | None:
+        """The operation once it is no longer running, or as it is after `timeout_s`."""
+        running = self.running
+        task = self._task
+        if running is not None and running.op.id == operation_id and task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        return await self.store.operation(operation_id)
