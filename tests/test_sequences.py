@@ -103,3 +103,41 @@ def test_a_used_up_second_borrows_ahead_then_refuses(tmp_path) -> None:  # type:
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_segment_is_void_after_the_cell_changes_owner(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Switched away and back (issue 4 item 6): the rest of the old segment is never used,
+    so the IDs of this region never collide with those the other owner issued meanwhile."""
+    from tests.storage_support import RULE, sqlite_template
+
+    template = sqlite_template(tmp_path)
+
+    async def scenario() -> None:
+        here = make_store(template, 1, "hz")
+        there = make_store(template, 1, "sh")  # the same database: the replicated copy
+        await here.open()
+        await there.open()
+        try:
+            allocator = OrderIdAllocator(here, 64, lambda: NOW)
+            before = [await allocator.next_id() for _ in range(3)]
+            banned = RULE.derive(2, banned={1})
+            moved = banned.derive(3, owners={1: "sh"}, banned=set())
+            back = moved.derive(4, banned={1}).derive(5, owners={1: "hz"}, banned=set())
+            for rule in (banned, moved):
+                await here.fence.install(rule)
+                await there.fence.install(rule)
+            allocator.drop_segment(moved.version)
+            other = OrderIdAllocator(there, 64, lambda: NOW)
+            theirs = [await other.next_id() for _ in range(5)]
+            await there.fence.install(back)
+            await here.fence.install(back)
+            allocator.drop_segment(back.version)
+            after = [await allocator.next_id() for _ in range(3)]
+        finally:
+            await here.close()
+            await there.close()
+        ids = before + theirs + after
+        assert len(set(ids)) == len(ids)
+        assert min(theirs) > max(before) and min(after) > max(theirs)
+
+    asyncio.run(scenario())

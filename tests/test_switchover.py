@@ -300,3 +300,35 @@ def test_abort_rolls_back_and_regions_keep_the_newest_rule(
     status = unitrade(path, "status")
     assert status.returncode == 0
     assert "down" in status.stdout
+
+
+def test_evacuate_a_region_and_move_the_center_cell(
+    running: tuple[LocalCluster, Path], control: Control
+) -> None:
+    cluster, path = running
+    config = cluster.config
+    with_product(config, "EV-1")
+    evacuated = unitrade(path, "evacuate", "--region", "bj", "--to", "sh")
+    assert evacuated.returncode == 0, evacuated.stdout + evacuated.stderr
+    assert "total ms" in evacuated.stdout and "done" in evacuated.stdout
+    owners = current_owners(config)
+    assert owners["u5"] == owners["u6"] == "sh"
+    assert health(config, "bj")["owned_cells"] == []
+    api = Api(config)
+    buyer = buyers_of_cell(config, 5, 1)[0]
+    created = api.order("bj", buyer, [("EV-1", 1)])
+    assert created.status_code == 201, created.text
+    assert created.headers["x-unitrade-region"] == "sh"
+
+    # The center cell (inventory) moves like any other: center calls follow the rule.
+    op = control.switch_and_wait(["center"], "sh")
+    assert op["state"] == "done"
+    assert current_owners(config)["center"] == "sh"
+    second = api.order("hz", buyers_of_cell(config, 1, 1)[0], [("EV-1", 2)])
+    assert second.status_code == 201, second.text
+    levels = api.levels("EV-1")
+    assert (levels["available"], levels["reserved"]) == (97, 3)
+    api.http.close()
+    wait_converged(config)
+    diff = unitrade(path, "diff")
+    assert diff.returncode == 0, diff.stdout

@@ -16,7 +16,7 @@ from rich.table import Table
 from unitrade.cli_options import config_option, load
 from unitrade.control.cli import evacuate, operations, switch
 from unitrade.replication.diff_cli import diff
-from unitrade.topology.config import TopologyConfig
+from unitrade.topology.config import CONTROL_NAME, TopologyConfig
 
 console = Console()
 DATA_DIR_DEFAULT = Path(".unitrade/data")
@@ -47,10 +47,11 @@ def main() -> None:
     help="Directory for the regions' cell copies (SQLite) and logs.",
 )
 def up(config_path: Path | None, data_dir: Path) -> None:
-    """Start every region of the configuration as local processes.
+    """Start the control plane and every region of the configuration as local processes.
 
     Waits until all are healthy, prints the regions and their URLs, and stays in the
-    foreground; Ctrl-C or SIGTERM stops them cleanly.
+    foreground, starting the control plane again if it dies; Ctrl-C or SIGTERM stops them
+    all cleanly.
     """
     from unitrade.cluster import ClusterError, LocalCluster
 
@@ -64,10 +65,19 @@ def up(config_path: Path | None, data_dir: Path) -> None:
         _print_regions(config, data_dir)
         console.print("[bold green]cluster up[/] - Ctrl-C to stop")
         while not stop.wait(0.5):
-            for region, process in cluster.processes.items():
-                if process.poll() is not None:
-                    console.print(f"[red]region {region} exited ({process.returncode})[/]")
-                    stop.set()
+            for name, process in list(cluster.processes.items()):
+                if process.poll() is None:
+                    continue
+                if name == CONTROL_NAME:
+                    # Regions keep serving without it; started again, it finishes or rolls
+                    # back the operation it was running.
+                    console.print(
+                        f"[yellow]control plane exited ({process.returncode}); starting it again[/]"
+                    )
+                    cluster.start_control()
+                    continue
+                console.print(f"[red]region {name} exited ({process.returncode})[/]")
+                stop.set()
     except KeyboardInterrupt:
         pass
     except ClusterError as exc:
@@ -91,6 +101,9 @@ def _print_regions(config: TopologyConfig, data_dir: Path) -> None:
             owned,
         )
     console.print(table)
+    console.print(
+        f"control plane: {config.control.base_url} (store {config.control.storage_url(data_dir)})"
+    )
     for region in config.regions:
         console.print(f"storage of {region.name}: {region.storage_url('{cell}', data_dir)}")
 

@@ -1,5 +1,7 @@
 """`unitrade demo`: a three-region cluster taking orders from many buyers through random
-regions, then a check that every order is where its ID says and that stock is conserved."""
+regions, with a switchover of a cell to another region and back while they shop; then a
+check that no acknowledged order was lost, that every order is where its ID says, that
+stock is conserved and that every copy of every cell equals its owner's."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from unitrade.topology.rule import initial_rule
 console = Console()
 REQUEST_TIMEOUT_S = 30.0
 WAIT_S_MAX = 30.0
+SWITCHED_CELL = "u3"
 
 
 @dataclass
@@ -104,8 +107,46 @@ async def _workload(
 
             # Buyer IDs spread over the ID space, as real ones are, so every bucket is used.
             buyer_ids = rng.sample(range(1, 10**9), buyers)
-            await asyncio.gather(*(one(b) for b in buyer_ids))
-        return await _report(http, config, urls, admin, skus, stock, tally)
+            shopping = asyncio.gather(*(one(b) for b in buyer_ids))
+            switched = await _switch_while_shopping(http, config, admin, shopping)
+            await shopping
+        return await _report(http, config, urls, admin, skus, stock, tally) and switched
+
+
+async def _switch_while_shopping(
+    http: httpx.AsyncClient,
+    config: TopologyConfig,
+    admin: dict[str, str],
+    shopping: asyncio.Future[Any],
+) -> bool:
+    """Move a cell to another region and back while the buyers shop (a planned switchover
+    under load, DESIGN §8); print what each switch took. True when both switched."""
+    base = config.control.base_url
+    home = next(c.owner for c in config.cells if c.name == SWITCHED_CELL)
+    away = next(r for r in config.region_names if r != home)
+    ok = True
+    for target in (away, home):
+        await asyncio.sleep(0.5)
+        if shopping.done():
+            console.print("[yellow]the buyers finished before the switch; skipped[/]")
+            return True
+        answer = await http.post(
+            f"{base}/v1/switch", json={"cells": [SWITCHED_CELL], "to": target}, headers=admin
+        )
+        if answer.status_code != 202:
+            console.print(f"[red]switch of {SWITCHED_CELL} to {target} refused: {answer.text}[/]")
+            ok = False
+            continue
+        op_id = answer.json()["id"]
+        op = (await http.get(f"{base}/v1/operations/{op_id}?wait_s=30", headers=admin)).json()
+        detail = op["detail"]
+        console.print(
+            f"switchover {op_id}: {SWITCHED_CELL} to {target} under load: {op['state']} in "
+            f"{detail.get('total_ms')} ms (writes to it held {detail.get('banned_ms')} ms; "
+            f"final positions {detail.get('final_positions')})"
+        )
+        ok = ok and op["state"] == "done"
+    return ok
 
 
 async def _wait_catalog(
@@ -194,6 +235,8 @@ async def _report(
     tally: Tally,
 ) -> bool:
     rule = initial_rule(config)
+    region = next(iter(urls))
+    owners = (await http.get(f"{urls[region]}/healthz")).json()["owners"]
     per_cell: Counter[str] = Counter()
     per_region: Counter[str] = Counter()
     expected_reserved: Counter[str] = Counter()
@@ -202,7 +245,7 @@ async def _report(
         cell = decode_order_id(int(order["order_id"])).cell
         assert cell == order["cell"], "the order ID carries the order's cell"
         per_cell[rule.cells[cell].name] += 1
-        per_region[rule.owner_of(cell)] += 1
+        per_region[owners[rule.cells[cell].name]] += 1
         tally.statuses[order["status"]] += 1
         for item in order["items"]:
             if order["status"] == "created":
@@ -215,7 +258,7 @@ async def _report(
         table.add_column(column)
     for cell in rule.unit_cells():
         name = rule.cells[cell].name
-        table.add_row(name, rule.owner_of(cell), str(per_cell[name]))
+        table.add_row(name, owners[name], str(per_cell[name]))
     console.print(table)
     console.print("orders per region: " + ", ".join(f"{r} {per_region[r]}" for r in urls))
     console.print("order states: " + ", ".join(f"{s} {n}" for s, n in tally.statuses.items()))
@@ -226,8 +269,13 @@ async def _report(
     if tally.errors:
         console.print("refused: " + ", ".join(f"{e} {n}" for e, n in tally.errors.items()))
 
+    lost = await _lost_orders(http, config, urls, tally)
+    console.print(
+        f"no acknowledged order lost: {'[green]yes[/]' if not lost else '[red]NO[/]'} "
+        f"(all {len(tally.orders)} read back from every region in their last acknowledged "
+        f"state{'' if not lost else '; missing or different: ' + ', '.join(lost[:5])})"
+    )
     conserved = True
-    region = next(iter(urls))
     for sku in skus:
         levels = (await http.get(f"{urls[region]}/v1/inventory/{sku}", headers=admin)).json()
         total = levels["available"] + levels["reserved"] + levels["sold"]
@@ -260,4 +308,23 @@ async def _report(
         "match the open and paid orders)"
     )
     console.print(f"orders in every unit cell: {'[green]yes[/]' if all_cells else '[red]no[/]'}")
-    return conserved and all_cells and identical and tally.forwarded > 0
+    return conserved and all_cells and identical and tally.forwarded > 0 and not lost
+
+
+async def _lost_orders(
+    http: httpx.AsyncClient, config: TopologyConfig, urls: dict[str, str], tally: Tally
+) -> list[str]:
+    """Acknowledged orders that a region cannot read back in their last acknowledged state
+    (from its own copy, once the copies have converged)."""
+    await _converged(http, urls)
+    lost: list[str] = []
+    for order_id, order in tally.orders.items():
+        token = issue_token(config.secret, buyer_id=order["buyer_id"])
+        for region, url in urls.items():
+            got = await http.get(
+                f"{url}/v1/orders/{order_id}?consistency=replica",
+                headers={"authorization": f"Bearer {token}"},
+            )
+            if got.status_code != 200 or got.json()["status"] != order["status"]:
+                lost.append(f"{order_id}@{region}")
+    return lost

@@ -35,6 +35,7 @@ from unitrade.gateway.edge import (
     install_error_handlers,
     json_response,
 )
+from unitrade.gateway.forward import is_write
 from unitrade.gateway.metrics import metrics_endpoint
 from unitrade.region import RegionRuntime
 from unitrade.replication.diff_routes import diff_routes
@@ -124,10 +125,14 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
         rule, within the hold deadline: a switch costs clients latency, not errors.
         """
         deadline = forwarder.holds.deadline()
+        write = is_write(request.method)
         while True:
             rule = runtime.gateway.rule
             route = home(rule)
             request.state.home_region = route.region
+            if write and rule.is_banned(route.cell):
+                await forwarder.holds.until_unbanned(route.cell, rule, deadline)
+                continue
             if route.region != runtime.name:
                 if who.forwarded_from is not None:
                     # One hop only: the region that forwarded this sends it on.
