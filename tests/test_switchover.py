@@ -47,12 +47,38 @@ def wait_rule_everywhere(config: TopologyConfig, version: int, timeout_s: float 
             time.sleep(0.05)
 
 
+def start_cluster(tmp_path: Path, storage: str) -> Iterator[tuple[LocalCluster, Path]]:
+    """A cluster with cell copies and the control store on SQLite or on PostgreSQL."""
+    prefix = None
+    if storage == "postgresql":
+        require_postgres()
+        prefix = pg_prefix()
+        base = "postgresql://postgres@127.0.0.1:5432"
+        config, path = write_topology(
+            tmp_path, f"{base}/{prefix}_{{region}}_{{cell}}", f"{base}/{prefix}_control"
+        )
+    else:
+        config, path = write_topology(tmp_path)
+    try:
+        with LocalCluster(config, tmp_path / "data", path) as cluster:
+            cluster.start()
+            yield cluster, path
+    finally:
+        if prefix is not None:
+            drop_pg_databases(prefix)
+
+
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[tuple[LocalCluster, Path]]:
-    config, path = write_topology(tmp_path)
-    with LocalCluster(config, tmp_path / "data", path) as cluster:
-        cluster.start()
-        yield cluster, path
+    yield from start_cluster(tmp_path, "sqlite")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def running_on(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[LocalCluster, Path]]:
+    """The same tests on the embedded default and on PostgreSQL."""
+    yield from start_cluster(tmp_path, request.param)
 
 
 @pytest.fixture
@@ -62,19 +88,9 @@ def control(running: tuple[LocalCluster, Path]) -> Iterator[Control]:
 
 
 @pytest.fixture
-def pg_running(tmp_path: Path) -> Iterator[tuple[LocalCluster, Path]]:
-    require_postgres()
-    prefix = pg_prefix()
-    base = "postgresql://postgres@127.0.0.1:5432"
-    config, path = write_topology(
-        tmp_path, f"{base}/{prefix}_{{region}}_{{cell}}", f"{base}/{prefix}_control"
-    )
-    try:
-        with LocalCluster(config, tmp_path / "data", path) as cluster:
-            cluster.start()
-            yield cluster, path
-    finally:
-        drop_pg_databases(prefix)
+def control_on(running_on: tuple[LocalCluster, Path]) -> Iterator[Control]:
+    with Control(running_on[0].config) as client:
+        yield client
 
 
 def restart_control_paused(cluster: LocalCluster, control: Control, step: str) -> None:
@@ -174,13 +190,9 @@ def run_switches(control: Control, load: Load, switches: int) -> None:
 
 
 def test_switch_back_and_forth_under_load_loses_nothing(
-    running: tuple[LocalCluster, Path],
+    running_on: tuple[LocalCluster, Path],
 ) -> None:
-    switch_back_and_forth(*running, SWITCHES)
-
-
-def test_switch_back_and_forth_on_postgresql(pg_running: tuple[LocalCluster, Path]) -> None:
-    switch_back_and_forth(*pg_running, SWITCHES)
+    switch_back_and_forth(*running_on, SWITCHES)
 
 
 def test_unreachable_target_is_refused_before_anything_is_banned(
@@ -206,9 +218,10 @@ def test_unreachable_target_is_refused_before_anything_is_banned(
 
 
 def test_control_plane_killed_before_publish_rolls_back(
-    running: tuple[LocalCluster, Path], control: Control
+    running_on: tuple[LocalCluster, Path], control_on: Control
 ) -> None:
-    cluster, path = running
+    control = control_on
+    cluster, path = running_on
     config = cluster.config
     with_product(config, "SKU-X")
     restart_control_paused(cluster, control, "catch_up")
@@ -248,9 +261,10 @@ def test_control_plane_killed_before_publish_rolls_back(
 
 
 def test_control_plane_killed_after_publish_finishes_the_switch(
-    running: tuple[LocalCluster, Path], control: Control
+    running_on: tuple[LocalCluster, Path], control_on: Control
 ) -> None:
-    cluster, _ = running
+    control = control_on
+    cluster, _ = running_on
     config = cluster.config
     with_product(config, "SKU-X")
     restart_control_paused(cluster, control, "verify")
