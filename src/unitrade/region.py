@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from unitrade.control.agent import RuleAgent
+from unitrade.errors import WriteBanned, WrongRegion
 from unitrade.gateway.forward import Forwarder
 from unitrade.gateway.hold import Holds
 from unitrade.replication.replicator import Replicator
@@ -168,5 +169,8 @@ class RegionRuntime:
                     await self.orders.drain_outbox(store)
                     if round_no % rounds_per_sweep == 0:
                         await self.orders.release_abandoned(store)
+                except (WriteBanned, WrongRegion) as exc:
+                    # The cell is being switched: its next owner does this work.
+                    log.info("background work on cell %s paused: %s", cell, exc.code)
                 except Exception:
                     log.exception("background work on cell %s failed", cell)

@@ -476,7 +476,9 @@ class CellStore:
 
         async with self._write_slot(), self.fence.admit(cell_id) as epoch:
             result, position = await self._transact(body, epoch)
-        self._advance(position)
+            # Inside the fence: once a rule change is acknowledged, `position` is final
+            # (the switchover reads a banned cell's final position from it).
+            self._advance(position)
         return result
 
     async def apply(self, changes: Sequence[Mapping[str, Any]]) -> int:
