@@ -90,16 +90,18 @@ def up(config_path: Path | None, data_dir: Path) -> None:
 
 def _print_regions(config: TopologyConfig, data_dir: Path) -> None:
     table = Table(title="unitrade regions")
-    for column in ("region", "role", "url", "owns cells"):
+    for column in ("region", "role", "url", "owns cells (rule in force)"):
         table.add_column(column, no_wrap=True)
+    owners = {c.name: c.owner for c in config.cells}  # rule version 1
+    try:
+        health = httpx.get(config.regions[0].base_url + "/healthz", timeout=2.0).json()
+        owners = {str(c): str(r) for c, r in health["owners"].items()}
+    except (httpx.HTTPError, ValueError, KeyError):
+        pass
     for region in config.regions:
-        owned = ", ".join(c.name for c in config.cells if c.owner == region.name)
-        table.add_row(
-            region.name,
-            "center" if region.center else "unit",
-            region.base_url,
-            owned,
-        )
+        owned = ", ".join(c for c, owner in owners.items() if owner == region.name)
+        role = "center" if owners.get("center") == region.name else "unit"
+        table.add_row(region.name, role, region.base_url, owned)
     console.print(table)
     console.print(
         f"control plane: {config.control.base_url} (store {config.control.storage_url(data_dir)})"
@@ -155,30 +157,31 @@ def status(config_path: Path | None) -> None:
     for column in ("region", "role", "url", "health", "rule", "acked gw/rpc/dal", "control"):
         regions.add_column(column)
     regions.add_column("forwarded")
-    owners: dict[str, str] = {}
-    banned: list[str] = []
+    healths: dict[str, dict[str, Any]] = {}
     with httpx.Client(timeout=2.0) as client:
         for region in config.regions:
-            health: dict[str, Any] = {}
             try:
-                health = client.get(region.base_url + "/healthz").json()
-                state = "[green]up[/]"
+                healths[region.name] = client.get(region.base_url + "/healthz").json()
             except (httpx.HTTPError, ValueError):
-                state = "[red]down[/]"
-            owners = owners or health.get("owners", {})
-            banned = banned or health.get("banned", [])
-            acked = health.get("acked", {})
-            connected = health.get("control", {}).get("connected")
-            regions.add_row(
-                region.name,
-                "center" if region.center else "unit",
-                region.base_url,
-                state,
-                str(health.get("rule_version", "-")),
-                "/".join(str(acked.get(c, "-")) for c in ("gateway", "rpc", "dal")),
-                "-" if connected is None else ("connected" if connected else "[red]no[/]"),
-                str(health.get("forwarded", "-")),
-            )
+                pass
+    first = next(iter(healths.values()), {})
+    owners: dict[str, str] = first.get("owners", {})
+    banned: list[str] = first.get("banned", [])
+    center = owners.get("center", config.center_region)
+    for region in config.regions:
+        health = healths.get(region.name, {})
+        acked = health.get("acked", {})
+        connected = health.get("control", {}).get("connected")
+        regions.add_row(
+            region.name,
+            "center" if region.name == center else "unit",
+            region.base_url,
+            "[green]up[/]" if health else "[red]down[/]",
+            str(health.get("rule_version", "-")),
+            "/".join(str(acked.get(c, "-")) for c in ("gateway", "rpc", "dal")),
+            "-" if connected is None else ("connected" if connected else "[red]no[/]"),
+            str(health.get("forwarded", "-")),
+        )
     console.print(regions)
     cells = Table(title="cells")
     for column in ("cell", "id", "kind", "owner", "buckets", "status"):

@@ -90,6 +90,11 @@ class RegionRuntime:
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, self.rule_path)
+        directory = os.open(self.rule_path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power loss
+        finally:
+            os.close(directory)
 
     def acked(self) -> dict[str, int]:
         return {view.component: view.acked for view in (self.gateway, self.rpc, self.fence)}

@@ -97,7 +97,8 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
             {
                 "status": "ok",
                 "rule_version": rule.version,
-                "banned": sorted(rule.banned),
+                "banned": [rule.cells[c].name for c in sorted(rule.banned)],
+                "ahead": board().ahead(),
                 "running": running.op.id if running is not None else None,
             }
         )

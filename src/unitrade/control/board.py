@@ -25,6 +25,7 @@ CONNECTED_GRACE_S = 3.0
 @dataclass
 class RegionSeen:
     acked: dict[str, int] = field(default_factory=dict)
+    current: int = 0  # the newest rule version the region holds
     watching: int = 0  # watch requests open now
     last_seen: float = 0.0  # monotonic
 
@@ -60,9 +61,10 @@ class RuleBoard:
             self._published = asyncio.Event()
         return rule
 
-    def saw(self, region: str, acked: dict[str, int]) -> None:
+    def saw(self, region: str, acked: dict[str, int], current: int = 0) -> None:
         seen = self.regions[region]
         seen.acked = {c: int(acked.get(c, 0)) for c in COMPONENTS}
+        seen.current = current
         seen.last_seen = time.monotonic()
         self._acked.set()
         self._acked = asyncio.Event()
@@ -72,7 +74,7 @@ class RuleBoard:
     ) -> Rule | None:
         """Record a region's acknowledgements; the newest rule once it is above `after`
         (at once if it already is), or None after `wait_s`."""
-        self.saw(region, acked)
+        self.saw(region, acked, after)
         seen = self.regions[region]
         seen.watching += 1
         try:
@@ -85,6 +87,12 @@ class RuleBoard:
             seen.watching -= 1
             seen.last_seen = time.monotonic()
         return self._rule
+
+    def ahead(self) -> dict[str, int]:
+        """Regions that hold a newer rule than this control plane: its store was lost or
+        restored from an old backup. Publishing on top of it would build on stale owners,
+        so operations are refused until the store is restored (docs/operations.md)."""
+        return {n: s.current for n, s in self.regions.items() if s.current > self._rule.version}
 
     def connected(self) -> list[str]:
         now = time.monotonic()
@@ -112,6 +120,7 @@ class RuleBoard:
                 "connected": seen.connected(now),
                 "acked": seen.acked,
                 "version": seen.version,
+                "holds": seen.current,
                 "seen_ms_ago": None if not seen.last_seen else int((now - seen.last_seen) * 1000),
             }
             for name, seen in self.regions.items()

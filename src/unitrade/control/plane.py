@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from unitrade.control.board import RuleBoard
 from unitrade.control.store import ControlStore, Operation
@@ -49,7 +50,7 @@ class ControlPlane:
             # background.
             op = unfinished[0]
             log.warning("%s: resuming after a restart (step %s)", op.id, op.step)
-            self._launch(op)
+            self._launch(op, resumed=True)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -59,13 +60,13 @@ class ControlPlane:
         await self.client.aclose()
         await self.store.close()
 
-    def _launch(self, op: Operation) -> None:
+    def _launch(self, op: Operation, resumed: bool = False) -> None:
         switch = Switchover(self.ctx, op)
         self.running = switch
 
         async def run() -> None:
             try:
-                await switch.run()
+                await switch.run(resumed)
             finally:
                 if self.running is switch:
                     self.running = None
@@ -84,6 +85,7 @@ class ControlPlane:
             sources = {c: rule.owners[c] for c in cells if c in rule.owners}
             op = await self.store.create_operation(kind, cells, sources, target)
             await self.store.record(op, "precheck", "begin")
+            started = time.monotonic()
             try:
                 figures = await precheck(self.ctx, cells, target)
             except SwitchRefused as exc:
@@ -96,7 +98,10 @@ class ControlPlane:
                     error=exc.message,
                 )
                 raise SwitchRefused(exc.message, operation=op.id) from exc
-            await self.store.record(op, "precheck", "done", {"precheck": figures})
+            took_ms = int((time.monotonic() - started) * 1000)
+            await self.store.record(
+                op, "precheck", "done", {"precheck": figures, "precheck_ms": took_ms}
+            )
             self._launch(op)
         return op
 
@@ -113,6 +118,7 @@ class ControlPlane:
                 "it finishes, and a switch back undoes it"
             )
         await self.store.request_abort(op.id)
+        running.op.abort_requested = True
         running.abort_reason = "aborted by the operator"
         running.abort.set()
         return running.op

@@ -85,6 +85,12 @@ def _pause(step: str) -> float:
 async def precheck(ctx: Control, cells: list[int], target: str) -> dict[str, Any]:
     """Refuse a switch that cannot succeed, before anything is banned (vitess#9525)."""
     rule = ctx.board.rule
+    ahead = ctx.board.ahead()
+    if ahead:
+        raise SwitchRefused(
+            f"the control store is behind: regions hold newer rules {ahead} than its version "
+            f"{rule.version}; restore the control store before any operation"
+        )
     if target not in ctx.config.region_names:
         raise SwitchRefused(f"unknown target region {target!r}")
     if not cells:
@@ -172,18 +178,21 @@ class Switchover:
 
     # -- the run -----------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Run (or, after a restart, resume) the switch to its end: done or rolled back."""
+    async def run(self, resumed: bool = False) -> None:
+        """Run the switch to its end: done or rolled back. `resumed`: the control plane
+        restarted and found it running; before `publish` it rolls back (its pre-check, and
+        what the control plane knew of the regions, are gone with the old process)."""
         try:
             if self.op.step in FORWARD_ONLY:
                 await self._forward()
                 return
-            if self.op.step != "precheck":
+            if resumed:
                 await self._roll_back(f"the control plane restarted during step {self.op.step}")
                 return
             try:
                 await self._ban()
                 await self._catch_up()
+                self._check_abort()  # the last moment an abort can take effect
             except StepFailed as exc:
                 await self._roll_back(str(exc))
                 return

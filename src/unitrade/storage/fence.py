@@ -28,6 +28,7 @@ class Fence:
         self.acked = rule.version  # the version in force: older writes have all finished
         self._in_flight: Counter[int] = Counter()  # rule version -> admitted, unfinished
         self._drained = asyncio.Condition()
+        self._draining: set[asyncio.Future[None]] = set()  # drains that outlived a timeout
 
     @property
     def rule(self) -> Rule:
@@ -64,10 +65,21 @@ class Fence:
         return sum(n for v, n in self._in_flight.items() if v < version)
 
     async def install(self, rule: Rule, timeout_s: float = DRAIN_TIMEOUT_S_DEFAULT) -> None:
-        """Put `rule` in force; return once no write admitted under an older rule is open."""
+        """Put `rule` in force; return once no write admitted under an older rule is open.
+
+        On TimeoutError the rule is in force all the same, and the acknowledgement follows
+        when the older writes finish (each is bounded in time), so a slow drain delays an
+        acknowledgement and never loses it."""
         if rule.version < self._rule.version:
             raise ValueError(f"rule versions only grow: {rule.version} < {self._rule.version}")
         self._rule = rule
-        async with asyncio.timeout(timeout_s), self._drained:
-            await self._drained.wait_for(lambda: self.in_flight_below(rule.version) == 0)
-        self.acked = max(self.acked, rule.version)
+        drained = asyncio.ensure_future(self._drain(rule.version))
+        self._draining.add(drained)
+        drained.add_done_callback(self._draining.discard)
+        async with asyncio.timeout(timeout_s):
+            await asyncio.shield(drained)
+
+    async def _drain(self, version: int) -> None:
+        async with self._drained:
+            await self._drained.wait_for(lambda: self.in_flight_below(version) == 0)
+        self.acked = max(self.acked, version)
