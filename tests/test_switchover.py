@@ -346,3 +346,23 @@ def test_evacuate_a_region_and_move_the_center_cell(
     wait_converged(config)
     diff = unitrade(path, "diff")
     assert diff.returncode == 0, diff.stdout
+
+
+def test_a_control_store_behind_the_regions_refuses_operations(
+    running: tuple[LocalCluster, Path], control: Control
+) -> None:
+    cluster, _ = running
+    control.switch_and_wait([MOVED], "hz")
+    cluster.kill_region(CONTROL_NAME)
+    for leftover in (cluster.data_dir / "control").glob("control.db*"):
+        leftover.unlink()  # the store is lost; a new one starts at version 1
+    cluster.start_control()
+    cluster.wait_healthy([CONTROL_NAME])
+    deadline = time.monotonic() + 15
+    while not httpx.get(cluster.config.control.base_url + "/healthz").json()["ahead"]:
+        assert time.monotonic() < deadline, "the control plane never saw the regions ahead"
+        time.sleep(0.05)
+    refused = control.switch([MOVED], "sh")
+    assert refused.status_code == 409, refused.text
+    assert "control store is behind" in refused.json()["message"]
+    assert current_owners(cluster.config)[MOVED] == "hz"  # nothing was built on stale owners
