@@ -1,0 +1,74 @@
+"""Holding writes to a banned cell: released by the rule that lifts the ban, refused with
+write_banned past the hold time or past the number of held writes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from unitrade.errors import WriteBanned
+from unitrade.gateway.hold import Holds
+from unitrade.topology.config import default_config
+from unitrade.topology.rule import initial_rule
+from unitrade.topology.rule_view import RuleView
+
+RULE = initial_rule(default_config())
+BANNED = RULE.derive(2, banned={3})
+MOVED = BANNED.derive(3, owners={3: "hz"}, banned=set())
+
+
+def test_a_held_write_goes_on_under_the_rule_that_lifts_the_ban() -> None:
+    async def scenario() -> None:
+        view = RuleView("gateway", BANNED)
+        holds = Holds(view, hold_ms=2000, held_max=10)
+        held = asyncio.create_task(holds.until_unbanned(3, BANNED, holds.deadline()))
+        await asyncio.sleep(0.05)
+        assert holds.held == 1 and not held.done()
+        await view.install(MOVED)
+        rule = await asyncio.wait_for(held, 1)
+        assert rule.version == 3 and rule.owner_of(3) == "hz"
+        assert holds.held == 0 and holds.held_total == 1 and holds.refused_total == 0
+
+    asyncio.run(scenario())
+
+
+def test_past_the_hold_time_the_write_is_refused() -> None:
+    async def scenario() -> None:
+        holds = Holds(RuleView("gateway", BANNED), hold_ms=200, held_max=10)
+        started = time.monotonic()
+        with pytest.raises(WriteBanned) as refused:
+            await holds.until_unbanned(3, BANNED, holds.deadline())
+        assert 0.19 <= time.monotonic() - started < 1.0
+        assert refused.value.status == 503 and refused.value.retry_after_s == 1
+        assert holds.refused_total == 1 and holds.held == 0
+
+    asyncio.run(scenario())
+
+
+def test_past_the_number_bound_a_write_is_refused_at_once() -> None:
+    async def scenario() -> None:
+        view = RuleView("gateway", BANNED)
+        holds = Holds(view, hold_ms=5000, held_max=2)
+        waiting = [
+            asyncio.create_task(holds.until_unbanned(3, BANNED, holds.deadline())) for _ in range(2)
+        ]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(WriteBanned, match="already held"):
+            await holds.until_unbanned(3, BANNED, holds.deadline())
+        assert time.monotonic() - started < 0.1
+        await view.install(MOVED)
+        await asyncio.wait_for(asyncio.gather(*waiting), 1)
+
+    asyncio.run(scenario())
+
+
+def test_a_write_to_a_cell_that_is_not_banned_is_not_held() -> None:
+    async def scenario() -> None:
+        holds = Holds(RuleView("gateway", BANNED), hold_ms=2000, held_max=0)
+        assert await holds.until_unbanned(4, BANNED, holds.deadline()) is BANNED
+        assert holds.held_total == 0
+
+    asyncio.run(scenario())
