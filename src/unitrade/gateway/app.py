@@ -39,7 +39,7 @@ from unitrade.gateway.forward import is_write
 from unitrade.gateway.metrics import metrics_endpoint
 from unitrade.region import RegionRuntime
 from unitrade.replication.diff_routes import diff_routes
-from unitrade.replication.replicator import serve_pull
+from unitrade.replication.replicator import serve_pull, serve_pull_many
 from unitrade.replication.snapshot import serve_snapshot, snapshot_tables
 from unitrade.topology.config import CONTROL_NAME
 from unitrade.topology.order_id import parse_order_id
@@ -452,6 +452,19 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
             follower,
         )
 
+    async def pull_many(b: models.PullManyCall) -> Any:
+        # Cells this region does not own or does not know are answered one by one in the
+        # reply's `errors`: the follower holds back only those streams.
+        follower = (b.region, b.rule_version) if b.region else None
+        return await serve_pull_many(
+            runtime.copies,
+            [(c.cell, c.after) for c in b.cells],
+            b.limit,
+            b.wait_ms,
+            runtime.replicator.followers,
+            follower,
+        )
+
     async def snapshot(b: models.SnapshotCall) -> Any:
         if b.cell not in runtime.copies.stores:
             raise NotFound(f"no cell {b.cell}")
@@ -470,6 +483,7 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
         ("/internal/replication/wait", endpoint(models.WaitCall, wait, None)),
         ("/internal/replication/snapshot", endpoint(models.SnapshotCall, snapshot, None)),
         ("/internal/replication/pull", endpoint(models.PullCall, pull, None)),
+        ("/internal/replication/pull_many", endpoint(models.PullManyCall, pull_many, None)),
         ("/internal/center/reserve", endpoint(models.ReserveCall, reserve, center)),
         ("/internal/center/step", endpoint(models.StepCall, step, center)),
         ("/internal/center/stock", endpoint(models.StockCall, stock, center)),

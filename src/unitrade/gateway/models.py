@@ -91,6 +91,21 @@ class PullCall(_Body):
     rule_version: Annotated[int, Field(ge=0)] = 0  # the rule the follower acts under
 
 
+class PullCellCall(_Body):
+    cell: int
+    after: Annotated[int, Field(ge=0)]
+
+
+class PullManyCall(_Body):
+    """A multiplexed pull: every cell a follower follows from this owner, one long poll."""
+
+    cells: Annotated[list[PullCellCall], Field(min_length=1, max_length=64)]
+    limit: Annotated[int, Field(ge=1, le=1000)]  # rows per cell; the owner caps the total too
+    wait_ms: Annotated[int, Field(ge=0, le=2000)]
+    region: Annotated[str | None, Field(max_length=16)] = None  # the follower
+    rule_version: Annotated[int, Field(ge=0)] = 0  # the rule the follower acts under
+
+
 class WaitCall(_Body):
     cell: int
     position: Annotated[int, Field(ge=0)]

@@ -9,6 +9,13 @@ backpressure is the replica's own pace. The owner answers with a long poll (it w
 `wait_ms` for a new commit), so a quiet stream costs one open request and a busy one a
 request per batch, with lag bounded by one round trip.
 
+One pull carries every cell a region follows from one owner (`serve_pull_many`, POST
+/internal/replication/pull_many): each request costs the owner about the same whatever it
+carries (most of it is answering the request, not reading the changelog), so a pull per
+(follower, owner) pair instead of one per (follower, cell) takes most of that cost off the
+owner's loop. Each cell is still its own stream: its own checkpoint, applied in its own
+transaction, with its own lag, errors and backoff.
+
 Lag is reported per stream in positions (owner's head minus the checkpoint) and in
 milliseconds: the delay of the last batch applied, from the commit of its oldest change at
 the owner to its apply here, measured on the owner's clock so that clock skew between
@@ -21,22 +28,33 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from unitrade.errors import UnitradeError, WrongRegion
+from unitrade.errors import NotFound, UnitradeError, WrongRegion, error_from_body
 from unitrade.replication.snapshot import bootstrap, owner_position
 from unitrade.rpc.client import RegionClient
 from unitrade.storage.copies import CellCopies
-from unitrade.storage.store import now_ms
+from unitrade.storage.store import CellStore, now_ms
+from unitrade.topology.rule import RoutingError
 
 log = logging.getLogger("unitrade.replication")
 
-BATCH_ROWS_MAX = 500
+PULL_TARGET = "/internal/replication/pull_many"
+# Changelog rows of one cell in one reply (one apply transaction at the follower), and of all
+# the cells of a pull. A pull costs the owner about the same whatever it carries, and a
+# follower that falls behind catches up only by pulling more per round trip: with one pull
+# for several cells, a cap of 500 per cell held the center cell (3 of an order's 7 rows)
+# back whenever the owner's loop was saturated and a round trip took ~170 ms or more.
+BATCH_ROWS_MAX = 1_000
+PULL_ROWS_MAX = 4_000
+PULL_CELLS_MAX = 64  # cells in one pull; a region following more from one owner pulls in groups
 WAIT_MS_MAX = 2_000  # how long an owner holds a pull with nothing new
 # A pull that was caught up and is woken by a commit waits this much longer to collect a
-# batch: at most one pull per stream per window instead of one per commit. Every pull costs
-# a request at both ends whatever it carries, and at 10 ms the pulls took about a quarter of
+# batch: a follower that keeps up pulls once per window, not once per commit (a pull that
+# finds changes waiting is answered at once). Every pull costs a request at both ends
+# whatever it carries, and at 10 ms, one pull per cell, the pulls took about a quarter of
 # the owner's CPU under load (docs/benchmarks.md, Replication); 25 ms, for ~15 ms more lag.
 BATCH_WINDOW_S = 0.025
 # A copy at position 0 (new, or wiped) whose owner is further ahead than this is rebuilt from
@@ -44,6 +62,8 @@ BATCH_WINDOW_S = 0.025
 BOOTSTRAP_AFTER_POSITIONS = 100
 BACKOFF_S_MIN = 0.05
 BACKOFF_S_MAX = 2.0
+IDLE_S = 0.5  # how often a pull loop with nothing to pull looks at the rule again
+PULL_ERRORS = (UnitradeError, OSError, TimeoutError, ValueError, KeyError, TypeError)
 
 
 @dataclass
@@ -59,6 +79,10 @@ class StreamState:
     errors: int = 0
     bootstraps: int = 0
     last_error: str = ""
+    # Not reported: when this stream may be pulled again after an error, and the next wait.
+    retry_at: float = field(default=0.0, repr=False)
+    backoff_s: float = field(default=BACKOFF_S_MIN, repr=False)
+    bootstrap_checked: str = field(default="", repr=False)  # the owner asked at position 0
 
     @property
     def lag_positions(self) -> int:
@@ -78,6 +102,16 @@ class StreamState:
             "last_error": self.last_error,
         }
 
+    def failed(self, exc: BaseException) -> None:
+        """Count an error and hold this stream back, doubling the wait each time."""
+        self.errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+        self.retry_at = time.monotonic() + self.backoff_s
+        self.backoff_s = min(self.backoff_s * 2, BACKOFF_S_MAX)
+
+    def succeeded(self) -> None:
+        self.backoff_s = BACKOFF_S_MIN
+
 
 class Followers:
     """Which regions pull which cells from this region, and under which rule version: the
@@ -95,6 +129,89 @@ class Followers:
         return {names[c]: dict(sorted(r.items())) for c, r in sorted(self._seen.items())}
 
 
+# -- the owner's side ------------------------------------------------------------------------
+
+
+def _owned_store(copies: CellCopies, cell: int) -> CellStore:
+    """This region's copy of `cell` if this region owns it, else the error to answer."""
+    if cell not in copies.stores:
+        raise NotFound(f"no cell {cell}")
+    owner = copies.fence.rule.owner_of(cell)
+    if owner != copies.region:
+        raise WrongRegion(f"cell {cell} is owned by {owner}", owner=owner, cell=cell)
+    return copies[cell]
+
+
+def fair_shares(wanted: dict[int, int], total: int) -> dict[int, int]:
+    """Split `total` rows between cells that have `wanted[cell]` rows to send: none gets more
+    than it has, and the rest is shared equally, so a busy cell never starves a quiet one."""
+    shares: dict[int, int] = {}
+    left = total
+    ordered = sorted(wanted.items(), key=lambda item: item[1])
+    for index, (cell, rows) in enumerate(ordered):
+        share = min(rows, left // (len(ordered) - index))
+        shares[cell] = share
+        left -= share
+    return shares
+
+
+async def _wait_any(stores: dict[int, tuple[CellStore, int]], timeout_s: float) -> bool:
+    """Wait until one of the copies moves beyond its position, at most `timeout_s`."""
+    waits = [
+        asyncio.ensure_future(store.wait_beyond(after, timeout_s))
+        for store, after in stores.values()
+    ]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+    return any(store.position > after for store, after in stores.values())
+
+
+async def serve_pull_many(
+    copies: CellCopies,
+    cells: Sequence[tuple[int, int]],
+    limit: int,
+    wait_ms: int,
+    followers: Followers | None = None,
+    follower: tuple[str, int] | None = None,
+) -> dict[str, Any]:
+    """The owner's side of a pull of several cells, each as (cell, after): the changelog rows
+    of each after its `after`, at most `limit` per cell and PULL_ROWS_MAX in all. If none
+    has any, it waits up to `wait_ms` for a commit in any of them, then BATCH_WINDOW_S more
+    to collect a batch. A cell this region does not own gets an error of its own in
+    `errors` (and the pull is answered at once); the others are answered, each with its
+    head, changes or none."""
+    assert 1 <= len(cells) <= PULL_CELLS_MAX
+    assert 1 <= limit <= BATCH_ROWS_MAX and 0 <= wait_ms <= WAIT_MS_MAX
+    stores: dict[int, tuple[CellStore, int]] = {}
+    errors: list[dict[str, Any]] = []
+    for cell, after in cells:
+        try:
+            stores[cell] = (_owned_store(copies, cell), after)
+        except (UnitradeError, RoutingError) as exc:
+            body = exc.body() if isinstance(exc, UnitradeError) else NotFound(str(exc)).body()
+            errors.append({"cell": cell, **body})
+            continue
+        if followers is not None and follower is not None:
+            followers.saw(cell, *follower)
+    # No long poll with a refusal to tell: the follower holds that stream back at once.
+    if wait_ms and stores and not errors and all(s.position <= a for s, a in stores.values()):
+        if await _wait_any(stores, wait_ms / 1000):
+            await asyncio.sleep(BATCH_WINDOW_S)
+    wanted = {c: min(limit, max(0, s.position - after)) for c, (s, after) in stores.items()}
+    shares = fair_shares(wanted, PULL_ROWS_MAX)
+    replies = []
+    for cell, (store, after) in stores.items():
+        # One cell after the other: on SQLite a read runs inline and never yields, so the
+        # pull takes no extra turns of a loop that is busy with orders.
+        rows = await store.changes_since(after, shares[cell]) if shares[cell] else []
+        head = max(store.position, rows[-1]["position"] if rows else 0)
+        replies.append({"cell": cell, "head": head, "changes": rows})
+    return {"now_ms": now_ms(), "cells": replies, "errors": errors}
+
+
 async def serve_pull(
     copies: CellCopies,
     cell: int,
@@ -104,24 +221,20 @@ async def serve_pull(
     followers: Followers | None = None,
     follower: tuple[str, int] | None = None,
 ) -> Any:
-    """The owner's side of a pull: changelog rows after `after`, waiting for one if none."""
-    assert 1 <= limit <= BATCH_ROWS_MAX and 0 <= wait_ms <= WAIT_MS_MAX
-    owner = copies.fence.rule.owner_of(cell)
-    if owner != copies.region:
-        raise WrongRegion(f"cell {cell} is owned by {owner}", owner=owner, cell=cell)
-    if followers is not None and follower is not None:
-        followers.saw(cell, *follower)
-    store = copies[cell]
-    if wait_ms and store.position <= after:
-        if await store.wait_beyond(after, wait_ms / 1000) > after:
-            await asyncio.sleep(BATCH_WINDOW_S)
-    changes = await store.changes_since(after, limit)
-    head = max(store.position, changes[-1]["position"] if changes else 0)
-    return {"cell": cell, "head": head, "now_ms": now_ms(), "changes": changes}
+    """The pull of one cell (POST /internal/replication/pull), as regions did before
+    `serve_pull_many`; kept for them."""
+    _owned_store(copies, cell)
+    reply = await serve_pull_many(copies, [(cell, after)], limit, wait_ms, followers, follower)
+    (served,) = reply["cells"]  # owned: checked above, and nothing ran in between
+    return {**served, "now_ms": reply["now_ms"]}
+
+
+# -- the follower's side ---------------------------------------------------------------------
 
 
 class Replicator:
-    """Follows every cell this region does not own."""
+    """Follows every cell this region does not own: one pull loop per other region (and per
+    group of PULL_CELLS_MAX cells) for the cells that region owns under the rule in force."""
 
     def __init__(
         self,
@@ -137,14 +250,25 @@ class Replicator:
         self.followers = Followers()  # who pulls the cells this region owns
         self._tasks: list[asyncio.Task[None]] = []
         self._rule_changed = asyncio.Event()
+        # One apply at a time per cell: when a cell changes owner, the pull from its old
+        # owner may still be applying when the pull from the new one comes back.
+        self._applying = {cell: asyncio.Lock() for cell in copies.stores}
 
     @property
     def region(self) -> str:
         return self.copies.region
 
     def start(self) -> None:
-        for cell in self.copies.stores:
-            self._tasks.append(asyncio.create_task(self._follow(cell), name=f"follow-{cell}"))
+        self._note_owned()
+        cells = sorted(self.copies.stores)
+        groups = [cells[i : i + PULL_CELLS_MAX] for i in range(0, len(cells), PULL_CELLS_MAX)]
+        for peer in self.client.config.region_names:
+            if peer == self.region:
+                continue
+            for index, group in enumerate(groups):
+                self._tasks.append(
+                    asyncio.create_task(self._follow(peer, group), name=f"follow-{peer}-{index}")
+                )
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -155,14 +279,21 @@ class Replicator:
         self._tasks.clear()
 
     def wake(self) -> None:
-        """A new rule is in force: streams of cells that changed owner move at once."""
+        """A new rule is in force: streams of cells that changed owner move at once (pulls
+        in flight are dropped and sent again under it), and streams held back by an error,
+        which may have been the old rule's, are tried again."""
+        self._note_owned()
+        for state in self.streams.values():
+            state.retry_at = 0.0
         self._rule_changed.set()
         self._rule_changed = asyncio.Event()
 
-    async def _rule_change(self, timeout_s: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._rule_changed.wait()
+    def _note_owned(self) -> None:
+        rule = self.copies.fence.rule
+        for cell, state in self.streams.items():
+            if rule.owner_of(cell) == self.region:
+                position = self.copies[cell].position
+                state.source, state.applied, state.head, state.lag_ms = "", position, position, 0
 
     def status(self) -> list[dict[str, Any]]:
         rule = self.copies.fence.rule
@@ -172,84 +303,171 @@ class Replicator:
             if rule.owner_of(s.cell) != self.region
         ]
 
-    async def _follow(self, cell: int) -> None:
-        store = self.copies[cell]
-        state = self.streams[cell]
-        backoff = BACKOFF_S_MIN
-        while True:
-            owner = self.copies.fence.rule.owner_of(cell)
-            state.applied = store.position
-            if owner == self.region:
-                state.source, state.head, state.lag_ms = "", store.position, 0
-                await self._rule_change(0.5)  # a cell we own has nothing to pull
-                continue
-            state.source = owner
-            try:
-                await self._pull_once(cell, owner, state)
-                backoff = BACKOFF_S_MIN
-            except (UnitradeError, OSError, TimeoutError, ValueError, KeyError) as exc:
-                state.errors += 1
-                state.last_error = f"{type(exc).__name__}: {exc}"[:200]
-                log.warning("replication of cell %s from %s: %s", cell, owner, state.last_error)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_S_MAX)
+    async def _follow(self, peer: str, group: list[int]) -> None:
+        """Pull the cells of `group` that `peer` owns, as long as the region runs.
 
-    async def _fetch(self, owner: str, payload: dict[str, Any]) -> Any:
+        Pulls start at most once per BATCH_WINDOW_S while the owner has nothing more than
+        what the last reply brought: under a steady stream of commits a pull always finds
+        something new at once, and without this a follower would pull again as soon as it
+        had applied, a request per round trip whatever it carries. A follower that is
+        behind (the owner had more than a reply holds) pulls again at once."""
+        next_pull = 0.0
+        while True:
+            changed = self._rule_changed  # before reading the rule: a new one ends the pull
+            rule = self.copies.fence.rule
+            cells = [c for c in group if rule.owner_of(c) == peer]
+            now = time.monotonic()
+            ready = [c for c in cells if self.streams[c].retry_at <= now]
+            if not ready:
+                # Nothing to pull from this region now: wait for a new rule or the end of
+                # the earliest backoff.
+                retry = min((self.streams[c].retry_at for c in cells), default=now + IDLE_S)
+                await self._until_rule_change(changed, min(IDLE_S, retry - now))
+                continue
+            if next_pull > now:
+                await self._until_rule_change(changed, next_pull - now)
+                if changed.is_set():
+                    next_pull = 0.0  # a new rule: follow it at once
+                continue
+            next_pull = now + BATCH_WINDOW_S
+            for cell in cells:
+                self.streams[cell].source = peer
+            try:
+                if await self._pull_once(peer, cells, ready, changed):
+                    next_pull = 0.0
+            except PULL_ERRORS as exc:  # a malformed reply: hold back every stream in it
+                for cell in ready:
+                    self.streams[cell].failed(exc)
+                log.warning("replication from %s (cells %s): %r", peer, ready, exc)
+
+    @staticmethod
+    async def _until_rule_change(changed: asyncio.Event, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await changed.wait()
+
+    async def _fetch(self, peer: str, payload: dict[str, Any], changed: asyncio.Event) -> Any:
         """One pull request; None if a new rule arrives first. A long poll held by the old
         owner of a cell that just switched would otherwise delay following the new owner
         by up to WAIT_MS_MAX (the switchover checks that every region follows it)."""
-        changed = asyncio.ensure_future(self._rule_changed.wait())
-        request = asyncio.ensure_future(
-            self.client.call(owner, "POST", "/internal/replication/pull", payload)
-        )
+        if changed.is_set():
+            return None
+        waiting = asyncio.ensure_future(changed.wait())
+        request = asyncio.ensure_future(self.client.call(peer, "POST", PULL_TARGET, payload))
         try:
-            await asyncio.wait({request, changed}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({request, waiting}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            changed.cancel()
+            waiting.cancel()
             if not request.done():
                 request.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await request
         return request.result() if not request.cancelled() else None
 
-    async def _pull_once(self, cell: int, owner: str, state: StreamState) -> None:
-        store = self.copies[cell]
-        after = store.position
-        if after == 0 and await owner_position(self.client, owner, cell) > (
-            self.bootstrap_after_positions
-        ):
-            log.info("cell %s: rebuilding this copy from a snapshot of %s", cell, owner)
-            after = await bootstrap(store, self.client, owner)
-            state.bootstraps += 1
-        reply = await self._fetch(
-            owner,
-            {
-                "cell": cell,
-                "after": after,
-                "limit": BATCH_ROWS_MAX,
-                "wait_ms": WAIT_MS_MAX,
-                "region": self.region,
-                "rule_version": self.copies.fence.rule.version,
-            },
-        )
+    async def _start_positions(self, peer: str, cells: list[int]) -> dict[int, int]:
+        """Each cell's position to pull after; a copy at position 0 far behind its owner is
+        first rebuilt from a snapshot (asked once per owner: a cell that stays empty is not
+        asked about at every pull). A cell whose bootstrap failed is left out."""
+        unknown = [
+            c
+            for c in cells
+            if self.copies[c].position == 0 and self.streams[c].bootstrap_checked != peer
+        ]
+        failed = set()
+        if unknown:
+            done = await asyncio.gather(*(self._bootstrap(peer, cell) for cell in unknown))
+            failed = {cell for cell, ok in zip(unknown, done, strict=True) if not ok}
+        return {cell: self.copies[cell].position for cell in cells if cell not in failed}
+
+    async def _bootstrap(self, peer: str, cell: int) -> bool:
+        """Rebuild this copy from a snapshot if its owner is far ahead; False on an error."""
+        store, state = self.copies[cell], self.streams[cell]
+        try:
+            if await owner_position(self.client, peer, cell) > self.bootstrap_after_positions:
+                log.info("cell %s: rebuilding this copy from a snapshot of %s", cell, peer)
+                await bootstrap(store, self.client, peer)
+                state.bootstraps += 1
+            state.bootstrap_checked = peer
+            return True
+        except PULL_ERRORS as exc:
+            state.failed(exc)
+            log.warning("bootstrap of cell %s from %s: %s", cell, peer, state.last_error)
+            return False
+
+    async def _pull_once(
+        self, peer: str, cells: list[int], ready: list[int], changed: asyncio.Event
+    ) -> bool:
+        """One pull from `peer` of the `ready` ones of the `cells` it owns (the others are
+        held back after an error), applied; True if the owner has more already."""
+        afters = await self._start_positions(peer, ready)
+        if not afters:
+            return False
+        # The long poll ends when the first stream held back may be tried again: a stream
+        # held back only by an owner that was a moment late with a new rule would otherwise
+        # wait for the other cells' long poll, up to WAIT_MS_MAX.
+        wait_ms = WAIT_MS_MAX
+        held = [self.streams[c].retry_at for c in cells if c not in afters]
+        if held:
+            wait_ms = int(min(WAIT_MS_MAX, max(0.0, (min(held) - time.monotonic()) * 1000)))
+        payload = {
+            "cells": [{"cell": cell, "after": after} for cell, after in afters.items()],
+            "limit": BATCH_ROWS_MAX,
+            "wait_ms": wait_ms,
+            "region": self.region,
+            "rule_version": self.copies.fence.rule.version,
+        }
+        try:
+            reply = await self._fetch(peer, payload, changed)
+        except PULL_ERRORS as exc:
+            for cell in afters:
+                self.streams[cell].failed(exc)
+            log.warning("replication from %s (cells %s): %s", peer, list(afters), exc)
+            return False
         if reply is None:
-            return  # a new rule came during the long poll: pull again under it
-        if self.copies.fence.rule.owner_of(cell) == self.region:
-            return  # this region became the owner during the pull: nothing to apply
-        changes = reply["changes"]
-        state.source = owner
-        state.head = int(reply["head"])
-        if changes:
-            pulled = time.monotonic()
-            applied = await store.apply(changes)
-            state.applied_rows += applied - after
-            for listener in self.on_applied:
-                listener(cell, changes)
-            # The delay of this batch: from the commit of its oldest change at the owner to
-            # now that it is applied here, on the owner's clock (its `now_ms` at the pull,
-            # plus the time the apply took).
-            apply_ms = int((time.monotonic() - pulled) * 1000)
-            state.lag_ms = max(0, int(reply["now_ms"]) - int(changes[0]["created_ms"]) + apply_ms)
-        else:
-            state.lag_ms = 0  # nothing new within the long poll: caught up
+            return True  # a new rule came during the long poll: pull again under it
+        for error in reply["errors"]:
+            cell = int(error["cell"])
+            if cell in afters:
+                refused = error_from_body(421, error)
+                self.streams[cell].failed(refused)
+                log.warning("replication of cell %s from %s: %s", cell, peer, refused)
+        answered = [entry for entry in reply["cells"] if int(entry["cell"]) in afters]
+        owner_clock = (int(reply["now_ms"]), time.monotonic())
+        await asyncio.gather(*(self._apply(peer, entry, owner_clock) for entry in answered))
+        # Positions are gapless: a cell has more waiting if its head is past what came.
+        return any(int(e["head"]) > afters[int(e["cell"])] + len(e["changes"]) for e in answered)
+
+    async def _apply(
+        self, peer: str, entry: dict[str, Any], owner_clock: tuple[int, float]
+    ) -> None:
+        """Apply one cell's part of a pull reply: its own transaction, checkpoint, lag.
+        `owner_clock` is the owner's `now_ms` in the reply and the local monotonic time at
+        which the reply arrived."""
+        cell = int(entry["cell"])
+        store, state = self.copies[cell], self.streams[cell]
+        changes = entry["changes"]
+        try:
+            async with self._applying[cell]:
+                if self.copies.fence.rule.owner_of(cell) == self.region:
+                    return  # this region became the owner during the pull: nothing to apply
+                state.head = int(entry["head"])
+                if changes:
+                    before = store.position
+                    applied = await store.apply(changes)
+                    state.applied_rows += applied - before
+            if changes:
+                for listener in self.on_applied:
+                    listener(cell, changes)
+                # The delay of this batch: from the commit of its oldest change at the
+                # owner to now that it is applied here, on the owner's clock (its `now_ms`
+                # in the reply, plus the time since the reply arrived).
+                owner_now_ms, arrived = owner_clock
+                since_ms = int((time.monotonic() - arrived) * 1000)
+                state.lag_ms = max(0, owner_now_ms - int(changes[0]["created_ms"]) + since_ms)
+            else:
+                state.lag_ms = 0  # nothing new within the long poll: caught up
+            state.succeeded()
+        except PULL_ERRORS as exc:
+            state.failed(exc)
+            log.warning("replication of cell %s from %s: %s", cell, peer, state.last_error)
         state.applied = store.position
