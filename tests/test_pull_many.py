@@ -47,6 +47,7 @@ class Regions:
         }
         self.followers = {r: Followers() for r in CONFIG.region_names}
         self.pulls: list[tuple[str, dict[str, Any]]] = []  # (owner, payload)
+        self.ahead: list[int] = []  # cells pulled after a position the copy had not reached
         self.region = ""
 
     def client(self, region: str) -> Any:
@@ -60,6 +61,9 @@ class Regions:
                 copies = regions.copies[peer]
                 if target == PULL_TARGET:
                     regions.pulls.append((peer, payload))
+                    for c in payload["cells"]:
+                        if c["after"] > regions.copies[region][c["cell"]].position:
+                            regions.ahead.append(c["cell"])
                     pull = models.PullManyCall.model_validate(payload)
                     assert pull.region is not None
                     return await serve_pull_many(
@@ -309,5 +313,47 @@ def test_a_stream_refused_by_a_new_owner_late_with_the_rule_follows_it_soon(
                 assert regions.followers["bj"].body(names)["u1"] == {"sh": 2}
             finally:
                 await sh.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_follower_behind_pulls_the_next_batch_while_it_applies_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replication, "BATCH_ROWS_MAX", 4)
+    monkeypatch.setattr(replication, "PULL_ROWS_MAX", 6)
+
+    async def scenario() -> None:
+        async with regions_open(tmp_path) as regions:
+            sh = Replicator(regions.copies["sh"], regions.client("sh"))
+            hz, sh_copies = regions.copies["hz"], regions.copies["sh"]
+            await write_carts(regions, "hz", CELL["u1"], 40)
+            await write_carts(regions, "hz", CELL["u2"], 15)
+            u2 = sh_copies[CELL["u2"]]
+            real_apply = u2.apply
+            failures = []
+
+            async def apply_failing_once(changes: Any) -> int:
+                if not failures and u2.position >= 4:
+                    failures.append(u2.position)
+                    raise OSError("disk full, once")
+                return await real_apply(changes)
+
+            monkeypatch.setattr(u2, "apply", apply_failing_once)
+            sh.start()
+            try:
+                await until(lambda: sh_copies[CELL["u1"]].position == 40)
+                await until(lambda: u2.position == 15)
+            finally:
+                await sh.stop()
+            for cell in (CELL["u1"], CELL["u2"]):
+                theirs = await hz[cell].changes_since(0, 100)
+                ours = await sh_copies[cell].changes_since(0, 100)
+                assert ours == theirs  # every change once, in order
+            status = {s["cell_name"]: s for s in sh.status()}
+            assert status["u1"]["applied_rows"] == 40 and status["u1"]["errors"] == 0
+            assert status["u2"]["applied_rows"] == 15 and status["u2"]["errors"] == 1
+            # Batches asked for before the one before them was applied.
+            assert CELL["u1"] in regions.ahead
 
     asyncio.run(scenario())

@@ -398,7 +398,14 @@ class Replicator:
         self, peer: str, cells: list[int], ready: list[int], changed: asyncio.Event
     ) -> bool:
         """One pull from `peer` of the `ready` ones of the `cells` it owns (the others are
-        held back after an error), applied; True if the owner has more already."""
+        held back after an error), applied; True if the owner has more already.
+
+        A follower that is behind asks for the next batch as soon as a reply shows that the
+        owner has more, and applies the reply while the owner serves the next one, as if
+        that request had been sent once this one was applied: the owner's serving and the
+        follower's applying overlap instead of taking turns. Each copy's checkpoint still
+        decides what is applied: a cell whose batch did not apply is left out of the
+        reply that assumed it had."""
         afters = await self._start_positions(peer, ready)
         if not afters:
             return False
@@ -409,6 +416,53 @@ class Replicator:
         held = [self.streams[c].retry_at for c in cells if c not in afters]
         if held:
             wait_ms = int(min(WAIT_MS_MAX, max(0.0, (min(held) - time.monotonic()) * 1000)))
+        try:
+            got = await self._request(peer, afters, wait_ms, changed)
+        except PULL_ERRORS as exc:
+            for cell in afters:
+                self.streams[cell].failed(exc)
+            log.warning("replication from %s (cells %s): %s", peer, list(afters), exc)
+            return False
+        pipelined_until = time.monotonic() + IDLE_S  # then look at the rule and errors again
+        while got is not None:
+            reply, arrived = got
+            for error in reply["errors"]:
+                cell = int(error["cell"])
+                if cell in afters:
+                    refused = error_from_body(421, error)
+                    self.streams[cell].failed(refused)
+                    log.warning("replication of cell %s from %s: %s", cell, peer, refused)
+            answered = [entry for entry in reply["cells"] if int(entry["cell"]) in afters]
+            # Positions are gapless: where each copy is once this reply is applied, and
+            # whether the owner has more already.
+            reached = {int(e["cell"]): afters[int(e["cell"])] + len(e["changes"]) for e in answered}
+            more = any(int(e["head"]) > reached[int(e["cell"])] for e in answered)
+            following: asyncio.Future[tuple[Any, float] | None] | None = None
+            if more and not changed.is_set() and time.monotonic() < pipelined_until:
+                following = asyncio.ensure_future(self._request(peer, reached, 0, changed))
+                for _ in range(2):  # let the request go out before an apply holds the loop
+                    await asyncio.sleep(0)
+            owner_clock = (int(reply["now_ms"]), arrived)
+            try:
+                await asyncio.gather(*(self._apply(peer, e, owner_clock) for e in answered))
+            except BaseException:
+                if following is not None:
+                    following.cancel()
+                raise
+            if following is None:
+                return more
+            try:
+                got = await following
+            except PULL_ERRORS:
+                return True  # pull again, the ordinary way
+            afters = {c: p for c, p in reached.items() if self.copies[c].position == p}
+        return True  # a new rule came during the pull: pull again under it
+
+    async def _request(
+        self, peer: str, afters: dict[int, int], wait_ms: int, changed: asyncio.Event
+    ) -> tuple[Any, float] | None:
+        """A pull of the cells in `afters`: the reply and when it arrived (monotonic), or
+        None if a new rule came first."""
         payload = {
             "cells": [{"cell": cell, "after": after} for cell, after in afters.items()],
             "limit": BATCH_ROWS_MAX,
@@ -416,26 +470,8 @@ class Replicator:
             "region": self.region,
             "rule_version": self.copies.fence.rule.version,
         }
-        try:
-            reply = await self._fetch(peer, payload, changed)
-        except PULL_ERRORS as exc:
-            for cell in afters:
-                self.streams[cell].failed(exc)
-            log.warning("replication from %s (cells %s): %s", peer, list(afters), exc)
-            return False
-        if reply is None:
-            return True  # a new rule came during the long poll: pull again under it
-        for error in reply["errors"]:
-            cell = int(error["cell"])
-            if cell in afters:
-                refused = error_from_body(421, error)
-                self.streams[cell].failed(refused)
-                log.warning("replication of cell %s from %s: %s", cell, peer, refused)
-        answered = [entry for entry in reply["cells"] if int(entry["cell"]) in afters]
-        owner_clock = (int(reply["now_ms"]), time.monotonic())
-        await asyncio.gather(*(self._apply(peer, entry, owner_clock) for entry in answered))
-        # Positions are gapless: a cell has more waiting if its head is past what came.
-        return any(int(e["head"]) > afters[int(e["cell"])] + len(e["changes"]) for e in answered)
+        reply = await self._fetch(peer, payload, changed)
+        return None if reply is None else (reply, time.monotonic())
 
     async def _apply(
         self, peer: str, entry: dict[str, Any], owner_clock: tuple[int, float]
