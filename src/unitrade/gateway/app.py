@@ -8,6 +8,7 @@ name the owner region in `X-Unitrade-Region` and the serving region in
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from unitrade.gateway.edge import (
     install_error_handlers,
     json_response,
 )
-from unitrade.gateway.forward import is_write
+from unitrade.gateway.forward import RULE_VERSION_HEADER, is_write
 from unitrade.gateway.metrics import metrics_endpoint
 from unitrade.region import RegionRuntime
 from unitrade.replication.diff_routes import diff_routes
@@ -135,6 +136,8 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
                 continue
             if route.region != runtime.name:
                 if who.forwarded_from is not None:
+                    if await newer_rule_at_sender(request, rule.version, deadline):
+                        continue
                     # One hop only: the region that forwarded this sends it on.
                     raise WrongRegion(
                         f"forwarded by {who.forwarded_from} to {runtime.name}, but the owner "
@@ -156,9 +159,26 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
                 continue
             try:
                 return await serve()
-            except (WriteBanned, WrongRegion):
+            except (WriteBanned, WrongRegion) as refused:
                 if not await forwarder.holds.after_refusal(rule.version, deadline):
+                    if isinstance(refused, WrongRegion) and who.forwarded_from is None:
+                        forwarder.holds.refused_total += 1
+                        raise WriteBanned(
+                            f"cell {route.cell} is changing owner; retry shortly",
+                            cell=route.cell,
+                        ) from refused
                     raise
+
+    async def newer_rule_at_sender(request: Request, version: int, deadline: float) -> bool:
+        """The forwarding region routed under a newer rule than this one holds: wait for
+        it (within the hold); True if a newer rule arrived."""
+        sent = request.headers.get(RULE_VERSION_HEADER, "")
+        if not sent.isdigit() or int(sent) <= version:
+            return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        return (await runtime.gateway.changed(version, left)).version > version
 
     def buyer_home(buyer_id: int) -> Callable[[Rule], CellRoute]:
         return lambda rule: route_buyer(rule, buyer_id)

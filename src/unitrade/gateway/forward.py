@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 from starlette.responses import Response
 
-from unitrade.errors import RegionUnavailable, UnitradeError
+from unitrade.errors import RegionUnavailable, UnitradeError, WriteBanned
 from unitrade.gateway.auth import Principal, read_authorization
 from unitrade.gateway.hold import Holds
 from unitrade.rpc.client import RegionClient, Reply
@@ -29,6 +29,10 @@ from unitrade.topology.rule import Route, RoutingError, Rule, route_buyer, route
 from unitrade.topology.rule_view import RuleView
 
 FORWARDED_BY_HEADER = "x-unitrade-forwarded-by"
+# The rule version the forwarding gateway routed under. A receiver whose rule is older
+# waits (within its hold) for the newer one before refusing as not the owner: the rule
+# reaches regions a few ms apart, and a switch should not turn that into refusals.
+RULE_VERSION_HEADER = "x-unitrade-rule-version"
 PASSED_REQUEST_HEADERS = ("authorization", "content-type", "accept")
 PASSED_RESPONSE_HEADERS = (
     "content-type",
@@ -119,6 +123,14 @@ class Forwarder:
             if expected is None or error_code(reply.body) != expected:
                 return self._response(reply)
             if not await self.holds.after_refusal(rule.version, deadline):
+                if expected == "wrong_region" and is_write(method):
+                    # The regions still disagree about the owner after the whole hold: to
+                    # the client this is the switch taking too long, and it gets what the
+                    # hold promises (503 with Retry-After), not an internal refusal.
+                    self.holds.refused_total += 1
+                    raise WriteBanned(
+                        f"cell {route.cell} is changing owner; retry shortly", cell=route.cell
+                    )
                 return self._response(reply)
             self.retried += 1
 
@@ -126,6 +138,7 @@ class Forwarder:
         self, method: str, target: str, headers: dict[str, str], body: bytes, owner: str
     ) -> Reply:
         passed = {h: headers[h] for h in PASSED_REQUEST_HEADERS if h in headers}
+        passed[RULE_VERSION_HEADER] = str(self.view.rule.version)
         try:
             try:
                 reply = await self.client.send(owner, method, target, body, passed)
