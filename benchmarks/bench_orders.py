@@ -19,7 +19,7 @@ same products in all of them, warms up, and measures:
 3. with `--profile DIR`, two extra load phases (not counted: direct, then hz only) with
    py-spy recording the region processes.
 
-Everything listens on and targets 127.0.0.1 on free ports (never 8701-8703), every phase is
+Everything listens on and targets 127.0.0.1 on free ports (never 8700-8703), every phase is
 bounded in time, and every process the benchmark starts is stopped on exit, Ctrl-C or error.
 The load generator is raw HTTP/1.1 over keep-alive connections on uvloop in this process;
 its CPU use is reported so that it can be told apart from the servers'.
@@ -65,7 +65,7 @@ from unitrade.topology.rule import initial_rule, route_buyer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-RESERVED_PORTS = frozenset({8701, 8702, 8703})  # a developer's `unitrade up`
+RESERVED_PORTS = frozenset({8700, 8701, 8702, 8703})  # a developer's `unitrade up`
 SKU_COUNT = 50
 STOCK = 10**8  # never runs out
 BUYERS_PER_REGION = 600
@@ -105,15 +105,18 @@ def free_ports(count: int) -> list[int]:
 
 
 def write_topology(path: Path, ports: Sequence[int]) -> TopologyConfig:
-    """The default topology (regions, cells, buckets, owners) on the given ports."""
+    """The default topology (regions, cells, buckets, owners) on the given ports: one per
+    region, then the control plane's."""
     default = default_config()
     lines: list[str] = []
-    for region, port in zip(default.regions, ports, strict=True):
+    *region_ports, control_port = ports
+    for region, port in zip(default.regions, region_ports, strict=True):
         lines.append(f"[regions.{region.name}]")
         if region.center:
             lines.append("center = true")
         lines.append(f'listen = "{HOST}:{port}"')
         lines.append("")
+    lines += ["[control]", f'listen = "{HOST}:{control_port}"', ""]
     for cell in default.cells:
         lines += ["[[cells]]", f"id = {cell.id}", f'kind = "{cell.kind.value}"']
         lines.append(f'owner = "{cell.owner}"')
@@ -713,20 +716,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
     data_dir = Path(tempfile.mkdtemp(prefix="unitrade-bench-"))
-    ports = free_ports(5)
+    ports = free_ports(6)
     config_path = data_dir / "topology.toml"
-    config = write_topology(config_path, ports[:3])
+    config = write_topology(config_path, ports[:4])
     setup = Setup(
         config=config,
         cluster=LocalCluster(config, data_dir / "unitrade", config_path),
-        baselines={"baseline": Baseline("baseline", ports[3], data_dir)},
+        baselines={"baseline": Baseline("baseline", ports[4], data_dir)},
         buyers=home_buyers(config, BUYERS_PER_REGION),
         skus=[f"bench-{i:03d}" for i in range(SKU_COUNT)],
     )
     if not args.no_inline_baseline:
-        setup.baselines[INLINE] = Baseline(INLINE, ports[4], data_dir, inline=True)
+        setup.baselines[INLINE] = Baseline(INLINE, ports[5], data_dir, inline=True)
     try:
-        print(f"data in {data_dir}; regions on ports {ports[:3]}, baselines on {ports[3:]}")
+        print(
+            f"data in {data_dir}; regions on ports {ports[:3]}, control on {ports[3]}, "
+            f"baselines on {ports[4:]}"
+        )
         setup.cluster.start()
         for baseline in setup.baselines.values():
             baseline.start()

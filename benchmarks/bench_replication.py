@@ -38,7 +38,7 @@ two fresh databases joined by a publication and a subscription, and measures:
 3. With `--profile DIR`, two extra phases that are not counted: py-spy on hz and sh during
    open-loop load at `--profile-rate`, and during a catch-up.
 
-Everything listens on and targets 127.0.0.1 on free ports (never 8701-8703); every phase is
+Everything listens on and targets 127.0.0.1 on free ports (never 8700-8703); every phase is
 bounded in time; every process the benchmark starts is stopped, and the subscription, its
 slot, the publication and both databases are dropped, on exit, Ctrl-C or error.
 """
@@ -1429,7 +1429,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         pg = PgPair(args.pg_dsn)
     data_dir = Path(tempfile.mkdtemp(prefix="unitrade-bench-repl-"))
-    ports = free_ports(3)
+    ports = free_ports(4)  # the regions', then the control plane's
     config_path = data_dir / "topology.toml"
     config = write_topology(config_path, ports)
     setup = Setup(
@@ -1441,7 +1441,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     cluster = Cluster(config, setup, data_dir, owned_cells(config))
     try:
-        print(f"data in {data_dir}; regions on ports {ports}", flush=True)
+        print(
+            f"data in {data_dir}; regions on ports {ports[:3]}, control on {ports[3]}", flush=True
+        )
         setup.cluster.start()
         seed(setup)
         plan = setup.plan([OWNER], OWNER, seed=11)
