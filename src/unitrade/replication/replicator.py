@@ -10,11 +10,12 @@ backpressure is the replica's own pace. The owner answers with a long poll (it w
 request per batch, with lag bounded by one round trip.
 
 One pull carries every cell a region follows from one owner (`serve_pull_many`, POST
-/internal/replication/pull_many): each request costs the owner about the same whatever it
-carries (most of it is answering the request, not reading the changelog), so a pull per
-(follower, owner) pair instead of one per (follower, cell) takes most of that cost off the
-owner's loop. Each cell is still its own stream: its own checkpoint, applied in its own
-transaction, with its own lag, errors and backoff.
+/internal/replication/pull_many): a request costs the owner about the same whatever it
+carries (with a pull per cell, writing the responses took more of the owner's time than
+reading the changelog), so a pull per (follower, owner) pair, at most one per batching
+window while the follower keeps up, costs the owner less and its followers about half
+(docs/benchmarks.md, Replication). Each cell is still its own stream: its own checkpoint,
+applied in its own transaction, with its own lag, errors and backoff.
 
 Lag is reported per stream in positions (owner's head minus the checkpoint) and in
 milliseconds: the delay of the last batch applied, from the commit of its oldest change at
