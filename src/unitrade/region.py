@@ -113,10 +113,14 @@ class RegionRuntime:
                     self.allocators[cell].drop_segment(rule.version)
             # The fence first: it refuses writes under the new rule at once, then waits for
             # the older ones to finish while the gateway and RPC views move too.
-            await asyncio.gather(
-                self.fence.install(rule), self.gateway.install(rule), self.rpc.install(rule)
-            )
-            self.replicator.wake()
+            try:
+                await asyncio.gather(
+                    self.fence.install(rule), self.gateway.install(rule), self.rpc.install(rule)
+                )
+            finally:
+                # Even when the fence's drain outlasts its timeout, the rule is in force:
+                # streams must follow a moved cell's new owner now.
+                self.replicator.wake()
             log.info(
                 "rule version %s in force (moved cells %s, banned %s, owns %s)",
                 rule.version,
