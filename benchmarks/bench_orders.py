@@ -706,15 +706,21 @@ def print_profile(name: str, summary: dict[str, Any]) -> None:
             print(f"    {share:6.1%}  {label}")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    source = source_info()  # before the run: src/ may change while it runs
-    busy_before = machine_busy_fraction(2.0)
-    if busy_before > IDLE_BUSY_MAX:
+def busy_before_run() -> float:
+    """The machine's busy fraction before a run, with a warning when others are using it."""
+    busy = machine_busy_fraction(2.0)
+    if busy > IDLE_BUSY_MAX:
         print(
-            f"WARNING: the machine is {busy_before:.0%} busy before the benchmark starts; "
+            f"WARNING: the machine is {busy:.0%} busy before the benchmark starts; "
             "other load will distort the figures",
             flush=True,
         )
+    return busy
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    source = source_info()  # before the run: src/ may change while it runs
+    busy_before = busy_before_run()
     data_dir = Path(tempfile.mkdtemp(prefix="unitrade-bench-"))
     ports = free_ports(6)
     config_path = data_dir / "topology.toml"
@@ -1025,7 +1031,6 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
     # A hard bound on the whole run; the handler raises, so the processes are still stopped.
     budget = 180 + (args.rounds * 4 + 4) * (args.duration + args.warmup + GRACE_S)
     budget += args.sequential * 0.2 + (2 * args.profile_seconds + 80 if args.profile else 0)
@@ -1038,7 +1043,9 @@ def run_bounded(
     budget_s: float,
 ) -> int:
     """Run a benchmark under a hard time bound (the alarm handler raises, so every process
-    is still stopped) and write its results to `--json`; the exit status."""
+    is still stopped) and write its results to `--json`; the exit status. SIGTERM stops it
+    the same way."""
+    signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGALRM, _interrupt)
     signal.alarm(int(budget_s))
     try:

@@ -68,7 +68,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import orjson
@@ -82,18 +81,17 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from benchmarks.bench_orders import (
     BUYERS_PER_REGION,
     HOST,
-    IDLE_BUSY_MAX,
     OTHER_CORES_MAX,
     SKU_COUNT,
     STOP_TIMEOUT_S,
     BenchError,
     Connection,
     Setup,
+    busy_before_run,
     closed_loop,
     cpu_seconds,
     free_ports,
     home_buyers,
-    machine_busy_fraction,
     machine_busy_seconds,
     print_profile,
     run_bounded,
@@ -1406,13 +1404,7 @@ def owned_cells(config: TopologyConfig) -> dict[int, str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     source = source_info()
-    busy_before = machine_busy_fraction(2.0)
-    if busy_before > IDLE_BUSY_MAX:
-        print(
-            f"WARNING: the machine is {busy_before:.0%} busy before the benchmark starts; "
-            "other load will distort the figures",
-            flush=True,
-        )
+    busy_before = busy_before_run()
     pg_info: dict[str, Any] = {}
     pg: PgPair | None = None
     if not args.no_postgres:
@@ -1771,13 +1763,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
     budget = 300 + len(args.rates) * (2 * args.duration + 4 * CONVERGE_TIMEOUT_S)
     budget += (args.apply_rounds + 1) * (
         args.backlog_orders * 0.01 + CONVERGE_TIMEOUT_S + PG_MARKER_TIMEOUT_S

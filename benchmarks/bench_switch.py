@@ -49,7 +49,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -58,7 +57,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
@@ -66,14 +64,13 @@ import orjson
 import uvloop
 
 from benchmarks.bench_orders import (
-    IDLE_BUSY_MAX,
     OTHER_CORES_MAX,
     STOCK,
     BenchError,
     Connection,
+    busy_before_run,
     cpu_seconds,
     free_ports,
-    machine_busy_fraction,
     machine_busy_seconds,
     order_request,
     run_bounded,
@@ -831,13 +828,7 @@ def print_tables(results: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     source = source_info()  # before the run: src/ may change while it runs
-    busy_before = machine_busy_fraction(2.0)
-    if busy_before > IDLE_BUSY_MAX:
-        print(
-            f"WARNING: the machine is {busy_before:.0%} busy before the benchmark starts; "
-            "other load will distort the figures",
-            flush=True,
-        )
+    busy_before = busy_before_run()
     data_dir = Path(tempfile.mkdtemp(prefix="unitrade-bench-switch-"))
     ports = free_ports(4)  # the regions', then the control plane's
     config_path = data_dir / "topology.toml"
@@ -922,13 +913,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
     budget = 180 + args.warmup + args.baseline + DRAIN_S
     budget += args.switches * (args.pause + OPERATION_TIMEOUT_S + 5)
     return run_bounded(run, args, budget)
