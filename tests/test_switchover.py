@@ -101,6 +101,17 @@ def restart_control_paused(cluster: LocalCluster, control: Control, step: str) -
     control.wait_connected()
 
 
+def switch_paused_at(cluster: LocalCluster, control: Control, step: str, target: str) -> str:
+    """Start a switch of MOVED to `target` that pauses at `step`; its operation ID once it
+    is there."""
+    restart_control_paused(cluster, control, step)
+    answer = control.switch([MOVED], target)
+    assert answer.status_code == 202, answer.text
+    op_id: str = answer.json()["id"]
+    control.wait_step(op_id, step)
+    return op_id
+
+
 def with_product(config: TopologyConfig, sku: str) -> None:
     api = Api(config)
     api.put_product(sku, 100)
@@ -224,11 +235,7 @@ def test_control_plane_killed_before_publish_rolls_back(
     cluster, path = running_on
     config = cluster.config
     with_product(config, "SKU-X")
-    restart_control_paused(cluster, control, "catch_up")
-    answer = control.switch([MOVED], "hz")
-    assert answer.status_code == 202, answer.text
-    op_id = answer.json()["id"]
-    control.wait_step(op_id, "catch_up")
+    op_id = switch_paused_at(cluster, control, "catch_up", "hz")
     cluster.kill_region(CONTROL_NAME)
 
     # The cell is banned and the control plane is gone: regions keep serving under the rule
@@ -267,11 +274,7 @@ def test_control_plane_killed_after_publish_finishes_the_switch(
     cluster, _ = running_on
     config = cluster.config
     with_product(config, "SKU-X")
-    restart_control_paused(cluster, control, "verify")
-    answer = control.switch([MOVED], "hz")
-    assert answer.status_code == 202, answer.text
-    op_id = answer.json()["id"]
-    control.wait_step(op_id, "verify")
+    op_id = switch_paused_at(cluster, control, "verify", "hz")
     cluster.kill_region(CONTROL_NAME)
     cluster.start_control()
     cluster.wait_healthy([CONTROL_NAME])
@@ -291,11 +294,7 @@ def test_abort_rolls_back_and_regions_keep_the_newest_rule(
 ) -> None:
     cluster, path = running
     config = cluster.config
-    restart_control_paused(cluster, control, "catch_up")
-    answer = control.switch([MOVED], "bj")
-    assert answer.status_code == 202, answer.text
-    op_id = answer.json()["id"]
-    control.wait_step(op_id, "catch_up")
+    op_id = switch_paused_at(cluster, control, "catch_up", "bj")
     aborted = unitrade(path, "switch", "--abort", op_id)
     assert aborted.returncode == 1, aborted.stdout + aborted.stderr
     assert "rolled_back" in aborted.stdout
