@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import Response
@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from unitrade import __version__
 from unitrade.control.agent import WATCH_WAIT_MS
+from unitrade.control.board import RuleBoard
 from unitrade.control.plane import ControlPlane
 from unitrade.control.store import OPERATIONS_LIST_MAX
 from unitrade.errors import Forbidden, InvalidRequest, NotFound, SwitchRefused, Unauthorized
@@ -74,7 +75,7 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
 
     Admin = Depends(admin)
 
-    def board() -> Any:
+    def board() -> RuleBoard:
         assert plane.board is not None
         return plane.board
 

@@ -36,7 +36,7 @@ from unitrade.gateway.edge import (
     install_error_handlers,
     json_response,
 )
-from unitrade.gateway.forward import RULE_VERSION_HEADER, is_write
+from unitrade.gateway.forward import RULE_VERSION_HEADER, changing_owner, is_write
 from unitrade.gateway.metrics import metrics_endpoint
 from unitrade.region import RegionRuntime
 from unitrade.replication.diff_routes import diff_routes
@@ -162,11 +162,8 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
             except (WriteBanned, WrongRegion) as refused:
                 if not await forwarder.holds.after_refusal(rule.version, deadline):
                     if isinstance(refused, WrongRegion) and who.forwarded_from is None:
-                        forwarder.holds.refused_total += 1
-                        raise WriteBanned(
-                            f"cell {route.cell} is changing owner; retry shortly",
-                            cell=route.cell,
-                        ) from refused
+                        cell = route.cell
+                        raise forwarder.holds.refuse(cell, changing_owner(cell)) from refused
                     raise
 
     async def newer_rule_at_sender(request: Request, version: int, deadline: float) -> bool:

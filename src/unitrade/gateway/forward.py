@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 from starlette.responses import Response
 
-from unitrade.errors import RegionUnavailable, UnitradeError, WriteBanned
+from unitrade.errors import RegionUnavailable, UnitradeError
 from unitrade.gateway.auth import Principal, read_authorization
 from unitrade.gateway.hold import Holds
 from unitrade.rpc.client import RegionClient, Reply
@@ -75,6 +75,10 @@ def route_of_request(
     return None
 
 
+def changing_owner(cell: int) -> str:
+    return f"cell {cell} is changing owner; retry shortly"
+
+
 def is_write(method: str) -> bool:
     return method not in ("GET", "HEAD", "OPTIONS")
 
@@ -127,10 +131,7 @@ class Forwarder:
                     # The regions still disagree about the owner after the whole hold: to
                     # the client this is the switch taking too long, and it gets what the
                     # hold promises (503 with Retry-After), not an internal refusal.
-                    self.holds.refused_total += 1
-                    raise WriteBanned(
-                        f"cell {route.cell} is changing owner; retry shortly", cell=route.cell
-                    )
+                    raise self.holds.refuse(route.cell, changing_owner(route.cell))
                 return self._response(reply)
             self.retried += 1
 

@@ -37,16 +37,20 @@ class Holds:
     def deadline(self) -> float:
         return time.monotonic() + self.hold_s
 
+    def refuse(self, cell: int, message: str) -> WriteBanned:
+        """The error a write gets past the hold (counted); the caller raises it."""
+        self.refused_total += 1
+        return WriteBanned(message, cell=cell)
+
     async def until_unbanned(self, cell: int, rule: Rule, deadline: float) -> Rule:
         """Wait until a rule no longer bans `cell`; WriteBanned past the deadline or bound."""
         if not rule.is_banned(cell):
             return rule
         if self.held >= self.held_max:
-            self.refused_total += 1
-            raise WriteBanned(
+            raise self.refuse(
+                cell,
                 f"cell {cell} is banned for a switch and {self.held} writes are already held; "
                 "retry shortly",
-                cell=cell,
             )
         self.held += 1
         self.held_total += 1
@@ -54,11 +58,9 @@ class Holds:
             while rule.is_banned(cell):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.refused_total += 1
-                    raise WriteBanned(
-                        f"cell {cell} is banned for a switch; held {self.hold_s:g} s, retry "
-                        "shortly",
-                        cell=cell,
+                    held_s = f"{self.hold_s:g}"
+                    raise self.refuse(
+                        cell, f"cell {cell} is banned for a switch; held {held_s} s, retry shortly"
                     )
                 rule = await self.view.changed(rule.version, left)
         finally:
