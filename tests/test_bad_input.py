@@ -26,7 +26,7 @@ def assert_error(response, status: int, code: str) -> None:  # type: ignore[no-u
     assert isinstance(body["message"], str) and body["message"]
 
 
-@pytest.mark.parametrize("region", ["hz", "sh"])
+@pytest.mark.parametrize("region", ["hz", "sh", "bj"])  # bj: the buyer's own region
 @pytest.mark.parametrize(
     ("raw", "status", "code"),
     [
