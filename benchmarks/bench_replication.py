@@ -116,6 +116,8 @@ SUSTAINED_RATIO = 0.95  # achieved / target rate for a rate to count as sustaine
 LATE_SHARE_MAX = 0.01
 CONVERGE_TIMEOUT_S = 120.0
 HEALTHZ_EVERY_S = 0.2
+SPIKE_SLOT_MS = 100  # the lag timeline's resolution (JSON `spikes`)
+SPIKE_LAG_MS = 60.0  # a slot whose worst lag passes this is listed
 PG_CONNECTIONS = 32
 PG_MARKER_TIMEOUT_S = 120.0
 PG_STATEMENT_TIMEOUT_MS = 60_000
@@ -550,6 +552,8 @@ def lag_figures(
     widths: list[float] = []
     missing = 0
     times = {key: first_seen(events, i) for key, i in index.items()}
+    start_ms = min((c.created_ms for c in changes), default=0)
+    worst_by_slot: dict[int, float] = {}  # SPIKE_SLOT_MS slot of the commit -> worst lag
     for change in changes:
         committed_ms = change.created_ms + 0.5  # created_ms is floored to the millisecond
         for replica in REPLICAS:
@@ -558,14 +562,25 @@ def lag_figures(
                 missing += 1
                 continue
             low, high = bounds
-            by_replica[replica].append(max(0.0, (low + high) / 2 * 1000 - committed_ms))
+            lag_ms = max(0.0, (low + high) / 2 * 1000 - committed_ms)
+            by_replica[replica].append(lag_ms)
             widths.append((high - low) * 1000)
+            slot = int((change.created_ms - start_ms) // SPIKE_SLOT_MS)
+            worst_by_slot[slot] = max(worst_by_slot.get(slot, 0.0), lag_ms)
     together = [x for values in by_replica.values() for x in values]
     interval_ms = 1000 * polled["seconds"] / max(1, polled["polls"])
     return {
         "all": percentiles(together),
         **{replica: percentiles(values) for replica, values in by_replica.items()},
         "missing": missing,
+        # When the tail happened: (seconds into the phase, worst lag ms) of every slot whose
+        # worst lag passed SPIKE_LAG_MS, by commit time.
+        "first_commit_ms": start_ms,
+        "spikes": [
+            (round(slot * SPIKE_SLOT_MS / 1000, 1), round(worst, 1))
+            for slot, worst in sorted(worst_by_slot.items())
+            if worst > SPIKE_LAG_MS
+        ],
         "poll_interval_ms": round(interval_ms, 2),
         "error_bar_ms": round(percentiles(widths)["p50"] / 2 + 0.5, 2) if widths else math.nan,
         "poller_cpu_cores": round(polled["cpu_s"] / max(polled["seconds"], 1e-9), 3),
@@ -1073,6 +1088,9 @@ def unitrade_rate_phase(ctx: Context, name: str, rate: float, duration: float) -
     )
     if load.errors:
         print(f"    errors: {dict(load.errors)} e.g. {load.error_sample}", flush=True)
+    if lag["spikes"]:
+        shown = ", ".join(f"{t:.1f} s: {ms:.0f} ms" for t, ms in lag["spikes"][:12])
+        print(f"    lag over {SPIKE_LAG_MS:.0f} ms, by commit time into the phase: {shown}")
     return figures
 
 

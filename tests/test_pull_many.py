@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from unitrade.errors import error_from_body
@@ -34,6 +35,11 @@ CONFIG = default_config()
 RULE = initial_rule(CONFIG)
 CELL = {info.name: cell for cell, info in RULE.cells.items()}
 HZ_CELLS = [CELL["u1"], CELL["u2"], CELL["center"], CELL["global"]]  # hz owns these
+
+
+def wire(reply: Any) -> Any:
+    """A reply as the other side gets it: encoded (changes arrive pre-encoded) and decoded."""
+    return orjson.loads(orjson.dumps(reply))
 
 
 class Regions:
@@ -66,13 +72,15 @@ class Regions:
                             regions.ahead.append(c["cell"])
                     pull = models.PullManyCall.model_validate(payload)
                     assert pull.region is not None
-                    return await serve_pull_many(
-                        copies,
-                        [(c.cell, c.after) for c in pull.cells],
-                        pull.limit,
-                        pull.wait_ms,
-                        regions.followers[peer],
-                        (pull.region, pull.rule_version),
+                    return wire(
+                        await serve_pull_many(
+                            copies,
+                            [(c.cell, c.after) for c in pull.cells],
+                            pull.limit,
+                            pull.wait_ms,
+                            regions.followers[peer],
+                            (pull.region, pull.rule_version),
+                        )
                     )
                 assert target == SNAPSHOT_TARGET
                 s = models.SnapshotCall.model_validate(payload)
@@ -127,7 +135,7 @@ def test_one_pull_answers_every_owned_cell_and_refuses_the_others(tmp_path: Path
             await write_carts(regions, "hz", CELL["u2"], 2)
             followers = Followers()
             wanted = [(CELL["u1"], 1), (CELL["u2"], 0), (CELL["center"], 0), (CELL["u3"], 0)]
-            reply = await serve_pull_many(hz, wanted, 500, 2_000, followers, ("sh", 1))
+            reply = wire(await serve_pull_many(hz, wanted, 500, 2_000, followers, ("sh", 1)))
             by_cell = {e["cell"]: e for e in reply["cells"]}
             assert [c["position"] for c in by_cell[CELL["u1"]]["changes"]] == [2, 3]
             assert [c["position"] for c in by_cell[CELL["u2"]]["changes"]] == [1, 2]
@@ -138,7 +146,7 @@ def test_one_pull_answers_every_owned_cell_and_refuses_the_others(tmp_path: Path
             seen = followers.body({c: i.name for c, i in RULE.cells.items()})
             assert seen == {"u1": {"sh": 1}, "u2": {"sh": 1}, "center": {"sh": 1}}
             # The old single-cell pull still answers in its own shape.
-            single = await serve_pull(hz, CELL["u1"], 0, 2, 0)
+            single = wire(await serve_pull(hz, CELL["u1"], 0, 2, 0))
             assert single["head"] == 3 and [c["position"] for c in single["changes"]] == [1, 2]
 
     asyncio.run(scenario())
@@ -154,10 +162,10 @@ def test_rows_per_reply_are_bounded_in_all_and_per_cell(
             await write_carts(regions, "hz", CELL["u1"], 6)
             await write_carts(regions, "hz", CELL["u2"], 1)
             wanted = [(CELL["u1"], 0), (CELL["u2"], 0)]
-            reply = await serve_pull_many(regions.copies["hz"], wanted, 3, 0)
+            reply = wire(await serve_pull_many(regions.copies["hz"], wanted, 3, 0))
             rows = {e["cell"]: len(e["changes"]) for e in reply["cells"]}
             assert rows == {CELL["u1"]: 3, CELL["u2"]: 1}  # per cell: 3
-            reply = await serve_pull_many(regions.copies["hz"], wanted, 500, 0)
+            reply = wire(await serve_pull_many(regions.copies["hz"], wanted, 500, 0))
             rows = {e["cell"]: len(e["changes"]) for e in reply["cells"]}
             assert rows == {CELL["u1"]: 4, CELL["u2"]: 1}  # in all: 5
             assert {e["head"] for e in reply["cells"]} == {6, 1}
@@ -172,7 +180,7 @@ def test_a_caught_up_pull_waits_for_a_commit_in_any_of_its_cells(tmp_path: Path)
             await write_carts(regions, "hz", CELL["u1"], 1)
             wanted = [(CELL["u1"], 1), (CELL["u2"], 0)]
             started = time.monotonic()
-            quiet = await serve_pull_many(hz, wanted, 500, 100)
+            quiet = wire(await serve_pull_many(hz, wanted, 500, 100))
             assert time.monotonic() - started >= 0.09
             assert all(e["changes"] == [] for e in quiet["cells"])
             pull = asyncio.ensure_future(serve_pull_many(hz, wanted, 500, 2_000))
@@ -180,7 +188,7 @@ def test_a_caught_up_pull_waits_for_a_commit_in_any_of_its_cells(tmp_path: Path)
             assert not pull.done()
             started = time.monotonic()
             await write_carts(regions, "hz", CELL["u2"], 1)
-            reply = await pull
+            reply = wire(await pull)
             waited = time.monotonic() - started
             assert replication.BATCH_WINDOW_S <= waited < 1.0  # woken, then the window
             by_cell = {e["cell"]: e for e in reply["cells"]}

@@ -38,6 +38,7 @@ from unitrade.replication.snapshot import bootstrap, owner_position
 from unitrade.rpc.client import RegionClient
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.store import CellStore, now_ms
+from unitrade.storage.tail import encoded_array
 from unitrade.topology.rule import RoutingError
 
 log = logging.getLogger("unitrade.replication")
@@ -179,7 +180,8 @@ async def serve_pull_many(
     follower: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
     """The owner's side of a pull of several cells, each as (cell, after): the changelog rows
-    of each after its `after`, at most `limit` per cell and PULL_ROWS_MAX in all. If none
+    of each after its `after`, at most `limit` per cell and PULL_ROWS_MAX in all (each
+    cell's `changes` already encoded, an orjson.Fragment). If none
     has any, it waits up to `wait_ms` for a commit in any of them, then BATCH_WINDOW_S more
     to collect a batch. A cell this region does not own gets an error of its own in
     `errors` (and the pull is answered at once); the others are answered, each with its
@@ -206,10 +208,12 @@ async def serve_pull_many(
     replies = []
     for cell, (store, after) in stores.items():
         # One cell after the other: on SQLite a read runs inline and never yields, so the
-        # pull takes no extra turns of a loop that is busy with orders.
-        rows = await store.changes_since(after, shares[cell]) if shares[cell] else []
-        head = max(store.position, rows[-1]["position"] if rows else 0)
-        replies.append({"cell": cell, "head": head, "changes": rows})
+        # pull takes no extra turns of a loop that is busy with orders. The rows come
+        # encoded (most often from the tail of the owner's own writes, storage/tail.py)
+        # and go into the reply as they are.
+        rows = await store.encoded_changes_since(after, shares[cell]) if shares[cell] else []
+        head = max(store.position, after + len(rows))  # positions are gapless
+        replies.append({"cell": cell, "head": head, "changes": encoded_array(rows)})
     return {"now_ms": now_ms(), "cells": replies, "errors": errors}
 
 

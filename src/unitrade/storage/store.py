@@ -40,6 +40,7 @@ from unitrade.storage.engine import (
 )
 from unitrade.storage.fence import Fence
 from unitrade.storage.schema import METADATA_BY_KIND, cell_meta, changelog, common, tables_of
+from unitrade.storage.tail import ChangelogTail, encode_change
 from unitrade.topology.rule import CellInfo
 
 T = TypeVar("T")
@@ -222,6 +223,7 @@ class WriteTx:
         self.epoch = epoch
         self.origin = origin
         self.captured: list[dict[str, Any]] = []
+        self.appended: list[dict[str, Any]] = []  # the changelog rows, once appended
 
     def _rows(self, statement: Executable, params: Mapping[str, Any] | None) -> list[Any]:
         """Execute and return every result row (for RETURNING and SELECT)."""
@@ -360,6 +362,7 @@ class WriteTx:
             for i, change in enumerate(self.captured)
         ]
         self._many(_insert_statement(changelog), rows)
+        self.appended = rows
         return int(last)
 
 
@@ -403,6 +406,7 @@ class CellStore:
         self._checkpoint: asyncio.Future[None] | None = None
         self.position = 0  # last changelog position committed in this copy
         self._moved = asyncio.Event()
+        self._tail = ChangelogTail()  # this copy's newest own writes, for the pulls
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -470,12 +474,17 @@ class CellStore:
         and their changelog rows commit together, or nothing does."""
         cell_id = self.cell.id
 
+        appended: list[dict[str, Any]] = []
+
         def body(tx: WriteTx) -> tuple[T, int]:
             result = work(tx)
-            return result, tx.append_changelog(cell_id)
+            position = tx.append_changelog(cell_id)
+            appended[:] = tx.appended  # the last attempt's: only it can have committed
+            return result, position
 
         async with self._write_slot(), self.fence.admit(cell_id) as epoch:
             result, position = await self._transact(body, epoch)
+            self._tail.add(appended)
             # Inside the fence: once a rule change is acknowledged, `position` is final
             # (the switchover reads a banned cell's final position from it).
             self._advance(position)
@@ -511,6 +520,7 @@ class CellStore:
         def body(tx: WriteTx) -> tuple[T, int]:
             return work(tx), 0
 
+        self._tail.clear()  # the changelog may change other than by this copy's writes
         async with self._write_slot():
             result, _ = await self._transact(body, epoch=0)
         return result
@@ -556,6 +566,7 @@ class CellStore:
 
     def restored(self, position: int) -> None:
         """Note the position a snapshot brought this copy to (replication/snapshot.py)."""
+        self._tail.clear()
         self._advance(position)
 
     def _advance(self, position: int) -> None:
@@ -646,6 +657,15 @@ class CellStore:
         return await self.read(
             lambda conn: int(conn.execute(select(cell_meta.c.last_position)).scalar_one())
         )
+
+    async def encoded_changes_since(self, position: int, limit: int) -> list[bytes]:
+        """Changelog rows after `position`, oldest first, each encoded as JSON: what a
+        pull sends. From the tail of this copy's own writes when it reaches back that far."""
+        assert 1 <= limit <= ROWS_PER_WRITE_MAX
+        held = self._tail.since(position, limit, self.position)
+        if held is not None:
+            return held
+        return [encode_change(row) for row in await self.changes_since(position, limit)]
 
     async def changes_since(self, position: int, limit: int) -> list[dict[str, Any]]:
         """Changelog rows after `position`, oldest first (what replication streams)."""
