@@ -24,7 +24,7 @@ def positions(rows: list[bytes] | None) -> list[int] | None:
 
 
 def test_the_tail_answers_only_what_it_holds_up_to_the_position() -> None:
-    tail = ChangelogTail(rows_max=5)
+    tail = ChangelogTail(rows_max=4)  # holds 4 rows, 5 before it trims
     tail.add([change(1), change(2)])
     tail.add([change(3)])
     assert (tail.first, tail.last) == (1, 3)
@@ -32,10 +32,11 @@ def test_the_tail_answers_only_what_it_holds_up_to_the_position() -> None:
     assert positions(tail.since(1, 1, position=3)) == [2]
     assert tail.since(3, 10, position=3) == []  # caught up
     assert tail.since(3, 10, position=4) is None  # a commit the tail has not seen
-    tail.add([change(4), change(5), change(6)])  # over rows_max: the oldest go
-    assert (tail.first, tail.last, len(tail)) == (2, 6, 5)
-    assert tail.since(0, 10, position=6) is None  # position 1 is gone: the database answers
-    assert positions(tail.since(1, 10, position=6)) == [2, 3, 4, 5, 6]
+    tail.add([change(4), change(5), change(6)])  # over the bound: the oldest go
+    assert (tail.first, tail.last, len(tail)) == (3, 6, 4)
+    assert tail.since(1, 10, position=6) is None  # position 2 is gone: the database answers
+    assert positions(tail.since(2, 10, position=6)) == [3, 4, 5, 6]
+    assert positions(tail.since(4, 10, position=6)) == [5, 6]
 
 
 def test_a_gap_starts_the_tail_again_and_bytes_are_bounded() -> None:
