@@ -69,6 +69,10 @@ def test_unknown_sku_writes_nothing(api: Api, sku: str) -> None:
     assert_error(
         api.call("sh", "PUT", "/v1/cart/items/NO-SUCH-SKU", buyer, {"qty": 1}), 422, "unknown_sku"
     )
+    # sh's copy of the catalog lacked it, so sh asked the owner of the global cell too.
+    metrics = api.http.get(api.url("sh", "/metrics")).text
+    (line,) = [x for x in metrics.splitlines() if x.startswith("unitrade_catalog_owner_reads")]
+    assert float(line.split()[-1]) >= 2, line
 
 
 def test_oversized_bodies_are_refused(api: Api) -> None:

@@ -55,7 +55,9 @@ class RegionRuntime:
         self.inventory = InventoryService(self.copies[rule.center_cell])
         self.catalog_service = CatalogService(self.copies[rule.global_cell])
         self.center = CenterClient(self.rpc, region, self.inventory, self.client)
-        self.catalog = CatalogClient(self.catalog_service)
+        self.catalog = CatalogClient(
+            self.catalog_service, rules=self.rpc, region=region, client=self.client
+        )
         self.allocators = {cell: OrderIdAllocator(self.copies[cell]) for cell in rule.unit_cells()}
         self.orders = OrderService(self.copies, self.center, self.catalog, self.allocators)
         self.cart = CartService(self.copies, self.catalog)

@@ -44,6 +44,7 @@ from unitrade.region import RegionRuntime
 from unitrade.replication.diff_routes import diff_routes
 from unitrade.replication.replicator import serve_pull, serve_pull_many
 from unitrade.replication.snapshot import serve_snapshot, snapshot_tables
+from unitrade.rpc.center import PRODUCTS_TARGET
 from unitrade.topology.config import CONTROL_NAME
 from unitrade.topology.order_id import parse_order_id
 from unitrade.topology.rule import Route as CellRoute
@@ -507,6 +508,12 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
             follower,
         )
 
+    def global_cell() -> int:
+        return runtime.fence.rule.global_cell
+
+    async def products(b: models.ProductsCall) -> Any:
+        return await runtime.catalog_service.get_many(b.skus)
+
     async def snapshot(b: models.SnapshotCall) -> Any:
         if b.cell not in runtime.copies.stores:
             raise NotFound(f"no cell {b.cell}")
@@ -531,5 +538,6 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
         ("/internal/center/stock", endpoint(models.StockCall, stock, center)),
         ("/internal/center/stale", endpoint(models.StaleCall, stale, center)),
         ("/internal/center/levels", endpoint(models.SkuCall, levels, center)),
+        (PRODUCTS_TARGET, endpoint(models.ProductsCall, products, global_cell)),
     ]
     return [Route(path, handler, methods=["POST"]) for path, handler in calls]

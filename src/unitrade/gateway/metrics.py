@@ -95,8 +95,14 @@ class RegionCollector(Collector):
             labels=["region"],
         )
         refused.add_metric([region], holds.refused_total)
+        fallbacks = CounterMetricFamily(
+            "unitrade_catalog_owner_reads",
+            "SKUs this region's copy of the global cell lacked, asked of its owner",
+            labels=["region"],
+        )
+        fallbacks.add_metric([region], self.runtime.catalog.fallbacks)
         yield from (lag_positions, lag_ms, applied, errors, position, forwarded, rule_version)
-        yield from (acked, held, held_total, refused)
+        yield from (acked, held, held_total, refused, fallbacks)
 
 
 def metrics_endpoint(

@@ -82,6 +82,10 @@ class SkuCall(_Body):
     sku: Sku
 
 
+class ProductsCall(_Body):
+    skus: Annotated[list[Sku], Field(min_length=1, max_length=ITEMS_MAX)]
+
+
 class PullCall(_Body):
     cell: int
     after: Annotated[int, Field(ge=0)]

@@ -3,14 +3,21 @@ the center or global cell; when that is this region they run in-process."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from unitrade.errors import UnitradeError
 from unitrade.rpc.client import RegionClient
 from unitrade.services.catalog import CatalogService
 from unitrade.services.catalog_cache import CatalogCache
 from unitrade.services.inventory import InventoryService, Lines
 from unitrade.topology.rule_view import RuleView
+
+log = logging.getLogger("unitrade.rpc")
+
+PRODUCTS_TARGET = "/internal/catalog/products"
 
 
 class CenterClient:
@@ -70,11 +77,31 @@ class CenterClient:
 
 class CatalogClient:
     """Reads of the global cell, from this region's own copy (replicated from the owner,
-    DESIGN §3), with a cache that every replicated product change invalidates."""
+    DESIGN §3), with a cache that every replicated product change invalidates.
 
-    def __init__(self, local: CatalogService, cache: CatalogCache | None = None) -> None:
+    A SKU this copy does not have yet is asked of the global cell's owner: a product written
+    there a moment ago (a shop adding a product, then its first order coming in at another
+    region) is orderable at once, not only once replication has brought it. The copy still
+    answers everything it holds; the owner is asked only for what it lacks, within
+    FALLBACK_TIMEOUT_S and once (a read: nothing to retry into).
+    """
+
+    FALLBACK_TIMEOUT_S = 1.0
+
+    def __init__(
+        self,
+        local: CatalogService,
+        cache: CatalogCache | None = None,
+        rules: RuleView | None = None,
+        region: str = "",
+        client: RegionClient | None = None,
+    ) -> None:
         self.local = local
         self.cache = cache or CatalogCache()
+        self.rules = rules
+        self.region = region
+        self.client = client
+        self.fallbacks = 0  # SKUs the owner was asked for
         local.on_write.append(self.cache.invalidate)
 
     async def get_cached(self, skus: list[str]) -> dict[str, dict[str, Any]]:
@@ -82,9 +109,32 @@ class CatalogClient:
         found, missing = self.cache.get(skus)
         if missing:
             fetched = await self.local.get_many(missing)
+            lacking = [sku for sku in missing if sku not in fetched]
+            if lacking:
+                fetched.update(await self._from_owner(lacking))
             self.cache.put(fetched)
             found.update(fetched)
         return found
+
+    async def _from_owner(self, skus: list[str]) -> dict[str, dict[str, Any]]:
+        """The products the global cell's owner has of `skus` (none if this region is the
+        owner, or the owner does not answer in time: the SKUs are then unknown here)."""
+        if self.rules is None or self.client is None:
+            return {}
+        rule = self.rules.rule
+        owner = rule.owner_of(rule.global_cell)
+        if owner == self.region:
+            return {}
+        self.fallbacks += len(skus)
+        try:
+            async with asyncio.timeout(self.FALLBACK_TIMEOUT_S):
+                got = await self.client.call(
+                    owner, "POST", PRODUCTS_TARGET, {"skus": skus}, idempotent=False
+                )
+        except (UnitradeError, TimeoutError) as exc:
+            log.warning("catalog: %s not here and not from %s: %s", skus[:3], owner, exc)
+            return {}
+        return {str(sku): product for sku, product in dict(got).items() if sku in skus}
 
     async def get_many(self, skus: list[str]) -> dict[str, dict[str, Any]]:
         return await self.local.get_many(skus)
