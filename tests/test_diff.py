@@ -291,8 +291,11 @@ def replica_with_orders(data_dir: Path, api: Api) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, Path, Path]]:
-    """A three-region cluster with orders in every cell: (api, topology file, data dir)."""
+def running_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Api, Path, Path, LocalCluster]]:
+    """A three-region cluster with orders in every cell: (api, topology file, data dir,
+    the cluster)."""
     directory = tmp_path_factory.mktemp("diff")
     config, path = write_topology(directory)
     with LocalCluster(config, directory / "data", path) as cluster:
@@ -301,9 +304,14 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, Pat
         try:
             api.put_product("D1", stock=100_000)
             assert burst(api, ["D1"], 40, seed=7) == 40
-            yield api, path, directory / "data"
+            yield api, path, directory / "data", cluster
         finally:
             api.http.close()
+
+
+@pytest.fixture
+def running(running_cluster: tuple[Api, Path, Path, LocalCluster]) -> tuple[Api, Path, Path]:
+    return running_cluster[:3]
 
 
 @pytest.mark.cluster
@@ -371,6 +379,48 @@ def test_the_internal_diff_api_checks_signatures_keys_and_roles(
     assert post("sh", diff.ROWS_PATH, no_table).json()["error"] == "invalid_request"
     on_owner = post("hz", diff.COMPARE_PATH, {**call, "repair": True})
     assert on_owner.status_code == 421 and on_owner.json()["error"] == "wrong_region"
+
+
+@pytest.mark.cluster
+def test_with_a_region_down_diff_compares_the_copies_it_can_reach(
+    running_cluster: tuple[Api, Path, Path, LocalCluster],
+) -> None:
+    api, path, data_dir, cluster = running_cluster
+    wait_converged(api.config)
+    cell, region = replica_with_orders(data_dir, api)
+    down = next(
+        r
+        for r in api.config.region_names
+        if r not in (region, api.rule.owner_of(api.config.find_cell(cell).id))
+    )
+    expected = tamper_file(data_dir / region / f"cell-{cell}.db")
+    cluster.kill_region(down)
+    try:
+        found = CliRunner().invoke(diff_command, ["--config", str(path), "--chunk-rows", "10"])
+        # The tampered copy is still found; every copy at the region that is down, and
+        # every cell it owns, is named as not compared.
+        assert found.exit_code == 1, found.output
+        for line in expected:
+            assert f"{cell}\t{region}\t{line}\n" in found.output
+        owned = [c.name for c in api.config.cells if api.rule.owner_of(c.id) == down]
+        for other in api.config.cells:
+            if other.name in owned:
+                assert f"not compared: {other.name} at {region}: its owner {down}" in found.output
+            else:
+                assert f"not compared: {other.name} at {down}: {down} does not answer" in (
+                    found.output
+                )
+        repaired = CliRunner().invoke(
+            diff_command, ["--config", str(path), "--cell", cell, "--repair"]
+        )
+        # Nothing differs any more among the copies compared, but one was not: exit 2.
+        assert repaired.exit_code == 2, repaired.output
+        assert "re-check after the repair: 0 differences" in repaired.output
+    finally:
+        cluster.start_region(down)
+        cluster.wait_healthy([down])
+    wait_converged(api.config)
+    assert differences(api.config, data_dir) == []
 
 
 def test_unknown_cell_and_unreachable_regions_exit_2(tmp_path: Path) -> None:

@@ -95,30 +95,52 @@ class Regions:
             raise DiffError(f"region {region} answered {response.status_code}: {message}")
         return answer
 
-    def owners(self) -> dict[str, str]:
-        """cell name -> owner region under the rule in force, from the first region that
-        answers (the configuration's owners are only rule version 1)."""
+    def survey(self) -> tuple[dict[str, str], set[str]]:
+        """cell name -> owner region under the rule in force (from the first region that
+        answers: the configuration's owners are only rule version 1), and the regions that
+        answer /healthz."""
+        owners: dict[str, str] = {}
+        answering: set[str] = set()
         for region in self.config.regions:
             try:
                 health = self.http.get(region.base_url + "/healthz").json()
             except (httpx.HTTPError, ValueError):
                 continue
-            if isinstance(health, dict) and isinstance(health.get("owners"), dict):
-                return {str(k): str(v) for k, v in health["owners"].items()}
-        raise DiffError("no region answered /healthz")
+            if not isinstance(health, dict):
+                continue
+            answering.add(region.name)
+            if not owners and isinstance(health.get("owners"), dict):
+                owners = {str(k): str(v) for k, v in health["owners"].items()}
+        if not owners:
+            raise DiffError("no region answered /healthz")
+        return owners, answering
 
 
 class Differ:
     """One pass over the chosen cells: compare (and repair) every replica copy."""
 
-    def __init__(self, regions: Regions, chunk_rows: int, repair: bool) -> None:
+    def __init__(
+        self, regions: Regions, chunk_rows: int, repair: bool, answering: set[str]
+    ) -> None:
         self.regions = regions
         self.chunk_rows = chunk_rows
         self.repair = repair
+        self.answering = answering  # regions that answered before the pass began
         self.tallies: dict[tuple[str, str], Tally] = {}
+        self.not_compared: list[str] = []  # copies left out, and why
 
     def cell(self, cell: CellConfig, owner: str) -> None:
-        replicas = [r for r in self.regions.config.region_names if r != owner]
+        others = [r for r in self.regions.config.region_names if r != owner]
+        if owner not in self.answering:
+            # Nothing to compare against: the owner's copy is the reference.
+            self.not_compared += [
+                f"{cell.name} at {r}: its owner {owner} does not answer" for r in others
+            ]
+            return
+        replicas = [r for r in others if r in self.answering]
+        self.not_compared += [
+            f"{cell.name} at {r}: {r} does not answer" for r in others if r not in replicas
+        ]
         for replica in replicas:
             self.tallies[(cell.name, replica)] = Tally()
         for table in compared_tables(cell.kind):
@@ -230,21 +252,24 @@ def cluster_regions(config: TopologyConfig) -> Iterator[Regions]:
 
 def run_diff(
     config: TopologyConfig, cells: list[CellConfig], chunk_rows: int, repair: bool, console: Console
-) -> int:
-    """Compare (and repair) the cells' copies; the number of differences left."""
+) -> tuple[int, list[str]]:
+    """Compare (and repair) the copies of the cells that can be reached: the differences
+    left, and the copies that were not compared (a region down), with why."""
     with cluster_regions(config) as regions:
-        owners = regions.owners()
-        first = Differ(regions, chunk_rows, repair)
+        owners, answering = regions.survey()
+        first = Differ(regions, chunk_rows, repair, answering)
         first.run(cells, owners)
         console.print(summary(first.tallies, "repaired" if repair else "differences"))
         left = first
         if repair:
-            left = Differ(regions, chunk_rows, repair=False)
+            left = Differ(regions, chunk_rows, False, answering)
             left.run(cells, owners)
             console.print(f"re-check after the repair: {left.differences} differences")
     if left.in_flux:
         console.print(f"{left.in_flux} rows changed while they were compared: run diff again")
-    return left.differences
+    for reason in left.not_compared:
+        click.echo(f"not compared: {reason}")
+    return left.differences, left.not_compared
 
 
 @click.command("diff")
@@ -273,13 +298,15 @@ def diff(config_path: Path | None, cells: tuple[str, ...], repair: bool, chunk_r
     """Compare every replica copy of the cells with the owner's copy, row by row.
 
     Prints each mismatched primary key (cell, replica region, table, kind) and a summary.
-    Exit status 0: equal (after the repair, with --repair); 1: differences; 2: a region
-    could not be asked.
+    A region that does not answer is left out (its copies, or the cells it owns) and named
+    in a `not compared:` line; the others are compared. Exit status 0: every copy equal
+    (after the repair, with --repair); 1: differences; 2: no differences among the copies
+    compared, but some could not be (a region down, or one failed during the pass).
     """
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         raise DiffError(str(exc)) from exc
     console = Console(highlight=False)
-    left = run_diff(config, choose_cells(config, cells), chunk_rows, repair, console)
-    raise SystemExit(1 if left else 0)
+    left, not_compared = run_diff(config, choose_cells(config, cells), chunk_rows, repair, console)
+    raise SystemExit(1 if left else 2 if not_compared else 0)
