@@ -815,6 +815,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
+def run_header(
+    module: str, label: str | None, source: dict[str, Any], busy_before: float | None = None
+) -> dict[str, Any]:
+    """What every benchmark's JSON starts with: when, the command, what was measured, where."""
+    machine: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if busy_before is not None:
+        machine["busy_before_run"] = round(busy_before, 3)
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join([f".venv/bin/python -m benchmarks.{module}", *sys.argv[1:]]),
+        "label": label,
+        "source": source,
+        "machine": machine,
+    }
+
+
 def source_info() -> dict[str, Any]:
     """Which unitrade was measured: its path, and the git state of the repository's src/
     (read-only git commands)."""
@@ -882,15 +902,7 @@ def report(
     forward_ratio = round(forwarded["p50_ms"] / direct["p50_ms"], 3)
     throughput_ratio = load["unitrade direct"]["ratio_to_baseline"]
     results: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join([".venv/bin/python -m benchmarks.bench_orders", *sys.argv[1:]]),
-        "label": args.label,
-        "source": source,
-        "machine": {
-            "nproc": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        **run_header("bench_orders", args.label, source),
         "settings": {
             "concurrency": args.concurrency,
             "duration_s": args.duration,

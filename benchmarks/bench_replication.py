@@ -52,7 +52,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -66,7 +65,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +93,7 @@ from benchmarks.bench_orders import (
     machine_busy_seconds,
     print_profile,
     run_bounded,
+    run_header,
     seed,
     self_cpu_seconds,
     source_info,
@@ -1568,16 +1567,7 @@ def report(
         targets["apply_target"] = TARGET_APPLY_RATIO
         targets["apply_met"] = apply["ratio"] >= TARGET_APPLY_RATIO
     results: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join([".venv/bin/python -m benchmarks.bench_replication", *sys.argv[1:]]),
-        "label": args.label,
-        "source": source,
-        "machine": {
-            "nproc": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "busy_before_run": round(busy_before, 3),
-        },
+        **run_header("bench_replication", args.label, source, busy_before),
         "postgres": pg_info,
         "settings": {
             "rates": args.rates,

@@ -46,7 +46,6 @@ import asyncio
 import contextlib
 import math
 import os
-import platform
 import random
 import shutil
 import sys
@@ -55,7 +54,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +72,7 @@ from benchmarks.bench_orders import (
     machine_busy_seconds,
     order_request,
     run_bounded,
+    run_header,
     self_cpu_seconds,
     source_info,
     write_topology,
@@ -656,15 +655,7 @@ def report(
     added_p99 = [s["moved_added_p99_ms"] for s in switches if s["moved_added_p99_ms"] is not None]
     every_done = len(done) == len(switches) == args.switches
     results: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join([".venv/bin/python -m benchmarks.bench_switch", *sys.argv[1:]]),
-        "label": args.label,
-        "source": source,
-        "machine": {
-            "nproc": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        **run_header("bench_switch", args.label, source),
         "settings": {
             "rate": args.rate,
             "in_flight": args.in_flight,
