@@ -138,6 +138,33 @@ class ControlConfig(_Listening):
         return self.storage.format(data=str(data_dir))
 
 
+class RetentionConfig(_Strict):
+    """How long each table that grows keeps its rows (`[retention]`). Every bound is a
+    number of rows and/or an age; the sweep runs every `sweep_interval_s` at each region
+    for the copies it owns (business tables, through the fenced write path, so replicas
+    follow) and for every copy it holds (its own changelog, which is local)."""
+
+    # Changelog: a copy keeps at least the newest `changelog_positions_kept` positions and
+    # every row younger than `changelog_age_s`; older rows go once every follower has
+    # applied them. Past `changelog_positions_max` rows it trims regardless: a follower
+    # that far behind is told `changelog_trimmed` and re-bootstraps from a snapshot.
+    changelog_positions_kept: Annotated[int, Field(ge=0, le=100_000_000)] = 100_000
+    changelog_age_s: Annotated[int, Field(ge=0, le=90 * 86_400)] = 86_400
+    changelog_positions_max: Annotated[int, Field(ge=1_000, le=1_000_000_000)] = 2_000_000
+    # Outbox steps that were sent (status done), idempotency keys, and finished stock
+    # reservations (committed, released, returned) are deleted after these ages.
+    outbox_done_s: Annotated[int, Field(ge=0, le=90 * 86_400)] = 86_400
+    idempotency_keys_s: Annotated[int, Field(ge=60, le=90 * 86_400)] = 86_400
+    reservations_finished_s: Annotated[int, Field(ge=0, le=90 * 86_400)] = 7 * 86_400
+    # Finished operations (switchovers) in the control store: the newest
+    # `operations_kept` are kept, older ones once they are `operations_s` old.
+    operations_kept: Annotated[int, Field(ge=1, le=1_000_000)] = 1_000
+    operations_s: Annotated[int, Field(ge=0, le=3650 * 86_400)] = 90 * 86_400
+    # Rows deleted per statement, so a sweep never holds a write lock for long.
+    sweep_batch_rows: Annotated[int, Field(ge=10, le=100_000)] = 1_000
+    sweep_interval_s: Annotated[float, Field(ge=0.1, le=86_400)] = 60.0
+
+
 class CellConfig(_Strict):
     id: Annotated[int, Field(ge=1, le=CELL_ID_MAX)]
     kind: CellKind
@@ -180,6 +207,7 @@ class TopologyConfig(_Strict):
     regions: Annotated[list[RegionConfig], Field(min_length=1)]
     cells: Annotated[list[CellConfig], Field(min_length=3)]
     control: ControlConfig = ControlConfig()
+    retention: RetentionConfig = RetentionConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> TopologyConfig:
