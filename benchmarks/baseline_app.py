@@ -48,9 +48,9 @@ from sqlalchemy import (
 )
 
 from unitrade.errors import Forbidden, UnitradeError, UnknownSku
-from unitrade.gateway.auth import Principal, read_authorization
 from unitrade.gateway.models import SKU_PATTERN, CreateOrder, PutProduct
 from unitrade.topology.config import SECRET_DEFAULT
+from unitrade.web.tokens import Principal, read_authorization
 
 metadata = MetaData()
 

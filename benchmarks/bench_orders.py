@@ -59,9 +59,9 @@ import orjson
 import uvloop
 
 from unitrade.cluster import LocalCluster
-from unitrade.gateway.auth import issue_token
 from unitrade.topology.config import TopologyConfig, default_config, load_config
 from unitrade.topology.rule import initial_rule, route_buyer
+from unitrade.web.tokens import issue_token
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

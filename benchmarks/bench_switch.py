@@ -78,9 +78,9 @@ from benchmarks.bench_orders import (
     write_topology,
 )
 from unitrade.cluster import LocalCluster
-from unitrade.gateway.auth import issue_token
 from unitrade.topology.config import CellKind, TopologyConfig, load_config
 from unitrade.topology.rule import initial_rule, route_buyer, rule_from_body
+from unitrade.web.tokens import issue_token
 
 SKUS = [f"switch-{i:02d}" for i in range(5)]
 BUYERS_PER_SIDE = 300  # buyers of the moved cell, and of the other unit cells

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from unitrade.gateway.auth import issue_token
 from unitrade.topology.config import TopologyConfig, default_config, parse_config
 from unitrade.topology.rule import initial_rule, route_buyer
+from unitrade.web.tokens import issue_token
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 
 from tests.support import Api
-from unitrade.gateway.auth import issue_token
 from unitrade.topology.config import TopologyConfig
 from unitrade.topology.rule import initial_rule, route_buyer
+from unitrade.web.tokens import issue_token
 
 
 class Control:

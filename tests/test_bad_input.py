@@ -108,13 +108,33 @@ def test_oversized_bodies_are_refused(api: Api) -> None:
 )
 def test_missing_or_bad_tokens_are_refused(api: Api, authorization: str | None) -> None:
     headers = {} if authorization is None else {"authorization": authorization}
-    for path in ("/v1/orders", "/v1/cart", "/v1/products"):
+    for path in ("/v1/orders", "/v1/cart"):
         response = api.http.get(api.url("sh", path), headers=headers)
+        assert_error(response, 401, "unauthorized")
+    for method, path in (("PUT", "/v1/admin/products/X"), ("POST", "/v1/orders")):
+        response = api.http.request(method, api.url("hz", path), headers=headers, json={})
         assert_error(response, 401, "unauthorized")
 
 
+@pytest.mark.parametrize("authorization", [None, "Bearer ut1.b5.forged"])
+def test_catalog_reads_need_no_login(api: Api, sku: str, authorization: str | None) -> None:
+    """Browsing is public in every shop: products and stock levels answer without a token
+    (and with one that is not valid, as an anonymous reader); writes do not."""
+    headers = {} if authorization is None else {"authorization": authorization}
+    for region in ("hz", "sh", "bj"):
+        listed = api.http.get(api.url(region, "/v1/products?limit=500"), headers=headers)
+        assert listed.status_code == 200, listed.text
+        product = api.http.get(api.url(region, f"/v1/products/{sku}"), headers=headers)
+        assert product.status_code == 200 and product.json()["sku"] == sku
+        levels = api.http.get(api.url(region, f"/v1/inventory/{sku}"), headers=headers)
+        assert levels.status_code == 200 and levels.json()["sku"] == sku
+        assert levels.headers["x-unitrade-region"] == "hz"  # the center cell's owner
+    missing = api.http.get(api.url("sh", "/v1/products/NO-SUCH-SKU"), headers=headers)
+    assert_error(missing, 404, "not_found")
+
+
 def test_tokens_of_another_cluster_are_refused(api: Api) -> None:
-    from unitrade.gateway.auth import issue_token
+    from unitrade.web.tokens import issue_token
 
     token = issue_token("some-other-cluster-secret", buyer_id=5)
     response = api.http.get(api.url("hz", "/v1/cart"), headers={"authorization": f"Bearer {token}"})

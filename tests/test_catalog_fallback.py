@@ -11,8 +11,8 @@ import orjson
 
 from unitrade.errors import RegionUnavailable
 from unitrade.gateway import models
-from unitrade.rpc.center import PRODUCTS_TARGET, CatalogClient
 from unitrade.services.catalog import CatalogService
+from unitrade.services.remote import PRODUCTS_TARGET, CatalogClient
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.fence import Fence
 from unitrade.storage.schema import products as PRODUCTS

@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from unitrade.errors import error_from_body
-from unitrade.gateway import models
 from unitrade.replication import replicator as replication
+from unitrade.replication import wire as wire_models
 from unitrade.replication.replicator import (
     PULL_TARGET,
     Followers,
@@ -70,7 +70,7 @@ class Regions:
                     for c in payload["cells"]:
                         if c["after"] > regions.copies[region][c["cell"]].position:
                             regions.ahead.append(c["cell"])
-                    pull = models.PullManyCall.model_validate(payload)
+                    pull = wire_models.PullManyCall.model_validate(payload)
                     assert pull.region is not None
                     return wire(
                         await serve_pull_many(
@@ -83,7 +83,7 @@ class Regions:
                         )
                     )
                 assert target == SNAPSHOT_TARGET
-                s = models.SnapshotCall.model_validate(payload)
+                s = wire_models.SnapshotCall.model_validate(payload)
                 return await serve_snapshot(copies, s.cell, s.table, s.after, s.limit, s.upto)
 
         return Client()

@@ -306,7 +306,7 @@ def wait(
 @click.option("--admin", is_flag=True, help="Print the admin token instead.")
 def token(config_path: Path | None, buyer_id: int | None, admin: bool) -> None:
     """Print a bearer token for BUYER_ID (or --admin) for the configured cluster."""
-    from unitrade.gateway.auth import issue_token
+    from unitrade.web.tokens import issue_token
 
     if admin == (buyer_id is not None):
         raise click.UsageError("give either BUYER_ID or --admin")

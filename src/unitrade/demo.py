@@ -19,11 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from unitrade.cluster import LocalCluster
-from unitrade.gateway.auth import issue_token
 from unitrade.replication.diff_cli import run_diff
 from unitrade.topology.config import TopologyConfig
 from unitrade.topology.order_id import decode_order_id
 from unitrade.topology.rule import initial_rule
+from unitrade.web.tokens import issue_token
 
 console = Console()
 REQUEST_TIMEOUT_S = 30.0

@@ -14,15 +14,13 @@ import orjson
 
 from unitrade.control.agent import RuleAgent
 from unitrade.errors import WriteBanned, WrongRegion
-from unitrade.gateway.forward import Forwarder
-from unitrade.gateway.hold import Holds
 from unitrade.replication.replicator import Replicator
-from unitrade.rpc.center import CatalogClient, CenterClient
 from unitrade.rpc.client import RegionClient
 from unitrade.services.cart import CartService
 from unitrade.services.catalog import CatalogService
 from unitrade.services.inventory import InventoryService
 from unitrade.services.orders import OrderService
+from unitrade.services.remote import CatalogClient, CenterClient
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.fence import Fence
 from unitrade.storage.sequences import OrderIdAllocator
@@ -62,9 +60,6 @@ class RegionRuntime:
         self.orders = OrderService(self.copies, self.center, self.catalog, self.allocators)
         self.cart = CartService(self.copies, self.catalog)
         self.replicator = Replicator(self.copies, self.client, [self._applied])
-        control = config.control
-        self.holds = Holds(self.gateway, control.hold_ms, control.hold_requests_max)
-        self.forwarder = Forwarder(self.gateway, region, config.secret, self.client, self.holds)
         self.agent = RuleAgent(
             self.client, region, lambda: self.fence.rule.version, self.acked, self.install_rule
         )

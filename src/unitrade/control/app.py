@@ -21,10 +21,10 @@ from unitrade.control.board import RuleBoard
 from unitrade.control.plane import ControlPlane
 from unitrade.control.store import OPERATIONS_LIST_MAX
 from unitrade.errors import Forbidden, InvalidRequest, NotFound, SwitchRefused, Unauthorized
-from unitrade.gateway.auth import read_authorization
-from unitrade.gateway.edge import install_error_handlers, json_response
 from unitrade.rpc.signing import verify
 from unitrade.topology.config import TopologyConfig
+from unitrade.web.responses import install_error_handlers, json_response
+from unitrade.web.tokens import read_authorization
 
 CELLS_MAX = 1024
 WAIT_S_MAX = 60.0

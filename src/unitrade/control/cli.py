@@ -31,7 +31,7 @@ STEP_TITLES = {
 
 class ControlApi:
     def __init__(self, config: TopologyConfig, timeout_s: float = 10.0) -> None:
-        from unitrade.gateway.auth import issue_token
+        from unitrade.web.tokens import issue_token
 
         token = issue_token(config.secret, admin=True)
         self.base = config.control.base_url

@@ -16,16 +16,17 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from unitrade.gateway.forward import Forwarder
+from unitrade.gateway.routing import Dispatcher
 from unitrade.region import RegionRuntime
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class RegionCollector(Collector):
-    def __init__(self, runtime: RegionRuntime, forwarder: Forwarder) -> None:
+    def __init__(self, runtime: RegionRuntime, dispatcher: Dispatcher) -> None:
         self.runtime = runtime
-        self.forwarder = forwarder
+        self.forwarder = dispatcher.forwarder
+        self.holds = dispatcher.holds
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         region = self.runtime.name
@@ -80,7 +81,7 @@ class RegionCollector(Collector):
         )
         for component, version in self.runtime.acked().items():
             acked.add_metric([region, component], version)
-        holds = self.forwarder.holds
+        holds = self.holds
         held = GaugeMetricFamily(
             "unitrade_held_writes", "Writes to a banned cell held now", labels=["region"]
         )
@@ -106,10 +107,10 @@ class RegionCollector(Collector):
 
 
 def metrics_endpoint(
-    runtime: RegionRuntime, forwarder: Forwarder
+    runtime: RegionRuntime, dispatcher: Dispatcher
 ) -> Callable[[Request], Awaitable[Response]]:
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(RegionCollector(runtime, forwarder))
+    registry.register(RegionCollector(runtime, dispatcher))
 
     async def metrics(_request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE)

@@ -13,18 +13,14 @@ own copy of a cell. Signed calls only, like every `/internal/...` route.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from sqlalchemy import Table
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Route
 
-from unitrade.errors import InvalidRequest, NotFound, RegionUnavailable, Unauthorized
-from unitrade.gateway.edge import json_response
-from unitrade.region import RegionRuntime
+from unitrade.errors import InvalidRequest, NotFound, RegionUnavailable
 from unitrade.replication.diff import (
     CHECKSUMS_PATH,
     CHUNK_ROWS_MAX,
@@ -45,9 +41,12 @@ from unitrade.replication.diff import (
     range_checksum,
     read_page,
 )
+from unitrade.rpc.client import RegionClient
+from unitrade.storage.copies import CellCopies
 from unitrade.storage.store import CellStore
+from unitrade.topology.rule import Rule
+from unitrade.web.signed import internal_endpoint
 
-BodyT = TypeVar("BodyT", bound=BaseModel)
 KeyValue = (
     Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
     | Annotated[StrictStr, Field(max_length=256)]
@@ -90,11 +89,11 @@ class CompareCall(RowsCall):
     repair: bool = False
 
 
-def diff_routes(runtime: RegionRuntime) -> list[Route]:
-    """The routes to mount next to `internal_routes` (gateway/app.py)."""
+def diff_routes(copies: CellCopies, rule: Callable[[], Rule], client: RegionClient) -> list[Route]:
+    """The routes of this region's copies, mounted by the region's server."""
 
     def store_and_table(b: TableCall) -> tuple[CellStore, Table]:
-        store = runtime.copies.stores.get(b.cell)
+        store = copies.stores.get(b.cell)
         if store is None:
             raise NotFound(f"no cell {b.cell}")
         table = compared_tables(store.cell.kind).get(b.table)
@@ -136,11 +135,11 @@ def diff_routes(runtime: RegionRuntime) -> list[Route]:
 
     async def compare(b: CompareCall) -> Any:
         store, table = store_and_table(b)
-        owner = runtime.fence.rule.owner_of(b.cell)
+        owner = rule().owner_of(b.cell)
 
         async def owner_page(lo: Key | None, hi: Key | None, limit: int) -> Page:
             call = {"cell": b.cell, "table": b.table, "lo": lo, "hi": hi, "limit": limit}
-            page = Page.from_body(await runtime.client.call(owner, "POST", ROWS_PATH, call))
+            page = Page.from_body(await client.call(owner, "POST", ROWS_PATH, call))
             columns = {str(c.name) for c in table.columns}
             if any(set(row) != columns for row in page.rows):
                 raise RegionUnavailable(f"{owner} answered rows that are not rows of {b.table}")
@@ -151,10 +150,10 @@ def diff_routes(runtime: RegionRuntime) -> list[Route]:
         return result.body()
 
     routes = [
-        (CHUNKS_PATH, endpoint(ChunksCall, chunks)),
-        (CHECKSUMS_PATH, endpoint(ChecksumsCall, checksums)),
-        (ROWS_PATH, endpoint(RowsCall, rows)),
-        (COMPARE_PATH, endpoint(CompareCall, compare)),
+        (CHUNKS_PATH, internal_endpoint(ChunksCall, chunks)),
+        (CHECKSUMS_PATH, internal_endpoint(ChecksumsCall, checksums)),
+        (ROWS_PATH, internal_endpoint(RowsCall, rows)),
+        (COMPARE_PATH, internal_endpoint(CompareCall, compare)),
     ]
     return [Route(path, handler, methods=["POST"]) for path, handler in routes]
 
@@ -164,20 +163,3 @@ def key(table: Table, raw: dict[str, Any] | None) -> Key | None:
         return parse_key(table, raw)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from exc
-
-
-def endpoint(
-    model: type[BodyT], serve: Callable[[BodyT], Awaitable[Any]]
-) -> Callable[[Request], Awaitable[Response]]:
-    async def handle(request: Request) -> Response:
-        # What gateway.app.signed_by reads (set by the edge), not imported from there: the
-        # app module mounts these routes.
-        if getattr(request.state, "forwarded_from", None) is None:
-            raise Unauthorized("internal API: missing or invalid region signature")
-        try:
-            body = model.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise InvalidRequest(f"internal call: {exc.errors()[0]['msg']}") from exc
-        return json_response(await serve(body))
-
-    return handle

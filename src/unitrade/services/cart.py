@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import bindparam, func, select
 
 from unitrade.errors import Conflict, UnknownSku
-from unitrade.rpc.center import CatalogClient
 from unitrade.services.orders import CART_OF
+from unitrade.services.remote import CatalogClient
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.schema import carts
 from unitrade.storage.store import CellStore, WriteTx, now_ms

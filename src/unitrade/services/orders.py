@@ -37,8 +37,8 @@ from unitrade.errors import (
     UnitradeError,
     UnknownSku,
 )
-from unitrade.rpc.center import CatalogClient, CenterClient
 from unitrade.services.inventory import LINES_MAX, Lines, normalize_lines
+from unitrade.services.remote import CatalogClient, CenterClient
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.schema import (
     buyer_orders,

@@ -15,7 +15,7 @@ from unitrade.services.catalog_cache import CatalogCache
 from unitrade.services.inventory import InventoryService, Lines
 from unitrade.topology.rule_view import RuleView
 
-log = logging.getLogger("unitrade.rpc")
+log = logging.getLogger("unitrade.services.remote")
 
 PRODUCTS_TARGET = "/internal/catalog/products"
 

@@ -1,0 +1,59 @@
+"""The internal API a region serves for the cells it owns: center services (inventory) and
+catalog reads at the global cell's owner. Signed region-to-region calls only (not in the
+OpenAPI document)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from starlette.routing import Route
+
+from unitrade.errors import WrongRegion
+from unitrade.gateway import models
+from unitrade.region import RegionRuntime
+from unitrade.services.remote import PRODUCTS_TARGET
+from unitrade.web.signed import internal_endpoint
+
+
+def internal_routes(runtime: RegionRuntime) -> list[Route]:
+    def owned(cell: Callable[[], int]) -> Callable[[], None]:
+        def check() -> None:
+            owner = runtime.fence.rule.owner_of(cell())
+            if owner != runtime.name:
+                raise WrongRegion(f"cell {cell()} is owned by {owner}", owner=owner, cell=cell())
+
+        return check
+
+    center = owned(lambda: runtime.fence.rule.center_cell)
+    global_cell = owned(lambda: runtime.fence.rule.global_cell)
+    inventory = runtime.inventory
+
+    async def reserve(b: models.ReserveCall) -> Any:
+        return await inventory.reserve(int(b.order_id), b.cell, [(s, q) for s, q in b.lines])
+
+    async def step(b: models.StepCall) -> Any:
+        return await inventory.step(int(b.order_id), b.step)
+
+    async def stock(b: models.StockCall) -> Any:
+        return await inventory.set_stock(b.sku, b.total)
+
+    async def stale(b: models.StaleCall) -> Any:
+        found = await inventory.stale(b.cell, b.older_than_ms, b.limit)
+        return [str(order_id) for order_id in found]
+
+    async def levels(b: models.SkuCall) -> Any:
+        return await inventory.levels(b.sku)
+
+    async def products(b: models.ProductsCall) -> Any:
+        return await runtime.catalog_service.get_many(b.skus)
+
+    calls = [
+        ("/internal/center/reserve", internal_endpoint(models.ReserveCall, reserve, before=center)),
+        ("/internal/center/step", internal_endpoint(models.StepCall, step, before=center)),
+        ("/internal/center/stock", internal_endpoint(models.StockCall, stock, before=center)),
+        ("/internal/center/stale", internal_endpoint(models.StaleCall, stale, before=center)),
+        ("/internal/center/levels", internal_endpoint(models.SkuCall, levels, before=center)),
+        (PRODUCTS_TARGET, internal_endpoint(models.ProductsCall, products, before=global_cell)),
+    ]
+    return [Route(path, handler, methods=["POST"]) for path, handler in calls]

@@ -1,0 +1,182 @@
+"""The public API of a region: orders, cart, catalog and admin writes, the same at every
+region. Each endpoint names its home (gateway/routing.py); it is served at the owner region
+of that cell, forwarded there once from any other region."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import Path, Query
+from fastapi.responses import Response
+
+from unitrade.errors import Forbidden, NotFound
+from unitrade.gateway import models
+from unitrade.gateway.api import Ctx, PublicApi
+from unitrade.gateway.edge import REPLAYED_HEADER
+from unitrade.gateway.routing import (
+    buyer_home,
+    global_owner_for_admin,
+    order_home,
+    order_read_home,
+)
+from unitrade.region import RegionRuntime
+from unitrade.topology.order_id import parse_order_id
+from unitrade.topology.rule import RoutingError, route_buyer, route_cell, route_order
+from unitrade.web.responses import json_response
+
+SkuPath = Annotated[str, Path(pattern=models.SKU_PATTERN)]
+Consistency = Literal["owner", "replica"]
+
+
+def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
+    def parse_order(order_id: str) -> int:
+        try:
+            parsed = parse_order_id(order_id)
+            route_order(runtime.gateway.rule, parsed)
+        except (ValueError, RoutingError) as exc:
+            raise NotFound(f"no order {order_id[:40]}: {exc}") from exc
+        return parsed
+
+    def created(order: object, replayed: bool) -> Response:
+        headers = {REPLAYED_HEADER: "true"} if replayed else None
+        return json_response(order, 201, headers)
+
+    # -- orders -----------------------------------------------------------------------------
+
+    @api.endpoint(
+        "POST",
+        "/v1/orders",
+        home=buyer_home,
+        direct_body=models.CreateOrder,
+        status_code=201,
+        tags=["orders"],
+    )
+    async def create_order(ctx: Ctx, body: models.CreateOrder) -> Response:
+        items = [(i.sku, i.qty) for i in body.items]
+        done = await runtime.orders.create(ctx.who.buyer_id, items, body.idempotency_key)
+        return created(done.order, done.replayed)
+
+    @api.endpoint("GET", "/v1/orders", home=buyer_home, tags=["orders"])
+    async def list_orders(
+        ctx: Ctx,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        cursor: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> Response:
+        page, next_cursor = await runtime.orders.list(ctx.who.buyer_id, limit, cursor)
+        return json_response({"orders": page, "next_cursor": next_cursor})
+
+    @api.endpoint("GET", "/v1/orders/{order_id}", home=order_read_home, tags=["orders"])
+    async def get_order(
+        ctx: Ctx,
+        order_id: str,
+        consistency: Annotated[
+            Consistency,
+            Query(
+                description="owner: read at the owner region (forwarded); replica: this "
+                "region's copy, which may lag the owner by the replication lag"
+            ),
+        ] = "owner",
+    ) -> Response:
+        buyer = ctx.who.buyer_id
+        parsed = parse_order(order_id)
+        if consistency == "replica":
+            ctx.request.state.home_region = route_order(runtime.gateway.rule, parsed).region
+        return json_response(await runtime.orders.get(buyer, parsed))
+
+    @api.endpoint("POST", "/v1/orders/{order_id}/pay", home=order_home, tags=["orders"])
+    async def pay_order(ctx: Ctx, order_id: str, body: models.Pay) -> Response:
+        buyer = ctx.who.buyer_id
+        parsed = parse_order(order_id)
+        return json_response(
+            await runtime.orders.pay(buyer, parsed, body.payment_id, body.amount_cents)
+        )
+
+    @api.endpoint(
+        "POST",
+        "/v1/orders/{order_id}/close",
+        home=order_home,
+        tags=["orders"],
+        summary="Close order",
+    )
+    async def close_order(ctx: Ctx, order_id: str) -> Response:
+        buyer = ctx.who.buyer_id
+        parsed = parse_order(order_id)
+        return json_response(await runtime.orders.transition(buyer, parsed, "close"))
+
+    @api.endpoint(
+        "POST",
+        "/v1/orders/{order_id}/refund",
+        home=order_home,
+        tags=["orders"],
+        summary="Refund order",
+    )
+    async def refund_order(ctx: Ctx, order_id: str) -> Response:
+        buyer = ctx.who.buyer_id
+        parsed = parse_order(order_id)
+        return json_response(await runtime.orders.transition(buyer, parsed, "refund"))
+
+    # -- cart -------------------------------------------------------------------------------
+
+    @api.endpoint("PUT", "/v1/cart/items/{sku}", home=buyer_home, tags=["cart"])
+    async def put_cart_item(ctx: Ctx, sku: SkuPath, body: models.CartQty) -> Response:
+        return json_response(await runtime.cart.put(ctx.who.buyer_id, sku, body.qty))
+
+    @api.endpoint("DELETE", "/v1/cart/items/{sku}", home=buyer_home, tags=["cart"])
+    async def delete_cart_item(ctx: Ctx, sku: SkuPath) -> Response:
+        return json_response(await runtime.cart.remove(ctx.who.buyer_id, sku))
+
+    @api.endpoint("GET", "/v1/cart", home=buyer_home, tags=["cart"])
+    async def get_cart(ctx: Ctx) -> Response:
+        return json_response(await runtime.cart.get(ctx.who.buyer_id))
+
+    @api.endpoint("POST", "/v1/cart/checkout", home=buyer_home, status_code=201, tags=["cart"])
+    async def checkout(ctx: Ctx, body: models.Checkout | None = None) -> Response:
+        key = body.idempotency_key if body else None
+        done = await runtime.orders.checkout(ctx.who.buyer_id, key)
+        return created(done.order, done.replayed)
+
+    # -- catalog and inventory: public reads of this region's copies ------------------------
+
+    def reader_home(ctx: Ctx, cell: int) -> None:
+        """The home-region header of a read served here: the buyer's, else the cell's."""
+        rule = runtime.gateway.rule
+        principal = ctx.who.principal
+        buyer = principal.buyer_id if principal is not None else None
+        home = route_buyer(rule, buyer) if buyer is not None else route_cell(rule, cell)
+        ctx.request.state.home_region = home.region
+
+    @api.endpoint("GET", "/v1/products", public=True, tags=["catalog"])
+    async def list_products(
+        ctx: Ctx,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: Annotated[str | None, Query(pattern=models.SKU_PATTERN)] = None,
+    ) -> Response:
+        reader_home(ctx, runtime.gateway.rule.global_cell)
+        page = await runtime.catalog.page(limit, cursor)
+        next_cursor = page[-1]["sku"] if len(page) == limit else None
+        return json_response({"products": page, "next_cursor": next_cursor})
+
+    @api.endpoint("GET", "/v1/products/{sku}", public=True, tags=["catalog"])
+    async def get_product(ctx: Ctx, sku: SkuPath) -> Response:
+        reader_home(ctx, runtime.gateway.rule.global_cell)
+        found = await runtime.catalog.get_many([sku])
+        if sku not in found:
+            raise NotFound(f"no product {sku!r}")
+        return json_response(found[sku])
+
+    @api.endpoint("GET", "/v1/inventory/{sku}", public=True, tags=["catalog"])
+    async def get_inventory(ctx: Ctx, sku: SkuPath) -> Response:
+        reader_home(ctx, runtime.gateway.rule.center_cell)
+        return json_response(await runtime.center.levels(sku))
+
+    # -- admin ------------------------------------------------------------------------------
+
+    @api.endpoint("PUT", "/v1/admin/products/{sku}", home=global_owner_for_admin, tags=["admin"])
+    async def put_product(ctx: Ctx, sku: SkuPath, body: models.PutProduct) -> Response:
+        if not ctx.who.admin:
+            raise Forbidden("this endpoint needs the admin token")
+        # Stock first: it is the step that can be refused (below reserved + sold); both
+        # steps set absolute values, so retrying the whole request is safe.
+        levels = await runtime.center.set_stock(sku, body.stock)
+        product = await runtime.catalog_service.put(sku, body.title, body.price_cents)
+        return json_response({**product, "stock": body.stock, **levels})

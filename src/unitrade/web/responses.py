@@ -1,0 +1,71 @@
+"""JSON answers and error bodies: every error leaves as `{error, message}` with a 4xx/5xx
+status and, where retrying helps, Retry-After; nothing leaves as a bare framework page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from unitrade.errors import InvalidRequest, MalformedJson, UnitradeError
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        content=orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(error: UnitradeError) -> Response:
+    headers = {}
+    retry_after = getattr(error, "retry_after_s", None)
+    if retry_after is not None:
+        headers["retry-after"] = str(retry_after)
+    return json_response(error.body(), status=error.status, headers=headers)
+
+
+def error_body_response(status: int, code: str, message: str) -> Response:
+    return json_response({"error": code, "message": message}, status=status)
+
+
+def invalid_body(errors: list[Any]) -> UnitradeError:
+    """The error for a request body that failed validation, as FastAPI's handlers answer
+    it (see install_error_handlers): 400 if it is not JSON, else 422 naming the fields."""
+    status, _, message = _validation_message(errors)
+    return MalformedJson(message) if status == 400 else InvalidRequest(message)
+
+
+def _validation_message(errors: list[Any]) -> tuple[int, str, str]:
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "malformed_json", "request body is not valid JSON"
+    parts = []
+    for error in errors[:5]:
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        where = ".".join(loc) or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return 422, "invalid_request", "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(UnitradeError)
+    async def _unitrade(_request: Request, exc: UnitradeError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> Response:
+        status, code, message = _validation_message(list(exc.errors()))
+        return error_body_response(status, code, message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_body_response(
+            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
+        )
