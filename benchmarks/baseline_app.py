@@ -49,7 +49,7 @@ from sqlalchemy import (
 
 from unitrade.errors import Forbidden, UnitradeError, UnknownSku
 from unitrade.gateway.models import SKU_PATTERN, CreateOrder, PutProduct
-from unitrade.topology.config import SECRET_DEFAULT
+from unitrade.topology.config import SECRET_DEFAULT, default_config
 from unitrade.web.tokens import Principal, read_authorization
 
 metadata = MetaData()
@@ -213,7 +213,7 @@ def put_product(conn: Connection, sku: str, body: PutProduct) -> dict[str, Any]:
 
 async def principal(request: Request) -> Principal:
     """The same bearer-token check as unitrade's gateway."""
-    return read_authorization(request.app.state.secret, request.headers.get("authorization"))
+    return read_authorization(request.app.state.token_keys, request.headers.get("authorization"))
 
 
 Caller = Annotated[Principal, Depends(principal)]
@@ -245,7 +245,8 @@ def build_baseline_app(
             engine.dispose()
 
     app = FastAPI(title="single-database baseline", lifespan=lifespan)
-    app.state.secret = secret
+    # The keys a unitrade cluster with this secret derives: the same tokens work on both.
+    app.state.token_keys = default_config().model_copy(update={"secret": secret}).token_keys
 
     @app.exception_handler(UnitradeError)
     async def _error(_request: Request, exc: UnitradeError) -> Response:

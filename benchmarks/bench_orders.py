@@ -414,15 +414,13 @@ class Setup:
         (a region name or a baseline's name), or to the buyer's home region when `target` is
         None."""
         rng = random.Random(seed)
-        secret = self.config.secret
+        keys = self.config.token_keys
         tokens: dict[int, str] = {}
         plan: list[tuple[int, bytes]] = []
         for i in range(PLAN_LENGTH):
             region = buyer_regions[i % len(buyer_regions)]
             buyer = rng.choice(self.buyers[region])
-            token = tokens.get(buyer) or tokens.setdefault(
-                buyer, issue_token(secret, buyer_id=buyer)
-            )
+            token = tokens.get(buyer) or tokens.setdefault(buyer, issue_token(keys, buyer_id=buyer))
             skus = rng.sample(self.skus, LINES_PER_ORDER)
             body = orjson.dumps({"items": [{"sku": s, "qty": rng.randint(1, 3)} for s in skus]})
             if target in self.baselines:
@@ -448,7 +446,7 @@ def home_buyers(config: TopologyConfig, per_region: int) -> dict[str, list[int]]
 def seed(setup: Setup) -> None:
     """The same catalog and stock in unitrade (through hz, the global cell's owner) and in
     the baselines."""
-    token = issue_token(setup.config.secret, admin=True)
+    token = issue_token(setup.config.token_keys, admin=True)
     headers = {"authorization": f"Bearer {token}"}
     urls = [setup.config.region("hz").base_url]
     urls += [baseline.base_url for baseline in setup.baselines.values()]

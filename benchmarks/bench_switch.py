@@ -156,7 +156,7 @@ def make_plan(
         moved = rng.random() < moved_share
         buyer = rng.choice(buyers["moved" if moved else "other"])
         token = tokens.get(buyer) or tokens.setdefault(
-            buyer, issue_token(config.secret, buyer_id=buyer)
+            buyer, issue_token(config.token_keys, buyer_id=buyer)
         )
         skus = rng.sample(SKUS, rng.randint(1, 2))
         body = orjson.dumps({"items": [{"sku": s, "qty": rng.randint(1, 3)} for s in skus]})
@@ -296,7 +296,7 @@ async def open_loop(
 
 class ControlClient:
     def __init__(self, config: TopologyConfig) -> None:
-        token = issue_token(config.secret, admin=True)
+        token = issue_token(config.token_keys, admin=True)
         self.http = httpx.AsyncClient(
             base_url=config.control.base_url,
             timeout=httpx.Timeout(OPERATION_TIMEOUT_S),
@@ -375,7 +375,7 @@ def owner_in(rule_body: dict[str, Any], cell: str) -> str:
 async def seed_products(config: TopologyConfig) -> None:
     """Products with stock that never runs out, written at the global cell's owner, and
     visible in every region's copy before the load starts."""
-    token = issue_token(config.secret, admin=True)
+    token = issue_token(config.token_keys, admin=True)
     headers = {"authorization": f"Bearer {token}"}
     owner = next(c.owner for c in config.cells if c.kind is CellKind.GLOBAL)
     async with httpx.AsyncClient(timeout=10.0, headers=headers) as client:

@@ -112,13 +112,15 @@ class Api:
         self.config = config
         self.rule = initial_rule(config)
         self.http = httpx.Client(timeout=30.0)
-        self.admin_headers = {"authorization": "Bearer " + issue_token(config.secret, admin=True)}
+        self.admin_headers = {
+            "authorization": "Bearer " + issue_token(config.token_keys, admin=True)
+        }
 
     def url(self, region: str, path: str) -> str:
         return self.config.region(region).base_url + path
 
     def buyer_headers(self, buyer_id: int) -> dict[str, str]:
-        return {"authorization": "Bearer " + issue_token(self.config.secret, buyer_id=buyer_id)}
+        return {"authorization": "Bearer " + issue_token(self.config.token_keys, buyer_id=buyer_id)}
 
     def home(self, buyer_id: int) -> str:
         return route_buyer(self.rule, buyer_id).region

@@ -21,7 +21,7 @@ class Control:
     """The control plane's admin API."""
 
     def __init__(self, config: TopologyConfig) -> None:
-        token = issue_token(config.secret, admin=True)
+        token = issue_token(config.token_keys, admin=True)
         self.http = httpx.Client(
             base_url=config.control.base_url,
             timeout=60.0,

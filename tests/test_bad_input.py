@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.support import Api
+from unitrade.topology.config import TokenKey
+from unitrade.web.tokens import issue_token
 
 pytestmark = pytest.mark.cluster
 JSON = {"content-type": "application/json"}
@@ -134,11 +139,84 @@ def test_catalog_reads_need_no_login(api: Api, sku: str, authorization: str | No
 
 
 def test_tokens_of_another_cluster_are_refused(api: Api) -> None:
-    from unitrade.web.tokens import issue_token
-
-    token = issue_token("some-other-cluster-secret", buyer_id=5)
+    other = [TokenKey(id="k0", secret="some-other-cluster-secret")]
+    token = issue_token(other, buyer_id=5)
     response = api.http.get(api.url("hz", "/v1/cart"), headers={"authorization": f"Bearer {token}"})
     assert_error(response, 401, "unauthorized")
+
+
+def test_an_expired_token_is_refused(api: Api) -> None:
+    token = issue_token(api.config.token_keys, buyer_id=5, ttl_s=60, now_s=time.time() - 120)
+    response = api.http.get(api.url("sh", "/v1/cart"), headers={"authorization": f"Bearer {token}"})
+    assert_error(response, 401, "unauthorized")
+    assert "expired" in response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"Bearer \xc3\xbc",  # UTF-8 for a non-ASCII letter
+        b"Bearer \xff\xfe\xfd",
+        b"Bearer ut2.k0.b5.99999999999.0123456789abcdef.\xe9" + b"A" * 42,
+        "Bearer ü".encode("latin-1"),
+    ],
+)
+def test_non_ascii_tokens_are_unauthorized_not_errors(api: Api, raw: bytes) -> None:
+    for region, path in (("hz", "/v1/cart"), ("sh", "/v1/orders"), ("bj", "/v1/products")):
+        response = api.http.get(api.url(region, path), headers={"authorization": raw})
+        expected = 200 if path == "/v1/products" else 401  # browsing needs no login
+        assert response.status_code == expected, response.text
+
+
+# Any bytes HTTP allows in a header value (visible ASCII, space, tab, and 0x80-0xff); the
+# server refuses the others (control bytes) itself before any of our code runs.
+HEADER_BYTES = st.binary(max_size=120).map(
+    lambda b: bytes(c for c in b if c == 9 or 32 <= c <= 126 or c >= 128).strip()
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(authorization=HEADER_BYTES, signature=HEADER_BYTES)
+def test_arbitrary_credential_bytes_get_401(
+    api: Api, authorization: bytes, signature: bytes
+) -> None:
+    headers = {
+        "authorization": (b"Bearer " + authorization).strip(),
+        "x-unitrade-from": b"hz",
+        "x-unitrade-to": b"sh",
+        "x-unitrade-sig": signature,
+    }
+    response = api.http.get(api.url("sh", "/v1/cart"), headers=headers)
+    assert_error(response, 401, "unauthorized")
+    internal = api.http.post(
+        api.url("sh", "/internal/center/levels"), content=b'{"sku":"A"}', headers=headers
+    )
+    assert_error(internal, 401, "unauthorized")
+
+
+def test_a_revoked_token_is_refused_in_every_region(api: Api) -> None:
+    buyer = api.buyer_in("sh", 1201)
+    token = issue_token(api.config.token_keys, buyer_id=buyer)
+    headers = {"authorization": f"Bearer {token}"}
+    assert api.http.get(api.url("bj", "/v1/cart"), headers=headers).status_code == 200
+    refused = api.call("sh", "POST", "/v1/admin/tokens/revoke", buyer, {"token": token})
+    assert_error(refused, 403, "forbidden")  # buyers do not revoke
+    bad = api.call("sh", "POST", "/v1/admin/tokens/revoke", body={"token": "ut2.nope"})
+    assert_error(bad, 422, "invalid_request")
+    revoked = api.call("sh", "POST", "/v1/admin/tokens/revoke", body={"token": token})
+    assert revoked.status_code == 200, revoked.text
+    assert revoked.headers["x-unitrade-served-by"] == "hz"  # the global cell's owner
+    deadline = time.monotonic() + 10
+    for region in ("hz", "sh", "bj"):
+        while True:
+            response = api.http.get(api.url(region, "/v1/cart"), headers=headers)
+            if response.status_code == 401 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert_error(response, 401, "unauthorized")
+        assert "revoked" in response.json()["message"]
+    # Another token of the same buyer still works.
+    assert api.call("bj", "GET", "/v1/cart", buyer).status_code == 200
 
 
 def test_the_admin_token_is_not_a_buyer_and_buyers_are_not_admins(api: Api, sku: str) -> None:

@@ -367,7 +367,8 @@ def test_the_internal_diff_api_checks_signatures_keys_and_roles(
 
     def post(region: str, path: str, payload: Any, signed: bool = True) -> httpx.Response:
         body = orjson.dumps(payload)
-        headers = sign(api.config.secret, "hz", "POST", path, body) if signed else {}
+        secret = api.config.region_secret
+        headers = sign(secret, "hz", region, "POST", path, body) if signed else {}
         return api.http.post(api.url(region, path), content=body, headers=headers)
 
     call = {"cell": u1.id, "table": "carts", "lo": None, "hi": None, "limit": 10}

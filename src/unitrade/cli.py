@@ -16,7 +16,12 @@ from rich.table import Table
 from unitrade.cli_options import config_option, load
 from unitrade.control.cli import evacuate, operations, switch
 from unitrade.replication.diff_cli import diff
-from unitrade.topology.config import CONTROL_NAME, TopologyConfig
+from unitrade.topology.config import (
+    CONTROL_NAME,
+    DevelopmentSecret,
+    TopologyConfig,
+    check_production,
+)
 
 console = Console()
 DATA_DIR_DEFAULT = Path(".unitrade/data")
@@ -46,7 +51,13 @@ def main() -> None:
     show_default=True,
     help="Directory for the regions' cell copies (SQLite) and logs.",
 )
-def up(config_path: Path | None, data_dir: Path) -> None:
+@click.option(
+    "--production",
+    is_flag=True,
+    help="Refuse to start while any secret is the built-in development one "
+    "(the same as `[secrets] production = true`).",
+)
+def up(config_path: Path | None, data_dir: Path, production: bool) -> None:
     """Start the control plane and every region of the configuration as local processes.
 
     Waits until all are healthy, prints the regions and their URLs, and stays in the
@@ -56,6 +67,12 @@ def up(config_path: Path | None, data_dir: Path) -> None:
     from unitrade.cluster import ClusterError, LocalCluster
 
     config = _load(config_path)
+    try:
+        warning = check_production(config, production)
+    except DevelopmentSecret as exc:
+        raise click.ClickException(str(exc)) from exc
+    if warning is not None:
+        console.print(f"[bold red]{warning}[/]")
     cluster = LocalCluster(config, data_dir.resolve(), config_path)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -279,7 +296,7 @@ def wait(
             )
             headers = {
                 "content-type": "application/json",
-                **sign(config.secret, region, "POST", target, body),
+                **sign(config.control_secret, CONTROL_NAME, region, "POST", target, body),
             }
             try:
                 answer = client.post(
@@ -300,17 +317,93 @@ def wait(
     console.print(f"{region} has applied {cell.name} up to {reached['position']} (>= {position})")
 
 
+def _duration_s(text: str) -> int:
+    """`90`, `90s`, `30m`, `12h` or `7d` in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    if not number.isdigit() or int(number) == 0:
+        raise click.BadParameter(f"{text!r}: use e.g. 90s, 30m, 12h or 7d", param_hint="--ttl")
+    return int(number) * units[unit]
+
+
 @main.command()
 @config_option
 @click.argument("buyer_id", type=click.IntRange(min=1, max=2**63 - 1), required=False)
-@click.option("--admin", is_flag=True, help="Print the admin token instead.")
-def token(config_path: Path | None, buyer_id: int | None, admin: bool) -> None:
-    """Print a bearer token for BUYER_ID (or --admin) for the configured cluster."""
-    from unitrade.web.tokens import issue_token
+@click.option("--admin", is_flag=True, help="Print the admin token instead of a buyer's.")
+@click.option(
+    "--ttl",
+    "ttl",
+    metavar="DURATION",
+    help="How long the token is valid: 90s, 30m, 12h, 7d (at most 30d). "
+    "Default: 24h for a buyer, 1h for the admin.",
+)
+@click.option(
+    "--revoke",
+    "revoke",
+    metavar="TOKEN",
+    help="Revoke TOKEN at once in every region instead of printing a new one "
+    "(the revocation lasts until the token would have expired).",
+)
+def token(
+    config_path: Path | None,
+    buyer_id: int | None,
+    admin: bool,
+    ttl: str | None,
+    revoke: str | None,
+) -> None:
+    """Print a bearer token for BUYER_ID (or --admin), signed with the cluster's current
+    token key; or revoke one with --revoke TOKEN.
 
+    \b
+    Examples:
+      unitrade token 42                 a buyer token, valid 24 h
+      unitrade token --admin --ttl 15m  an admin token, valid 15 minutes
+      unitrade token --revoke ut2....   revoke a token before it expires
+    """
+    from unitrade.web.tokens import TTL_S_MAX, issue_token
+
+    config = _load(config_path)
+    if revoke is not None:
+        if admin or buyer_id is not None or ttl is not None:
+            raise click.UsageError("--revoke takes no BUYER_ID, --admin or --ttl")
+        _revoke_token(config, revoke)
+        return
     if admin == (buyer_id is not None):
         raise click.UsageError("give either BUYER_ID or --admin")
-    click.echo(issue_token(_load(config_path).secret, buyer_id=buyer_id, admin=admin))
+    ttl_s = _duration_s(ttl) if ttl is not None else None
+    if ttl_s is not None and ttl_s > TTL_S_MAX:
+        raise click.BadParameter(f"at most {TTL_S_MAX // 86_400}d", param_hint="--ttl")
+    click.echo(issue_token(config.token_keys, buyer_id=buyer_id, admin=admin, ttl_s=ttl_s))
+
+
+def _revoke_token(config: TopologyConfig, token_text: str) -> None:
+    """Ask the regions, in turn, to revoke a token; the first that answers does it for all
+    (the revocation is written in the global cell and replicated)."""
+    from unitrade.web.tokens import issue_token
+
+    admin = issue_token(config.token_keys, admin=True, ttl_s=60)
+    headers = {"authorization": f"Bearer {admin}"}
+    failures = []
+    with httpx.Client(timeout=10.0) as client:
+        for region in config.regions:
+            try:
+                answer = client.post(
+                    region.base_url + "/v1/admin/tokens/revoke",
+                    json={"token": token_text},
+                    headers=headers,
+                )
+            except httpx.HTTPError as exc:
+                failures.append(f"{region.name}: {type(exc).__name__}")
+                continue
+            if answer.status_code != 200:
+                raise click.ClickException(f"{region.name} answered {answer.text}")
+            body = answer.json()
+            console.print(
+                f"token {body['token_id']} revoked in every region "
+                f"(kept until it expires at {body['expires_s']})"
+            )
+            return
+    raise click.ClickException("no region answered: " + "; ".join(failures))
 
 
 @main.command()

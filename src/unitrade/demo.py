@@ -75,7 +75,7 @@ async def _workload(
 ) -> bool:
     rng = random.Random(7)
     urls = {r.name: r.base_url for r in config.regions}
-    admin = {"authorization": "Bearer " + issue_token(config.secret, admin=True)}
+    admin = {"authorization": "Bearer " + issue_token(config.token_keys, admin=True)}
     tally = Tally()
     skus = [f"SKU-{i:04d}" for i in range(1, sku_count + 1)]
     limits = httpx.Limits(max_connections=concurrency * 2)
@@ -190,7 +190,7 @@ async def _buyer(
     rng: random.Random,
     tally: Tally,
 ) -> None:
-    headers = {"authorization": "Bearer " + issue_token(config.secret, buyer_id=buyer)}
+    headers = {"authorization": "Bearer " + issue_token(config.token_keys, buyer_id=buyer)}
 
     async def call(method: str, path: str, body: Any = None) -> httpx.Response:
         gateway = rng.choice(list(urls))
@@ -321,7 +321,7 @@ async def _lost_orders(
     await _converged(http, urls)
     lost: list[str] = []
     for order_id, order in tally.orders.items():
-        token = issue_token(config.secret, buyer_id=order["buyer_id"])
+        token = issue_token(config.token_keys, buyer_id=order["buyer_id"])
         for region, url in urls.items():
             got = await http.get(
                 f"{url}/v1/orders/{order_id}?consistency=replica",

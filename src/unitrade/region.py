@@ -21,6 +21,7 @@ from unitrade.services.catalog import CatalogService
 from unitrade.services.inventory import InventoryService
 from unitrade.services.orders import OrderService
 from unitrade.services.remote import CatalogClient, CenterClient
+from unitrade.services.revocations import Revocations
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.fence import Fence
 from unitrade.storage.sequences import OrderIdAllocator
@@ -32,6 +33,7 @@ log = logging.getLogger("unitrade.region")
 
 OUTBOX_INTERVAL_S = 1.0
 ABANDONED_INTERVAL_S = 15.0
+REVOCATION_SWEEP_INTERVAL_S = 60.0
 
 
 class RegionRuntime:
@@ -52,6 +54,7 @@ class RegionRuntime:
         self.client = RegionClient(config, region)
         self.inventory = InventoryService(self.copies[rule.center_cell])
         self.catalog_service = CatalogService(self.copies[rule.global_cell])
+        self.revocations = Revocations(self.copies[rule.global_cell])
         self.center = CenterClient(self.rpc, region, self.inventory, self.client)
         self.catalog = CatalogClient(
             self.catalog_service, rules=self.rpc, region=region, client=self.client
@@ -130,9 +133,11 @@ class RegionRuntime:
 
     async def start(self) -> None:
         await self.copies.open()
+        await self.revocations.load()
         self.replicator.start()
         self.agent.start()
         self._tasks.append(asyncio.create_task(self._drain_outbox_forever()))
+        self._tasks.append(asyncio.create_task(self._sweep_revocations_forever()))
         log.info(
             "region %s started under rule version %s: owns cells %s",
             self.name,
@@ -152,14 +157,30 @@ class RegionRuntime:
         await self.copies.close()
 
     def _applied(self, cell: int, changes: list[dict[str, Any]]) -> None:
-        """A replicated change of the global cell invalidates the catalog cache (DESIGN §7)."""
+        """A replicated change of the global cell invalidates the catalog cache and updates
+        the revoked tokens."""
         if cell != self.fence.rule.global_cell:
             return
+        self.revocations.applied(changes)
         skus = [orjson.loads(c["pk"])["sku"] for c in changes if c["tbl"] == "products"]
         self.catalog.cache.invalidate(skus)
 
     def owned_cells(self) -> list[int]:
         return self.fence.rule.cells_owned_by(self.name)
+
+    async def _sweep_revocations_forever(self) -> None:
+        """At the global cell's owner: forget revocations of tokens that expired anyway."""
+        while True:
+            await asyncio.sleep(REVOCATION_SWEEP_INTERVAL_S)
+            rule = self.fence.rule
+            if rule.owner_of(rule.global_cell) != self.name:
+                continue
+            try:
+                await self.revocations.sweep()
+            except (WriteBanned, WrongRegion) as exc:
+                log.info("revocation sweep paused: %s", exc.code)
+            except Exception:
+                log.exception("revocation sweep failed")
 
     async def _drain_outbox_forever(self) -> None:
         """Retry center steps that failed (outbox), and release reservations whose order

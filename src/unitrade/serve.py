@@ -9,7 +9,7 @@ import uvicorn
 
 from unitrade.gateway.app import build_app
 from unitrade.region import RegionRuntime
-from unitrade.topology.config import TopologyConfig
+from unitrade.topology.config import TopologyConfig, check_production
 
 
 def serve_region(config: TopologyConfig, region: str, data_dir: Path) -> None:
@@ -17,6 +17,9 @@ def serve_region(config: TopologyConfig, region: str, data_dir: Path) -> None:
         level=logging.INFO,
         format=f"%(asctime)s {region} %(levelname)s %(name)s: %(message)s",
     )
+    warning = check_production(config)
+    if warning is not None:
+        logging.getLogger("unitrade.region").warning(warning)
     region_config = config.region(region)
     runtime = RegionRuntime(config, region, data_dir)
     server = uvicorn.Server(

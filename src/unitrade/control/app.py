@@ -1,7 +1,7 @@
 """The control plane's HTTP API.
 
 Operators (the CLI, a console) use `/v1/...` with the admin token. Regions use
-`/internal/control/watch`, signed with the cluster secret like every region-to-region call.
+`/internal/control/watch`, signed with the control secret (rpc/signing.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from unitrade.control.board import RuleBoard
 from unitrade.control.plane import ControlPlane
 from unitrade.control.store import OPERATIONS_LIST_MAX
 from unitrade.errors import Forbidden, InvalidRequest, NotFound, SwitchRefused, Unauthorized
-from unitrade.rpc.signing import verify
-from unitrade.topology.config import TopologyConfig
+from unitrade.rpc.signing import Verifier
+from unitrade.topology.config import CONTROL_NAME, TopologyConfig
 from unitrade.web.responses import install_error_handlers, json_response
 from unitrade.web.tokens import read_authorization
 
@@ -67,9 +67,11 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    keys = config.token_keys
+    verifier = Verifier(CONTROL_NAME, lambda sender: config.link_secret(sender, CONTROL_NAME))
 
     def admin(request: Request) -> None:
-        principal = read_authorization(config.secret, request.headers.get("authorization"))
+        principal = read_authorization(keys, request.headers.get("authorization"))
         if not principal.admin:
             raise Forbidden("the control plane needs the admin token")
 
@@ -98,6 +100,7 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
             {
                 "status": "ok",
                 "rule_version": rule.version,
+                "development_secrets": config.development_secrets(),
                 "banned": [rule.cells[c].name for c in sorted(rule.banned)],
                 "ahead": board().ahead(),
                 "running": running.op.id if running is not None else None,
@@ -163,7 +166,7 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
         body = await request.body()
         target = request.url.path
         headers = {k.lower(): v for k, v in request.headers.items()}
-        origin = verify(config.secret, headers, request.method, target, body)
+        origin = verifier.verify(headers, request.method, target, body)
         if origin is None or origin not in config.region_names:
             raise Unauthorized("missing or invalid region signature")
         try:

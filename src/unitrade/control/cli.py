@@ -33,7 +33,7 @@ class ControlApi:
     def __init__(self, config: TopologyConfig, timeout_s: float = 10.0) -> None:
         from unitrade.web.tokens import issue_token
 
-        token = issue_token(config.secret, admin=True)
+        token = issue_token(config.token_keys, admin=True)
         self.base = config.control.base_url
         self.http = httpx.Client(
             base_url=self.base, timeout=timeout_s, headers={"authorization": f"Bearer {token}"}

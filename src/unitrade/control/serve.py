@@ -10,7 +10,7 @@ import uvicorn
 from unitrade.control.app import build_control_app
 from unitrade.control.plane import ControlPlane
 from unitrade.control.store import ControlStore
-from unitrade.topology.config import TopologyConfig
+from unitrade.topology.config import TopologyConfig, check_production
 
 
 def serve_control(config: TopologyConfig, data_dir: Path) -> None:
@@ -18,6 +18,9 @@ def serve_control(config: TopologyConfig, data_dir: Path) -> None:
         level=logging.INFO,
         format="%(asctime)s control %(levelname)s %(name)s: %(message)s",
     )
+    warning = check_production(config)
+    if warning is not None:
+        logging.getLogger("unitrade.control").warning(warning)
     store = ControlStore(config.control.storage_url(data_dir))
     app = build_control_app(config, ControlPlane(config, store))
     server = uvicorn.Server(

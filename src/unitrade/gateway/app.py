@@ -25,9 +25,9 @@ from unitrade.gateway.routing import Dispatcher, EndpointTable
 from unitrade.region import RegionRuntime
 from unitrade.replication.diff_routes import diff_routes
 from unitrade.replication.routes import replication_routes
-from unitrade.topology.config import CONTROL_NAME
+from unitrade.rpc.signing import Verifier
 from unitrade.web.responses import install_error_handlers
-from unitrade.web.tokens import Principal, read_authorization
+from unitrade.web.tokens import token_reader
 
 
 def build_dispatcher(runtime: RegionRuntime) -> Dispatcher:
@@ -52,10 +52,9 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
         summary=f"region {runtime.name}: the same API at every region",
         lifespan=lifespan,
     )
-    secret = runtime.config.secret
-
-    def tokens(header: str | None) -> Principal:
-        return read_authorization(secret, header)
+    config = runtime.config
+    tokens = token_reader(config.token_keys, runtime.revocations)
+    verifier = Verifier(runtime.name, lambda sender: config.link_secret(sender, runtime.name))
 
     dispatcher = build_dispatcher(runtime)
     table = EndpointTable()
@@ -76,8 +75,7 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
     app.add_middleware(
         EdgeMiddleware,
         region=runtime.name,
-        secret=secret,
-        regions=[*runtime.config.region_names, CONTROL_NAME],
+        verifier=verifier,
         tokens=tokens,
         endpoints=table,
         dispatcher=dispatcher,

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from unitrade.errors import UnitradeError
 from unitrade.gateway.routing import Caller, Dispatcher, EndpointTable, Passage
-from unitrade.rpc.signing import SIG_HEADER, verify
+from unitrade.rpc.signing import SIG_HEADER, Verifier
 from unitrade.topology.rule import Route, Rule
 from unitrade.web.responses import error_body_response, error_response
 from unitrade.web.tokens import Principal
@@ -46,8 +46,7 @@ class EdgeMiddleware:
         self,
         app: ASGIApp,
         region: str,
-        secret: str,
-        regions: list[str],
+        verifier: Verifier,
         tokens: TokenReader,
         endpoints: EndpointTable,
         dispatcher: Dispatcher,
@@ -56,8 +55,7 @@ class EdgeMiddleware:
     ) -> None:
         self.app = app
         self.region = region
-        self.secret = secret
-        self.regions = regions
+        self.verifier = verifier
         self.tokens = tokens
         self.endpoints = endpoints
         self.dispatcher = dispatcher
@@ -133,8 +131,7 @@ class EdgeMiddleware:
         target = path + (f"?{query}" if query else "")
         origin = None
         if SIG_HEADER in headers:
-            origin = verify(self.secret, headers, method, target, body)
-            origin = origin if origin in self.regions else None
+            origin = self.verifier.verify(headers, method, target, body)
         state["forwarded_from"] = origin
         deadline = self.dispatcher.holds.deadline()
         state["deadline"] = deadline

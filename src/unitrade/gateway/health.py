@@ -22,6 +22,7 @@ def health_router(runtime: RegionRuntime, dispatcher: Dispatcher) -> APIRouter:
             {
                 "status": "ok",
                 "region": runtime.name,
+                "development_secrets": runtime.config.development_secrets(),
                 "rule_version": rule.version,
                 "acked": runtime.acked(),
                 "control": runtime.agent.status(),

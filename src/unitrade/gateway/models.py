@@ -53,6 +53,10 @@ class PutProduct(_Body):
     ]
 
 
+class RevokeToken(_Body):
+    token: Annotated[str, Field(min_length=1, max_length=200)]
+
+
 # Internal API (region to region) -------------------------------------------------------
 
 

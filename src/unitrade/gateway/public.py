@@ -4,12 +4,13 @@ of that cell, forwarded there once from any other region."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Literal
 
 from fastapi import Path, Query
 from fastapi.responses import Response
 
-from unitrade.errors import Forbidden, NotFound
+from unitrade.errors import Forbidden, InvalidRequest, NotFound, UnitradeError
 from unitrade.gateway import models
 from unitrade.gateway.api import Ctx, PublicApi
 from unitrade.gateway.edge import REPLAYED_HEADER
@@ -23,6 +24,7 @@ from unitrade.region import RegionRuntime
 from unitrade.topology.order_id import parse_order_id
 from unitrade.topology.rule import RoutingError, route_buyer, route_cell, route_order
 from unitrade.web.responses import json_response
+from unitrade.web.tokens import read_claims
 
 SkuPath = Annotated[str, Path(pattern=models.SKU_PATTERN)]
 Consistency = Literal["owner", "replica"]
@@ -180,3 +182,20 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         levels = await runtime.center.set_stock(sku, body.stock)
         product = await runtime.catalog_service.put(sku, body.title, body.price_cents)
         return json_response({**product, "stock": body.stock, **levels})
+
+    @api.endpoint("POST", "/v1/admin/tokens/revoke", home=global_owner_for_admin, tags=["admin"])
+    async def revoke_token(ctx: Ctx, body: models.RevokeToken) -> Response:
+        """Revoke a bearer token before it expires, in every region (the revocation is
+        written in the global cell and replicated; it is kept until the token expires)."""
+        if not ctx.who.admin:
+            raise Forbidden("this endpoint needs the admin token")
+        try:
+            claims = read_claims(runtime.config.token_keys, body.token, expired_ok=True)
+        except UnitradeError as exc:
+            raise InvalidRequest(f"token: not a token of this cluster ({exc.message})") from exc
+        expired = claims.expires_s < time.time()
+        if not expired:
+            await runtime.revocations.revoke(claims.token_id, claims.expires_s)
+        return json_response(
+            {"token_id": claims.token_id, "expires_s": claims.expires_s, "expired": expired}
+        )

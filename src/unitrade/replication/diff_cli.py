@@ -39,7 +39,13 @@ from unitrade.replication.diff import (
     compared_tables,
 )
 from unitrade.rpc.signing import sign
-from unitrade.topology.config import CellConfig, ConfigError, TopologyConfig, load_config
+from unitrade.topology.config import (
+    CONTROL_NAME,
+    CellConfig,
+    ConfigError,
+    TopologyConfig,
+    load_config,
+)
 
 CONNECT_TIMEOUT_S = 3.0
 # A call reads a bounded number of rows, but a compare call may also wait for the replica to
@@ -82,7 +88,10 @@ class Regions:
     def call(self, region: str, path: str, payload: Any, origin: str) -> Any:
         body = orjson.dumps(payload)
         headers = {"content-type": "application/json"}
-        headers.update(sign(self.config.secret, origin, "POST", path, body))
+        # The CLI speaks for the operator, as the control plane does.
+        headers.update(
+            sign(self.config.control_secret, CONTROL_NAME, region, "POST", path, body, headers)
+        )
         try:
             response = self.http.post(
                 self.config.region(region).base_url + path, content=body, headers=headers

@@ -75,7 +75,10 @@ class RegionClient:
     ) -> Reply:
         """One signed request to `region` (`target` = path?query); no retry."""
         assert region != self.region, "a call to this region runs in-process"
-        signed = {**headers, **sign(self.config.secret, self.region, method, target, body)}
+        secret = self.config.link_secret(self.region, region)
+        if secret is None:
+            raise RegionUnavailable(f"{region} is not part of this cluster", region=region)
+        signed = {**headers, **sign(secret, self.region, region, method, target, body, headers)}
         url = self.base_url(region) + target
         async with self.session.request(method, url, data=body, headers=signed) as response:
             return Reply(response.status, response.headers, await response.read())

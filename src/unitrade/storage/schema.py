@@ -176,6 +176,17 @@ products = Table(
     Column("version", Integer, nullable=False),
 )
 
+# Bearer tokens revoked before they expire: every region checks its copy (in memory). A row
+# goes once its token has expired anyway, so the table holds at most the revocations of
+# the longest token lifetime (web/tokens.py TTL_S_MAX).
+revoked_tokens = Table(
+    "revoked_tokens",
+    global_,
+    Column("token_id", String(16), primary_key=True),
+    Column("expires_s", BigInteger, nullable=False),
+    Column("revoked_ms", BigInteger, nullable=False),
+)
+
 METADATA_BY_KIND: dict[CellKind, MetaData] = {
     CellKind.UNIT: unit,
     CellKind.CENTER: center,

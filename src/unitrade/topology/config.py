@@ -6,6 +6,8 @@ is used when no file is given. Validation errors name the field and the problem.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import tomllib
 from enum import StrEnum
@@ -26,6 +28,7 @@ BUCKET_COUNT_MAX = 10_000
 CELL_ID_MAX = 1023  # the order ID holds 10 bits of cell (order_id.py)
 REGION_NAME = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 SECRET_DEFAULT = "unitrade-local-dev-secret-change-me"
+TOKEN_KEY_ID = r"^[a-z0-9][a-z0-9-]{0,15}$"
 SQLITE_STORAGE_DEFAULT = "sqlite:///{data}/{region}/cell-{cell}.db"
 CONTROL_LISTEN_DEFAULT = "127.0.0.1:8700"
 CONTROL_STORAGE_DEFAULT = "sqlite:///{data}/control/control.db"
@@ -138,6 +141,39 @@ class ControlConfig(_Listening):
         return self.storage.format(data=str(data_dir))
 
 
+class TokenKey(_Strict):
+    """A key that signs bearer tokens. The first key without `accept_until` issues new
+    tokens; a key with `accept_until` (unix seconds) issues none and is still accepted
+    until then: rotation with a grace period (add the new key first, give the old one an
+    end, remove it after)."""
+
+    id: Annotated[str, Field(pattern=TOKEN_KEY_ID)]
+    secret: Annotated[str, Field(min_length=16)]
+    accept_until: Annotated[int | None, Field(ge=0)] = None
+
+
+class SecretsConfig(_Strict):
+    """Three secrets, each of its own (`[secrets]`): the keys of buyer and admin tokens, the
+    one that signs region-to-region calls, and the one that signs calls between the regions
+    (or the CLI) and the control plane. Where one is not set it is derived from the
+    top-level `secret` (a development shorthand); `production = true` refuses to start
+    while any of them comes from the built-in development secret."""
+
+    regions: Annotated[str | None, Field(min_length=16)] = None
+    control: Annotated[str | None, Field(min_length=16)] = None
+    token_keys: Annotated[list[TokenKey], Field(max_length=16)] = []
+    production: bool = False
+
+    @model_validator(mode="after")
+    def _keys(self) -> SecretsConfig:
+        ids = [k.id for k in self.token_keys]
+        if len(set(ids)) != len(ids):
+            raise ValueError("token_keys: key ids must be unique")
+        if self.token_keys and all(k.accept_until is not None for k in self.token_keys):
+            raise ValueError("token_keys: one key without accept_until must issue tokens")
+        return self
+
+
 class RetentionConfig(_Strict):
     """How long each table that grows keeps its rows (`[retention]`). Every bound is a
     number of rows and/or an age; the sweep runs every `sweep_interval_s` at each region
@@ -208,6 +244,7 @@ class TopologyConfig(_Strict):
     cells: Annotated[list[CellConfig], Field(min_length=3)]
     control: ControlConfig = ControlConfig()
     retention: RetentionConfig = RetentionConfig()
+    secrets: SecretsConfig = SecretsConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> TopologyConfig:
@@ -298,6 +335,77 @@ class TopologyConfig(_Strict):
             if text in (str(cell.id), cell.name):
                 return cell
         raise KeyError(f"unknown cell {text!r}")
+
+    # -- secrets --------------------------------------------------------------------------
+
+    @property
+    def region_secret(self) -> str:
+        return self.secrets.regions or _derived(self.secret, "regions")
+
+    @property
+    def control_secret(self) -> str:
+        return self.secrets.control or _derived(self.secret, "control")
+
+    @property
+    def token_keys(self) -> list[TokenKey]:
+        if self.secrets.token_keys:
+            return list(self.secrets.token_keys)
+        return [TokenKey(id="k0", secret=_derived(self.secret, "tokens"))]
+
+    def link_secret(self, sender: str, receiver: str) -> str | None:
+        """The secret that signs calls from `sender` to `receiver` (regions or the control
+        plane); None when either is not part of this cluster."""
+        known = {*self.region_names, CONTROL_NAME}
+        if sender not in known or receiver not in known or sender == receiver:
+            return None
+        if CONTROL_NAME in (sender, receiver):
+            return self.control_secret
+        return self.region_secret
+
+    def development_secrets(self) -> list[str]:
+        """Which secrets come from the built-in development secret (empty in production)."""
+        if self.secret != SECRET_DEFAULT:
+            return []
+        derived = {
+            "tokens": not self.secrets.token_keys,
+            "regions": self.secrets.regions is None,
+            "control": self.secrets.control is None,
+        }
+        return [name for name, is_derived in derived.items() if is_derived]
+
+
+def development_warning(config: TopologyConfig) -> str | None:
+    """What to say loudly when a cluster runs on the built-in development secret."""
+    weak = config.development_secrets()
+    if not weak:
+        return None
+    return (
+        f"INSECURE: the {', '.join(weak)} secret(s) come from the built-in development "
+        "secret, which anyone can read in the source: anyone can mint tokens and sign "
+        "region calls. Set `secret` or [secrets] in the topology file; "
+        "`unitrade up --production` or `[secrets] production = true` refuses to start so."
+    )
+
+
+class DevelopmentSecret(ConfigError):
+    """Production was asked for, and a secret is the built-in development one."""
+
+
+def check_production(config: TopologyConfig, production: bool = False) -> str | None:
+    """Refuse (DevelopmentSecret) a development secret where production is asked for;
+    otherwise the warning to print, if any."""
+    warning = development_warning(config)
+    if warning is not None and (production or config.secrets.production):
+        raise DevelopmentSecret(
+            f"refusing to start in production with the development secret: {warning}"
+        )
+    return warning
+
+
+def _derived(secret: str, purpose: str) -> str:
+    """A secret of its own for each purpose from the one shorthand: a token key never
+    signs a region call, and the other way round."""
+    return hmac.new(secret.encode(), f"unitrade/{purpose}".encode(), hashlib.sha256).hexdigest()
 
 
 def _ranges(values: list[int]) -> str:
