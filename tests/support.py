@@ -111,7 +111,7 @@ class Api:
     def __init__(self, config: TopologyConfig) -> None:
         self.config = config
         self.rule = initial_rule(config)
-        self.http = httpx.Client(timeout=30.0)
+        self.http = httpx.Client(timeout=30.0, verify=config.http_verify)
         self.admin_headers = {
             "authorization": "Bearer " + issue_token(config.token_keys, admin=True)
         }

@@ -96,7 +96,7 @@ class LocalCluster:
     ) -> None:
         deadline = time.monotonic() + timeout_s
         pending = list(regions or [CONTROL_NAME, *self.config.region_names])
-        with httpx.Client(timeout=2.0) as client:
+        with httpx.Client(timeout=2.0, verify=self.config.http_verify) as client:
             while pending:
                 region = pending[0]
                 process = self.processes.get(region)

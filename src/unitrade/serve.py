@@ -32,6 +32,7 @@ def serve_region(config: TopologyConfig, region: str, data_dir: Path) -> None:
             timeout_graceful_shutdown=10,
             limit_concurrency=2000,
             backlog=2048,
+            **region_config.uvicorn_tls(),  # type: ignore[arg-type]
         )
     )
     server.run()

@@ -32,6 +32,7 @@ def serve_control(config: TopologyConfig, data_dir: Path) -> None:
             access_log=False,
             timeout_graceful_shutdown=1,  # open requests are watches; cutting them is harmless
             limit_concurrency=500,
+            **config.control.uvicorn_tls(),  # type: ignore[arg-type]
         )
     )
     server.run()

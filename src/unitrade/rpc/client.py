@@ -50,7 +50,9 @@ class RegionClient:
         # Created on first use: an aiohttp session belongs to the running event loop.
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=CONNECTIONS_MAX, keepalive_timeout=30),
+                connector=aiohttp.TCPConnector(
+                    limit=CONNECTIONS_MAX, keepalive_timeout=30, ssl=self.config.http_verify
+                ),
                 timeout=aiohttp.ClientTimeout(
                     total=REQUEST_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S
                 ),

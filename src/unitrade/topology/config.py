@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import ssl
 import tomllib
 from enum import StrEnum
 from pathlib import Path
@@ -57,9 +58,18 @@ def _check_listen(value: str) -> str:
 
 
 class _Listening(_Strict):
-    """A server of the cluster: `listen` is its HOST:PORT."""
+    """A server of the cluster: `listen` is its HOST:PORT. With `tls_cert` and `tls_key`
+    (PEM files) it serves HTTPS, and every other server and the CLI reach it so."""
 
     listen: str
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> _Listening:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
 
     @field_validator("listen")
     @classmethod
@@ -76,7 +86,14 @@ class _Listening(_Strict):
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.listen}"
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://{self.listen}"
+
+    def uvicorn_tls(self) -> dict[str, str]:
+        """uvicorn's TLS options for this server (none without a certificate)."""
+        if self.tls_cert is None or self.tls_key is None:
+            return {}
+        return {"ssl_certfile": self.tls_cert, "ssl_keyfile": self.tls_key}
 
 
 class RegionConfig(_Listening):
@@ -240,6 +257,9 @@ def parse_bucket_ranges(text: str) -> list[int]:
 class TopologyConfig(_Strict):
     bucket_count: Annotated[int, Field(ge=1, le=BUCKET_COUNT_MAX)] = BUCKET_COUNT_DEFAULT
     secret: Annotated[str, Field(min_length=16)] = SECRET_DEFAULT
+    # The CA (PEM) that signed the servers' TLS certificates, trusted by every region, the
+    # control plane and the CLI; without it the system's trust store is used.
+    tls_ca: str | None = None
     regions: Annotated[list[RegionConfig], Field(min_length=1)]
     cells: Annotated[list[CellConfig], Field(min_length=3)]
     control: ControlConfig = ControlConfig()
@@ -351,6 +371,14 @@ class TopologyConfig(_Strict):
         if self.secrets.token_keys:
             return list(self.secrets.token_keys)
         return [TokenKey(id="k0", secret=_derived(self.secret, "tokens"))]
+
+    @property
+    def http_verify(self) -> ssl.SSLContext | bool:
+        """What an HTTP client of this cluster verifies servers' certificates with: the
+        cluster's CA where one is set, else the system's trust store."""
+        if self.tls_ca is None:
+            return True
+        return ssl.create_default_context(cafile=self.tls_ca)
 
     def link_secret(self, sender: str, receiver: str) -> str | None:
         """The secret that signs calls from `sender` to `receiver` (regions or the control
