@@ -40,6 +40,7 @@ from unitrade.gateway.edge import (
 )
 from unitrade.gateway.forward import RULE_VERSION_HEADER, changing_owner, is_write
 from unitrade.gateway.metrics import metrics_endpoint
+from unitrade.gateway.outbox_routes import outbox_routes
 from unitrade.region import RegionRuntime
 from unitrade.replication.diff_routes import diff_routes
 from unitrade.replication.replicator import serve_pull, serve_pull_many
@@ -427,7 +428,7 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
         return await routed(request, who, lambda rule: route_cell(rule, rule.global_cell), serve)
 
     app.include_router(public)
-    for route in [*internal_routes(runtime), *diff_routes(runtime)]:
+    for route in [*internal_routes(runtime), *diff_routes(runtime), *outbox_routes(runtime)]:
         app.router.routes.append(route)
         direct[("POST", route.path)] = route.endpoint
     app.add_route("/metrics", metrics_endpoint(runtime, forwarder), include_in_schema=False)
