@@ -91,7 +91,8 @@ def retry(config_path: Path | None, order_text: str) -> None:
         try:
             cell = config.cell(decode_order_id(order_id).cell)
         except KeyError as exc:
-            raise click.BadParameter(f"order {order_id}: {exc.args[0]}", param_hint="--order") from exc
+            message = f"order {order_id}: {exc.args[0]}"
+            raise click.BadParameter(message, param_hint="--order") from exc
         owner = owners.get(cell.name, cell.owner)
         answer = regions.call(owner, RETRY_PATH, {"order_id": str(order_id)}, owner)
     reset = answer["reset"]

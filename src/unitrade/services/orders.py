@@ -510,7 +510,6 @@ class OrderService:
                 blocked.add(row.order_id)
         return sent
 
-
     async def failed_outbox(self, store: CellStore, limit: int) -> list[dict[str, Any]]:
         """Outbox steps of a cell that failed for good (OUTBOX_ATTEMPTS_MAX), oldest first."""
         rows = await store.read(lambda conn: conn.execute(_FAILED_OUTBOX, {"n": limit}).all())
