@@ -13,6 +13,7 @@ from starlette.routing import Route
 from unitrade.errors import InvalidRequest, NotFound, WrongRegion
 from unitrade.region import RegionRuntime
 from unitrade.replication.diff_routes import endpoint
+from unitrade.services.orders import failed_outbox, retry_outbox
 from unitrade.storage.store import now_ms
 from unitrade.topology.config import CellKind
 from unitrade.topology.rule import RoutingError, route_order
@@ -53,7 +54,7 @@ def outbox_routes(runtime: RegionRuntime) -> list[Route]:
         steps: list[dict[str, Any]] = []
         for cell in cells:
             store = runtime.copies[cell]
-            for row in await runtime.orders.failed_outbox(store, b.limit):
+            for row in await failed_outbox(store, b.limit):
                 steps.append(
                     {
                         "cell": store.cell.name,
@@ -77,7 +78,7 @@ def outbox_routes(runtime: RegionRuntime) -> list[Route]:
             raise WrongRegion(
                 f"cell {route.cell} is owned by {route.region}", owner=route.region, cell=route.cell
             )
-        steps = await runtime.orders.retry_outbox(runtime.copies[route.cell], order_id)
+        steps = await retry_outbox(runtime.copies[route.cell], order_id)
         return {"order_id": b.order_id, "reset": steps}
 
     routes = [(FAILED_PATH, endpoint(FailedCall, failed)), (RETRY_PATH, endpoint(RetryCall, retry))]

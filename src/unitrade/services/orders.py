@@ -510,24 +510,6 @@ class OrderService:
                 blocked.add(row.order_id)
         return sent
 
-    async def failed_outbox(self, store: CellStore, limit: int) -> list[dict[str, Any]]:
-        """Outbox steps of a cell that failed for good (OUTBOX_ATTEMPTS_MAX), oldest first."""
-        rows = await store.read(lambda conn: conn.execute(_FAILED_OUTBOX, {"n": limit}).all())
-        return [dict(r._mapping) for r in rows]
-
-    async def retry_outbox(self, store: CellStore, order_id: int) -> list[str]:
-        """Make the failed steps of an order pending again with no attempts counted, so the
-        drainer sends them again; the steps reset (none if the order has no failed step)."""
-
-        def work(tx: WriteTx) -> list[str]:
-            steps = [r.step for r in tx.all(_FAILED_OF_ORDER, {"order_id": order_id})]
-            for step in steps:
-                key = {"order_id": order_id, "step": step}
-                tx.update(outbox, key, {"status": "pending", "attempts": 0, "updated_ms": now_ms()})
-            return steps
-
-        return await store.write(work)
-
 
 def _owned_order(tx: WriteTx, buyer_id: int, order_id: int) -> Any:
     row = tx.get(orders, {"order_id": order_id})
@@ -556,3 +538,23 @@ def _parse_cursor(cursor: str) -> tuple[int, int]:
     if not created.isdigit() or not order.isdigit():
         raise InvalidRequest(f"bad cursor {cursor[:40]!r}")
     return int(created), int(order)
+
+
+async def failed_outbox(store: CellStore, limit: int) -> list[dict[str, Any]]:
+    """Outbox steps of a cell that failed for good (OUTBOX_ATTEMPTS_MAX), oldest first."""
+    rows = await store.read(lambda conn: conn.execute(_FAILED_OUTBOX, {"n": limit}).all())
+    return [dict(r._mapping) for r in rows]
+
+
+async def retry_outbox(store: CellStore, order_id: int) -> list[str]:
+    """Make the failed steps of an order pending again with no attempts counted, so the
+    drainer sends them again; the steps reset (none if the order has no failed step)."""
+
+    def work(tx: WriteTx) -> list[str]:
+        steps = [r.step for r in tx.all(_FAILED_OF_ORDER, {"order_id": order_id})]
+        for step in steps:
+            key = {"order_id": order_id, "step": step}
+            tx.update(outbox, key, {"status": "pending", "attempts": 0, "updated_ms": now_ms()})
+        return steps
+
+    return await store.write(work)
