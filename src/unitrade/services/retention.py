@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, Table, bindparam, func, select
+from sqlalchemy import ColumnElement, Connection, Select, Table, bindparam, func, or_, select
 
 from unitrade.errors import WriteBanned, WrongRegion
 from unitrade.storage.copies import CellCopies
@@ -77,7 +77,8 @@ EXPIRIES = (
         reservations,
         CellKind.CENTER,
         lambda: [
-            reservations.c.status.in_(FINISHED_RESERVATIONS),
+            # Equalities, not IN: the inline SQLite write path takes no expanding lists.
+            or_(*(reservations.c.status == s for s in FINISHED_RESERVATIONS)),
             reservations.c.updated_ms < bindparam("before_ms"),
             reservations.c.created_ms < bindparam("created_before_ms"),
         ],
