@@ -116,9 +116,11 @@ def test_unit_sweep_deletes_exactly_the_expired_rows(storage_url: str) -> None:
             assert sweep.failed_steps == {1: 1}
             # The deletes are in the changelog: the replica follows them.
             ops = await owner.read(
-                lambda conn: conn.execute(select(changelog.c.op).where(changelog.c.op == "d"))
-                .scalars()
-                .all()
+                lambda conn: (
+                    conn.execute(select(changelog.c.op).where(changelog.c.op == "d"))
+                    .scalars()
+                    .all()
+                )
             )
             assert len(ops) == 26
             await replicate(owner, replica)
@@ -259,3 +261,87 @@ def test_an_outbox_step_that_fails_for_good_is_kept_counted_and_can_be_retried(
     asyncio.run(run())
 
 
+RETENTION_TOML = """
+[retention]
+outbox_done_s = 1
+idempotency_keys_s = 60
+reservations_finished_s = 1
+reserve_window_s = 5
+sweep_batch_rows = 10
+sweep_interval_s = 0.3
+"""
+
+
+def metric(api: Any, region: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples at a region whose labels include `labels`."""
+    total = 0.0
+    for line in api.http.get(api.url(region, "/metrics")).text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_a_cluster_keeps_its_tables_bounded_under_a_steady_workload(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from tests.replication_support import differences, wait_converged
+    from tests.support import Api, free_ports, topology_toml
+    from unitrade.cluster import LocalCluster
+    from unitrade.outbox_cli import outbox as outbox_command
+    from unitrade.topology.config import parse_config
+
+    path = tmp_path / "topology.toml"
+    path.write_text(topology_toml(free_ports(4)) + RETENTION_TOML)
+    import tomllib
+
+    config = parse_config(tomllib.loads(path.read_text()))
+    with LocalCluster(config, tmp_path / "data", path) as cluster:
+        cluster.start()
+        api = Api(config)
+        try:
+            api.put_product("TEA", 1_000_000, price_cents=100)
+            buyer = api.buyer_in("sh")  # u3 or u4, owned by sh; the center is at hz
+            first = api.order("sh", buyer, [("TEA", 1)], idempotency_key="first-order")
+            assert first.status_code == 201, first.text
+            orders = 0
+            # Until the center has deleted finished reservations (they are kept
+            # reserve_window_s + margins), while orders keep being made and paid.
+            deadline = time.monotonic() + 90
+            swept = "unitrade_retention_deleted_rows_total"
+            while metric(api, "hz", swept, table="reservations") < 5:
+                assert time.monotonic() < deadline, "no reservation was ever deleted"
+                made = api.order("bj", buyer, [("TEA", 1)])
+                assert made.status_code == 201, made.text
+                order = made.json()
+                pay = {"payment_id": f"p-{order['order_id']}", "amount_cents": 100}
+                paid = api.call("sh", "POST", f"/v1/orders/{order['order_id']}/pay", buyer, pay)
+                assert paid.status_code == 200, paid.text
+                orders += 1
+            # A retry within idempotency_keys_s still answers the first order.
+            again = api.order("hz", buyer, [("TEA", 1)], idempotency_key="first-order")
+            assert again.status_code in (200, 201), again.text
+            assert again.json()["order_id"] == first.json()["order_id"]
+            # Done steps went while orders were being made: fewer kept than made.
+            assert metric(api, "sh", "unitrade_retention_deleted_rows_total", table="outbox") > 0
+            kept_steps = metric(api, "sh", "unitrade_retained_rows", table="outbox")
+            assert kept_steps < orders, (kept_steps, orders)
+            kept_reservations = metric(api, "hz", "unitrade_retained_rows", table="reservations")
+            assert kept_reservations < orders + 1, (kept_reservations, orders)
+            assert metric(api, "sh", "unitrade_outbox_failed_steps") == 0
+            # Every replica followed the deletes.
+            wait_converged(config)
+            assert differences(config, tmp_path / "data") == []
+            runner = CliRunner()
+            listed = runner.invoke(outbox_command, ["failed", "--config", str(path)])
+            assert listed.exit_code == 0, listed.output
+            assert "failed for good" in listed.output
+            order_id = first.json()["order_id"]
+            retry = ["retry", "--config", str(path), "--order", order_id]
+            retried = runner.invoke(outbox_command, retry)
+            assert retried.exit_code == 2, retried.output
+            assert "no failed outbox step" in retried.output
+        finally:
+            api.http.close()
