@@ -632,7 +632,7 @@ SUBSYSTEMS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("httpx/", "httpcore/", "aiohttp/", "unitrade/rpc/client.py", "gateway/forward.py"),
     ),
     ("region signature check (HMAC)", ("unitrade/rpc/signing.py",)),
-    ("bearer token check (HMAC)", ("unitrade/gateway/auth.py",)),
+    ("bearer token check (HMAC)", ("unitrade/web/tokens.py",)),
     ("services (orders, inventory, catalog) outside storage and RPC", ("unitrade/services/",)),
     ("HTTP server and framework (uvicorn, Starlette, FastAPI, pydantic)", ("uvicorn/",)),
 )

@@ -1,5 +1,5 @@
 """A product written at the global cell's owner a moment ago is orderable at every region
-at once: a SKU a region's copy lacks is asked of the owner (rpc/center.py, CatalogClient)."""
+at once: a SKU a region's copy lacks is asked of the owner (services/remote.py, CatalogClient)."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from unitrade.cli_options import config_option, load
 from unitrade.control.cli import evacuate, operations, switch
+from unitrade.outbox_cli import outbox
 from unitrade.replication.diff_cli import diff
 from unitrade.topology.config import (
     CONTROL_NAME,
@@ -435,6 +436,7 @@ main.add_command(diff)
 main.add_command(switch)
 main.add_command(evacuate)
 main.add_command(operations)
+main.add_command(outbox)
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ from unitrade.services.catalog import CatalogService
 from unitrade.services.inventory import InventoryService
 from unitrade.services.orders import OrderService
 from unitrade.services.remote import CatalogClient, CenterClient
+from unitrade.services.retention import RetentionSweeper
 from unitrade.services.revocations import Revocations
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.fence import Fence
@@ -52,7 +53,9 @@ class RegionRuntime:
         self._install_lock = asyncio.Lock()
         self.copies = CellCopies(config, region, data_dir, self.fence)
         self.client = RegionClient(config, region)
-        self.inventory = InventoryService(self.copies[rule.center_cell])
+        self.inventory = InventoryService(
+            self.copies[rule.center_cell], config.retention.reserve_window_s
+        )
         self.catalog_service = CatalogService(self.copies[rule.global_cell])
         self.revocations = Revocations(self.copies[rule.global_cell])
         self.center = CenterClient(self.rpc, region, self.inventory, self.client)
@@ -62,6 +65,7 @@ class RegionRuntime:
         self.allocators = {cell: OrderIdAllocator(self.copies[cell]) for cell in rule.unit_cells()}
         self.orders = OrderService(self.copies, self.center, self.catalog, self.allocators)
         self.cart = CartService(self.copies, self.catalog)
+        self.retention = RetentionSweeper(self.copies, config.retention, self.owned_cells)
         self.replicator = Replicator(self.copies, self.client, [self._applied])
         self.agent = RuleAgent(
             self.client, region, lambda: self.fence.rule.version, self.acked, self.install_rule
@@ -138,6 +142,7 @@ class RegionRuntime:
         self.agent.start()
         self._tasks.append(asyncio.create_task(self._drain_outbox_forever()))
         self._tasks.append(asyncio.create_task(self._sweep_revocations_forever()))
+        self._tasks.append(asyncio.create_task(self.retention.run_forever()))
         log.info(
             "region %s started under rule version %s: owns cells %s",
             self.name,

@@ -27,6 +27,7 @@ from unitrade.web.responses import install_error_handlers, json_response
 from unitrade.web.tokens import read_authorization
 
 CELLS_MAX = 1024
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 WAIT_S_MAX = 60.0
 
 
@@ -179,4 +180,17 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
         return json_response({"rule": None if rule is None else rule.body()})
 
     app.router.routes.append(Route("/internal/control/watch", watch, methods=["POST"]))
+
+    async def metrics(_request: Request) -> Response:
+        lines = [
+            "# HELP unitrade_operations_kept Operations in the control store at the last sweep",
+            "# TYPE unitrade_operations_kept gauge",
+            f"unitrade_operations_kept {plane.operations_kept}",
+            "# HELP unitrade_operations_deleted_total Finished operations the sweep deleted",
+            "# TYPE unitrade_operations_deleted_total counter",
+            f"unitrade_operations_deleted_total {plane.operations_deleted}",
+        ]
+        return Response("\n".join(lines) + "\n", media_type=METRICS_CONTENT_TYPE)
+
+    app.add_route("/metrics", metrics, include_in_schema=False)
     return app

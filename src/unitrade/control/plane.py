@@ -18,10 +18,12 @@ from unitrade.errors import (
     SwitchRefused,
 )
 from unitrade.rpc.client import RegionClient
+from unitrade.storage.store import now_ms
 from unitrade.topology.config import CONTROL_NAME, TopologyConfig
 from unitrade.topology.rule import initial_rule
 
 log = logging.getLogger("unitrade.control")
+OPERATION_BATCHES_PER_SWEEP_MAX = 100
 
 
 class ControlPlane:
@@ -33,6 +35,9 @@ class ControlPlane:
         self.running: Switchover | None = None
         self._task: asyncio.Task[None] | None = None
         self._slot = asyncio.Lock()  # taken while an operation is prechecked or started
+        self._sweeper: asyncio.Task[None] | None = None
+        self.operations_kept = 0  # at the last retention sweep
+        self.operations_deleted = 0  # since the control plane started
 
     @property
     def ctx(self) -> Control:
@@ -51,8 +56,39 @@ class ControlPlane:
             op = unfinished[0]
             log.warning("%s: resuming after a restart (step %s)", op.id, op.step)
             self._launch(op, resumed=True)
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="retention")
+
+    async def sweep(self) -> int:
+        """Delete finished operations past `[retention]` operations_kept and operations_s;
+        the number deleted."""
+        settings = self.config.retention
+        before_ms = now_ms() - settings.operations_s * 1000
+        deleted = 0
+        for _ in range(OPERATION_BATCHES_PER_SWEEP_MAX):
+            batch = await self.store.sweep_operations(
+                settings.operations_kept, before_ms, settings.sweep_batch_rows
+            )
+            deleted += batch
+            if batch < settings.sweep_batch_rows:
+                break
+        self.operations_deleted += deleted
+        self.operations_kept = await self.store.count_operations()
+        return deleted
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                if await self.sweep():
+                    log.info("retention: %s operations kept", self.operations_kept)
+            except Exception:
+                log.exception("retention sweep of operations failed")
+            await asyncio.sleep(self.config.retention.sweep_interval_s)
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

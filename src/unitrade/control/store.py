@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    delete,
     func,
     insert,
     select,
@@ -349,5 +350,49 @@ class ControlStore:
                 }
                 for r in rows
             ]
+
+        return await self._run(work)
+
+    # -- retention ---------------------------------------------------------------------------
+
+    async def sweep_operations(self, kept: int, before_ms: int, batch_rows: int) -> int:
+        """Delete a batch of finished operations (and their log) that are not among the
+        newest `kept` and were last changed before `before_ms`; never a running one. The
+        number of operations deleted."""
+        assert kept >= 1 and batch_rows >= 1
+
+        def work(conn: Connection) -> int:
+            newest = (
+                select(operations.c.created_ms)
+                .order_by(operations.c.created_ms.desc())
+                .offset(kept - 1)
+                .limit(1)
+            )
+            threshold = conn.execute(newest).scalar()
+            if threshold is None:
+                return 0  # no more than `kept` operations
+            ids = [
+                r.id
+                for r in conn.execute(
+                    select(operations.c.id)
+                    .where(
+                        operations.c.state != "running",
+                        operations.c.created_ms < threshold,
+                        operations.c.updated_ms < before_ms,
+                    )
+                    .order_by(operations.c.created_ms)
+                    .limit(batch_rows)
+                )
+            ]
+            if ids:
+                conn.execute(delete(operation_log).where(operation_log.c.operation_id.in_(ids)))
+                conn.execute(delete(operations).where(operations.c.id.in_(ids)))
+            return len(ids)
+
+        return await self._run(work)
+
+    async def count_operations(self) -> int:
+        def work(conn: Connection) -> int:
+            return int(conn.execute(select(func.count()).select_from(operations)).scalar_one())
 
         return await self._run(work)

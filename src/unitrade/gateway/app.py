@@ -20,6 +20,7 @@ from unitrade.gateway.health import health_router
 from unitrade.gateway.hold import Holds
 from unitrade.gateway.internal import internal_routes
 from unitrade.gateway.metrics import metrics_endpoint
+from unitrade.gateway.outbox_routes import outbox_routes
 from unitrade.gateway.public import mount_public
 from unitrade.gateway.routing import Dispatcher, EndpointTable
 from unitrade.region import RegionRuntime
@@ -65,6 +66,7 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
     app.include_router(public)
     internal = [
         *internal_routes(runtime),
+        *outbox_routes(runtime),
         *replication_routes(runtime.copies, runtime.replicator),
         *diff_routes(runtime.copies, lambda: runtime.fence.rule, runtime.client),
     ]

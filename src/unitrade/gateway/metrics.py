@@ -104,6 +104,39 @@ class RegionCollector(Collector):
         fallbacks.add_metric([region], self.runtime.catalog.fallbacks)
         yield from (lag_positions, lag_ms, applied, errors, position, forwarded, rule_version)
         yield from (acked, held, held_total, refused, fallbacks)
+        yield from self._retention(region)
+
+    def _retention(self, region: str) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """What the retention sweep found and did (services/retention.py); the figures are
+        from the last sweep, not counted per scrape."""
+        sweeper = self.runtime.retention
+        cells = self.runtime.fence.rule.cells
+        kept = GaugeMetricFamily(
+            "unitrade_retained_rows",
+            "Rows of a swept table in an owned cell copy, at the last retention sweep",
+            labels=["region", "cell", "table"],
+        )
+        for (cell, table), rows in sorted(sweeper.kept_rows.items()):
+            kept.add_metric([region, cells[cell].name, table], rows)
+        deleted = CounterMetricFamily(
+            "unitrade_retention_deleted_rows",
+            "Rows the retention sweep deleted since the region started",
+            labels=["region", "cell", "table"],
+        )
+        for (cell, table), rows in sorted(sweeper.deleted_rows.items()):
+            deleted.add_metric([region, cells[cell].name, table], rows)
+        failed = GaugeMetricFamily(
+            "unitrade_outbox_failed_steps",
+            "Outbox steps of an owned cell that failed for good (unitrade outbox failed)",
+            labels=["region", "cell"],
+        )
+        for cell, steps in sorted(sweeper.failed_steps.items()):
+            failed.add_metric([region, cells[cell].name], steps)
+        sweeps = CounterMetricFamily(
+            "unitrade_retention_sweeps", "Retention sweeps done", labels=["region"]
+        )
+        sweeps.add_metric([region], sweeper.sweeps)
+        yield from (kept, deleted, failed, sweeps)
 
 
 def metrics_endpoint(

@@ -1,6 +1,6 @@
 """Center inventory (DESIGN §10): reserve on order creation, commit on payment, release on
 close, return on refund. Runs only at the owner of the center cell; other regions reach it
-through `center` RPC (rpc/center.py).
+through `center` RPC (services/remote.py).
 
 Each step is keyed by order ID and idempotent: repeating a step that already happened is a
 no-op that answers the same, so callers may retry freely. Stock never goes below zero
@@ -19,12 +19,15 @@ from unitrade.errors import (
     Conflict,
     IllegalTransition,
     InsufficientStock,
+    InvalidRequest,
     NotFound,
+    OrderTimedOut,
     StockBelowCommitted,
     UnknownSku,
 )
 from unitrade.storage.schema import inventory, reservations
 from unitrade.storage.store import CellStore, WriteTx, by_key, key_params, now_ms
+from unitrade.topology.order_id import decode_order_id, unix_to_id_time
 
 Lines = list[tuple[str, int]]
 LINES_MAX = 100
@@ -87,8 +90,28 @@ def _levels(row: Any) -> dict[str, int]:
 
 
 class InventoryService:
-    def __init__(self, store: CellStore) -> None:
+    """`reserve_window_s`: a reserve for an order whose ID is older than this is refused
+    (None: not checked, for tests with made-up order IDs). The retention sweep deletes
+    finished reservations only once no reserve for them can be accepted any more, so a
+    late reserve never resurrects a deleted one (services/retention.py)."""
+
+    def __init__(self, store: CellStore, reserve_window_s: float | None = None) -> None:
         self.store = store
+        self.reserve_window_s = reserve_window_s
+
+    def _refuse_late(self, order_id: int) -> None:
+        if self.reserve_window_s is None:
+            return
+        try:
+            id_time_s = decode_order_id(order_id).time_s
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        age_s = unix_to_id_time(now_ms() / 1000) - id_time_s
+        if age_s > self.reserve_window_s:
+            raise OrderTimedOut(
+                f"order {order_id} is {age_s} s old: a reserve later than "
+                f"{self.reserve_window_s:g} s after the order ID is refused; retry the order"
+            )
 
     async def reserve(self, order_id: int, cell: int, lines: Lines) -> dict[str, Any]:
         lines = normalize_lines(lines)
@@ -100,6 +123,7 @@ class InventoryService:
                 if existing.lines != encoded:
                     raise Conflict(f"order {order_id} already has a different reservation")
                 return {"order_id": str(order_id), "status": existing.status}
+            self._refuse_late(order_id)
             for sku, qty in lines:
                 _move(tx, sku, qty, "available", "reserved", refuse=True)
             stamp = now_ms()

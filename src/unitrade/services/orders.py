@@ -73,6 +73,15 @@ _PENDING_OUTBOX = (
     .order_by(outbox.c.created_ms)
     .limit(bindparam("n"))
 )
+_FAILED_OUTBOX = (
+    select(outbox)
+    .where(outbox.c.status == "failed")
+    .order_by(outbox.c.created_ms)
+    .limit(bindparam("n"))
+)
+_FAILED_OF_ORDER = select(outbox.c.step).where(
+    outbox.c.order_id == bindparam("order_id"), outbox.c.status == "failed"
+)
 _BUYER_INDEX = (
     select(buyer_orders.c.created_ms, buyer_orders.c.order_id)
     .where(buyer_orders.c.buyer_id == bindparam("buyer_id"))
@@ -529,3 +538,23 @@ def _parse_cursor(cursor: str) -> tuple[int, int]:
     if not created.isdigit() or not order.isdigit():
         raise InvalidRequest(f"bad cursor {cursor[:40]!r}")
     return int(created), int(order)
+
+
+async def failed_outbox(store: CellStore, limit: int) -> list[dict[str, Any]]:
+    """Outbox steps of a cell that failed for good (OUTBOX_ATTEMPTS_MAX), oldest first."""
+    rows = await store.read(lambda conn: conn.execute(_FAILED_OUTBOX, {"n": limit}).all())
+    return [dict(r._mapping) for r in rows]
+
+
+async def retry_outbox(store: CellStore, order_id: int) -> list[str]:
+    """Make the failed steps of an order pending again with no attempts counted, so the
+    drainer sends them again; the steps reset (none if the order has no failed step)."""
+
+    def work(tx: WriteTx) -> list[str]:
+        steps = [r.step for r in tx.all(_FAILED_OF_ORDER, {"order_id": order_id})]
+        for step in steps:
+            key = {"order_id": order_id, "step": step}
+            tx.update(outbox, key, {"status": "pending", "attempts": 0, "updated_ms": now_ms()})
+        return steps
+
+    return await store.write(work)

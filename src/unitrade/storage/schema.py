@@ -128,7 +128,7 @@ outbox = Table(
     unit,
     Column("order_id", BigInteger, primary_key=True, autoincrement=False),
     Column("step", String(16), primary_key=True),
-    Column("status", String(16), nullable=False),  # pending / done
+    Column("status", String(16), nullable=False),  # pending / done / failed (gave up)
     Column("attempts", Integer, nullable=False),
     Column("last_error", String(256), nullable=True),
     Column("created_ms", BigInteger, nullable=False),

@@ -209,6 +209,11 @@ class RetentionConfig(_Strict):
     outbox_done_s: Annotated[int, Field(ge=0, le=90 * 86_400)] = 86_400
     idempotency_keys_s: Annotated[int, Field(ge=60, le=90 * 86_400)] = 86_400
     reservations_finished_s: Annotated[int, Field(ge=0, le=90 * 86_400)] = 7 * 86_400
+    # The center refuses a reserve for an order whose ID is older than this: a reserve
+    # that arrives that late (a retry lost in the network) cannot bring back stock held
+    # for a reservation the sweep deleted. A reservation is therefore also kept until it
+    # is older than this plus a margin for clocks (services/retention.py).
+    reserve_window_s: Annotated[int, Field(ge=5, le=3_600)] = 60
     # Finished operations (switchovers) in the control store: the newest
     # `operations_kept` are kept, older ones once they are `operations_s` old.
     operations_kept: Annotated[int, Field(ge=1, le=1_000_000)] = 1_000

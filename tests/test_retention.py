@@ -1,0 +1,356 @@
+"""Retention: the sweep deletes exactly the expired rows of the owned copies through the
+fenced write path (replicas follow), late reserves are refused, finished operations go,
+and outbox steps that failed for good are kept and listed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from tests.storage_support import RULE, make_store
+from unitrade.control.store import ControlStore, operations
+from unitrade.errors import NotFound, OrderTimedOut
+from unitrade.services.inventory import InventoryService
+from unitrade.services.orders import OUTBOX_ATTEMPTS_MAX, failed_outbox, retry_outbox
+from unitrade.services.retention import RetentionSweeper
+from unitrade.storage.schema import changelog, idempotency_keys, outbox, reservations
+from unitrade.storage.store import CellStore, WriteTx, now_ms
+from unitrade.topology.config import RetentionConfig, default_config
+from unitrade.topology.order_id import encode_order_id, unix_to_id_time
+from unitrade.topology.rule import initial_rule
+
+CENTER = RULE.center_cell
+SETTINGS = RetentionConfig(
+    outbox_done_s=10,
+    idempotency_keys_s=60,
+    reservations_finished_s=10,
+    reserve_window_s=5,
+    sweep_batch_rows=10,
+)
+
+
+def outbox_row(order_id: int, status: str, age_s: int) -> dict[str, Any]:
+    stamp = now_ms() - age_s * 1000
+    return {
+        "order_id": order_id,
+        "step": "commit",
+        "status": status,
+        "attempts": 0,
+        "last_error": None,
+        "created_ms": stamp,
+        "updated_ms": stamp,
+    }
+
+
+def key_row(buyer: int, age_s: int) -> dict[str, Any]:
+    return {
+        "buyer_id": buyer,
+        "idempotency_key": f"k{buyer}",
+        "order_id": buyer,
+        "fingerprint": "f",
+        "created_ms": now_ms() - age_s * 1000,
+    }
+
+
+def reservation_row(order_id: int, status: str, age_s: int, created_age_s: int) -> dict[str, Any]:
+    return {
+        "order_id": order_id,
+        "cell_id": 1,
+        "status": status,
+        "lines": "[]",
+        "created_ms": now_ms() - created_age_s * 1000,
+        "updated_ms": now_ms() - age_s * 1000,
+    }
+
+
+async def insert(store: CellStore, table: Any, rows: list[dict[str, Any]]) -> None:
+    def work(tx: WriteTx) -> None:
+        for row in rows:
+            tx.insert(table, row)
+
+    await store.write(work)
+
+
+async def keys_of(store: CellStore, column: Any) -> set[Any]:
+    return set(await store.read(lambda conn: conn.execute(select(column)).scalars().all()))
+
+
+async def replicate(owner: CellStore, replica: CellStore) -> None:
+    while changes := await owner.changes_since(replica.position, 1_000):
+        await replica.apply(changes)
+
+
+def sweeper(store: CellStore) -> RetentionSweeper:
+    copies: Any = {store.cell.id: store}
+    return RetentionSweeper(copies, SETTINGS, lambda: [store.cell.id])
+
+
+def test_unit_sweep_deletes_exactly_the_expired_rows(storage_url: str) -> None:
+    async def run() -> None:
+        owner = make_store(storage_url.replace("{cell}", "hz-{cell}"), 1, region="hz")
+        replica = make_store(storage_url.replace("{cell}", "sh-{cell}"), 1, region="sh")
+        await owner.open()
+        await replica.open()
+        try:
+            # 25 expired done steps: three batches of 10.
+            old_done = [outbox_row(i, "done", 30) for i in range(1, 26)]
+            kept_steps = [
+                outbox_row(101, "done", 1),  # done, too young
+                outbox_row(102, "pending", 30),  # never a pending step
+                outbox_row(103, "failed", 30),  # failed for good: for an operator
+            ]
+            await insert(owner, outbox, old_done + kept_steps)
+            await insert(owner, idempotency_keys, [key_row(1, 90), key_row(2, 30)])
+            await replicate(owner, replica)
+            sweep = sweeper(owner)
+            deleted = await sweep.sweep_cell(owner)
+            assert deleted == {"outbox": 25, "idempotency_keys": 1}
+            assert await keys_of(owner, outbox.c.order_id) == {101, 102, 103}
+            assert await keys_of(owner, idempotency_keys.c.buyer_id) == {2}
+            assert sweep.kept_rows == {(1, "outbox"): 3, (1, "idempotency_keys"): 1}
+            assert sweep.failed_steps == {1: 1}
+            # The deletes are in the changelog: the replica follows them.
+            ops = await owner.read(
+                lambda conn: (
+                    conn.execute(select(changelog.c.op).where(changelog.c.op == "d"))
+                    .scalars()
+                    .all()
+                )
+            )
+            assert len(ops) == 26
+            await replicate(owner, replica)
+            assert await keys_of(replica, outbox.c.order_id) == {101, 102, 103}
+            assert await keys_of(replica, idempotency_keys.c.buyer_id) == {2}
+            assert await sweep.sweep_cell(owner) == {"outbox": 0, "idempotency_keys": 0}
+        finally:
+            await owner.close()
+            await replica.close()
+
+    asyncio.run(run())
+
+
+def test_center_sweep_keeps_live_and_recent_reservations(storage_url: str) -> None:
+    async def run() -> None:
+        store = make_store(storage_url, CENTER, region="hz")
+        await store.open()
+        try:
+            rows = [
+                reservation_row(1, "committed", 60, 60),  # finished and old: goes
+                reservation_row(2, "released", 60, 60),  # goes
+                reservation_row(3, "refunded", 60, 60),  # goes
+                reservation_row(4, "reserved", 600, 600),  # live: never
+                reservation_row(5, "committed", 1, 60),  # finished a moment ago
+                # Finished long enough, but a reserve for it might still be accepted
+                # (created within reserve_window_s + margins): kept.
+                reservation_row(6, "released", 11, 11),
+            ]
+            await insert(store, reservations, rows)
+            deleted = await sweeper(store).sweep_cell(store)
+            assert deleted == {"reservations": 3}
+            assert await keys_of(store, reservations.c.order_id) == {4, 5, 6}
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_a_late_reserve_is_refused_so_a_deleted_reservation_cannot_come_back(
+    tmp_path: Path,
+) -> None:
+    async def run() -> None:
+        store = make_store(f"sqlite:///{tmp_path}/{{cell}}.db", CENTER, region="hz")
+        await store.open()
+        try:
+            inventory = InventoryService(store, reserve_window_s=5)
+            await inventory.set_stock("A", 10)
+            now_s = unix_to_id_time(time.time())
+            fresh, late = encode_order_id(1, now_s, 1), encode_order_id(1, now_s - 60, 2)
+            await inventory.reserve(fresh, 1, [("A", 1)])
+            # A release that overtook its reserve leaves a tombstone; once the sweep has
+            # deleted it, the late reserve still cannot hold stock.
+            await inventory.step(late, "release")
+            await store.write(lambda tx: tx.delete(reservations, {"order_id": late}))
+            with pytest.raises(OrderTimedOut):
+                await inventory.reserve(late, 1, [("A", 1)])
+            assert (await inventory.levels("A"))["reserved"] == 1
+            # A late refund of a deleted reservation moves nothing.
+            with pytest.raises(NotFound):
+                await inventory.step(late, "refund")
+            assert (await inventory.levels("A"))["available"] == 9
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_control_plane_deletes_finished_operations_past_the_newest_kept(tmp_path: Path) -> None:
+    async def run() -> None:
+        config = default_config()
+        store = ControlStore(f"sqlite:///{tmp_path}/control.db")
+        await store.open(config, initial_rule(config))
+        try:
+            ids = []
+            for n in range(6):
+                op = await store.create_operation("switch", [1], {1: "hz"}, "sh")
+                ids.append(op.id)
+                state = "running" if n == 0 else "done"
+                await store.record(op, "done", "done", state=state)
+                await store.record(op, "done", "note")
+
+            def age(conn: Any) -> None:
+                for n, op_id in enumerate(ids):
+                    stamp = now_ms() - (100 - n) * 1000
+                    conn.execute(
+                        update(operations)
+                        .where(operations.c.id == op_id)
+                        .values(created_ms=stamp, updated_ms=stamp)
+                    )
+
+            await store._run(age)
+            # Keep the newest 2; of the older four, the running one stays.
+            assert await store.sweep_operations(2, now_ms() - 10_000, 2) == 2
+            assert await store.sweep_operations(2, now_ms() - 10_000, 2) == 1
+            assert await store.sweep_operations(2, now_ms() - 10_000, 2) == 0
+            left = {op.id for op in await store.operations(10)}
+            assert left == {ids[0], ids[4], ids[5]}
+            assert await store.log(ids[1]) == []
+            assert len(await store.log(ids[5])) == 2
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_an_outbox_step_that_fails_for_good_is_kept_counted_and_can_be_retried(
+    tmp_path: Path,
+) -> None:
+    """hz owns u1 and the center: a refund of an order with no reservation fails at the
+    center every time, for real, until the drainer gives up."""
+    from unitrade.region import RegionRuntime
+
+    async def run() -> None:
+        runtime = RegionRuntime(default_config(), "hz", tmp_path)
+        await runtime.copies.open()
+        try:
+            store = runtime.copies[1]
+            row = outbox_row(encode_order_id(1, unix_to_id_time(time.time()), 7), "pending", 0)
+            order_id = row["order_id"]
+            await insert(store, outbox, [{**row, "step": "refund"}])
+            for _ in range(OUTBOX_ATTEMPTS_MAX):
+                assert await runtime.orders.drain_outbox(store) == 0
+            assert await runtime.orders.drain_outbox(store) == 0  # given up: not sent again
+            (failed,) = await failed_outbox(store, 10)
+            assert failed["status"] == "failed"
+            assert failed["attempts"] == OUTBOX_ATTEMPTS_MAX
+            assert failed["last_error"].startswith("not_found")
+            await runtime.retention.sweep()
+            assert runtime.retention.failed_steps[1] == 1
+            assert await retry_outbox(store, order_id) == ["refund"]
+            assert await failed_outbox(store, 10) == []
+            await runtime.retention.sweep()
+            assert runtime.retention.failed_steps[1] == 0
+        finally:
+            await runtime.client.aclose()
+            await runtime.copies.close()
+
+    asyncio.run(run())
+
+
+RETENTION_TOML = """
+[retention]
+outbox_done_s = 1
+idempotency_keys_s = 600
+reservations_finished_s = 1
+reserve_window_s = 5
+sweep_batch_rows = 10
+sweep_interval_s = 0.3
+"""
+
+
+def metric(api: Any, region: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples at a region whose labels include `labels`."""
+    total = 0.0
+    for line in api.http.get(api.url(region, "/metrics")).text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_a_cluster_keeps_its_tables_bounded_under_a_steady_workload(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from tests.replication_support import differences, wait_converged
+    from tests.support import Api, free_ports, topology_toml
+    from unitrade.cluster import LocalCluster
+    from unitrade.outbox_cli import outbox as outbox_command
+    from unitrade.topology.config import parse_config
+
+    path = tmp_path / "topology.toml"
+    path.write_text(topology_toml(free_ports(4)) + RETENTION_TOML)
+    import tomllib
+
+    config = parse_config(tomllib.loads(path.read_text()))
+    with LocalCluster(config, tmp_path / "data", path) as cluster:
+        cluster.start()
+        api = Api(config)
+        try:
+            api.put_product("TEA", 1_000_000, price_cents=100)
+            buyer = api.buyer_in("sh")  # u3 or u4, owned by sh; the center is at hz
+            first = api.order("sh", buyer, [("TEA", 1)], idempotency_key="first-order")
+            assert first.status_code == 201, first.text
+            orders = 0
+            # Until the center has deleted finished reservations (they are kept
+            # reserve_window_s + margins), while orders keep being made and paid.
+            deadline = time.monotonic() + 90
+            swept = "unitrade_retention_deleted_rows_total"
+            while metric(api, "hz", swept, table="reservations") < 5:
+                assert time.monotonic() < deadline, "no reservation was ever deleted"
+                made = api.order("bj", buyer, [("TEA", 1)])
+                assert made.status_code == 201, made.text
+                order = made.json()
+                pay = {"payment_id": f"p-{order['order_id']}", "amount_cents": 100}
+                paid = api.call("sh", "POST", f"/v1/orders/{order['order_id']}/pay", buyer, pay)
+                assert paid.status_code == 200, paid.text
+                orders += 1
+            # A retry within idempotency_keys_s still answers the first order.
+            again = api.order("hz", buyer, [("TEA", 1)], idempotency_key="first-order")
+            assert again.status_code in (200, 201), again.text
+            assert again.json()["order_id"] == first.json()["order_id"]
+            # Done steps went while orders were being made: fewer kept than made.
+            assert metric(api, "sh", "unitrade_retention_deleted_rows_total", table="outbox") > 0
+            kept_steps = metric(api, "sh", "unitrade_retained_rows", table="outbox")
+            assert kept_steps < orders, (kept_steps, orders)
+            kept_reservations = metric(api, "hz", "unitrade_retained_rows", table="reservations")
+            assert kept_reservations < orders + 1, (kept_reservations, orders)
+            assert metric(api, "sh", "unitrade_outbox_failed_steps") == 0
+            # Once the workload stops, the sweep deletes until only what must stay is left:
+            # no done step, and the first order's live reservation. Then nothing changes
+            # and every replica must have followed the deletes.
+            deadline = time.monotonic() + 60
+            while (
+                metric(api, "sh", "unitrade_retained_rows", table="outbox") > 0
+                or metric(api, "hz", "unitrade_retained_rows", table="reservations") > 1
+            ):
+                assert time.monotonic() < deadline, "the sweep did not catch up"
+                time.sleep(0.2)
+            wait_converged(config)
+            assert differences(config, tmp_path / "data") == []
+            runner = CliRunner()
+            listed = runner.invoke(outbox_command, ["failed", "--config", str(path)])
+            assert listed.exit_code == 0, listed.output
+            assert "failed for good" in listed.output
+            order_id = first.json()["order_id"]
+            retry = ["retry", "--config", str(path), "--order", order_id]
+            retried = runner.invoke(outbox_command, retry)
+            assert retried.exit_code == 2, retried.output
+            assert "no failed outbox step" in retried.output
+        finally:
+            api.http.close()
