@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -84,3 +84,100 @@ class SkuCall(_Body):
 
 class ProductsCall(_Body):
     skus: Annotated[list[Sku], Field(min_length=1, max_length=ITEMS_MAX)]
+
+
+# Answers of the public API -------------------------------------------------------------
+# Documented (OpenAPI `responses=`), not validated: the handlers answer with orjson straight
+# from the services' dicts (services/orders.py, cart.py, catalog.py, inventory.py).
+
+OrderStatus = Literal["created", "paid", "closed", "refunded"]
+
+
+class OrderLine(BaseModel):
+    sku: str
+    title: str
+    qty: int
+    price_cents: int
+    line_cents: int
+
+
+class Order(BaseModel):
+    order_id: Annotated[str, Field(pattern=r"^[0-9]{1,19}$", description="decimal string")]
+    buyer_id: int
+    status: OrderStatus
+    total_cents: int
+    items: list[OrderLine]
+    payment_id: str | None
+    cell: Annotated[int, Field(description="the unit cell the order lives in")]
+    region: Annotated[str, Field(description="the owner region of that cell")]
+    created_ms: int
+    updated_ms: int
+
+
+class OrderPage(BaseModel):
+    orders: list[Order]
+    next_cursor: Annotated[str | None, Field(description="null on the last page")]
+
+
+class CartLine(BaseModel):
+    sku: str
+    qty: int
+    # null when the product is no longer in this region's copy of the catalog
+    title: str | None
+    price_cents: int | None
+    line_cents: int | None
+
+
+class Cart(BaseModel):
+    buyer_id: int
+    items: list[CartLine]
+    total_cents: int
+
+
+class Product(BaseModel):
+    sku: str
+    title: str
+    price_cents: int
+    updated_ms: int
+
+
+class ProductPage(BaseModel):
+    products: list[Product]
+    next_cursor: Annotated[str | None, Field(description="null on the last page")]
+
+
+class InventoryLevels(BaseModel):
+    sku: str
+    available: int
+    reserved: int
+    sold: int
+
+
+class ProductWritten(Product):
+    stock: Annotated[int, Field(description="available + reserved + sold")]
+    available: int
+    reserved: int
+    sold: int
+
+
+class ControlWatch(BaseModel):
+    connected: bool
+    last_error: str
+
+
+class Health(BaseModel):
+    """A region's state; docs/api.md describes each field."""
+
+    status: Literal["ok"]
+    region: str
+    rule_version: int
+    acked: dict[str, int]
+    control: ControlWatch
+    owned_cells: list[str]
+    owners: dict[str, str]
+    banned: list[str]
+    forwarded: int
+    held: dict[str, int]
+    positions: dict[str, int]
+    replication: list[dict[str, Any]]
+    followers: dict[str, Any]

@@ -49,6 +49,8 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         home=buyer_home,
         direct_body=models.CreateOrder,
         status_code=201,
+        answer=models.Order,
+        errors=(400, 401, 403, 409, 413, 422, 503),
         tags=["orders"],
     )
     async def create_order(ctx: Ctx, body: models.CreateOrder) -> Response:
@@ -56,7 +58,14 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         done = await runtime.orders.create(ctx.who.buyer_id, items, body.idempotency_key)
         return created(done.order, done.replayed)
 
-    @api.endpoint("GET", "/v1/orders", home=buyer_home, tags=["orders"])
+    @api.endpoint(
+        "GET",
+        "/v1/orders",
+        home=buyer_home,
+        answer=models.OrderPage,
+        errors=(401, 403, 421, 422, 503),
+        tags=["orders"],
+    )
     async def list_orders(
         ctx: Ctx,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -65,7 +74,14 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         page, next_cursor = await runtime.orders.list(ctx.who.buyer_id, limit, cursor)
         return json_response({"orders": page, "next_cursor": next_cursor})
 
-    @api.endpoint("GET", "/v1/orders/{order_id}", home=order_read_home, tags=["orders"])
+    @api.endpoint(
+        "GET",
+        "/v1/orders/{order_id}",
+        home=order_read_home,
+        answer=models.Order,
+        errors=(401, 403, 404, 421, 422, 503),
+        tags=["orders"],
+    )
     async def get_order(
         ctx: Ctx,
         order_id: str,
@@ -83,7 +99,14 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
             ctx.request.state.home_region = route_order(runtime.gateway.rule, parsed).region
         return json_response(await runtime.orders.get(buyer, parsed))
 
-    @api.endpoint("POST", "/v1/orders/{order_id}/pay", home=order_home, tags=["orders"])
+    @api.endpoint(
+        "POST",
+        "/v1/orders/{order_id}/pay",
+        home=order_home,
+        answer=models.Order,
+        errors=(400, 401, 403, 404, 409, 413, 422, 503),
+        tags=["orders"],
+    )
     async def pay_order(ctx: Ctx, order_id: str, body: models.Pay) -> Response:
         buyer = ctx.who.buyer_id
         parsed = parse_order(order_id)
@@ -95,6 +118,8 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "POST",
         "/v1/orders/{order_id}/close",
         home=order_home,
+        answer=models.Order,
+        errors=(401, 403, 404, 409, 422, 503),
         tags=["orders"],
         summary="Close order",
     )
@@ -107,6 +132,8 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "POST",
         "/v1/orders/{order_id}/refund",
         home=order_home,
+        answer=models.Order,
+        errors=(401, 403, 404, 409, 422, 503),
         tags=["orders"],
         summary="Refund order",
     )
@@ -117,19 +144,48 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
 
     # -- cart -------------------------------------------------------------------------------
 
-    @api.endpoint("PUT", "/v1/cart/items/{sku}", home=buyer_home, tags=["cart"])
+    @api.endpoint(
+        "PUT",
+        "/v1/cart/items/{sku}",
+        home=buyer_home,
+        answer=models.Cart,
+        errors=(400, 401, 403, 404, 409, 413, 422, 503),
+        tags=["cart"],
+    )
     async def put_cart_item(ctx: Ctx, sku: SkuPath, body: models.CartQty) -> Response:
         return json_response(await runtime.cart.put(ctx.who.buyer_id, sku, body.qty))
 
-    @api.endpoint("DELETE", "/v1/cart/items/{sku}", home=buyer_home, tags=["cart"])
+    @api.endpoint(
+        "DELETE",
+        "/v1/cart/items/{sku}",
+        home=buyer_home,
+        answer=models.Cart,
+        errors=(401, 403, 404, 422, 503),
+        tags=["cart"],
+    )
     async def delete_cart_item(ctx: Ctx, sku: SkuPath) -> Response:
         return json_response(await runtime.cart.remove(ctx.who.buyer_id, sku))
 
-    @api.endpoint("GET", "/v1/cart", home=buyer_home, tags=["cart"])
+    @api.endpoint(
+        "GET",
+        "/v1/cart",
+        home=buyer_home,
+        answer=models.Cart,
+        errors=(401, 403, 421, 503),
+        tags=["cart"],
+    )
     async def get_cart(ctx: Ctx) -> Response:
         return json_response(await runtime.cart.get(ctx.who.buyer_id))
 
-    @api.endpoint("POST", "/v1/cart/checkout", home=buyer_home, status_code=201, tags=["cart"])
+    @api.endpoint(
+        "POST",
+        "/v1/cart/checkout",
+        home=buyer_home,
+        status_code=201,
+        answer=models.Order,
+        errors=(400, 401, 403, 409, 413, 422, 503),
+        tags=["cart"],
+    )
     async def checkout(ctx: Ctx, body: models.Checkout | None = None) -> Response:
         key = body.idempotency_key if body else None
         done = await runtime.orders.checkout(ctx.who.buyer_id, key)
@@ -145,7 +201,14 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         home = route_buyer(rule, buyer) if buyer is not None else route_cell(rule, cell)
         ctx.request.state.home_region = home.region
 
-    @api.endpoint("GET", "/v1/products", public=True, tags=["catalog"])
+    @api.endpoint(
+        "GET",
+        "/v1/products",
+        public=True,
+        answer=models.ProductPage,
+        errors=(422,),
+        tags=["catalog"],
+    )
     async def list_products(
         ctx: Ctx,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -156,7 +219,14 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         next_cursor = page[-1]["sku"] if len(page) == limit else None
         return json_response({"products": page, "next_cursor": next_cursor})
 
-    @api.endpoint("GET", "/v1/products/{sku}", public=True, tags=["catalog"])
+    @api.endpoint(
+        "GET",
+        "/v1/products/{sku}",
+        public=True,
+        answer=models.Product,
+        errors=(404, 422),
+        tags=["catalog"],
+    )
     async def get_product(ctx: Ctx, sku: SkuPath) -> Response:
         reader_home(ctx, runtime.gateway.rule.global_cell)
         found = await runtime.catalog.get_many([sku])
@@ -164,14 +234,28 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
             raise NotFound(f"no product {sku!r}")
         return json_response(found[sku])
 
-    @api.endpoint("GET", "/v1/inventory/{sku}", public=True, tags=["catalog"])
+    @api.endpoint(
+        "GET",
+        "/v1/inventory/{sku}",
+        public=True,
+        answer=models.InventoryLevels,
+        errors=(404, 422, 503),
+        tags=["catalog"],
+    )
     async def get_inventory(ctx: Ctx, sku: SkuPath) -> Response:
         reader_home(ctx, runtime.gateway.rule.center_cell)
         return json_response(await runtime.center.levels(sku))
 
     # -- admin ------------------------------------------------------------------------------
 
-    @api.endpoint("PUT", "/v1/admin/products/{sku}", home=global_owner_for_admin, tags=["admin"])
+    @api.endpoint(
+        "PUT",
+        "/v1/admin/products/{sku}",
+        home=global_owner_for_admin,
+        answer=models.ProductWritten,
+        errors=(400, 401, 403, 404, 409, 413, 422, 503),
+        tags=["admin"],
+    )
     async def put_product(ctx: Ctx, sku: SkuPath, body: models.PutProduct) -> Response:
         if not ctx.who.admin:
             raise Forbidden("this endpoint needs the admin token")

@@ -9,9 +9,52 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from unitrade.errors import InvalidRequest, MalformedJson, UnitradeError
+
+
+class Error(BaseModel):
+    """Every error answer: a stable code, a message for people, and sometimes more fields
+    (`sku`, `owner`, `cell`, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    error: str
+    message: str
+
+
+# What each error status means, for the OpenAPI document (docs/api.md has the full table).
+ERROR_STATUS_TEXT: dict[int, str] = {
+    400: "malformed_json: the body is not JSON (or not UTF-8)",
+    401: "unauthorized: missing, malformed or forged token",
+    403: "forbidden: a token of the wrong kind (buyer or admin) for this endpoint",
+    404: "not_found: no such resource, or another buyer's",
+    409: "a conflict with the current state (error names which)",
+    413: "payload_too_large: body over 64 KiB",
+    421: "wrong_region: the owner changed under the request; retry",
+    422: "invalid_request (the message names the field), or a business rule refused it",
+    429: "too many requests; retry after Retry-After seconds",
+    503: "unavailable for now, nothing was applied; retry after Retry-After seconds",
+}
+RETRY_AFTER_HEADER: dict[str, Any] = {
+    "Retry-After": {
+        "description": "seconds to wait before retrying",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of the given error statuses, each an `Error` body."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": Error, "description": ERROR_STATUS_TEXT[status]}
+        if status in (429, 503):
+            entry["headers"] = RETRY_AFTER_HEADER
+        documented[status] = entry
+    return documented
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -31,8 +74,10 @@ def error_response(error: UnitradeError) -> Response:
     return json_response(error.body(), status=error.status, headers=headers)
 
 
-def error_body_response(status: int, code: str, message: str) -> Response:
-    return json_response({"error": code, "message": message}, status=status)
+def error_body_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    return json_response({"error": code, "message": message}, status=status, headers=headers)
 
 
 def invalid_body(errors: list[Any]) -> UnitradeError:
@@ -65,7 +110,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:
+            # FastAPI's only 400: a body it could not decode, such as invalid UTF-8 (not a
+            # JSONDecodeError, so not a validation error): the same answer as bad JSON.
+            return error_response(MalformedJson("request body is not valid JSON"))
         codes = {404: "not_found", 405: "method_not_allowed"}
+        # exc.headers carries the `Allow` of a 405.
         return error_body_response(
-            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
+            exc.status_code,
+            codes.get(exc.status_code, "http_error"),
+            str(exc.detail),
+            dict(exc.headers) if exc.headers else None,
         )
