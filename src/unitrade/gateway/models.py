@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 KEY_PATTERN = r"^[\x21-\x7e]{1,128}$"  # printable ASCII, no spaces
@@ -14,8 +14,20 @@ PRICE_CENTS_MAX = 10**12
 STOCK_MAX = 10**9
 ITEMS_MAX = 100
 
+
+def _whole_number(value: Any) -> Any:
+    # JSON Schema counts 3.0 as an integer, so the document promises it is accepted; strict
+    # mode still refuses "3" and true.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# With Field(strict=True) in the same Annotated (so the bounds stay minimum/maximum in the
+# document): an integer in JSON is 3 or 3.0, never "3" or true.
+WHOLE = BeforeValidator(_whole_number)
 Sku = Annotated[str, Field(pattern=SKU_PATTERN, description="product SKU")]
-Qty = Annotated[int, Field(ge=1, le=QTY_MAX, strict=True)]
+Qty = Annotated[int, Field(ge=1, le=QTY_MAX, strict=True), WHOLE]
 
 
 class _Body(BaseModel):
@@ -38,7 +50,7 @@ class Checkout(_Body):
 
 class Pay(_Body):
     payment_id: Annotated[str, Field(pattern=PAYMENT_ID_PATTERN)]
-    amount_cents: Annotated[int, Field(ge=0, le=PRICE_CENTS_MAX, strict=True)]
+    amount_cents: Annotated[int, Field(ge=0, le=PRICE_CENTS_MAX, strict=True), WHOLE]
 
 
 class CartQty(_Body):
@@ -47,9 +59,11 @@ class CartQty(_Body):
 
 class PutProduct(_Body):
     title: Annotated[str, Field(min_length=1, max_length=200)]
-    price_cents: Annotated[int, Field(ge=0, le=PRICE_CENTS_MAX, strict=True)]
+    price_cents: Annotated[int, Field(ge=0, le=PRICE_CENTS_MAX, strict=True), WHOLE]
     stock: Annotated[
-        int, Field(ge=0, le=STOCK_MAX, strict=True, description="available + reserved + sold")
+        int,
+        Field(ge=0, le=STOCK_MAX, strict=True, description="available + reserved + sold"),
+        WHOLE,
     ]
 
 

@@ -20,6 +20,7 @@ from unitrade.gateway.routing import (
     order_read_home,
 )
 from unitrade.region import RegionRuntime
+from unitrade.services.orders import CURSOR_PATTERN
 from unitrade.topology.order_id import parse_order_id
 from unitrade.topology.rule import RoutingError, route_buyer, route_cell, route_order
 from unitrade.web.responses import json_response
@@ -50,7 +51,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         direct_body=models.CreateOrder,
         status_code=201,
         answer=models.Order,
-        errors=(400, 401, 403, 409, 413, 422, 503),
+        errors=(400, 401, 403, 404, 409, 413, 422, 503),
         tags=["orders"],
     )
     async def create_order(ctx: Ctx, body: models.CreateOrder) -> Response:
@@ -69,7 +70,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
     async def list_orders(
         ctx: Ctx,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        cursor: Annotated[str | None, Query(max_length=64)] = None,
+        cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
     ) -> Response:
         page, next_cursor = await runtime.orders.list(ctx.who.buyer_id, limit, cursor)
         return json_response({"orders": page, "next_cursor": next_cursor})
@@ -183,7 +184,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         home=buyer_home,
         status_code=201,
         answer=models.Order,
-        errors=(400, 401, 403, 409, 413, 422, 503),
+        errors=(400, 401, 403, 404, 409, 413, 422, 503),
         tags=["cart"],
     )
     async def checkout(ctx: Ctx, body: models.Checkout | None = None) -> Response:
