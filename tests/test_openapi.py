@@ -135,3 +135,51 @@ def test_the_document_names_every_status_and_the_bearer_scheme(own_api: Api) -> 
                 assert "401" in operation["responses"]
             if "503" in operation["responses"]:
                 assert "Retry-After" in operation["responses"]["503"]["headers"]
+
+
+BODY_ROUTES = [
+    ("POST", "/v1/orders"),
+    ("POST", "/v1/orders/{order}/pay"),
+    ("PUT", "/v1/cart/items/" + SEED_SKU),
+    ("POST", "/v1/cart/checkout"),
+    ("PUT", "/v1/admin/products/" + SEED_SKU),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), BODY_ROUTES)
+@pytest.mark.parametrize("region", ["bj", "sh"])  # forwarded to the buyer's home, and at it
+def test_invalid_utf8_is_malformed_json_on_every_body_route(
+    own_api: Api, method: str, path: str, region: str
+) -> None:
+    buyer = own_api.buyer_in("sh", 5151)
+    own_api.put_product(SEED_SKU, stock=1_000_000, price_cents=120)
+    order = own_api.order("sh", buyer, [(SEED_SKU, 1)]).json()["order_id"]
+    headers = own_api.admin_headers if "/admin/" in path else own_api.buyer_headers(buyer)
+    response = own_api.http.request(
+        method,
+        own_api.url(region, path.format(order=order)),
+        content=b"\xff\xfe",
+        headers={**headers, "content-type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "malformed_json"
+
+
+def test_405_carries_allow_and_is_answered_where_it_arrives(own_api: Api) -> None:
+    buyer = own_api.buyer_in("sh", 6161)
+    headers = own_api.buyer_headers(buyer)
+    for path, allowed in (
+        ("/v1/orders", {"GET", "POST"}),
+        ("/v1/cart/items/" + SEED_SKU, {"PUT", "DELETE"}),
+        ("/v1/cart", {"GET"}),
+    ):
+        response = own_api.http.request("PATCH", own_api.url("bj", path), headers=headers)
+        assert response.status_code == 405, response.text
+        assert response.json()["error"] == "method_not_allowed"
+        assert {m.strip() for m in response.headers["allow"].split(",")} == allowed
+        assert response.headers["x-unitrade-served-by"] == "bj"
+        assert "x-unitrade-forwarded-by" not in response.headers
+    unknown = own_api.http.get(own_api.url("bj", "/v1/carts"), headers=headers)
+    assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
+    assert unknown.headers["x-unitrade-served-by"] == "bj"
+    assert "x-unitrade-forwarded-by" not in unknown.headers

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from unitrade.errors import InvalidRequest, MalformedJson, UnitradeError
 
@@ -109,16 +110,30 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_body_response(status, code, message)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 400:
             # FastAPI's only 400: a body it could not decode, such as invalid UTF-8 (not a
             # JSONDecodeError, so not a validation error): the same answer as bad JSON.
             return error_response(MalformedJson("request body is not valid JSON"))
         codes = {404: "not_found", 405: "method_not_allowed"}
-        # exc.headers carries the `Allow` of a 405.
+        headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
+        if exc.status_code == 405:
+            headers["allow"] = _allowed_methods(request)
         return error_body_response(
-            exc.status_code,
-            codes.get(exc.status_code, "http_error"),
-            str(exc.detail),
-            dict(exc.headers) if exc.headers else None,
+            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), headers
         )
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method of the path. Starlette's own `Allow` names only the first route that
+    matched the path, and each of our methods is a route of its own (asked method by
+    method, since included routers wrap their routes)."""
+    methods: set[str] = set()
+    for method in HTTP_METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            methods.add(method)
+    return ", ".join(sorted(methods))
