@@ -78,7 +78,7 @@ def test_pay_close_refund_state_machine_and_stock(api: Api) -> None:
     wrong = api.call(
         "hz", "POST", f"/v1/orders/{oid}/pay", buyer, {"payment_id": "p-1", "amount_cents": 999}
     )
-    assert wrong.status_code == 422 and wrong.json()["error"] == "amount_mismatch"
+    assert wrong.status_code == 409 and wrong.json()["error"] == "amount_mismatch"
     pay = {"payment_id": f"p-{oid}", "amount_cents": 1000}
     paid = api.call("hz", "POST", f"/v1/orders/{oid}/pay", buyer, pay)
     assert paid.status_code == 200 and paid.json()["status"] == "paid"

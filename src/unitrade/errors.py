@@ -51,14 +51,16 @@ class NotFound(UnitradeError):
     status = 404
 
 
+# Refusals of requests that are valid by the schema are not 422 (which means "fix the
+# request's shape"): the SKU names no product (404), the amount contradicts the order (409).
 class UnknownSku(UnitradeError):
     code = "unknown_sku"
-    status = 422
+    status = 404
 
 
 class AmountMismatch(UnitradeError):
     code = "amount_mismatch"
-    status = 422
+    status = 409
 
 
 class InsufficientStock(UnitradeError):

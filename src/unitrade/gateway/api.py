@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, get_type_hints
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Security
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,7 +24,7 @@ from starlette.responses import Response
 from unitrade.errors import UnitradeError
 from unitrade.gateway.edge import DirectHandler, TokenReader
 from unitrade.gateway.routing import Caller, Dispatcher, Endpoint, EndpointTable, Home, Passage
-from unitrade.web.responses import invalid_body
+from unitrade.web.responses import error_responses, invalid_body
 from unitrade.web.signed import request_target
 from unitrade.web.tokens import Principal
 
@@ -35,6 +36,14 @@ class Ctx:
 
 
 Handler = Callable[..., Awaitable[Response]]
+
+# Declares the bearer scheme in the OpenAPI document. It never refuses (auto_error=False):
+# the caller dependency reads and checks the token, and answers 401 in our error shape.
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="`unitrade token BUYER_ID` or `unitrade token --admin`",
+)
 
 
 class PublicApi:
@@ -83,17 +92,34 @@ class PublicApi:
         home: Home | None = None,
         public: bool = False,
         direct_body: type[BaseModel] | None = None,
+        answer: type[BaseModel],
+        errors: tuple[int, ...],
+        status_code: int = 200,
         **route: Any,
     ) -> Callable[[Handler], Handler]:
         """Register `handler(ctx, **params)` at `method path`. With `home`, the request is
         served at the owner region of the cell it names; `public` reads need no token;
         `direct_body` also serves the endpoint at the edge, past FastAPI (the handler's
-        only parameter then is `body`)."""
+        only parameter then is `body`). `answer` documents the `status_code` body and
+        `errors` the error statuses the endpoint can answer; neither is validated on the
+        way out (the handlers answer with json_response)."""
+        responses: dict[int | str, dict[str, Any]] = {
+            status_code: {"model": answer},
+            **error_responses(*errors),
+        }
+        if not public:
+            route.setdefault("dependencies", []).append(Security(BEARER))
 
         def register(handler: Handler) -> Handler:
             served = self._served(handler, home, public)
             self.router.add_api_route(
-                path, served, methods=[method], name=handler.__name__, **route
+                path,
+                served,
+                methods=[method],
+                name=handler.__name__,
+                status_code=status_code,
+                responses=responses,
+                **route,
             )
             if home is not None:
                 self.table.add(Endpoint(method, path, home))

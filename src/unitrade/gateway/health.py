@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from unitrade.gateway.models import Health
 from unitrade.gateway.routing import Dispatcher
 from unitrade.region import RegionRuntime
 from unitrade.web.responses import json_response
@@ -14,7 +15,7 @@ def health_router(runtime: RegionRuntime, dispatcher: Dispatcher) -> APIRouter:
     router = APIRouter()
     forwarder, holds = dispatcher.forwarder, dispatcher.holds
 
-    @router.get("/healthz", tags=["operations"])
+    @router.get("/healthz", tags=["operations"], responses={200: {"model": Health}})
     async def healthz() -> Response:
         rule = runtime.fence.rule
         names = {c: info.name for c, info in rule.cells.items()}

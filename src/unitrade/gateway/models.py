@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 KEY_PATTERN = r"^[\x21-\x7e]{1,128}$"  # printable ASCII, no spaces
@@ -14,8 +14,20 @@ PRICE_CENTS_MAX = 10**12
 STOCK_MAX = 10**9
 ITEMS_MAX = 100
 
+
+def _whole_number(value: Any) -> Any:
+    # JSON Schema counts 3.0 as an integer, so the document promises it is accepted; strict
+    # mode still refuses "3" and true.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# With Field(strict=True) in the same Annotated (so the bounds stay minimum/maximum in the
+# document): an integer in JSON is 3 or 3.0, never "3" or true.
+WHOLE = BeforeValidator(_whole_number)
 Sku = Annotated[str, Field(pattern=SKU_PATTERN, description="product SKU")]
-Qty = Annotated[int, Field(ge=1, le=QTY_MAX, strict=True)]
+Qty = Annotated[int, Field(ge=1, le=QTY_MAX, strict=True), WHOLE]
 
 
 class _Body(BaseModel):
@@ -38,7 +50,7 @@ class Checkout(_Body):
 
 class Pay(_Body):
     payment_id: Annotated[str, Field(pattern=PAYMENT_ID_PATTERN)]
-    amount_cents: Annotated[int, Field(ge=0, le=PRICE_CENTS_MAX, strict=True)]
+    amount_cents: Annotated[int, Field(ge=0, le=PRICE_CENTS_MAX, strict=True), WHOLE]
 
 
 class CartQty(_Body):
@@ -47,14 +59,22 @@ class CartQty(_Body):
 
 class PutProduct(_Body):
     title: Annotated[str, Field(min_length=1, max_length=200)]
-    price_cents: Annotated[int, Field(ge=0, le=PRICE_CENTS_MAX, strict=True)]
+    price_cents: Annotated[int, Field(ge=0, le=PRICE_CENTS_MAX, strict=True), WHOLE]
     stock: Annotated[
-        int, Field(ge=0, le=STOCK_MAX, strict=True, description="available + reserved + sold")
+        int,
+        Field(ge=0, le=STOCK_MAX, strict=True, description="available + reserved + sold"),
+        WHOLE,
     ]
 
 
 class RevokeToken(_Body):
     token: Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class TokenRevoked(BaseModel):
+    token_id: str
+    expires_s: int = Field(description="unix seconds; the revocation is kept until then")
+    expired: bool = Field(description="the token had expired already: nothing to revoke")
 
 
 # Internal API (region to region) -------------------------------------------------------
@@ -88,3 +108,100 @@ class SkuCall(_Body):
 
 class ProductsCall(_Body):
     skus: Annotated[list[Sku], Field(min_length=1, max_length=ITEMS_MAX)]
+
+
+# Answers of the public API -------------------------------------------------------------
+# Documented (OpenAPI `responses=`), not validated: the handlers answer with orjson straight
+# from the services' dicts (services/orders.py, cart.py, catalog.py, inventory.py).
+
+OrderStatus = Literal["created", "paid", "closed", "refunded"]
+
+
+class OrderLine(BaseModel):
+    sku: str
+    title: str
+    qty: int
+    price_cents: int
+    line_cents: int
+
+
+class Order(BaseModel):
+    order_id: Annotated[str, Field(pattern=r"^[0-9]{1,19}$", description="decimal string")]
+    buyer_id: int
+    status: OrderStatus
+    total_cents: int
+    items: list[OrderLine]
+    payment_id: str | None
+    cell: Annotated[int, Field(description="the unit cell the order lives in")]
+    region: Annotated[str, Field(description="the owner region of that cell")]
+    created_ms: int
+    updated_ms: int
+
+
+class OrderPage(BaseModel):
+    orders: list[Order]
+    next_cursor: Annotated[str | None, Field(description="null on the last page")]
+
+
+class CartLine(BaseModel):
+    sku: str
+    qty: int
+    # null when the product is no longer in this region's copy of the catalog
+    title: str | None
+    price_cents: int | None
+    line_cents: int | None
+
+
+class Cart(BaseModel):
+    buyer_id: int
+    items: list[CartLine]
+    total_cents: int
+
+
+class Product(BaseModel):
+    sku: str
+    title: str
+    price_cents: int
+    updated_ms: int
+
+
+class ProductPage(BaseModel):
+    products: list[Product]
+    next_cursor: Annotated[str | None, Field(description="null on the last page")]
+
+
+class InventoryLevels(BaseModel):
+    sku: str
+    available: int
+    reserved: int
+    sold: int
+
+
+class ProductWritten(Product):
+    stock: Annotated[int, Field(description="available + reserved + sold")]
+    available: int
+    reserved: int
+    sold: int
+
+
+class ControlWatch(BaseModel):
+    connected: bool
+    last_error: str
+
+
+class Health(BaseModel):
+    """A region's state; docs/api.md describes each field."""
+
+    status: Literal["ok"]
+    region: str
+    rule_version: int
+    acked: dict[str, int]
+    control: ControlWatch
+    owned_cells: list[str]
+    owners: dict[str, str]
+    banned: list[str]
+    forwarded: int
+    held: dict[str, int]
+    positions: dict[str, int]
+    replication: list[dict[str, Any]]
+    followers: dict[str, Any]

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from fastapi import Path, Query
 from fastapi.responses import Response
 
-from unitrade.errors import Forbidden, InvalidRequest, NotFound, UnitradeError
+from unitrade.errors import Forbidden, NotFound, UnitradeError
 from unitrade.gateway import models
 from unitrade.gateway.api import Ctx, PublicApi
 from unitrade.gateway.edge import REPLAYED_HEADER
@@ -21,6 +21,7 @@ from unitrade.gateway.routing import (
     order_read_home,
 )
 from unitrade.region import RegionRuntime
+from unitrade.services.orders import CURSOR_PATTERN
 from unitrade.topology.order_id import parse_order_id
 from unitrade.topology.rule import RoutingError, route_buyer, route_cell, route_order
 from unitrade.web.responses import json_response
@@ -51,6 +52,8 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         home=buyer_home,
         direct_body=models.CreateOrder,
         status_code=201,
+        answer=models.Order,
+        errors=(400, 401, 403, 404, 409, 413, 422, 503),
         tags=["orders"],
     )
     async def create_order(ctx: Ctx, body: models.CreateOrder) -> Response:
@@ -58,16 +61,30 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         done = await runtime.orders.create(ctx.who.buyer_id, items, body.idempotency_key)
         return created(done.order, done.replayed)
 
-    @api.endpoint("GET", "/v1/orders", home=buyer_home, tags=["orders"])
+    @api.endpoint(
+        "GET",
+        "/v1/orders",
+        home=buyer_home,
+        answer=models.OrderPage,
+        errors=(401, 403, 421, 422, 503),
+        tags=["orders"],
+    )
     async def list_orders(
         ctx: Ctx,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        cursor: Annotated[str | None, Query(max_length=64)] = None,
+        cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
     ) -> Response:
         page, next_cursor = await runtime.orders.list(ctx.who.buyer_id, limit, cursor)
         return json_response({"orders": page, "next_cursor": next_cursor})
 
-    @api.endpoint("GET", "/v1/orders/{order_id}", home=order_read_home, tags=["orders"])
+    @api.endpoint(
+        "GET",
+        "/v1/orders/{order_id}",
+        home=order_read_home,
+        answer=models.Order,
+        errors=(401, 403, 404, 421, 422, 503),
+        tags=["orders"],
+    )
     async def get_order(
         ctx: Ctx,
         order_id: str,
@@ -85,7 +102,14 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
             ctx.request.state.home_region = route_order(runtime.gateway.rule, parsed).region
         return json_response(await runtime.orders.get(buyer, parsed))
 
-    @api.endpoint("POST", "/v1/orders/{order_id}/pay", home=order_home, tags=["orders"])
+    @api.endpoint(
+        "POST",
+        "/v1/orders/{order_id}/pay",
+        home=order_home,
+        answer=models.Order,
+        errors=(400, 401, 403, 404, 409, 413, 422, 503),
+        tags=["orders"],
+    )
     async def pay_order(ctx: Ctx, order_id: str, body: models.Pay) -> Response:
         buyer = ctx.who.buyer_id
         parsed = parse_order(order_id)
@@ -97,6 +121,8 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "POST",
         "/v1/orders/{order_id}/close",
         home=order_home,
+        answer=models.Order,
+        errors=(401, 403, 404, 409, 422, 503),
         tags=["orders"],
         summary="Close order",
     )
@@ -109,6 +135,8 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "POST",
         "/v1/orders/{order_id}/refund",
         home=order_home,
+        answer=models.Order,
+        errors=(401, 403, 404, 409, 422, 503),
         tags=["orders"],
         summary="Refund order",
     )
@@ -119,19 +147,48 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
 
     # -- cart -------------------------------------------------------------------------------
 
-    @api.endpoint("PUT", "/v1/cart/items/{sku}", home=buyer_home, tags=["cart"])
+    @api.endpoint(
+        "PUT",
+        "/v1/cart/items/{sku}",
+        home=buyer_home,
+        answer=models.Cart,
+        errors=(400, 401, 403, 404, 409, 413, 422, 503),
+        tags=["cart"],
+    )
     async def put_cart_item(ctx: Ctx, sku: SkuPath, body: models.CartQty) -> Response:
         return json_response(await runtime.cart.put(ctx.who.buyer_id, sku, body.qty))
 
-    @api.endpoint("DELETE", "/v1/cart/items/{sku}", home=buyer_home, tags=["cart"])
+    @api.endpoint(
+        "DELETE",
+        "/v1/cart/items/{sku}",
+        home=buyer_home,
+        answer=models.Cart,
+        errors=(401, 403, 404, 422, 503),
+        tags=["cart"],
+    )
     async def delete_cart_item(ctx: Ctx, sku: SkuPath) -> Response:
         return json_response(await runtime.cart.remove(ctx.who.buyer_id, sku))
 
-    @api.endpoint("GET", "/v1/cart", home=buyer_home, tags=["cart"])
+    @api.endpoint(
+        "GET",
+        "/v1/cart",
+        home=buyer_home,
+        answer=models.Cart,
+        errors=(401, 403, 421, 503),
+        tags=["cart"],
+    )
     async def get_cart(ctx: Ctx) -> Response:
         return json_response(await runtime.cart.get(ctx.who.buyer_id))
 
-    @api.endpoint("POST", "/v1/cart/checkout", home=buyer_home, status_code=201, tags=["cart"])
+    @api.endpoint(
+        "POST",
+        "/v1/cart/checkout",
+        home=buyer_home,
+        status_code=201,
+        answer=models.Order,
+        errors=(400, 401, 403, 404, 409, 413, 422, 503),
+        tags=["cart"],
+    )
     async def checkout(ctx: Ctx, body: models.Checkout | None = None) -> Response:
         key = body.idempotency_key if body else None
         done = await runtime.orders.checkout(ctx.who.buyer_id, key)
@@ -147,7 +204,14 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         home = route_buyer(rule, buyer) if buyer is not None else route_cell(rule, cell)
         ctx.request.state.home_region = home.region
 
-    @api.endpoint("GET", "/v1/products", public=True, tags=["catalog"])
+    @api.endpoint(
+        "GET",
+        "/v1/products",
+        public=True,
+        answer=models.ProductPage,
+        errors=(422,),
+        tags=["catalog"],
+    )
     async def list_products(
         ctx: Ctx,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -158,7 +222,14 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         next_cursor = page[-1]["sku"] if len(page) == limit else None
         return json_response({"products": page, "next_cursor": next_cursor})
 
-    @api.endpoint("GET", "/v1/products/{sku}", public=True, tags=["catalog"])
+    @api.endpoint(
+        "GET",
+        "/v1/products/{sku}",
+        public=True,
+        answer=models.Product,
+        errors=(404, 422),
+        tags=["catalog"],
+    )
     async def get_product(ctx: Ctx, sku: SkuPath) -> Response:
         reader_home(ctx, runtime.gateway.rule.global_cell)
         found = await runtime.catalog.get_many([sku])
@@ -166,14 +237,28 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
             raise NotFound(f"no product {sku!r}")
         return json_response(found[sku])
 
-    @api.endpoint("GET", "/v1/inventory/{sku}", public=True, tags=["catalog"])
+    @api.endpoint(
+        "GET",
+        "/v1/inventory/{sku}",
+        public=True,
+        answer=models.InventoryLevels,
+        errors=(404, 422, 503),
+        tags=["catalog"],
+    )
     async def get_inventory(ctx: Ctx, sku: SkuPath) -> Response:
         reader_home(ctx, runtime.gateway.rule.center_cell)
         return json_response(await runtime.center.levels(sku))
 
     # -- admin ------------------------------------------------------------------------------
 
-    @api.endpoint("PUT", "/v1/admin/products/{sku}", home=global_owner_for_admin, tags=["admin"])
+    @api.endpoint(
+        "PUT",
+        "/v1/admin/products/{sku}",
+        home=global_owner_for_admin,
+        answer=models.ProductWritten,
+        errors=(400, 401, 403, 404, 409, 413, 422, 503),
+        tags=["admin"],
+    )
     async def put_product(ctx: Ctx, sku: SkuPath, body: models.PutProduct) -> Response:
         if not ctx.who.admin:
             raise Forbidden("this endpoint needs the admin token")
@@ -183,7 +268,14 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         product = await runtime.catalog_service.put(sku, body.title, body.price_cents)
         return json_response({**product, "stock": body.stock, **levels})
 
-    @api.endpoint("POST", "/v1/admin/tokens/revoke", home=global_owner_for_admin, tags=["admin"])
+    @api.endpoint(
+        "POST",
+        "/v1/admin/tokens/revoke",
+        home=global_owner_for_admin,
+        answer=models.TokenRevoked,
+        errors=(400, 401, 403, 404, 409, 413, 422, 503),
+        tags=["admin"],
+    )
     async def revoke_token(ctx: Ctx, body: models.RevokeToken) -> Response:
         """Revoke a bearer token before it expires, in every region (the revocation is
         written in the global cell and replicated; it is kept until the token expires)."""
@@ -192,7 +284,8 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         try:
             claims = read_claims(runtime.config.token_keys, body.token, expired_ok=True)
         except UnitradeError as exc:
-            raise InvalidRequest(f"token: not a token of this cluster ({exc.message})") from exc
+            # Well-formed or not, a token no key of this cluster signed does not exist here.
+            raise NotFound(f"no token of this cluster: {exc.message}") from exc
         expired = claims.expires_s < time.time()
         if not expired:
             await runtime.revocations.revoke(claims.token_id, claims.expires_s)

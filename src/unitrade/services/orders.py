@@ -533,11 +533,17 @@ def _enqueue(tx: WriteTx, order_id: int, step: str, stamp: int) -> None:
     )
 
 
+CURSOR_PATTERN = r"^[0-9]{1,19}\.[0-9]{1,19}$"
+_CURSOR_PART_MAX = 2**63 - 1  # the largest value the database columns hold
+
+
 def _parse_cursor(cursor: str) -> tuple[int, int]:
     created, _, order = cursor.partition(".")
-    if not created.isdigit() or not order.isdigit():
+    if not all(part.isascii() and part.isdigit() for part in (created, order)):
         raise InvalidRequest(f"bad cursor {cursor[:40]!r}")
-    return int(created), int(order)
+    # A cursor past every stored value lists from the newest order on; clamped, it stays a
+    # value the database can compare with.
+    return min(int(created), _CURSOR_PART_MAX), min(int(order), _CURSOR_PART_MAX)
 
 
 async def failed_outbox(store: CellStore, limit: int) -> list[dict[str, Any]]:

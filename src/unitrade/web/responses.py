@@ -9,9 +9,53 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from unitrade.errors import InvalidRequest, MalformedJson, UnitradeError
+
+
+class Error(BaseModel):
+    """Every error answer: a stable code, a message for people, and sometimes more fields
+    (`sku`, `owner`, `cell`, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    error: str
+    message: str
+
+
+# What each error status means, for the OpenAPI document (docs/api.md has the full table).
+ERROR_STATUS_TEXT: dict[int, str] = {
+    400: "malformed_json: the body is not JSON (or not UTF-8)",
+    401: "unauthorized: missing, malformed or forged token",
+    403: "forbidden: a token of the wrong kind (buyer or admin) for this endpoint",
+    404: "not_found: no such resource, or another buyer's",
+    409: "a conflict with the current state (error names which)",
+    413: "payload_too_large: body over 64 KiB",
+    421: "wrong_region: the owner changed under the request; retry",
+    422: "invalid_request (the message names the field), or a business rule refused it",
+    429: "too many requests; retry after Retry-After seconds",
+    503: "unavailable for now, nothing was applied; retry after Retry-After seconds",
+}
+RETRY_AFTER_HEADER: dict[str, Any] = {
+    "Retry-After": {
+        "description": "seconds to wait before retrying",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of the given error statuses, each an `Error` body."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": Error, "description": ERROR_STATUS_TEXT[status]}
+        if status in (429, 503):
+            entry["headers"] = RETRY_AFTER_HEADER
+        documented[status] = entry
+    return documented
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -31,8 +75,10 @@ def error_response(error: UnitradeError) -> Response:
     return json_response(error.body(), status=error.status, headers=headers)
 
 
-def error_body_response(status: int, code: str, message: str) -> Response:
-    return json_response({"error": code, "message": message}, status=status)
+def error_body_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    return json_response({"error": code, "message": message}, status=status, headers=headers)
 
 
 def invalid_body(errors: list[Any]) -> UnitradeError:
@@ -64,8 +110,30 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_body_response(status, code, message)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:
+            # FastAPI's only 400: a body it could not decode, such as invalid UTF-8 (not a
+            # JSONDecodeError, so not a validation error): the same answer as bad JSON.
+            return error_response(MalformedJson("request body is not valid JSON"))
         codes = {404: "not_found", 405: "method_not_allowed"}
+        headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
+        if exc.status_code == 405:
+            headers["allow"] = _allowed_methods(request)
         return error_body_response(
-            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
+            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), headers
         )
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method of the path. Starlette's own `Allow` names only the first route that
+    matched the path, and each of our methods is a route of its own (asked method by
+    method, since included routers wrap their routes)."""
+    methods: set[str] = set()
+    for method in HTTP_METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            methods.add(method)
+    return ", ".join(sorted(methods))
