@@ -120,7 +120,7 @@ async def _switch_while_shopping(
     shopping: asyncio.Future[Any],
 ) -> bool:
     """Move a cell to another region and back while the buyers shop (a planned switchover
-    under load, DESIGN §8); print what each switch took. True when both switched."""
+    under load); print what each switch took. True when both switched."""
     base = config.control.base_url
     home = next(c.owner for c in config.cells if c.name == SWITCHED_CELL)
     away = next(r for r in config.region_names if r != home)
