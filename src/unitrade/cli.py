@@ -70,7 +70,7 @@ def main() -> None:
     "the logs (DIR/logs/REGION.log). Kept between runs.",
 )
 def up(config_path: Path | None, data_dir: Path) -> None:
-    """Run the control plane and every region of the topology as local processes.
+    """Run the control plane and every region as local processes.
 
     Checks first that every port of the topology is free (exit 2 naming the port if not,
     with nothing started), waits until all are healthy, prints the regions, their URLs and
@@ -183,7 +183,7 @@ def serve_control(config_path: Path | None, data_dir: Path) -> None:
 @main.command()
 @config_option
 def status(config_path: Path | None) -> None:
-    """Show whether the control plane and every region answer, and the cells' owners.
+    """Show what is up and down, the cells' owners and the lag.
 
     Prints the control plane (its rule version and running operation), the regions (health,
     the rule version each component has acknowledged), the cells with their owners under
@@ -360,7 +360,7 @@ def _print_replication(config: TopologyConfig, healths: dict[str, dict[str, Any]
 def wait(
     config_path: Path | None, cell_text: str, region: str, position: int, timeout_s: float
 ) -> None:
-    """Wait until a region's copy of a cell has applied a changelog position.
+    """Wait until a region's copy of a cell reaches a position.
 
     Exit 0 once REGION has applied CELL up to POSITION, 1 on --timeout. The switchover uses
     the same internal API: it reads a cell's final position at the old owner and waits for
@@ -422,7 +422,7 @@ def wait(
 @click.argument("buyer_id", type=click.IntRange(min=1, max=2**63 - 1), required=False)
 @click.option("--admin", is_flag=True, help="Print an admin token instead of a buyer's.")
 def token(config_path: Path | None, buyer_id: int | None, admin: bool) -> None:
-    """Print a bearer token for a buyer, or an admin token, signed with the cluster's secret.
+    """Print a bearer token for a buyer, or an admin token.
 
     BUYER_ID is the buyer (1 .. 2^63-1) the token speaks for; give it or --admin. The
     token is only accepted by a cluster started with the same configuration's secret.
@@ -479,7 +479,7 @@ def token(config_path: Path | None, buyer_id: int | None, admin: bool) -> None:
 def demo(
     config_path: Path | None, data_dir: Path, buyers: int, skus: int, stock: int, concurrency: int
 ) -> None:
-    """Run a fresh local cluster under a shopping workload, with a switchover, and report.
+    """Run a fresh cluster under load, with a switchover, and check it.
 
     Starts a cluster in --data (on the topology's ports: exit 2, naming the port, if
     something already listens there, e.g. `unitrade up`), seeds a catalog, places, pays and
@@ -502,4 +502,4 @@ main.add_command(evacuate)
 main.add_command(operations)
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="unitrade")

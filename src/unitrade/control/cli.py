@@ -39,6 +39,12 @@ class ControlApi:
             base_url=self.base, timeout=timeout_s, headers={"authorization": f"Bearer {token}"}
         )
 
+    def __enter__(self) -> ControlApi:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.http.close()
+
     def call(self, method: str, path: str, body: Any = None, **params: Any) -> tuple[int, Any]:
         try:
             answer = self.http.request(method, path, json=body, params=params or None)
@@ -160,7 +166,7 @@ def switch(
     abort_id: str | None,
     timeout_s: float,
 ) -> None:
-    """Move the ownership of cells to another region with no acknowledged write lost.
+    """Move cells to another region; no acknowledged write lost.
 
     Pre-check (the target is healthy and its lag under the limits; refused before anything
     is banned), ban the cells, wait until the target has applied the old owner's final
@@ -175,7 +181,13 @@ def switch(
       unitrade switch --cell u3 --to hz
       unitrade switch --abort op-1f2e3d4c5b6a
     """
-    api = ControlApi(load(config_path))
+    with ControlApi(load(config_path)) as api:
+        _switch(api, cells, target, abort_id, timeout_s)
+
+
+def _switch(
+    api: ControlApi, cells: str | None, target: str | None, abort_id: str | None, timeout_s: float
+) -> None:
     if abort_id is not None:
         if cells or target:
             raise click.UsageError("--abort takes no --cell or --to")
@@ -208,7 +220,7 @@ def switch(
     help="Seconds to follow the evacuation (it goes on in the control plane after that).",
 )
 def evacuate(config_path: Path | None, region: str, target: str, timeout_s: float) -> None:
-    """Switch every cell a region owns to another region, in one switchover.
+    """Switch every cell a region owns to another region.
 
     The steps, limits and exit status are those of `unitrade switch`.
 
@@ -216,7 +228,11 @@ def evacuate(config_path: Path | None, region: str, target: str, timeout_s: floa
     Example:
       unitrade evacuate --region sh --to hz
     """
-    api = ControlApi(load(config_path))
+    with ControlApi(load(config_path)) as api:
+        _evacuate(api, region, target, timeout_s)
+
+
+def _evacuate(api: ControlApi, region: str, target: str, timeout_s: float) -> None:
     code, body = api.call("POST", "/v1/evacuate", {"region": region, "to": target})
     if code != 202:
         _fail(code, body)
@@ -244,7 +260,7 @@ def _finish(api: ControlApi, op: dict[str, Any]) -> None:
     help="Operations to list, newest first.",
 )
 def operations(config_path: Path | None, operation_id: str | None, limit: int) -> None:
-    """List the control plane's switchovers, or show one with its log and figures.
+    """List the switchovers, or show one with its log and figures.
 
     Without OPERATION_ID: the newest operations, one per row, with their full ids (what
     `unitrade switch --abort` takes). With OPERATION_ID (op-...): its steps as logged and
@@ -255,7 +271,11 @@ def operations(config_path: Path | None, operation_id: str | None, limit: int) -
       unitrade operations --limit 5
       unitrade operations op-1f2e3d4c5b6a
     """
-    api = ControlApi(load(config_path))
+    with ControlApi(load(config_path)) as api:
+        _operations(api, operation_id, limit)
+
+
+def _operations(api: ControlApi, operation_id: str | None, limit: int) -> None:
     if operation_id is not None:
         code, op = api.call("GET", f"/v1/operations/{operation_id}")
         if code != 200:

@@ -292,7 +292,7 @@ def run_diff(
     help="Rows per checksummed chunk.",
 )
 def diff(config_path: Path | None, cells: tuple[str, ...], repair: bool, chunk_rows: int) -> None:
-    """Compare every replica copy of the cells with the owner's copy, row by row.
+    """Compare every copy of the cells with its owner's, row by row.
 
     Prints each mismatched primary key (cell, replica region, table, kind) and a summary.
     A region that does not answer is left out (its copies, or the cells it owns) and named
