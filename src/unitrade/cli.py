@@ -487,12 +487,15 @@ def demo(
     back, then prints what happened: orders per region and cell, forwarding, no order lost,
     stock conserved, every copy identical. Exit 0 when every check holds, 1 otherwise.
     """
-    from unitrade.cluster import LocalCluster
-    from unitrade.demo import run_demo
+    from unitrade.cluster import ClusterError, LocalCluster
+    from unitrade.demo import DemoFailed, run_demo
 
     config = _load(config_path)
     refuse_ports_in_use(LocalCluster(config, data_dir.resolve(), config_path))
-    ok = run_demo(config, config_path, data_dir, buyers, skus, stock, concurrency)
+    try:
+        ok = run_demo(config, config_path, data_dir, buyers, skus, stock, concurrency)
+    except (ClusterError, DemoFailed) as exc:
+        raise click.ClickException(f"{exc} (the regions' logs are in {data_dir}/logs)") from exc
     sys.exit(0 if ok else 1)
 
 

@@ -31,6 +31,10 @@ WAIT_S_MAX = 30.0
 SWITCHED_CELL = "u3"
 
 
+class DemoFailed(RuntimeError):
+    """The cluster did not do what the demo waits for, within its bound."""
+
+
 @dataclass
 class Tally:
     orders: dict[str, dict[str, Any]] = field(default_factory=dict)  # order_id -> order
@@ -161,7 +165,7 @@ async def _wait_catalog(
             if {p["sku"] for p in listed.json()["products"]} >= set(skus):
                 break
             if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError(f"the catalog did not reach {url} in {WAIT_S_MAX} s")
+                raise DemoFailed(f"the catalog did not reach {url} in {WAIT_S_MAX} s")
             await asyncio.sleep(0.05)
 
 
@@ -177,7 +181,7 @@ async def _converged(http: httpx.AsyncClient, urls: dict[str, str]) -> dict[str,
         if all(h["positions"] == heads for h in health.values()):
             return heads
         if asyncio.get_running_loop().time() > deadline:
-            raise RuntimeError(f"copies did not converge in {WAIT_S_MAX} s")
+            raise DemoFailed(f"copies did not converge in {WAIT_S_MAX} s")
         await asyncio.sleep(0.1)
 
 
