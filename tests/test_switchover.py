@@ -311,8 +311,9 @@ def test_abort_rolls_back_and_regions_keep_the_newest_rule(
     cluster.wait_healthy(["sh"])
     assert health(config, "sh")["rule_version"] == version
     status = unitrade(path, "status")
-    assert status.returncode == 0
-    assert "down" in status.stdout
+    assert status.returncode == 1  # the control plane is down
+    assert status.stdout.splitlines()[-1] == "down: the control plane"
+    assert f"(owners: rule {version}, from " in status.stdout
 
 
 def test_evacuate_a_region_and_move_the_center_cell(

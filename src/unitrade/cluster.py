@@ -51,6 +51,17 @@ class LocalCluster:
                 self.start_region(name)
         self.wait_healthy(names)
 
+    def ports_in_use(self) -> list[str]:
+        """The control plane and regions whose listen address something already answers
+        on: checked before starting anything, so that nothing is half started."""
+        busy = []
+        for name in [CONTROL_NAME, *self.config.region_names]:
+            listen = self.config.control if name == CONTROL_NAME else self.config.region(name)
+            if not self.running(name) and _port_busy(listen.host, listen.port):
+                what = "the control plane" if name == CONTROL_NAME else f"region {name}"
+                busy.append(f"port {listen.port} ({what}, {listen.host}:{listen.port})")
+        return busy
+
     def running(self, name: str) -> bool:
         process = self.processes.get(name)
         return process is not None and process.poll() is None

@@ -31,6 +31,10 @@ WAIT_S_MAX = 30.0
 SWITCHED_CELL = "u3"
 
 
+class DemoFailed(RuntimeError):
+    """The cluster did not do what the demo waits for, within its bound."""
+
+
 @dataclass
 class Tally:
     orders: dict[str, dict[str, Any]] = field(default_factory=dict)  # order_id -> order
@@ -79,7 +83,9 @@ async def _workload(
     tally = Tally()
     skus = [f"SKU-{i:04d}" for i in range(1, sku_count + 1)]
     limits = httpx.Limits(max_connections=concurrency * 2)
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
+    async with httpx.AsyncClient(
+        timeout=REQUEST_TIMEOUT_S, limits=limits, verify=config.http_verify
+    ) as http:
         for i, sku in enumerate(skus):
             region = rng.choice(list(urls))
             body = {"title": f"Product {i + 1}", "price_cents": 100 * (i + 1), "stock": stock}
@@ -120,7 +126,7 @@ async def _switch_while_shopping(
     shopping: asyncio.Future[Any],
 ) -> bool:
     """Move a cell to another region and back while the buyers shop (a planned switchover
-    under load, DESIGN §8); print what each switch took. True when both switched."""
+    under load); print what each switch took. True when both switched."""
     base = config.control.base_url
     home = next(c.owner for c in config.cells if c.name == SWITCHED_CELL)
     away = next(r for r in config.region_names if r != home)
@@ -161,7 +167,7 @@ async def _wait_catalog(
             if {p["sku"] for p in listed.json()["products"]} >= set(skus):
                 break
             if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError(f"the catalog did not reach {url} in {WAIT_S_MAX} s")
+                raise DemoFailed(f"the catalog did not reach {url} in {WAIT_S_MAX} s")
             await asyncio.sleep(0.05)
 
 
@@ -177,7 +183,7 @@ async def _converged(http: httpx.AsyncClient, urls: dict[str, str]) -> dict[str,
         if all(h["positions"] == heads for h in health.values()):
             return heads
         if asyncio.get_running_loop().time() > deadline:
-            raise RuntimeError(f"copies did not converge in {WAIT_S_MAX} s")
+            raise DemoFailed(f"copies did not converge in {WAIT_S_MAX} s")
         await asyncio.sleep(0.1)
 
 

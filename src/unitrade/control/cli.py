@@ -11,9 +11,8 @@ from typing import Any
 import click
 import httpx
 from rich.console import Console
-from rich.table import Table
 
-from unitrade.cli_options import config_option, load
+from unitrade.cli_options import compact_table, config_option, load, not_the_cluster
 from unitrade.topology.config import TopologyConfig
 
 console = Console()
@@ -35,17 +34,29 @@ class ControlApi:
 
         token = issue_token(config.token_keys, admin=True)
         self.base = config.control.base_url
+        self.cell_names = {cell.id: cell.name for cell in config.cells}
         self.http = httpx.Client(
-            base_url=self.base, timeout=timeout_s, headers={"authorization": f"Bearer {token}"}
+            base_url=self.base,
+            timeout=timeout_s,
+            headers={"authorization": f"Bearer {token}"},
+            verify=config.http_verify,
         )
+
+    def __enter__(self) -> ControlApi:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.http.close()
 
     def call(self, method: str, path: str, body: Any = None, **params: Any) -> tuple[int, Any]:
         try:
             answer = self.http.request(method, path, json=body, params=params or None)
         except httpx.HTTPError as exc:
-            raise click.ClickException(
+            raise not_the_cluster(
                 f"the control plane at {self.base} is unreachable: {exc}"
             ) from exc
+        if answer.status_code == 401:
+            raise not_the_cluster(f"the control plane at {self.base} refused: {answer.text}")
         try:
             return answer.status_code, answer.json()
         except ValueError:
@@ -96,13 +107,18 @@ def _print_event(entry: dict[str, Any]) -> None:
         console.print(f"[red]x[/] {step:9} {detail.get('reason') or detail.get('error') or detail}")
 
 
-def print_figures(op: dict[str, Any]) -> None:
+def cell_list(api: ControlApi, cells: list[Any]) -> str:
+    """Cells by name (u3), as everywhere else; the control plane's API gives their ids."""
+    return ", ".join(api.cell_names.get(int(c), str(c)) for c in cells)
+
+
+def print_figures(api: ControlApi, op: dict[str, Any]) -> None:
     detail = op["detail"]
-    table = Table(title=f"{op['kind']} {op['id']}: {op['state']}")
+    table = compact_table(f"{op['kind']} {op['id']}: {op['state']}")
     table.add_column("figure")
     table.add_column("value", justify="right")
     rows = [
-        ("cells", ", ".join(str(c) for c in op["cells"])),
+        ("cells", cell_list(api, op["cells"])),
         ("from", ", ".join(sorted(set(op["sources"].values())))),
         ("to", op["target"]),
         ("total ms", detail.get("total_ms")),
@@ -128,16 +144,23 @@ def print_figures(op: dict[str, Any]) -> None:
 
 @click.command()
 @config_option
-@click.option("--cell", "cells", help="Cells to move: ids or names, comma-separated (3,u4).")
-@click.option("--to", "target", help="The region that will own the cells.")
-@click.option("--abort", "abort_id", metavar="OP", help="Roll back a running switch.")
+@click.option(
+    "--cell", "cells", help="Cells to move: names or ids, comma-separated (u3 or u3,u4 or 3)."
+)
+@click.option("--to", "target", help="The region that will own the cells (hz).")
+@click.option(
+    "--abort",
+    "abort_id",
+    metavar="OP",
+    help="Roll back the running switch OP (its id, from `unitrade operations`).",
+)
 @click.option(
     "--timeout",
     "timeout_s",
     type=click.FloatRange(1, 3600),
     default=120.0,
     show_default=True,
-    help="Seconds to follow the switch.",
+    help="Seconds to follow the switch (it goes on in the control plane after that).",
 )
 def switch(
     config_path: Path | None,
@@ -146,7 +169,7 @@ def switch(
     abort_id: str | None,
     timeout_s: float,
 ) -> None:
-    """Move the ownership of cells to another region with no acknowledged write lost.
+    """Move cells to another region; no acknowledged write lost.
 
     Pre-check (the target is healthy and its lag under the limits; refused before anything
     is banned), ban the cells, wait until the target has applied the old owner's final
@@ -155,8 +178,19 @@ def switch(
     Exit 0 when switched; 1 when refused or rolled back.
 
     `--abort OP` rolls a running switch back (before its new owner is published).
+
+    \b
+    Examples:
+      unitrade switch --cell u3 --to hz
+      unitrade switch --abort op-1f2e3d4c5b6a
     """
-    api = ControlApi(load(config_path))
+    with ControlApi(load(config_path)) as api:
+        _switch(api, cells, target, abort_id, timeout_s)
+
+
+def _switch(
+    api: ControlApi, cells: str | None, target: str | None, abort_id: str | None, timeout_s: float
+) -> None:
     if abort_id is not None:
         if cells or target:
             raise click.UsageError("--abort takes no --cell or --to")
@@ -164,7 +198,7 @@ def switch(
         if code != 202:
             _fail(code, body)
         console.print(f"abort of {abort_id} requested")
-        _finish(follow(api, abort_id, timeout_s))
+        _finish(api, follow(api, abort_id, timeout_s))
         return
     if not cells or not target:
         raise click.UsageError("give --cell and --to (or --abort OP)")
@@ -173,26 +207,45 @@ def switch(
     if code != 202:
         _fail(code, body)
     console.print(f"switch {body['id']}: cells {', '.join(names)} to {target}")
-    _finish(follow(api, body["id"], timeout_s))
+    _finish(api, follow(api, body["id"], timeout_s))
 
 
 @click.command()
 @config_option
 @click.option("--region", required=True, help="The region to empty of owned cells.")
 @click.option("--to", "target", required=True, help="The region that takes them.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(1, 3600), default=300.0)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(1, 3600),
+    default=300.0,
+    show_default=True,
+    help="Seconds to follow the evacuation (it goes on in the control plane after that).",
+)
 def evacuate(config_path: Path | None, region: str, target: str, timeout_s: float) -> None:
-    """Switch every cell REGION owns to another region (one switchover of them all)."""
-    api = ControlApi(load(config_path))
+    """Switch every cell a region owns to another region.
+
+    The steps, limits and exit status are those of `unitrade switch`.
+
+    \b
+    Example:
+      unitrade evacuate --region sh --to hz
+    """
+    with ControlApi(load(config_path)) as api:
+        _evacuate(api, region, target, timeout_s)
+
+
+def _evacuate(api: ControlApi, region: str, target: str, timeout_s: float) -> None:
     code, body = api.call("POST", "/v1/evacuate", {"region": region, "to": target})
     if code != 202:
         _fail(code, body)
-    console.print(f"evacuate {body['id']}: cells {body['cells']} of {region} to {target}")
-    _finish(follow(api, body["id"], timeout_s))
+    cells = cell_list(api, body["cells"])
+    console.print(f"evacuate {body['id']}: cells {cells} of {region} to {target}")
+    _finish(api, follow(api, body["id"], timeout_s))
 
 
-def _finish(op: dict[str, Any]) -> None:
-    print_figures(op)
+def _finish(api: ControlApi, op: dict[str, Any]) -> None:
+    print_figures(api, op)
     if op["state"] == "running":
         console.print("[yellow]still running[/]; follow it with `unitrade operations " + op["id"])
         sys.exit(1)
@@ -202,29 +255,54 @@ def _finish(op: dict[str, Any]) -> None:
 @click.command()
 @config_option
 @click.argument("operation_id", required=False)
-@click.option("--limit", type=click.IntRange(1, 200), default=20, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 200),
+    default=20,
+    show_default=True,
+    help="Operations to list, newest first.",
+)
 def operations(config_path: Path | None, operation_id: str | None, limit: int) -> None:
-    """List the control plane's operations, or show one (OPERATION_ID) with its log."""
-    api = ControlApi(load(config_path))
+    """List the switchovers, or show one with its log and figures.
+
+    Without OPERATION_ID: the newest operations, one per row, with their full ids (what
+    `unitrade switch --abort` takes). With OPERATION_ID (op-...): its steps as logged and
+    its figures.
+
+    \b
+    Examples:
+      unitrade operations --limit 5
+      unitrade operations op-1f2e3d4c5b6a
+    """
+    with ControlApi(load(config_path)) as api:
+        _operations(api, operation_id, limit)
+
+
+def _operations(api: ControlApi, operation_id: str | None, limit: int) -> None:
     if operation_id is not None:
         code, op = api.call("GET", f"/v1/operations/{operation_id}")
         if code != 200:
             _fail(code, op)
         for entry in op["log"]:
             _print_event(entry)
-        print_figures(op)
+        print_figures(api, op)
         return
     code, body = api.call("GET", "/v1/operations", limit=limit)
     if code != 200:
         _fail(code, body)
-    table = Table(title="operations (newest first)")
-    for column in ("id", "kind", "cells", "to", "state", "step", "total ms", "reason"):
-        table.add_column(column)
+    # The id is never cut (it is what --abort takes): the reason wraps instead.
+    table = compact_table("operations (newest first)")
+    table.add_column(
+        "id", no_wrap=True, min_width=max([2, *(len(o["id"]) for o in body["operations"])])
+    )
+    for column in ("kind", "cells", "to", "state", "step", "total ms"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("reason", overflow="fold")
     for op in body["operations"]:
         table.add_row(
             op["id"],
             op["kind"],
-            ",".join(str(c) for c in op["cells"]),
+            ",".join(api.cell_names.get(int(c), str(c)) for c in op["cells"]),
             op["target"],
             op["state"],
             op["step"],

@@ -26,6 +26,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from unitrade.cli_options import CONFIG_HINT, config_option, load
 from unitrade.replication.diff import (
     CHECKSUMS_PATH,
     CHUNK_ROWS_DEFAULT,
@@ -39,13 +40,7 @@ from unitrade.replication.diff import (
     compared_tables,
 )
 from unitrade.rpc.signing import sign
-from unitrade.topology.config import (
-    CONTROL_NAME,
-    CellConfig,
-    ConfigError,
-    TopologyConfig,
-    load_config,
-)
+from unitrade.topology.config import CONTROL_NAME, CellConfig, TopologyConfig
 
 CONNECT_TIMEOUT_S = 3.0
 # A call reads a bounded number of rows, but a compare call may also wait for the replica to
@@ -99,6 +94,8 @@ class Regions:
             answer = orjson.loads(response.content) if response.content else None
         except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
             raise DiffError(f"region {region}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code == 401:
+            raise DiffError(f"region {region} refused the call: {answer}\nhint: {CONFIG_HINT}")
         if response.status_code >= 400:
             message = answer.get("message") if isinstance(answer, dict) else None
             raise DiffError(f"region {region} answered {response.status_code}: {message}")
@@ -121,7 +118,7 @@ class Regions:
             if not owners and isinstance(health.get("owners"), dict):
                 owners = {str(k): str(v) for k, v in health["owners"].items()}
         if not owners:
-            raise DiffError("no region answered /healthz")
+            raise DiffError(f"no region answered /healthz\nhint: {CONFIG_HINT}")
         return owners, answering
 
 
@@ -255,7 +252,7 @@ def choose_cells(config: TopologyConfig, wanted: tuple[str, ...]) -> list[CellCo
 @contextmanager
 def cluster_regions(config: TopologyConfig) -> Iterator[Regions]:
     timeout = httpx.Timeout(CALL_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-    with httpx.Client(timeout=timeout) as http:
+    with httpx.Client(timeout=timeout, verify=config.http_verify) as http:
         yield Regions(config, http)
 
 
@@ -282,13 +279,7 @@ def run_diff(
 
 
 @click.command("diff")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Topology TOML file (default: built-in hz/sh/bj on 127.0.0.1:8701-8703).",
-)
+@config_option
 @click.option(
     "--cell",
     "cells",
@@ -304,18 +295,21 @@ def run_diff(
     help="Rows per checksummed chunk.",
 )
 def diff(config_path: Path | None, cells: tuple[str, ...], repair: bool, chunk_rows: int) -> None:
-    """Compare every replica copy of the cells with the owner's copy, row by row.
+    """Compare every copy of the cells with its owner's, row by row.
 
     Prints each mismatched primary key (cell, replica region, table, kind) and a summary.
     A region that does not answer is left out (its copies, or the cells it owns) and named
     in a `not compared:` line; the others are compared. Exit status 0: every copy equal
     (after the repair, with --repair); 1: differences; 2: no differences among the copies
-    compared, but some could not be (a region down, or one failed during the pass).
+    compared, but some could not be (a region down, or one failed during the pass), or a
+    bad configuration.
+
+    \b
+    Examples:
+      unitrade diff --cell u3 --cell center
+      unitrade diff --repair
     """
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        raise DiffError(str(exc)) from exc
+    config = load(config_path)
     console = Console(highlight=False)
     left, not_compared = run_diff(config, choose_cells(config, cells), chunk_rows, repair, console)
     raise SystemExit(1 if left else 2 if not_compared else 0)
