@@ -74,6 +74,7 @@ QUEUE_MAX = 10_000  # orders waiting to be paid, closed or refunded; keys to rep
 REPLAY_KEYS_MAX = 500
 VERDICT_SAMPLES_MIN = 8  # 4 in the second half: one per quarter
 SAMPLE_TIMEOUT_S = 120.0
+END_SLACK_S = 0.5
 # Each series may move by the larger of `--tolerance` (relative) and this floor (absolute,
 # in the series' unit) between the first and the last quarter of the second half.
 FLOORS = {"rows": 200.0, "db_mb": 1.0, "rss_mb": 8.0, "latency_ms": 10.0}
@@ -594,7 +595,7 @@ async def soak(
                 sample = await asyncio.to_thread(take_sample, cluster, storage)
             samples.append({"t_s": round(now - started, 1), **sample, "load": figures})
             print_row(samples[-1])
-            if now >= end:
+            if now >= end - END_SLACK_S:  # a sleep may end a little early
                 break
             for name, process in cluster.processes.items():
                 if process.poll() is not None:
@@ -606,7 +607,7 @@ async def soak(
 
 
 def print_row_header() -> None:
-    rows = " | ".join(SUMMARY_TABLES)
+    rows = " / ".join(SUMMARY_TABLES)
     print(
         "| t s | ok/s | errors | late | p50 ms | p99 ms | DB MB | RSS MB (hz/sh/bj/control) | "
         f"rows, all copies: {rows} |"
@@ -636,6 +637,9 @@ def fmt(value: float | None) -> str:
 def print_verdicts(results: dict[str, Any]) -> None:
     found = results["verdicts"]
     rule = results["settings"]["verdict_rule"]
+    if not any("first_quarter_mean" in f for f in found.values()):
+        print(f"\nno verdicts: fewer than {VERDICT_SAMPLES_MIN} samples")
+        return
     print(f"\nverdicts ({rule})")
     print("| series | first quarter | last quarter | allowed growth | slope / h | verdict |")
     print("|---|---:|---:|---:|---:|---|")
