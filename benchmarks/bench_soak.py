@@ -77,7 +77,7 @@ SAMPLE_TIMEOUT_S = 120.0
 END_SLACK_S = 0.5
 # Each series may move by the larger of `--tolerance` (relative) and this floor (absolute,
 # in the series' unit) between the first and the last quarter of the second half.
-FLOORS = {"rows": 200.0, "db_mb": 1.0, "rss_mb": 8.0, "latency_ms": 10.0}
+FLOORS = {"rows": 200.0, "db_mb": 1.0, "wal_mb": 1.0, "rss_mb": 8.0, "latency_ms": 10.0}
 # Business records: kept forever, so they grow with the orders created.
 KEPT_TABLES = frozenset({"orders", "order_lines", "buyer_orders", "payments"})
 # The workload: operation -> weight. Pay and close take a created order (falling back to a
@@ -352,11 +352,22 @@ class Storage:
     def sizes_mb(self) -> dict[str, float]:
         raise NotImplementedError
 
+    def wal_mb(self) -> dict[str, float]:
+        """Write-ahead logs kept per database (SQLite); PostgreSQL's WAL is the server's."""
+        return {}
+
     def rows(self) -> dict[str, dict[str, int]]:
         raise NotImplementedError
 
     def cleanup(self) -> None:
         pass
+
+
+def size_mb(path: Path) -> float:
+    try:
+        return round(path.stat().st_size / 1e6, 3)
+    except OSError:
+        return 0.0
 
 
 class SqliteStorage(Storage):
@@ -370,14 +381,10 @@ class SqliteStorage(Storage):
         return str(path.relative_to(self.data_dir).with_suffix(""))
 
     def sizes_mb(self) -> dict[str, float]:
-        sizes: dict[str, float] = {}
-        for path in self.files():
-            total = 0
-            for part in (path, path.with_name(path.name + "-wal")):
-                with contextlib.suppress(OSError):
-                    total += part.stat().st_size
-            sizes[self.name(path)] = round(total / 1e6, 3)
-        return sizes
+        return {self.name(path): size_mb(path) for path in self.files()}
+
+    def wal_mb(self) -> dict[str, float]:
+        return {self.name(p): size_mb(p.with_name(p.name + "-wal")) for p in self.files()}
 
     def rows(self) -> dict[str, dict[str, int]]:
         found: dict[str, dict[str, int]] = {}
@@ -461,6 +468,7 @@ def take_sample(cluster: LocalCluster, storage: Storage) -> dict[str, Any]:
             for name in [*cluster.config.region_names, CONTROL_NAME]
         },
         "db_mb": storage.sizes_mb(),
+        "wal_mb": storage.wal_mb(),
         "rows": storage.rows(),
     }
 
@@ -511,6 +519,10 @@ def series_of(samples: Sequence[dict[str, Any]]) -> dict[str, tuple[str, list[fl
         put("db_mb all", "db_mb", i, sum(sample["db_mb"].values()))
         for name, value in sample["db_mb"].items():
             put(f"db_mb {name}", "db_mb", i, value)
+        if sample["wal_mb"]:
+            put("wal_mb all", "wal_mb", i, sum(sample["wal_mb"].values()))
+        for name, value in sample["wal_mb"].items():
+            put(f"wal_mb {name}", "wal_mb", i, value)
         totals: Counter[str] = Counter()
         for copy, tables in sample["rows"].items():
             for table, count in tables.items():
@@ -609,10 +621,11 @@ async def soak(
 def print_row_header() -> None:
     rows = " / ".join(SUMMARY_TABLES)
     print(
-        "| t s | ok/s | errors | late | p50 ms | p99 ms | DB MB | RSS MB (hz/sh/bj/control) | "
+        "| t s | ok/s | errors | late | p50 ms | p99 ms | DB MB | WAL MB | "
+        "RSS MB (hz/sh/bj/control) | "
         f"rows, all copies: {rows} |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
 
 
 def print_row(sample: dict[str, Any]) -> None:
@@ -625,7 +638,8 @@ def print_row(sample: dict[str, Any]) -> None:
     print(
         f"| {sample['t_s']:.0f} | {load['ok_per_s']:.1f} | {sum(load['errors'].values())} | "
         f"{load['late']} | {fmt(load['p50_ms'])} | {fmt(load['p99_ms'])} | "
-        f"{sum(sample['db_mb'].values()):.1f} | {rss} | {rows} |",
+        f"{sum(sample['db_mb'].values()):.1f} | {sum(sample['wal_mb'].values()):.1f} | "
+        f"{rss} | {rows} |",
         flush=True,
     )
 
@@ -646,7 +660,8 @@ def print_verdicts(results: dict[str, Any]) -> None:
     shown = [
         n
         for n, f in found.items()
-        if not n.startswith(("rows ", "db_mb ")) or n.startswith(("rows all", "db_mb all"))
+        if not n.startswith(("rows ", "db_mb ", "wal_mb "))
+        or n.startswith(("rows all", "db_mb all", "wal_mb all"))
     ]
     shown += [
         n

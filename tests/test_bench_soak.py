@@ -41,6 +41,7 @@ def sample(t: float, rows: dict[str, dict[str, int]], p99: float | None) -> dict
         "t_s": t,
         "rss_mb": {"hz": 100.0},
         "db_mb": {"hz/cell-u1": 1.0, "hz/cell-center": 2.0},
+        "wal_mb": {"hz/cell-u1": 4.0, "hz/cell-center": 0.0},
         "rows": rows,
         "load": {"p50_ms": p99, "p99_ms": p99},
     }
@@ -55,6 +56,7 @@ def test_series_cover_every_copy_and_table_and_late_tables_start_at_zero() -> No
     assert found["rows hz/cell-u1 outbox"] == ("rows", [0.0, 3.0])
     assert found["rows all orders"] == ("rows", [1.0, 5.0])
     assert found["db_mb all"] == ("db_mb", [3.0, 3.0])
+    assert found["wal_mb all"] == ("wal_mb", [4.0, 4.0])
     assert found["rss_mb hz"] == ("rss_mb", [100.0, 100.0])
     latency = found["latency_ms p99"][1]
     assert latency[1] == 4.0 and latency[0] != latency[0]  # NaN: no answers yet
@@ -69,4 +71,5 @@ def test_business_records_and_unit_cell_databases_are_kept_by_design() -> None:
     assert kept_by_design("db_mb hz_u3")  # a PostgreSQL database
     assert not kept_by_design("db_mb hz_center")
     assert not kept_by_design("db_mb hz/cell-center")
+    assert not kept_by_design("wal_mb hz/cell-u3")  # checkpoints bound it
     assert not kept_by_design("rss_mb hz")
