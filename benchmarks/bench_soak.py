@@ -75,6 +75,7 @@ REPLAY_KEYS_MAX = 500
 VERDICT_SAMPLES_MIN = 8  # 4 in the second half: one per quarter
 SAMPLE_TIMEOUT_S = 120.0
 END_SLACK_S = 0.5
+CATALOG_TIMEOUT_S = 30.0
 # Each series may move by the larger of `--tolerance` (relative) and this floor (absolute,
 # in the series' unit) between the first and the last quarter of the second half.
 FLOORS = {"rows": 200.0, "db_mb": 1.0, "wal_mb": 1.0, "rss_mb": 8.0, "latency_ms": 10.0}
@@ -581,6 +582,15 @@ def seed_products(config: TopologyConfig) -> None:
             response = client.put(f"{url}/v1/admin/products/{sku}", json=body)
             if response.status_code != 200:
                 raise BenchError(f"seeding {sku}: {response.status_code} {response.text}")
+        # The products are written at hz; the other regions serve them from their copies of
+        # the global cell, so reads there would be 404 until replication has brought them.
+        deadline = time.monotonic() + CATALOG_TIMEOUT_S
+        for region in config.region_names:
+            path = f"{config.region(region).base_url}/v1/products?limit={len(SKUS)}"
+            while len(client.get(path).json().get("products", [])) < len(SKUS):
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{region} does not serve the catalog after seeding")
+                time.sleep(0.05)
 
 
 async def soak(
