@@ -30,103 +30,63 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import itertools
-import json
 import math
 import os
-import platform
 import random
-import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
 import httpx
 import orjson
 import uvloop
 
+from benchmarks.harness import (
+    HOST,
+    REPO_ROOT,
+    START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    BenchError,
+    Connection,
+    busy_before_run,
+    cpu_seconds,
+    free_ports,
+    home_buyers,
+    machine_busy_seconds,
+    order_request,
+    run_bounded,
+    run_header,
+    self_cpu_seconds,
+    source_info,
+    wal_bytes,
+    write_topology,
+)
 from unitrade.cluster import LocalCluster
-from unitrade.topology.config import TopologyConfig, default_config, load_config
-from unitrade.topology.rule import initial_rule, route_buyer
+from unitrade.topology.config import TopologyConfig
 from unitrade.web.tokens import issue_token
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
-RESERVED_PORTS = frozenset({8700, 8701, 8702, 8703})  # a developer's `unitrade up`
 SKU_COUNT = 50
 STOCK = 10**8  # never runs out
 BUYERS_PER_REGION = 600
 LINES_PER_ORDER = 2
 PLAN_LENGTH = 6_000
 GRACE_S = 20.0  # bound on finishing the requests in flight after a phase's deadline
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 15.0
 INLINE = "baseline inline"  # the second baseline: the same app, transactions on the loop
-IDLE_BUSY_MAX = 0.15  # warn when the machine is busier than this before the run
 OTHER_CORES_MAX = 0.2  # a phase with more unattributed busy CPU than this is flagged
 TARGETS = {"unitrade >= 0.85 x baseline orders/s": 0.85, "forwarded p50 <= 1.5 x direct": 1.5}
 
 
-class BenchError(RuntimeError):
-    pass
-
-
 # -- processes ------------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out for 127.0.0.1 now (all held open until all are chosen)."""
-    sockets: list[socket.socket] = []
-    try:
-        while len(sockets) < count:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((HOST, 0))
-            if sock.getsockname()[1] in RESERVED_PORTS:
-                sock.close()
-                continue
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def write_topology(path: Path, ports: Sequence[int]) -> TopologyConfig:
-    """The default topology (regions, cells, buckets, owners) on the given ports: one per
-    region, then the control plane's."""
-    default = default_config()
-    lines: list[str] = []
-    *region_ports, control_port = ports
-    for region, port in zip(default.regions, region_ports, strict=True):
-        lines.append(f"[regions.{region.name}]")
-        if region.center:
-            lines.append("center = true")
-        lines.append(f'listen = "{HOST}:{port}"')
-        lines.append("")
-    lines += ["[control]", f'listen = "{HOST}:{control_port}"', ""]
-    for cell in default.cells:
-        lines += ["[[cells]]", f"id = {cell.id}", f'kind = "{cell.kind.value}"']
-        lines.append(f'owner = "{cell.owner}"')
-        if cell.buckets:
-            lines.append(f'buckets = "{cell.buckets}"')
-        lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
-    config = load_config(path)
-    assert [c.model_dump() for c in config.cells] == [c.model_dump() for c in default.cells]
-    return config
 
 
 class Baseline:
@@ -185,99 +145,7 @@ class Baseline:
             self._log = None
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    tick = os.sysconf("SC_CLK_TCK")
-    return (sum(values) - idle) / tick, sum(values) / tick
-
-
-def wal_bytes(root: Path) -> int:
-    total = 0
-    for path in root.rglob("*.db-wal"):
-        with contextlib.suppress(OSError):
-            total += path.stat().st_size
-    return total
-
-
-def machine_busy_fraction(seconds: float) -> float:
-    """How busy the whole machine is over the next `seconds` (0..1)."""
-    busy_before, total_before = machine_busy_seconds()
-    time.sleep(seconds)
-    busy_after, total_after = machine_busy_seconds()
-    return (busy_after - busy_before) / max(total_after - total_before, 1e-9)
-
-
-def self_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 # -- HTTP/1.1 load generator -----------------------------------------------------------------
-
-
-def order_request(port: int, token: str, body: bytes) -> bytes:
-    head = (
-        f"POST /v1/orders HTTP/1.1\r\nhost: {HOST}:{port}\r\nauthorization: Bearer {token}\r\n"
-        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection; requests are prebuilt bytes."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def send(self, request: bytes, want_headers: bool = False) -> Reply:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
-            self.writer.transport.set_write_buffer_limits(high=1 << 20)
-        assert self.reader is not None
-        try:
-            self.writer.write(request)
-            head = await self.reader.readuntil(b"\r\n\r\n")
-            lowered = head.lower()
-            at = lowered.find(b"\r\ncontent-length:")
-            if at < 0:
-                raise BenchError("response without content-length")
-            end = lowered.find(b"\r\n", at + 17)
-            body = await self.reader.readexactly(int(lowered[at + 17 : end]))
-        except BaseException:
-            self.close()
-            raise
-        headers: dict[str, str] = {}
-        if want_headers:
-            for line in head.decode("latin-1").split("\r\n")[1:]:
-                name, sep, value = line.partition(":")
-                if sep:
-                    headers[name.strip().lower()] = value.strip()
-        return Reply(int(head[9:12]), headers, body)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
 
 
 @dataclass
@@ -429,18 +297,6 @@ class Setup:
                 port = self.port(target or region)
             plan.append((port, order_request(port, token, body)))
         return plan
-
-
-def home_buyers(config: TopologyConfig, per_region: int) -> dict[str, list[int]]:
-    rule = initial_rule(config)
-    buyers: dict[str, list[int]] = {r: [] for r in config.region_names}
-    for buyer in itertools.count(1_000_001):
-        region = route_buyer(rule, buyer).region
-        if len(buyers[region]) < per_region:
-            buyers[region].append(buyer)
-        if all(len(b) >= per_region for b in buyers.values()):
-            return buyers
-    raise AssertionError("unreachable")
 
 
 def seed(setup: Setup) -> None:
@@ -704,18 +560,6 @@ def print_profile(name: str, summary: dict[str, Any]) -> None:
             print(f"    {share:6.1%}  {label}")
 
 
-def busy_before_run() -> float:
-    """The machine's busy fraction before a run, with a warning when others are using it."""
-    busy = machine_busy_fraction(2.0)
-    if busy > IDLE_BUSY_MAX:
-        print(
-            f"WARNING: the machine is {busy:.0%} busy before the benchmark starts; "
-            "other load will distort the figures",
-            flush=True,
-        )
-    return busy
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     source = source_info()  # before the run: src/ may change while it runs
     busy_before = busy_before_run()
@@ -811,56 +655,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"data kept in {data_dir}")
         else:
             shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def run_header(
-    module: str, label: str | None, source: dict[str, Any], busy_before: float | None = None
-) -> dict[str, Any]:
-    """What every benchmark's JSON starts with: when, the command, what was measured, where."""
-    machine: dict[str, Any] = {
-        "nproc": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    if busy_before is not None:
-        machine["busy_before_run"] = round(busy_before, 3)
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join([f".venv/bin/python -m benchmarks.{module}", *sys.argv[1:]]),
-        "label": label,
-        "source": source,
-        "machine": machine,
-    }
-
-
-def source_info() -> dict[str, Any]:
-    """Which unitrade was measured: its path, and the git state of the repository's src/
-    (read-only git commands)."""
-    import unitrade
-
-    def git(*command: str) -> str:
-        try:
-            done = subprocess.run(
-                ["git", "-C", str(REPO_ROOT), *command],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return "?"
-        return done.stdout
-
-    path = Path(unitrade.__file__).resolve().parent
-    info: dict[str, Any] = {"unitrade_path": str(path), "git_head": None}
-    if path.is_relative_to(REPO_ROOT / "src"):
-        info["git_head"] = git("rev-parse", "HEAD")[:12]
-        changed = git("status", "--porcelain", "--", "src").split("\n")
-        info["src_uncommitted"] = [line[3:] for line in changed if line.strip()]
-        if info["src_uncommitted"]:
-            diff = git("diff", "HEAD", "--", "src").encode()
-            info["src_diff_sha256"] = hashlib.sha256(diff).hexdigest()[:16]
-    return info
 
 
 def report(
@@ -1035,41 +829,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # A hard bound on the whole run; the handler raises, so the processes are still stopped.
     budget = 180 + (args.rounds * 4 + 4) * (args.duration + args.warmup + GRACE_S)
     budget += args.sequential * 0.2 + (2 * args.profile_seconds + 80 if args.profile else 0)
     return run_bounded(run, args, budget)
-
-
-def run_bounded(
-    run_fn: Callable[[argparse.Namespace], dict[str, Any]],
-    args: argparse.Namespace,
-    budget_s: float,
-) -> int:
-    """Run a benchmark under a hard time bound (the alarm handler raises, so every process
-    is still stopped) and write its results to `--json`; the exit status. SIGTERM stops it
-    the same way."""
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGALRM, _interrupt)
-    signal.alarm(int(budget_s))
-    try:
-        results = run_fn(args)
-    except KeyboardInterrupt as exc:
-        print(f"interrupted ({str(exc) or 'Ctrl-C'}); processes stopped", file=sys.stderr)
-        return 130
-    finally:
-        signal.alarm(0)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        print(f"\nresults written to {args.json}")
-    return 0
 
 
 if __name__ == "__main__":

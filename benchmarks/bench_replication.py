@@ -78,26 +78,28 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from benchmarks.bench_orders import (
     BUYERS_PER_REGION,
-    HOST,
     OTHER_CORES_MAX,
     SKU_COUNT,
+    Setup,
+    closed_loop,
+    print_profile,
+    seed,
+    summarise_profile,
+)
+from benchmarks.harness import (
+    HOST,
     STOP_TIMEOUT_S,
     BenchError,
     Connection,
-    Setup,
     busy_before_run,
-    closed_loop,
     cpu_seconds,
     free_ports,
     home_buyers,
     machine_busy_seconds,
-    print_profile,
     run_bounded,
     run_header,
-    seed,
     self_cpu_seconds,
     source_info,
-    summarise_profile,
     write_topology,
 )
 from unitrade.cluster import LocalCluster

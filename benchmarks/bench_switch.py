@@ -61,13 +61,14 @@ import httpx
 import orjson
 import uvloop
 
-from benchmarks.bench_orders import (
-    OTHER_CORES_MAX,
-    STOCK,
+from benchmarks.bench_orders import OTHER_CORES_MAX, STOCK
+from benchmarks.harness import (
+    REUSE_IDLE_MAX_S,
     BenchError,
-    Connection,
+    Pool,
     busy_before_run,
     cpu_seconds,
+    error_code,
     free_ports,
     machine_busy_seconds,
     order_request,
@@ -93,7 +94,6 @@ DRAIN_S = REQUEST_TIMEOUT_S + 5.0
 AFTER_S = 1.0  # the moved cell's writes this long after each switch are reported too
 LATE_S = 0.05  # a request sent this much after it was due waited for the in-flight bound
 ERRORS_PRINTED = 20
-REUSE_IDLE_MAX_S = 2.0  # uvicorn closes idle keep-alive connections after 5 s
 TARGET_SWITCH_MS = 2_000
 TARGET_ADDED_P99_MS = 1_000
 STEPS = ("ban_ms", "catch_up_ms", "publish_ms", "verify_ms")
@@ -163,56 +163,6 @@ def make_plan(
         port = rng.choice(ports)
         requests.append((port, order_request(port, token, body), moved))
     return Plan(requests)
-
-
-class PooledConnection(Connection):
-    def __init__(self, port: int) -> None:
-        super().__init__(port)
-        self.last_used = time.monotonic()
-        self.uses = 0
-
-
-class Pool:
-    """Idle keep-alive connections per port (the most recently used first); a new one when
-    none is idle. A connection idle for longer than `REUSE_IDLE_MAX_S` is closed instead of
-    reused: the server closes it after 5 s (uvicorn's keep-alive timeout), and a request
-    written as it does so reads nothing back, a client-side race, not a server error."""
-
-    def __init__(self) -> None:
-        self.idle: dict[int, list[PooledConnection]] = {}
-        self.opened = 0
-        self.retired = 0
-
-    def take(self, port: int) -> PooledConnection:
-        idle = self.idle.setdefault(port, [])
-        now = time.monotonic()
-        while idle:
-            connection = idle.pop()
-            if now - connection.last_used <= REUSE_IDLE_MAX_S:
-                return connection
-            connection.close()
-            self.retired += 1
-        self.opened += 1
-        return PooledConnection(port)
-
-    def give(self, connection: PooledConnection) -> None:
-        connection.last_used = time.monotonic()
-        connection.uses += 1
-        self.idle.setdefault(connection.port, []).append(connection)
-
-    def close(self) -> None:
-        for connections in self.idle.values():
-            for connection in connections:
-                connection.close()
-        self.idle.clear()
-
-
-def error_code(body: bytes) -> str:
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return "?"
-    return str(parsed.get("error", "?")) if isinstance(parsed, dict) else "?"
 
 
 async def open_loop(
