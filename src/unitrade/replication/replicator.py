@@ -17,6 +17,11 @@ window while the follower keeps up, costs the owner less and its followers about
 (docs/benchmarks.md, Replication). Each cell is still its own stream: its own checkpoint,
 applied in its own transaction, with its own lag, errors and backoff.
 
+Retention: the owner remembers where each follower's last pull started (`Followers`) only
+to know how far it may trim its changelog (storage/retention.py); the Replicator runs the
+trim of every copy of this region every `sweep_interval_s`. A pull after a trimmed position
+is answered `changelog_trimmed`, and the follower rebuilds that copy from a snapshot.
+
 Lag is reported per stream in positions (owner's head minus the checkpoint) and in
 milliseconds: the delay of the last batch applied, from the commit of its oldest change at
 the owner to its apply here, measured on the owner's clock so that clock skew between
