@@ -6,19 +6,25 @@ from __future__ import annotations
 import asyncio
 import functools
 import sqlite3
+import time
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Connection, func, select
 
+from tests.replication_support import positions, wait_converged
 from tests.storage_support import make_store, sqlite_template
-from tests.support import topology_toml
+from tests.support import Api, free_ports, topology_toml
 from tests.test_pull_many import CELL, Regions, until, wire, write_carts
+from unitrade.cluster import LocalCluster
 from unitrade.errors import ChangelogTrimmed
 from unitrade.replication.diff import (
     CHUNK_ROWS_MAX,
@@ -29,6 +35,7 @@ from unitrade.replication.diff import (
     range_checksum,
     read_page,
 )
+from unitrade.replication.diff_cli import diff as diff_command
 from unitrade.replication.replicator import Replicator, serve_pull, serve_pull_many
 from unitrade.storage.retention import TrimTargets, batch_end, trim_batch, trim_targets
 from unitrade.storage.schema import carts, changelog
@@ -39,6 +46,7 @@ from unitrade.topology.config import (
     TopologyConfig,
     parse_config,
 )
+from unitrade.topology.rule import route_buyer
 
 U1 = CELL["u1"]  # hz owns it
 HOUR_MS = 3_600_000
@@ -386,3 +394,78 @@ def test_diff_of_copies_trimmed_to_different_points_finds_no_difference(
             assert missing.key == {"position": 280} and missing.kind == "missing"
 
     asyncio.run(scenario())
+
+
+# -- a real cluster: a region down while its owner trims, then `unitrade diff` ---------------
+
+
+def metric(api: Api, region: str, name: str, labels: dict[str, str]) -> float:
+    text = api.http.get(api.url(region, "/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no {name} {labels} at {region}")
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.cluster
+def test_a_region_back_after_its_owner_trimmed_past_it_rebuilds_and_diff_is_clean(
+    tmp_path: Path,
+) -> None:
+    ports = free_ports(4)
+    text = topology_toml(ports) + (
+        "[retention]\nchangelog_positions_kept = 10\nchangelog_age_s = 0\n"
+        "changelog_positions_max = 1000\nsweep_batch_rows = 200\nsweep_interval_s = 0.2\n"
+    )
+    path = tmp_path / "topology.toml"
+    path.write_text(text)
+    config = parse_config(tomllib.loads(text))
+    with LocalCluster(config, tmp_path / "data", path) as cluster:
+        cluster.start()
+        api = Api(config)
+        try:
+            api.put_product("T1", stock=10)
+            buyer = api.buyer_in("hz")
+            cell = api.rule.cells[route_buyer(api.rule, buyer).cell].name
+
+            def cart(qty: int) -> None:
+                response = api.call("hz", "PUT", "/v1/cart/items/T1", buyer, {"qty": qty})
+                assert response.status_code == 200, response.text
+
+            for qty in range(1, 21):
+                cart(qty)
+            wait_converged(config)
+            behind = positions(config)["bj"][cell]
+            cluster.kill_region("bj")
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(cart, [1 + i % 50 for i in range(1_300)]))
+            owned = {"region": "hz", "cell": cell, "owned": "true"}
+            trimmed = "unitrade_changelog_trimmed_position"
+            # The owner kept bj's rows as long as it could, then trimmed past them.
+            # Rows past the bound are trimmed at the next sweep (every 0.2 s here).
+            wait_for(lambda: metric(api, "hz", trimmed, owned) > behind, "the owner's trim")
+            rows = "unitrade_changelog_rows"
+            wait_for(lambda: metric(api, "hz", rows, owned) <= 1_000, "the bound")
+
+            cluster.start_region("bj")
+            cluster.wait_healthy(["bj"])
+            cart(7)  # the stream carries on after the rebuild
+            wait_converged(config)
+            stream = {"region": "bj", "cell": cell, "source": "hz"}
+            rebuilt = "unitrade_replication_rebootstraps_total"
+            assert metric(api, "bj", rebuilt, stream) == 1
+            assert "rebuilding the copy from a snapshot" in cluster.log_path("bj").read_text()
+            for region in ("sh", "bj"):
+                replica = {"region": region, "cell": cell, "owned": "false"}
+                assert metric(api, region, trimmed, replica) > 0
+            found = CliRunner().invoke(diff_command, ["--config", str(path), "--chunk-rows", "50"])
+            assert found.exit_code == 0, found.output
+        finally:
+            api.http.close()
