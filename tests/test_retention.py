@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from click.testing import CliRunner
@@ -37,6 +38,7 @@ from unitrade.replication.diff import (
 )
 from unitrade.replication.diff_cli import diff as diff_command
 from unitrade.replication.replicator import Replicator, serve_pull, serve_pull_many
+from unitrade.rpc.signing import sign
 from unitrade.storage.retention import TrimTargets, batch_end, trim_batch, trim_targets
 from unitrade.storage.schema import carts, changelog
 from unitrade.storage.store import CellStore, now_ms
@@ -415,6 +417,15 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) 
         time.sleep(0.1)
 
 
+def signed_pull(api: Api, follower: str, cell: int, after: int) -> httpx.Response:
+    target = "/internal/replication/pull"
+    payload = {"cell": cell, "after": after, "limit": 10, "wait_ms": 0, "region": follower}
+    body = orjson.dumps(payload)
+    headers = {"content-type": "application/json"}
+    headers.update(sign(api.config.secret, follower, "POST", target, body))
+    return api.http.post(api.url("hz", target), content=body, headers=headers)
+
+
 @pytest.mark.cluster
 def test_a_region_back_after_its_owner_trimmed_past_it_rebuilds_and_diff_is_clean(
     tmp_path: Path,
@@ -433,7 +444,8 @@ def test_a_region_back_after_its_owner_trimmed_past_it_rebuilds_and_diff_is_clea
         try:
             api.put_product("T1", stock=10)
             buyer = api.buyer_in("hz")
-            cell = api.rule.cells[route_buyer(api.rule, buyer).cell].name
+            cell_id = route_buyer(api.rule, buyer).cell
+            cell = api.rule.cells[cell_id].name
 
             def cart(qty: int) -> None:
                 response = api.call("hz", "PUT", "/v1/cart/items/T1", buyer, {"qty": qty})
@@ -453,6 +465,10 @@ def test_a_region_back_after_its_owner_trimmed_past_it_rebuilds_and_diff_is_clea
             wait_for(lambda: metric(api, "hz", trimmed, owned) > behind, "the owner's trim")
             rows = "unitrade_changelog_rows"
             wait_for(lambda: metric(api, "hz", rows, owned) <= 1_000, "the bound")
+            # What bj will be told, over HTTP: a typed 410, not a 500.
+            refused = signed_pull(api, "bj", cell_id, behind)
+            assert refused.status_code == 410, refused.text
+            assert refused.json()["error"] == "changelog_trimmed"
 
             cluster.start_region("bj")
             cluster.wait_healthy(["bj"])

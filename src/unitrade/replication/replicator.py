@@ -141,8 +141,10 @@ class Followers:
 
     def __init__(self) -> None:
         self._seen: dict[int, dict[str, int]] = {}  # cell -> region -> rule version
-        # cell -> region -> the position its last pull started after: what it has applied,
-        # which bounds how far the owner trims its changelog (storage/retention.py).
+        # cell -> region -> the position its last pull started after: what it has applied
+        # (or, for a pipelined pull, is applying: if that apply fails, its next pull sets
+        # it back), which bounds how far the owner trims its changelog
+        # (storage/retention.py).
         self._applied: dict[int, dict[str, int]] = {}
 
     def saw(self, cell: int, region: str, rule_version: int, after: int | None = None) -> None:
