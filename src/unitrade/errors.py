@@ -150,6 +150,14 @@ class PastPointOfNoReturn(UnitradeError):
     status = 409
 
 
+class ChangelogTrimmed(UnitradeError):
+    """A follower asked for changelog rows its owner has already trimmed: the copy can only
+    be rebuilt from a snapshot (the follower does so by itself)."""
+
+    code = "changelog_trimmed"
+    status = 410
+
+
 ERRORS_BY_CODE: dict[str, type[UnitradeError]] = {
     cls.code: cls
     for cls in (
@@ -174,6 +182,7 @@ ERRORS_BY_CODE: dict[str, type[UnitradeError]] = {
         SwitchRefused,
         OperationRunning,
         PastPointOfNoReturn,
+        ChangelogTrimmed,
     )
 }
 

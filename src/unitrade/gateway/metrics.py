@@ -1,9 +1,9 @@
 """Prometheus metrics of a region, at `/metrics`.
 
 A collector reads the region's state when scraped, so the request path pays nothing for
-metrics: replication lag per stream (positions and ms), applied rows, stream errors, each
-cell copy's changelog position, requests forwarded, the rule version each component has
-acknowledged, and writes held while a cell was banned.
+metrics: replication lag per stream (positions and ms), applied rows, stream errors and
+rebuilds, each cell copy's changelog position, rows kept and trim point, requests forwarded,
+the rule version each component has acknowledged, and writes held while a cell was banned.
 """
 
 from __future__ import annotations
@@ -49,21 +49,47 @@ class RegionCollector(Collector):
         errors = CounterMetricFamily(
             "unitrade_replication_errors", "Failed pulls or applies of a stream", labels=stream
         )
+        rebootstraps = CounterMetricFamily(
+            "unitrade_replication_rebootstraps",
+            "Copies rebuilt from a snapshot because the owner had trimmed past them",
+            labels=stream,
+        )
         for s in self.runtime.replicator.status():
             labels = [region, s["cell_name"], s["source"]]
             lag_positions.add_metric(labels, s["lag_positions"])
             lag_ms.add_metric(labels, s["lag_ms"])
             applied.add_metric(labels, s["applied_rows"])
             errors.add_metric(labels, s["errors"])
+            rebootstraps.add_metric(labels, s["rebootstraps"])
         position = GaugeMetricFamily(
             "unitrade_cell_position",
             "Last changelog position of this region's copy of a cell",
             labels=["region", "cell", "owned"],
         )
+        copy = ["region", "cell", "owned"]
+        kept = GaugeMetricFamily(
+            "unitrade_changelog_rows",
+            "Changelog rows this region's copy of a cell holds (after its trim point)",
+            labels=copy,
+        )
+        trimmed = GaugeMetricFamily(
+            "unitrade_changelog_trimmed_position",
+            "Changelog positions up to this one are trimmed from this region's copy",
+            labels=copy,
+        )
+        trimmed_rows = CounterMetricFamily(
+            "unitrade_changelog_trimmed_rows",
+            "Changelog rows this region trimmed from its copy since it started",
+            labels=copy,
+        )
         rule = self.runtime.fence.rule
         for cell, store in self.runtime.copies.stores.items():
             owned = "true" if rule.owner_of(cell) == region else "false"
-            position.add_metric([region, rule.cells[cell].name, owned], store.position)
+            labels = [region, rule.cells[cell].name, owned]
+            position.add_metric(labels, store.position)
+            kept.add_metric(labels, max(0, store.position - store.trimmed_position))
+            trimmed.add_metric(labels, store.trimmed_position)
+            trimmed_rows.add_metric(labels, self.runtime.replicator.trimmed_rows[cell])
         forwarded = CounterMetricFamily(
             "unitrade_forwarded_requests",
             "Client requests forwarded to an owner region",
@@ -104,6 +130,7 @@ class RegionCollector(Collector):
         fallbacks.add_metric([region], self.runtime.catalog.fallbacks)
         yield from (lag_positions, lag_ms, applied, errors, position, forwarded, rule_version)
         yield from (acked, held, held_total, refused, fallbacks)
+        yield from (rebootstraps, kept, trimmed, trimmed_rows)
         yield from self._retention(region)
 
     def _retention(self, region: str) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

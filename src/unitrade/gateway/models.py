@@ -194,6 +194,9 @@ class Health(BaseModel):
 
     status: Literal["ok"]
     region: str
+    development_secrets: list[str] = Field(
+        description="secrets that come from the built-in development one (empty: none)"
+    )
     rule_version: int
     acked: dict[str, int]
     control: ControlWatch
@@ -203,5 +206,8 @@ class Health(BaseModel):
     forwarded: int
     held: dict[str, int]
     positions: dict[str, int]
+    trimmed: dict[str, int] = Field(
+        description="per cell, the changelog position up to which this copy has trimmed"
+    )
     replication: list[dict[str, Any]]
     followers: dict[str, Any]

@@ -15,6 +15,11 @@ applied everything up to `until`, and leaves aside every key its own changelog (
 copy of the owner's) changed after `since`: those rows may differ only because one copy is
 further ahead. The rest must be equal, whatever the lag, and a repair rewrites only them.
 
+Each copy trims its own changelog (storage/retention.py), each as far as its own rules and
+followers allow. The changelog is compared only above the highest trim point of the copies
+compared (the `diff` command starts its chunks there, from `/internal/diff/trimmed`), and a
+position either copy trimmed during the comparison is never a difference.
+
 No statement depends on the database engine: SQLAlchemy Core only, on SQLite and PostgreSQL.
 Range bounds always come from the database's own key order, never from a comparison in
 Python, so string keys page correctly whatever the collation, as long as all copies of a cell
@@ -65,6 +70,7 @@ ROWS_PER_CALL_MAX = 100_000
 
 # The internal API (replication/diff_routes.py), which the `diff` command calls.
 CHUNKS_PATH = "/internal/diff/chunks"
+TRIMMED_PATH = "/internal/diff/trimmed"
 CHECKSUMS_PATH = "/internal/diff/checksums"
 ROWS_PATH = "/internal/diff/rows"
 COMPARE_PATH = "/internal/diff/compare"
@@ -178,6 +184,7 @@ def _range_statement(table: Table, lower: bool, upper: bool) -> Select[Any]:
 
 
 _POSITION = select(cell_meta.c.last_position)
+_TRIMMED = select(cell_meta.c.trimmed_position)
 _TOUCHED = (
     select(changelog.c.pk)
     .where(
@@ -203,6 +210,16 @@ def _on(conn: Connection) -> Fetch:
 
 def _position(fetch: Fetch) -> int:
     (row,) = fetch(_POSITION, {})
+    return int(row[0])
+
+
+def trimmed_position(conn: Connection) -> int:
+    """This copy's changelog trim point: it holds only the positions after it."""
+    return _trimmed(_on(conn))
+
+
+def _trimmed(fetch: Fetch) -> int:
+    (row,) = fetch(_TRIMMED, {})
     return int(row[0])
 
 
@@ -236,6 +253,7 @@ class Page:
     complete: bool  # every row of (lo, hi] is here
     since: int
     until: int
+    trimmed: int = 0  # the copy's changelog trim point, read after the rows
 
     def body(self) -> dict[str, Any]:
         return {
@@ -243,11 +261,13 @@ class Page:
             "complete": self.complete,
             "since": self.since,
             "until": self.until,
+            "trimmed": self.trimmed,
         }
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Page:
-        return cls(list(body["rows"]), bool(body["complete"]), body["since"], body["until"])
+        rows, complete = list(body["rows"]), bool(body["complete"])
+        return cls(rows, complete, body["since"], body["until"], int(body.get("trimmed", 0)))
 
     def end(self, table: Table, hi: Key | None) -> Key | None:
         """The upper bound of what this page covers."""
@@ -262,7 +282,7 @@ def read_page(conn: Connection, table: Table, lo: Key | None, hi: Key | None, li
     since = _position(fetch)
     rows = _range_rows(fetch, table, lo, hi, limit + 1)
     until = _position(fetch)
-    return Page(rows[:limit], len(rows) <= limit, since, until)
+    return Page(rows[:limit], len(rows) <= limit, since, until, _trimmed(fetch))
 
 
 # -- comparison and repair, on the replica ----------------------------------------------------
@@ -337,6 +357,10 @@ def reconcile(
         return Outcome(truncated_at=key_of(table, rows[limit - 1]))
     touched = _touched(fetch, table, owner.since, _position(fetch))
     found = compare_rows(table, owner.rows, rows)
+    if table.name == changelog.name:
+        # A position either copy trimmed is not a difference: each copy trims on its own.
+        trimmed = max(owner.trimmed, _trimmed(fetch))
+        found = [m for m in found if int(m.key["position"]) > trimmed]
     settled = [m for m in found if key_text(m.key) not in touched]
     return Outcome(settled, len(found) - len(settled))
 

@@ -36,6 +36,7 @@ from unitrade.replication.diff import (
     COMPARE_PATH,
     REPLICA_OVERSHOOT,
     ROWS_PER_CALL_MAX,
+    TRIMMED_PATH,
     Checksum,
     compared_tables,
 )
@@ -154,6 +155,10 @@ class Differ:
 
     def table(self, cell: CellConfig, owner: str, replicas: list[str], table: str) -> None:
         after: Any = None
+        if table == "changelog":
+            # Only what every copy compared still has: each trims its own changelog.
+            trimmed = max(self.trimmed(cell, region, owner) for region in [owner, *replicas])
+            after = {"position": trimmed} if trimmed else None
         chunks_max = min(CHUNKS_PER_CALL_MAX, max(1, ROWS_PER_CALL_MAX // self.chunk_rows))
         while True:
             call = {"cell": cell.id, "table": table, "after": after}
@@ -165,6 +170,10 @@ class Differ:
             if answer["done"]:
                 return
             after = chunks[-1]["hi"]
+
+    def trimmed(self, cell: CellConfig, region: str, owner: str) -> int:
+        answer = self.regions.call(region, TRIMMED_PATH, {"cell": cell.id}, origin=owner)
+        return int(answer["trimmed_position"])
 
     def chunks(
         self, cell: CellConfig, owner: str, replica: str, table: str, chunks: list[dict[str, Any]]

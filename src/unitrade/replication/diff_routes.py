@@ -1,6 +1,7 @@
 """The internal API of `unitrade diff` (replication/diff.py): every region answers for its
 own copy of a cell. Signed calls only, like every `/internal/...` route.
 
+- `trimmed`: this copy's changelog trim point (the changelog is compared above the highest);
 - `chunks`: the owner's chunk boundaries and checksums of a table, from a key on;
 - `checksums`: this copy's checksums of given key ranges (the owner's chunks);
 - `rows`: this copy's rows of a key range, one bounded page;
@@ -31,6 +32,7 @@ from unitrade.replication.diff import (
     REPLICA_OVERSHOOT,
     ROWS_PATH,
     ROWS_PER_CALL_MAX,
+    TRIMMED_PATH,
     Chunk,
     Key,
     Page,
@@ -40,6 +42,7 @@ from unitrade.replication.diff import (
     parse_key,
     range_checksum,
     read_page,
+    trimmed_position,
 )
 from unitrade.rpc.client import RegionClient
 from unitrade.storage.copies import CellCopies
@@ -56,6 +59,10 @@ WireKey = Annotated[dict[str, KeyValue], Field(min_length=1, max_length=8)] | No
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class CellCall(_Body):
+    cell: int
 
 
 class TableCall(_Body):
@@ -100,6 +107,12 @@ def diff_routes(copies: CellCopies, rule: Callable[[], Rule], client: RegionClie
         if table is None:
             raise InvalidRequest(f"cell {store.cell.name} has no compared table {b.table!r}")
         return store, table
+
+    async def trimmed(b: CellCall) -> Any:
+        store = copies.stores.get(b.cell)
+        if store is None:
+            raise NotFound(f"no cell {b.cell}")
+        return {"cell": b.cell, "trimmed_position": await store.read(trimmed_position)}
 
     async def chunks(b: ChunksCall) -> Any:
         store, table = store_and_table(b)
@@ -150,6 +163,7 @@ def diff_routes(copies: CellCopies, rule: Callable[[], Rule], client: RegionClie
         return result.body()
 
     routes = [
+        (TRIMMED_PATH, internal_endpoint(CellCall, trimmed)),
         (CHUNKS_PATH, internal_endpoint(ChunksCall, chunks)),
         (CHECKSUMS_PATH, internal_endpoint(ChecksumsCall, checksums)),
         (ROWS_PATH, internal_endpoint(RowsCall, rows)),

@@ -17,6 +17,11 @@ window while the follower keeps up, costs the owner less and its followers about
 (docs/benchmarks.md, Replication). Each cell is still its own stream: its own checkpoint,
 applied in its own transaction, with its own lag, errors and backoff.
 
+Retention: the owner remembers where each follower's last pull started (`Followers`) only
+to know how far it may trim its changelog (storage/retention.py); the Replicator runs the
+trim of every copy of this region every `sweep_interval_s`. A pull after a trimmed position
+is answered `changelog_trimmed`, and the follower rebuilds that copy from a snapshot.
+
 Lag is reported per stream in positions (owner's head minus the checkpoint) and in
 milliseconds: the delay of the last batch applied, from the commit of its oldest change at
 the owner to its apply here, measured on the owner's clock so that clock skew between
@@ -27,16 +32,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from unitrade.errors import NotFound, UnitradeError, WrongRegion, error_from_body
+from unitrade.errors import (
+    ChangelogTrimmed,
+    NotFound,
+    UnitradeError,
+    WrongRegion,
+    error_from_body,
+)
 from unitrade.replication.snapshot import bootstrap, owner_position
 from unitrade.rpc.client import RegionClient
 from unitrade.storage.copies import CellCopies
+from unitrade.storage.retention import trim_batch
 from unitrade.storage.store import CellStore, now_ms
 from unitrade.storage.tail import encoded_array
 from unitrade.topology.rule import RoutingError
@@ -65,6 +78,9 @@ BOOTSTRAP_AFTER_POSITIONS = 100
 BACKOFF_S_MIN = 0.05
 BACKOFF_S_MAX = 2.0
 IDLE_S = 0.5  # how often a pull loop with nothing to pull looks at the rule again
+# Batches one sweep deletes from one copy at most: a copy far over its bound catches up over
+# a few sweeps rather than in one long run of the loop.
+SWEEP_BATCHES_MAX = 100
 PULL_ERRORS = (UnitradeError, OSError, TimeoutError, ValueError, KeyError, TypeError)
 
 
@@ -80,11 +96,13 @@ class StreamState:
     applied_rows: int = 0
     errors: int = 0
     bootstraps: int = 0
+    rebootstraps: int = 0  # of them, after the owner answered changelog_trimmed
     last_error: str = ""
     # Not reported: when this stream may be pulled again after an error, and the next wait.
     retry_at: float = field(default=0.0, repr=False)
     backoff_s: float = field(default=BACKOFF_S_MIN, repr=False)
     bootstrap_checked: str = field(default="", repr=False)  # the owner asked at position 0
+    trimmed_by: str = field(default="", repr=False)  # the owner that answered changelog_trimmed
 
     @property
     def lag_positions(self) -> int:
@@ -101,6 +119,7 @@ class StreamState:
             "applied_rows": self.applied_rows,
             "errors": self.errors,
             "bootstraps": self.bootstraps,
+            "rebootstraps": self.rebootstraps,
             "last_error": self.last_error,
         }
 
@@ -122,10 +141,24 @@ class Followers:
 
     def __init__(self) -> None:
         self._seen: dict[int, dict[str, int]] = {}  # cell -> region -> rule version
+        # cell -> region -> the position its last pull started after: what it has applied
+        # (or, for a pipelined pull, is applying: if that apply fails, its next pull sets
+        # it back), which bounds how far the owner trims its changelog
+        # (storage/retention.py).
+        self._applied: dict[int, dict[str, int]] = {}
 
-    def saw(self, cell: int, region: str, rule_version: int) -> None:
+    def saw(self, cell: int, region: str, rule_version: int, after: int | None = None) -> None:
         regions = self._seen.setdefault(cell, {})
         regions[region] = max(regions.get(region, 0), rule_version)
+        if after is not None:
+            self._applied.setdefault(cell, {})[region] = after
+
+    def applied_min(self, cell: int, regions: Sequence[str]) -> int | None:
+        """The lowest position any of `regions` has applied of `cell`; 0 while one of them
+        has not pulled it since this region started (its position is unknown); None if
+        there are no other regions."""
+        applied = self._applied.get(cell, {})
+        return min((applied.get(region, 0) for region in regions), default=None)
 
     def body(self, names: dict[int, str]) -> dict[str, dict[str, int]]:
         return {names[c]: dict(sorted(r.items())) for c, r in sorted(self._seen.items())}
@@ -192,13 +225,14 @@ async def serve_pull_many(
     errors: list[dict[str, Any]] = []
     for cell, after in cells:
         try:
-            stores[cell] = (_owned_store(copies, cell), after)
+            store = _owned_store(copies, cell)
+            if followers is not None and follower is not None:
+                followers.saw(cell, *follower, after=after)
+            refuse_trimmed(store, after)
+            stores[cell] = (store, after)
         except (UnitradeError, RoutingError) as exc:
             body = exc.body() if isinstance(exc, UnitradeError) else NotFound(str(exc)).body()
             errors.append({"cell": cell, **body})
-            continue
-        if followers is not None and follower is not None:
-            followers.saw(cell, *follower)
     # No long poll with a refusal to tell: the follower holds that stream back at once.
     if wait_ms and stores and not errors and all(s.position <= a for s, a in stores.values()):
         if await _wait_any(stores, wait_ms / 1000):
@@ -217,6 +251,17 @@ async def serve_pull_many(
     return {"now_ms": now_ms(), "cells": replies, "errors": errors}
 
 
+def refuse_trimmed(store: CellStore, after: int) -> None:
+    """A pull after `after` needs the row at after + 1: gone if the copy trimmed past it."""
+    if after < store.trimmed_position:
+        raise ChangelogTrimmed(
+            f"cell {store.cell.id}: positions up to {store.trimmed_position} are trimmed, "
+            f"the pull asked for {after + 1}; rebuild the copy from a snapshot",
+            cell=store.cell.id,
+            trimmed_position=store.trimmed_position,
+        )
+
+
 async def serve_pull(
     copies: CellCopies,
     cell: int,
@@ -228,9 +273,11 @@ async def serve_pull(
 ) -> Any:
     """The pull of one cell (POST /internal/replication/pull), as regions did before
     `serve_pull_many`; kept for them."""
-    _owned_store(copies, cell)
+    refuse_trimmed(_owned_store(copies, cell), after)
     reply = await serve_pull_many(copies, [(cell, after)], limit, wait_ms, followers, follower)
-    (served,) = reply["cells"]  # owned: checked above, and nothing ran in between
+    for error in reply["errors"]:  # nothing ran in between: cannot happen, but never a 500
+        raise error_from_body(ChangelogTrimmed.status, error)
+    (served,) = reply["cells"]
     return {**served, "now_ms": reply["now_ms"]}
 
 
@@ -258,6 +305,7 @@ class Replicator:
         # One apply at a time per cell: when a cell changes owner, the pull from its old
         # owner may still be applying when the pull from the new one comes back.
         self._applying = {cell: asyncio.Lock() for cell in copies.stores}
+        self.trimmed_rows = dict.fromkeys(copies.stores, 0)  # changelog rows this region trimmed
 
     @property
     def region(self) -> str:
@@ -265,6 +313,7 @@ class Replicator:
 
     def start(self) -> None:
         self._note_owned()
+        self._tasks.append(asyncio.create_task(self._sweep_forever(), name="changelog-sweep"))
         cells = sorted(self.copies.stores)
         groups = [cells[i : i + PULL_CELLS_MAX] for i in range(0, len(cells), PULL_CELLS_MAX)]
         for peer in self.client.config.region_names:
@@ -292,6 +341,59 @@ class Replicator:
             state.retry_at = 0.0
         self._rule_changed.set()
         self._rule_changed = asyncio.Event()
+
+    # -- changelog retention (storage/retention.py) -------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        interval_s = self.client.config.retention.sweep_interval_s
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sweep()
+            except Exception:  # a failed sweep is tried again at the next interval
+                log.exception("changelog sweep failed")
+
+    async def sweep(self) -> int:
+        """Trim every copy's changelog as far as its retention allows; the rows trimmed."""
+        trimmed = 0
+        for cell in self.copies.stores:
+            trimmed += await self.sweep_cell(cell)
+        return trimmed
+
+    async def sweep_cell(self, cell: int) -> int:
+        """Trim this region's copy of `cell`, a batch per transaction, at most
+        SWEEP_BATCHES_MAX batches; the rows trimmed."""
+        config = self.client.config
+        policy = config.changelog_policy(cell)
+        store, rows = self.copies[cell], config.retention.sweep_batch_rows
+        trimmed = 0
+        for _ in range(SWEEP_BATCHES_MAX):
+            # Not while the copy applies or is rebuilt: the batch reads its position.
+            async with self._applying[cell]:
+                before = store.trimmed_position
+                cutoff_ms = now_ms() - policy.age_s * 1000
+                work = functools.partial(
+                    trim_batch,
+                    policy=policy,
+                    followers_min=self._followers_min(cell),
+                    cutoff_ms=cutoff_ms,
+                    rows=rows,
+                )
+                after = await store.write_local(work)
+            if after <= before:
+                break
+            trimmed += after - before  # the changelog is gapless: positions are rows
+            await asyncio.sleep(0)  # let the loop serve others between batches
+        self.trimmed_rows[cell] += trimmed
+        return trimmed
+
+    def _followers_min(self, cell: int) -> int | None:
+        """At the owner, the lowest position every other region has applied; None at a
+        replica (nobody pulls from it)."""
+        if self.copies.fence.rule.owner_of(cell) != self.region:
+            return None
+        others = [r for r in self.client.config.region_names if r != self.region]
+        return self.followers.applied_min(cell, others)
 
     def _note_owned(self) -> None:
         rule = self.copies.fence.rule
@@ -373,15 +475,20 @@ class Replicator:
         """Each cell's position to pull after; a copy at position 0 far behind its owner is
         first rebuilt from a snapshot (asked once per owner: a cell that stays empty is not
         asked about at every pull). A cell whose bootstrap failed is left out."""
+        trimmed = [c for c in cells if self.streams[c].trimmed_by == peer]
         unknown = [
             c
             for c in cells
-            if self.copies[c].position == 0 and self.streams[c].bootstrap_checked != peer
+            if self.copies[c].position == 0
+            and self.streams[c].bootstrap_checked != peer
+            and c not in trimmed
         ]
         failed = set()
-        if unknown:
-            done = await asyncio.gather(*(self._bootstrap(peer, cell) for cell in unknown))
-            failed = {cell for cell, ok in zip(unknown, done, strict=True) if not ok}
+        if unknown or trimmed:
+            jobs = [self._bootstrap(peer, c) for c in unknown]
+            jobs += [self._rebootstrap(peer, c) for c in trimmed]
+            done = await asyncio.gather(*jobs)
+            failed = {cell for cell, ok in zip(unknown + trimmed, done, strict=True) if not ok}
         return {cell: self.copies[cell].position for cell in cells if cell not in failed}
 
     async def _bootstrap(self, peer: str, cell: int) -> bool:
@@ -398,6 +505,41 @@ class Replicator:
             state.failed(exc)
             log.warning("bootstrap of cell %s from %s: %s", cell, peer, state.last_error)
             return False
+
+    async def _rebootstrap(self, peer: str, cell: int) -> bool:
+        """Rebuild this copy from a snapshot of `peer`, which trimmed its changelog past
+        this copy's position; False on an error (tried again after the stream's backoff)."""
+        store, state = self.copies[cell], self.streams[cell]
+        try:
+            async with self._applying[cell]:
+                log.warning(
+                    "cell %s: %s trimmed its changelog past this copy (at %s): rebuilding "
+                    "the copy from a snapshot",
+                    cell,
+                    peer,
+                    store.position,
+                )
+                await bootstrap(store, self.client, peer)
+            state.bootstraps += 1
+            state.rebootstraps += 1
+            state.trimmed_by = ""
+            state.bootstrap_checked = peer
+            state.applied = store.position
+            log.info("cell %s: rebuilt from %s at position %s", cell, peer, store.position)
+            return True
+        except PULL_ERRORS as exc:
+            state.failed(exc)
+            log.warning("rebuild of cell %s from %s: %s", cell, peer, state.last_error)
+            return False
+
+    def _trimmed(self, peer: str, cell: int, refused: UnitradeError) -> None:
+        """The owner no longer has the rows this copy needs: rebuild it at the next pull,
+        without waiting for a backoff (the stream is not failing, it is too far behind)."""
+        state = self.streams[cell]
+        state.trimmed_by = peer
+        state.last_error = f"{type(refused).__name__}: {refused}"[:200]
+        state.retry_at = 0.0
+        log.warning("replication of cell %s from %s: %s", cell, peer, refused)
 
     async def _pull_once(
         self, peer: str, cells: list[int], ready: list[int], changed: asyncio.Event
@@ -435,6 +577,9 @@ class Replicator:
                 cell = int(error["cell"])
                 if cell in afters:
                     refused = error_from_body(421, error)
+                    if isinstance(refused, ChangelogTrimmed):
+                        self._trimmed(peer, cell, refused)
+                        continue
                     self.streams[cell].failed(refused)
                     log.warning("replication of cell %s from %s: %s", cell, peer, refused)
             answered = [entry for entry in reply["cells"] if int(entry["cell"]) in afters]

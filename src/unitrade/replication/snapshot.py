@@ -5,10 +5,16 @@ chunks of primary-key order, each chunk its own read at the owner: a fuzzy snaps
 owner never pauses writes. It then sets its checkpoint to P and streams from there. Replaying
 the changes after P over rows copied at or after P converges to the owner's state, since
 every change carries the whole row image (or is a delete) and is applied in order; the
-changelog itself is copied up to P only, so every copy keeps the same changelog.
+changelog itself is copied up to P only, so every copy keeps the same changelog rows.
 
-A bootstrap that dies half-way leaves the copy at position 0, and the next one starts by
+The owner may trim its changelog while it is copied (storage/retention.py): the copy keeps
+the last gapless run of positions it received, ending at P, and sets its trim point below
+it; with nothing of that run, its trim point is P.
+
+The wipe sets the copy's position and trim point back to 0 in the same transaction, so a
+bootstrap that dies half-way leaves the copy at position 0, and the next one starts by
 wiping what the last one copied (rows the owner may have deleted since would otherwise stay).
+A copy that was streaming (a follower told `changelog_trimmed`) is rebuilt the same way.
 """
 
 from __future__ import annotations
@@ -81,8 +87,34 @@ async def serve_snapshot(
 _SET_START = (
     update(cell_meta)
     .where(cell_meta.c.cell_id == bindparam("k_cell_id"), cell_meta.c.last_position == 0)
-    .values(last_position=bindparam("s_position"))
+    .values(last_position=bindparam("s_position"), trimmed_position=bindparam("s_trimmed"))
 )
+_WIPE_META = update(cell_meta).values(last_position=0, trimmed_position=0)
+_DROP_THROUGH = delete(changelog).where(changelog.c.position <= bindparam("upto"))
+
+
+class ChangelogRun:
+    """The positions of the owner's changelog as the chunks bring them: where the last
+    gapless run starts (the owner trimmed past what an earlier chunk brought if a chunk
+    does not follow it)."""
+
+    def __init__(self) -> None:
+        self.first = 0
+        self.last = 0
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            position = int(row["position"])
+            if position != self.last + 1 or not self.first:
+                self.first = position
+            self.last = position
+
+    def trim_point(self, start: int) -> int:
+        """The copy's trim point once it holds these rows: below the run if it ends at the
+        snapshot's position `start`, else `start` (the copy has no usable changelog)."""
+        if self.first and self.last == start:
+            return self.first - 1
+        return start
 
 
 def _load(table: Table, rows: list[dict[str, Any]], tx: WriteTx) -> None:
@@ -105,8 +137,11 @@ async def bootstrap(store: CellStore, client: RegionClient, owner: str) -> int:
     def wipe(tx: WriteTx) -> None:
         for table in tables.values():
             tx.count(delete(table), {})
+        tx.count(_WIPE_META, {})
 
     await store.write_replica(wipe)
+    store.wiped()
+    run = ChangelogRun()
     for name, table in tables.items():
         after: list[Any] | None = None
         while True:
@@ -123,13 +158,21 @@ async def bootstrap(store: CellStore, client: RegionClient, owner: str) -> int:
                 },
             )
             rows = chunk["rows"]
+            if table is changelog:
+                run.add(rows)
             if rows:
                 await store.write_replica(functools.partial(_load, table, rows))
             if len(rows) < CHUNK_ROWS_MAX:
                 break
             after = chunk["last_key"]
-    params = {"k_cell_id": cell, "s_position": start}
-    moved = await store.write_replica(lambda tx: tx.count(_SET_START, params))
+    trimmed = run.trim_point(start)
+    params = {"k_cell_id": cell, "s_position": start, "s_trimmed": trimmed}
+
+    def finish(tx: WriteTx) -> int:
+        tx.count(_DROP_THROUGH, {"upto": trimmed})  # what came before a gap, if any
+        return tx.count(_SET_START, params)
+
+    moved = await store.write_replica(finish)
     assert moved == 1, "the copy's position moved during its bootstrap"
-    store.restored(start)
+    store.restored(start, trimmed)
     return start

@@ -30,6 +30,9 @@ cell_meta = Table(
     Column("kind", String(16), nullable=False),
     Column("last_position", BigInteger, nullable=False),
     Column("created_ms", BigInteger, nullable=False),
+    # Every changelog row at or below this position has been deleted from this copy
+    # (replication/retention.py); the copy holds the positions after it, gapless.
+    Column("trimmed_position", BigInteger, nullable=False, server_default="0"),
 )
 
 changelog = Table(

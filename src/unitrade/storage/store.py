@@ -25,7 +25,18 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import Connection, Engine, Table, bindparam, delete, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    delete,
+    insert,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import OperationalError
@@ -405,6 +416,7 @@ class CellStore:
         self._writes_since_checkpoint = 0
         self._checkpoint: asyncio.Future[None] | None = None
         self.position = 0  # last changelog position committed in this copy
+        self.trimmed_position = 0  # this copy's changelog holds the positions after this
         self._moved = asyncio.Event()
         self._tail = ChangelogTail()  # this copy's newest own writes, for the pulls
 
@@ -412,6 +424,9 @@ class CellStore:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._write_thread, self._open_sync)
         self.position = await self.last_position()
+        self.trimmed_position = await self.read(
+            lambda conn: int(conn.execute(select(cell_meta.c.trimmed_position)).scalar_one())
+        )
         if self.backend == "sqlite":
             self._inline = create_inline_engine(self.url).connect()
             self._cursor = self._inline.connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -422,6 +437,7 @@ class CellStore:
         with self._writer.begin() as conn:
             common.create_all(conn)
             METADATA_BY_KIND[self.cell.kind].create_all(conn)
+            _add_trimmed_position(conn)
             exists = conn.execute(select(cell_meta.c.cell_id)).first()
             if exists is None:
                 conn.execute(
@@ -430,6 +446,7 @@ class CellStore:
                         kind=self.cell.kind.value,
                         last_position=0,
                         created_ms=now_ms(),
+                        trimmed_position=0,
                     )
                 )
             elif exists.cell_id != self.cell.id:
@@ -564,10 +581,34 @@ class CellStore:
         loop = asyncio.get_running_loop()
         return await _finish(loop.run_in_executor(self._write_thread, run))
 
-    def restored(self, position: int) -> None:
-        """Note the position a snapshot brought this copy to (replication/snapshot.py)."""
+    def restored(self, position: int, trimmed_position: int = 0) -> None:
+        """Note the position a snapshot brought this copy to, and the changelog it copied
+        (replication/snapshot.py)."""
         self._tail.clear()
+        self.trimmed_position = trimmed_position
         self._advance(position)
+
+    def wiped(self) -> None:
+        """Note that a bootstrap emptied this copy: position and trim point are 0 again
+        (the only way this copy's position goes back)."""
+        self._tail.clear()
+        self.position = 0
+        self.trimmed_position = 0
+
+    async def write_local(self, work: Callable[[WriteTx], int]) -> int:
+        """A transaction that trims this copy's changelog, owner or replica, outside the
+        fence and never captured: the trim is this copy's own business (each copy keeps what
+        it needs) and changes no position. `work` returns the new trim point."""
+
+        def body(tx: WriteTx) -> tuple[int, int]:
+            return work(tx), 0
+
+        async with self._write_slot():
+            trimmed, _ = await self._transact(body, epoch=0)
+        if trimmed > self.trimmed_position:
+            self.trimmed_position = trimmed
+            self._tail.drop_through(trimmed)
+        return trimmed
 
     def _advance(self, position: int) -> None:
         """Note a committed position and wake whoever waits for it (replication pulls)."""
@@ -683,6 +724,16 @@ class CellStore:
             return [{str(k): v for k, v in r.items()} for r in rows.mappings()]
 
         return await self.read(work)
+
+
+def _add_trimmed_position(conn: Connection) -> None:
+    """Databases created before changelog retention have no trim point: add it (0, the
+    whole changelog is there)."""
+    columns = {c["name"] for c in inspect(conn).get_columns(cell_meta.name)}
+    if "trimmed_position" not in columns:
+        conn.execute(
+            text("ALTER TABLE cell_meta ADD COLUMN trimmed_position BIGINT NOT NULL DEFAULT 0")
+        )
 
 
 async def _finish(future: asyncio.Future[T]) -> T:

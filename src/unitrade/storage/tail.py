@@ -8,7 +8,8 @@ ones, encoded as JSON, and serves a pull from here when it asks for nothing olde
 
 The tail holds contiguous positions ending at the copy's position, or nothing: whatever
 changes the changelog other than the owner's own writes (a replica's apply, a snapshot, a
-repair) clears it, and a pull the tail cannot answer goes to the database.
+repair) clears it, a trim of the changelog drops the rows it deleted, and a pull the tail
+cannot answer goes to the database.
 """
 
 from __future__ import annotations
@@ -78,6 +79,19 @@ class ChangelogTail:
         del self._rows[:drop]
         self._bytes -= dropped
         self.first = self.first + drop if self._rows else 0
+
+    def drop_through(self, position: int) -> None:
+        """Forget the rows at or below `position`: the copy's changelog was trimmed there,
+        and a pull must never be served a row the database no longer has."""
+        if not self._rows or position < self.first:
+            return
+        if position >= self.last:
+            self.clear()
+            return
+        drop = position + 1 - self.first
+        self._bytes -= sum(map(len, self._rows[:drop]))
+        del self._rows[:drop]
+        self.first = position + 1
 
     def clear(self) -> None:
         self._rows.clear()

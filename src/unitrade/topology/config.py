@@ -222,6 +222,39 @@ class RetentionConfig(_Strict):
     sweep_batch_rows: Annotated[int, Field(ge=10, le=100_000)] = 1_000
     sweep_interval_s: Annotated[float, Field(ge=0.1, le=86_400)] = 60.0
 
+    @model_validator(mode="after")
+    def _kept_below_max(self) -> RetentionConfig:
+        _check_kept_below_max(self.changelog_positions_kept, self.changelog_positions_max)
+        return self
+
+
+def _check_kept_below_max(kept: int, rows_max: int) -> None:
+    # Otherwise the hard bound would trim what the keep rule promises to keep.
+    if kept > rows_max:
+        raise ValueError(
+            f"changelog_positions_kept ({kept}) must not exceed changelog_positions_max "
+            f"({rows_max})"
+        )
+
+
+class CellRetention(_Strict):
+    """A cell's own changelog retention (`[cells.retention]`): each field left out takes
+    the value of `[retention]`. A busy cell may keep fewer positions, a cell whose replicas
+    are often far away (a region on a slow link) more."""
+
+    changelog_positions_kept: Annotated[int, Field(ge=0, le=100_000_000)] | None = None
+    changelog_age_s: Annotated[int, Field(ge=0, le=90 * 86_400)] | None = None
+    changelog_positions_max: Annotated[int, Field(ge=1_000, le=1_000_000_000)] | None = None
+
+
+class ChangelogPolicy(_Strict):
+    """What one cell's copies keep of their changelog: `[retention]` with the cell's
+    overrides applied."""
+
+    positions_kept: int
+    age_s: int
+    positions_max: int
+
 
 class CellConfig(_Strict):
     id: Annotated[int, Field(ge=1, le=CELL_ID_MAX)]
@@ -229,6 +262,7 @@ class CellConfig(_Strict):
     owner: str
     buckets: str = ""
     partition: str = "normal"
+    retention: CellRetention | None = None
 
     @property
     def name(self) -> str:
@@ -295,6 +329,11 @@ class TopologyConfig(_Strict):
         for index, cell in enumerate(self.cells):
             if cell.owner not in names:
                 problems.append(f"cells.{index}.owner: unknown region {cell.owner!r}")
+            policy = self.changelog_policy(cell.id)
+            try:
+                _check_kept_below_max(policy.positions_kept, policy.positions_max)
+            except ValueError as exc:
+                problems.append(f"cells.{index}.retention: {exc}")
             if cell.kind is not CellKind.UNIT and cell.buckets:
                 problems.append(f"cells.{index}.buckets: only unit cells hold buckets")
         problems.extend(self._bucket_problems())
@@ -350,6 +389,21 @@ class TopologyConfig(_Strict):
             if cell.id == cell_id:
                 return cell
         raise KeyError(f"unknown cell {cell_id}")
+
+    def changelog_policy(self, cell_id: int) -> ChangelogPolicy:
+        """The changelog retention of a cell: its own overrides, else `[retention]`."""
+        default = self.retention
+        own = self.cell(cell_id).retention or CellRetention()
+        kept, age_s, rows_max = (
+            own.changelog_positions_kept,
+            own.changelog_age_s,
+            own.changelog_positions_max,
+        )
+        return ChangelogPolicy(
+            positions_kept=default.changelog_positions_kept if kept is None else kept,
+            age_s=default.changelog_age_s if age_s is None else age_s,
+            positions_max=default.changelog_positions_max if rows_max is None else rows_max,
+        )
 
     def cell_by_kind(self, kind: CellKind) -> CellConfig:
         return next(c for c in self.cells if c.kind is kind)
