@@ -367,8 +367,9 @@ def test_the_internal_diff_api_checks_signatures_keys_and_roles(
 
     def post(region: str, path: str, payload: Any, signed: bool = True) -> httpx.Response:
         body = orjson.dumps(payload)
-        secret = api.config.region_secret
-        headers = sign(secret, "hz", region, "POST", path, body) if signed else {}
+        # As the CLI signs: for the operator, with the control plane's secret.
+        secret = api.config.control_secret
+        headers = sign(secret, "control", region, "POST", path, body) if signed else {}
         return api.http.post(api.url(region, path), content=body, headers=headers)
 
     call = {"cell": u1.id, "table": "carts", "lo": None, "hi": None, "limit": 10}

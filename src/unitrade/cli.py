@@ -411,10 +411,9 @@ def wait(
             body = orjson.dumps(
                 {"cell": cell.id, "position": position, "timeout_ms": min(left_ms, 60_000)}
             )
-            headers = {
-                "content-type": "application/json",
-                **sign(config.control_secret, CONTROL_NAME, region, "POST", target, body),
-            }
+            plain = {"content-type": "application/json"}
+            secret = config.control_secret
+            headers = {**plain, **sign(secret, CONTROL_NAME, region, "POST", target, body, plain)}
             try:
                 answer = client.post(
                     config.region(region).base_url + target, content=body, headers=headers

@@ -42,8 +42,7 @@ def health_router(runtime: RegionRuntime, dispatcher: Dispatcher) -> APIRouter:
                 },
                 # This copy's changelog holds the positions after these (retention).
                 "trimmed": {
-                    names[c]: store.trimmed_position
-                    for c, store in runtime.copies.stores.items()
+                    names[c]: store.trimmed_position for c, store in runtime.copies.stores.items()
                 },
                 "replication": runtime.replicator.status(),
                 "followers": runtime.replicator.followers.body(names),
