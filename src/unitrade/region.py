@@ -45,8 +45,9 @@ class RegionRuntime:
         self.rule_path = data_dir / region / "rule.json"
         rule = self._load_rule()
         # Each component that routes or writes holds its own view of the rule and
-        # acknowledges versions separately (DESIGN §6): the data access layer (the fence),
-        # the gateway (edge routing, forwarding, holds) and the RPC client (center calls).
+        # acknowledges versions separately (docs/architecture.md): the data access layer
+        # (the fence), the gateway (edge routing, forwarding, holds) and the RPC client
+        # (center calls).
         self.fence = Fence(region, rule)
         self.gateway = RuleView("gateway", rule)
         self.rpc = RuleView("rpc", rule)

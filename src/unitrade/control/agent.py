@@ -1,4 +1,4 @@
-"""A region's side of the rule push (DESIGN §6): the rule agent.
+"""A region's side of the rule push (docs/architecture.md): the rule agent.
 
 The agent holds a long poll open at the control plane (`/internal/control/watch`), so a new
 rule version reaches the region as soon as it is published: push, over a connection the

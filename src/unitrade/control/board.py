@@ -4,7 +4,7 @@ Regions hold a long poll open here (control/agent.py). Publishing a rule answers
 watch at once; the next watch request of a region carries the versions its components have
 put in force, which is how acknowledgements arrive. `wait_acks` is what a switchover waits
 on: "every component of these regions acknowledges version v" means no write admitted under
-an older version can still commit there (DESIGN §6).
+an older version can still commit there (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The control plane's own store (DESIGN §6, §8): the topology it was started with, the rule
+"""The control plane's own store (docs/architecture.md): the topology it was started with, the rule
 history (versions only grow; a version, once written, never changes), the operations and
 their log. SQLite by default, PostgreSQL by configuration (`[control] storage`).
 

@@ -1,4 +1,4 @@
-"""Planned switchover of cells between regions (DESIGN §8, seed 004 §4), made safe.
+"""Planned switchover of cells between regions (docs/architecture.md), made safe.
 
     precheck  target healthy and caught up; refuse before anything is banned
     ban       publish the cells banned; wait for every acknowledgement
@@ -14,7 +14,7 @@ control plane finishes it. Either way a cell never stays banned.
 
 Why the order is safe: once every component of every region acknowledges the ban, no write
 to the cells can be admitted anywhere and none admitted earlier is still open (the fence,
-DESIGN §6), so the old owner's position is final; the target applies up to it; only then
+docs/architecture.md), so the old owner's position is final; the target applies up to it; only then
 does any region learn that the target owns the cells. The target's order-ID sequence row is
 part of what it applied, so its IDs never collide with the old owner's (storage/sequences).
 The peers' failures this avoids: Vitess refusing on lag only after writes were stopped
@@ -307,7 +307,7 @@ class Switchover:
         await self.done("publish", detail)
 
     async def _verify(self) -> None:
-        """The stream now runs from the new owner to every other region (DESIGN §8 step 4):
+        """The stream now runs from the new owner to every other region (step 4 of the switch):
         each of them has pulled the cells from the target under the new rule."""
         await self.begin("verify")
         version = int(self.op.detail.get("publish_version", self.ctx.board.rule.version))

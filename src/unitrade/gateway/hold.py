@@ -1,4 +1,4 @@
-"""Holding writes to a banned cell (issue 4 item 5, DESIGN §8).
+"""Holding writes to a banned cell (docs/architecture.md, "Holds").
 
 While a switchover bans a cell, no region may write it. Rather than fail those writes, a
 gateway holds them until a rule lifts the ban (the switch finished, or rolled back) and then

@@ -1,2 +1,2 @@
 """Replication: every cell's owner streams its changelog to every other region's copy
-(DESIGN §7)."""
+(docs/architecture.md)."""

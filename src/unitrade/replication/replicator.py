@@ -136,7 +136,7 @@ class StreamState:
 
 class Followers:
     """Which regions pull which cells from this region, and under which rule version: the
-    switchover checks here that every other region follows a cell's new owner (DESIGN §8
+    switchover checks here that every other region follows a cell's new owner (docs/architecture.md
     step 4), by rule version rather than by clock."""
 
     def __init__(self) -> None:

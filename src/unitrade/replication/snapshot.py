@@ -1,4 +1,4 @@
-"""Bootstrap of a new or wiped cell copy: a snapshot plus the stream (DESIGN §7).
+"""Bootstrap of a new or wiped cell copy: a snapshot plus the stream (docs/architecture.md).
 
 The replica first asks the owner for its current position P, then copies every table in
 chunks of primary-key order, each chunk its own read at the owner: a fuzzy snapshot, so the

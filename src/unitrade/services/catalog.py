@@ -1,5 +1,5 @@
 """The catalog: products and prices in the global cell (written at its owner, read anywhere;
-DESIGN §3)."""
+docs/architecture.md)."""
 
 from __future__ import annotations
 

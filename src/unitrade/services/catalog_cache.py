@@ -2,7 +2,7 @@
 
 Every region reads products from its own copy of the global cell. The cache saves that read
 on the order path; it is invalidated at once by every change of a product, whether written
-here (the owner) or applied by replication (DESIGN §7), and entries also expire after
+here (the owner) or applied by replication (docs/architecture.md), and entries also expire after
 `ttl_s` as a bound on staleness should an invalidation ever be missed (a copy repaired by
 `unitrade diff --repair`, say).
 """

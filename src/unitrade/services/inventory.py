@@ -1,4 +1,4 @@
-"""Center inventory (DESIGN §10): reserve on order creation, commit on payment, release on
+"""Center inventory (docs/architecture.md): reserve on order creation, commit on payment, release on
 close, return on refund. Runs only at the owner of the center cell; other regions reach it
 through `center` RPC (services/remote.py).
 

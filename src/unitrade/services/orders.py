@@ -343,7 +343,7 @@ class OrderService:
         statement, params = by_key(orders), key_params({"order_id": order_id})
         row = await store.read(lambda conn: conn.execute(statement, params).first())
         if row is None or row.buyer_id != buyer_id:
-            # Another buyer's order is indistinguishable from a missing one (DESIGN §14.7).
+            # Another buyer's order is indistinguishable from a missing one (docs/architecture.md).
             raise NotFound(f"no order {order_id}")
         return order_body(row._mapping, self.copies.fence.rule.owner_of(store.cell.id))
 

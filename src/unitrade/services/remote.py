@@ -77,7 +77,7 @@ class CenterClient:
 
 class CatalogClient:
     """Reads of the global cell, from this region's own copy (replicated from the owner,
-    DESIGN §3), with a cache that every replicated product change invalidates.
+    docs/architecture.md), with a cache that every replicated product change invalidates.
 
     A SKU this copy does not have yet is asked of the global cell's owner: a product written
     there a moment ago (a shop adding a product, then its first order coming in at another

@@ -1,4 +1,4 @@
-"""All of a region's cell copies: every region holds a copy of every cell (DESIGN §3)."""
+"""All of a region's cell copies: every region holds a copy of every cell (docs/architecture.md)."""
 
 from __future__ import annotations
 

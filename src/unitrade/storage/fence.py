@@ -1,6 +1,6 @@
-"""The write fence (DESIGN §6): a write to a cell is admitted only if this region owns the
-cell under the current rule and the cell is not banned; every admitted write carries the
-rule version (its epoch).
+"""The write fence (docs/architecture.md): a write to a cell is admitted only if this
+region owns the cell under the current rule and the cell is not banned; every admitted
+write carries the rule version (its epoch).
 
 Installing a new rule waits until every write admitted under an older version has finished,
 so that acknowledging version v means "no write admitted under < v can still commit": the

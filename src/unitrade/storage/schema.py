@@ -1,5 +1,5 @@
-"""Tables of each cell kind (DESIGN §3). Timestamps are integer milliseconds (UTC) so that
-row images are plain JSON and compare equal on every engine."""
+"""Tables of each cell kind (docs/architecture.md). Timestamps are integer milliseconds (UTC)
+so that row images are plain JSON and compare equal on every engine."""
 
 from __future__ import annotations
 

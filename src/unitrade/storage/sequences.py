@@ -1,5 +1,5 @@
 """Order-ID sequences, allocated per cell in segments from the cell's own storage (Leaf's
-segment mode, DESIGN §5).
+segment mode, docs/architecture.md).
 
 The cell's `id_sequences` row holds `(time_s, next_sequence)`: the second the cell is issuing
 in and the next free sequence number of that second. Allocating a segment is a fenced write
@@ -22,7 +22,7 @@ within that of its real creation time (cold/hot separation reads it).
 
 A segment belongs to one stint of ownership. When a switchover moves the cell away, the
 rest of the segment must never be used: the new owner continues from the replicated row,
-and if the cell comes back the row has moved past it (DESIGN §5, issue 4 item 6). The
+and if the cell comes back the row has moved past it (docs/architecture.md). The
 region calls `drop_segment(version)` when it installs a rule that changes the cell's
 owner or ban, and a segment allocated under an older epoch is never handed out again,
 even one whose allocation was still in flight when the rule changed.

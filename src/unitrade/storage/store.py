@@ -3,8 +3,8 @@
 `CellStore.write(work)` is the only way to change a cell copy on behalf of a client: it
 admits the write through the fence and runs `work(tx)` in one transaction which, before it
 commits, appends one changelog row per changed row: epoch, origin region, table, primary
-key, operation and the row image after the change (DESIGN §7; the replication issue streams
-these rows).
+key, operation and the row image after the change; replication streams these rows
+(docs/architecture.md).
 
 Transactions run on threads owned by the store: all writes of a cell copy on one writer
 thread (SQLite allows one writer anyway, and on PostgreSQL the cell_meta row lock serialises

@@ -1,4 +1,4 @@
 """Topology: configuration, the rule, pure routing functions and order IDs.
 
-Depends on nothing else of unitrade (DESIGN §15).
+Depends on nothing else of unitrade (docs/architecture.md).
 """

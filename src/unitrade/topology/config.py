@@ -127,7 +127,7 @@ class RegionConfig(_Listening):
 
 
 class ControlConfig(_Listening):
-    """The control plane (DESIGN §6, §8): where it listens, where it keeps the rule history
+    """The control plane (docs/architecture.md): where it listens, where it keeps the rule history
     and the operations log, and the limits of a switchover."""
 
     listen: str = CONTROL_LISTEN_DEFAULT

@@ -1,4 +1,4 @@
-"""Order IDs (DESIGN §5, seed 002 §3.2): a 63-bit integer `(version, cell, time, sequence)`.
+"""Order IDs (docs/architecture.md): a 63-bit integer `(version, cell, time, sequence)`.
 
     bit 62..60  version   3 bits   layout version, 1 today
     bit 59..50  cell     10 bits   the unit cell the order lives in (routing needs no lookup)

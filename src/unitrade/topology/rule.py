@@ -2,7 +2,7 @@
 
 A rule maps bucket -> cell and cell -> owner region, and says which cells are banned (no
 region may write them, during a switch). Every change makes a new version; versions only
-grow. The version under which a write is admitted is that write's epoch (DESIGN §1, §6).
+grow. The version under which a write is admitted is that write's epoch (docs/architecture.md).
 
 The bucket function (documented in docs/architecture.md): a buyer's routing key is the
 buyer ID, and `bucket = buyer_id mod bucket_count`. Modulo over a fixed, large number of

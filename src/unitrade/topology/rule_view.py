@@ -1,4 +1,4 @@
-"""A component's view of the rule (DESIGN §6).
+"""A component's view of the rule (docs/architecture.md).
 
 Every component of a region that routes or writes holds the rule it acts on and the version
 it has acknowledged, meaning "in force here". For the gateway and the RPC client a rule is
