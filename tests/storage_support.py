@@ -21,9 +21,11 @@ def cell_url(template: str, cell: int) -> str:
     return template.format(cell=RULE.cells[cell].name)
 
 
-def make_store(template: str, cell: int, region: str = "hz", rule: Rule = RULE) -> CellStore:
+def make_store(
+    template: str, cell: int, region: str = "hz", rule: Rule = RULE, *, inline: bool = True
+) -> CellStore:
     fence = Fence(region, rule)
-    return CellStore(RULE.cells[cell], region, cell_url(template, cell), fence)
+    return CellStore(RULE.cells[cell], region, cell_url(template, cell), fence, inline=inline)
 
 
 def sqlite_template(directory: Path) -> str:
