@@ -127,3 +127,15 @@ def test_the_read_errors_cross_regions_typed(error: type[Any]) -> None:
     assert ERRORS_BY_CODE[error.code] is error
     rebuilt = error_from_body(503, error("busy").body())
     assert type(rebuilt) is error and rebuilt.message == "busy"
+
+
+@pytest.mark.parametrize("error", [Overloaded, ReadTimeout])
+def test_the_gateway_answers_503_with_retry_after(error: type[Any]) -> None:
+    import orjson
+
+    from unitrade.gateway.edge import error_response
+
+    response = error_response(error("busy"))
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert orjson.loads(bytes(response.body)) == {"error": error.code, "message": "busy"}
