@@ -68,3 +68,38 @@ def differences(config: TopologyConfig, data_dir: Path) -> list[str]:
                 if actual.get(table) != rows:
                     found.append(f"{cell.name}@{region}.{table}")
     return found
+
+
+def region_positions(config: TopologyConfig, region: str) -> dict[str, int]:
+    """cell name -> the position of `region`'s copy, from its health answer."""
+    with httpx.Client(timeout=5) as client:
+        body = client.get(config.region(region).base_url + "/healthz").json()
+    return {str(cell): int(position) for cell, position in body["positions"].items()}
+
+
+def disk_positions(data_dir: Path, region: str, cells: list[str]) -> dict[str, int]:
+    """cell name -> the position committed in a stopped region's SQLite copy (its files are
+    the whole truth once its process is dead)."""
+    found = {}
+    for cell in cells:
+        with sqlite3.connect(data_dir / region / f"cell-{cell}.db") as conn:
+            (position,) = conn.execute("SELECT last_position FROM cell_meta").fetchone()
+        found[cell] = int(position)
+    return found
+
+
+def owners_of(config: TopologyConfig) -> dict[str, str]:
+    """cell name -> owner region under rule version 1."""
+    rule = initial_rule(config)
+    return {cell.name: rule.owner_of(cell.id) for cell in rule.cells.values()}
+
+
+def owner_heads(config: TopologyConfig, owner_regions: list[str]) -> dict[str, int]:
+    """cell name -> its owner's position, for the cells owned by `owner_regions`: each a
+    lower bound of that owner's committed position from the moment it is read."""
+    owners = owners_of(config)
+    heads: dict[str, int] = {}
+    for region in owner_regions:
+        seen = region_positions(config, region)
+        heads.update({c: p for c, p in seen.items() if owners[c] == region})
+    return heads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import time
 import uuid
@@ -32,12 +33,23 @@ def free_ports(n: int) -> list[int]:
             sock.close()
 
 
+def new_secret() -> str:
+    """A secret of one test cluster's own: a token or signature of any other cluster (or of
+    the default secret) is refused by it, so a test never talks to a cluster not its own."""
+    return "test-" + secrets.token_hex(16)
+
+
 def topology_toml(
-    ports: list[int], storage: str | None = None, control_storage: str | None = None
+    ports: list[int],
+    storage: str | None = None,
+    control_storage: str | None = None,
+    secret: str | None = None,
 ) -> str:
-    """The default topology (hz center, sh, bj; six unit cells) on the given ports."""
+    """The default topology (hz center, sh, bj; six unit cells) on the given ports, with
+    `secret` (a new one when None)."""
     default = default_config()
-    lines = []
+    # A top-level key: it must come before the first table.
+    lines = [f'secret = "{secret or new_secret()}"']
     for region, port in zip(default.regions, ports, strict=False):
         lines += [f"[regions.{region.name}]", f'listen = "127.0.0.1:{port}"']
         if region.center:

@@ -131,6 +131,20 @@ class Load:
             worker.join(timeout=60)
             assert not worker.is_alive(), "a load worker did not stop"
 
+    def wait_acked(self, buyers: list[int], more: int, timeout_s: float = 30.0) -> None:
+        """Wait until `more` further orders of `buyers` are acknowledged."""
+        wanted = set(buyers)
+
+        def count() -> int:
+            with self._lock:
+                return sum(1 for a in self.acked if a.buyer in wanted)
+
+        target = count() + more
+        deadline = time.monotonic() + timeout_s
+        while count() < target:
+            assert time.monotonic() < deadline, f"no {more} orders acknowledged: {self.errors[-3:]}"
+            time.sleep(0.01)
+
     def _run(self, seed: int) -> None:
         api = Api(self.config)
         rng = random.Random(seed)

@@ -422,7 +422,7 @@ def signed_pull(api: Api, follower: str, cell: int, after: int) -> httpx.Respons
     payload = {"cell": cell, "after": after, "limit": 10, "wait_ms": 0, "region": follower}
     body = orjson.dumps(payload)
     headers = {"content-type": "application/json"}
-    headers.update(sign(api.config.secret, follower, "POST", target, body))
+    headers.update(sign(api.config.region_secret, follower, "hz", "POST", target, body, headers))
     return api.http.post(api.url("hz", target), content=body, headers=headers)
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from tests.support import free_ports, topology_toml
 from unitrade.topology.config import (
+    SECRET_DEFAULT,
     CellKind,
     ConfigError,
     default_config,
@@ -42,6 +43,9 @@ def test_load_config_from_toml_file(tmp_path: Path) -> None:
     assert config.region("sh").port == ports[1]
     assert config.find_cell("u3").owner == "sh"
     assert config.find_cell("1000").kind is CellKind.CENTER
+    assert config.secret != SECRET_DEFAULT and config.secret in path.read_text()
+    assert load_config(path).secret == config.secret
+    assert topology_toml(ports) != topology_toml(ports)  # a secret of its own each time
 
 
 def test_no_file_means_the_default() -> None:

@@ -12,15 +12,22 @@ from tests.support import Api, write_topology
 from unitrade.cluster import LocalCluster
 from unitrade.errors import OrderTimedOut
 from unitrade.region import RegionRuntime
-from unitrade.topology.config import default_config
 from unitrade.topology.rule import route_buyer
 
 BUYER_IN_U1 = 100  # bucket 0 -> cell u1, owned by hz with the center
 
 
+def _runtime(directory: Path) -> RegionRuntime:
+    """The center region in-process, with ports and a secret of its own: it calls the other
+    regions (outbox, catalog), and on the default ports and secret it would reach whatever
+    cluster runs on this machine."""
+    config, _path = write_topology(directory)
+    return RegionRuntime(config, "hz", directory / "data")
+
+
 def test_a_reservation_whose_order_was_never_written_is_released(tmp_path: Path) -> None:
     async def scenario() -> None:
-        runtime = RegionRuntime(default_config(), "hz", tmp_path)
+        runtime = _runtime(tmp_path)
         await runtime.start()
         try:
             assert route_buyer(runtime.fence.rule, BUYER_IN_U1).cell == 1
@@ -47,7 +54,7 @@ def test_a_reservation_whose_order_was_never_written_is_released(tmp_path: Path)
 
 def test_an_order_written_too_late_is_not_written_and_its_stock_returns(tmp_path: Path) -> None:
     async def scenario() -> None:
-        runtime = RegionRuntime(default_config(), "hz", tmp_path)
+        runtime = _runtime(tmp_path)
         await runtime.start()
         try:
             await runtime.catalog_service.put("A", "a", 100)

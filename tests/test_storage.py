@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import threading
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from sqlalchemy import select
 
-from tests.storage_support import RULE, make_store
+from tests.storage_support import (
+    RULE,
+    cell_url,
+    make_store,
+    sqlite_template,
+    until,
+    write_lock_held,
+)
 from unitrade.errors import WriteBanned, WrongRegion
 from unitrade.storage.schema import carts, changelog
 from unitrade.storage.store import CellStore, WriteTx
+
+WAIT_S_MAX = 10.0  # a bound on every wait; none is expected to come near it
 
 
 async def _changelog(store: CellStore) -> list[dict[str, Any]]:
@@ -132,56 +142,70 @@ def test_concurrent_writes_get_gapless_unique_positions(storage_url: str) -> Non
     asyncio.run(scenario())
 
 
-def test_installing_a_rule_waits_for_writes_admitted_under_older_rules(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_installing_a_rule_waits_for_writes_admitted_under_older_rules(storage_url: str) -> None:
+    """The write is held in flight on the store's writer thread (on SQLite, another
+    connection's lock sends it there) until the test lets it go: the install must wait."""
+
     async def scenario() -> None:
-        store = make_store(f"sqlite:///{tmp_path}/cell-{{cell}}.db", 1)
+        store = make_store(storage_url, 1)
         await store.open()
+        started, proceed = threading.Event(), threading.Event()
+        events: list[str] = []
+
+        def held(tx: WriteTx) -> None:
+            # Blocking here on the loop would stall the very install under test.
+            assert threading.current_thread() is not threading.main_thread()
+            events.append("write started")
+            started.set()
+            assert proceed.wait(WAIT_S_MAX), "the test never let the write go"
+            tx.insert(carts, {"buyer_id": 1, "sku": "A", "qty": 1, "updated_ms": 0})
+
         try:
-
-            def slow(tx: WriteTx) -> float:
-                time.sleep(0.4)
-                tx.insert(carts, {"buyer_id": 1, "sku": "A", "qty": 1, "updated_ms": 0})
-                return time.monotonic()
-
-            write = asyncio.create_task(store.write(slow))
-            await asyncio.sleep(0.05)
-            await store.fence.install(replace(RULE, version=2))
-            installed = time.monotonic()
-            committed = await write
-            assert committed <= installed  # acked only once the v1 write had finished
-            assert [r["epoch"] for r in await _changelog(store)] == [1]
+            with write_lock_held(cell_url(storage_url, 1)) as release:
+                write = asyncio.create_task(store.write(held))
+                await until(lambda: store.fence.in_flight_below(2) == 1, "the write admitted")
+                release()
+                await until(started.is_set, "the write to start on its thread")
+            install = asyncio.create_task(store.fence.install(replace(RULE, version=2)))
+            done, _ = await asyncio.wait([install], timeout=0.2)
+            assert not done, "the rule was acknowledged while a v1 write was in flight"
+            assert store.fence.rule.version == 2  # in force: new writes get epoch 2
+            assert events == ["write started"] and store.position == 0
+            proceed.set()
+            await asyncio.wait_for(install, WAIT_S_MAX)
+            assert store.position == 1  # acknowledged only once the v1 write had committed
+            await asyncio.wait_for(write, WAIT_S_MAX)
+            await store.write(
+                lambda tx: tx.insert(carts, {"buyer_id": 2, "sku": "A", "qty": 1, "updated_ms": 0})
+            )
+            assert [r["epoch"] for r in await _changelog(store)] == [1, 2]
             with pytest.raises(ValueError, match="only grow"):
                 await store.fence.install(RULE)
         finally:
+            proceed.set()
             await store.close()
 
     asyncio.run(scenario())
 
 
-def test_a_write_waits_for_a_lock_held_by_another_process_instead_of_failing(  # type: ignore[no-untyped-def]
-    tmp_path,
+def test_a_write_waits_for_a_lock_held_by_another_process_instead_of_failing(
+    tmp_path: Path,
 ) -> None:
-    import sqlite3
-    import threading
-
     async def scenario() -> None:
-        store = make_store(f"sqlite:///{tmp_path}/cell-{{cell}}.db", 1)
+        template = sqlite_template(tmp_path)
+        store = make_store(template, 1)
         await store.open()
-        other = sqlite3.connect(
-            tmp_path / "cell-u1.db", isolation_level=None, timeout=5, check_same_thread=False
-        )
         try:
-            other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-            releaser = threading.Timer(0.3, lambda: other.execute("COMMIT"))
-            releaser.start()
-            started = time.monotonic()
             row = {"buyer_id": 1, "sku": "A", "qty": 1, "updated_ms": 0}
-            await store.write(lambda tx: tx.insert(carts, row))
-            assert time.monotonic() - started >= 0.25
+            with write_lock_held(cell_url(template, 1)) as release:  # another process's
+                write = asyncio.create_task(store.write(lambda tx: tx.insert(carts, row)))
+                await until(lambda: store.fence.in_flight_below(2) == 1, "the write admitted")
+                done, _ = await asyncio.wait([write], timeout=0.1)
+                assert not done and store.position == 0  # waiting, not failed
+                release()
+                await asyncio.wait_for(write, WAIT_S_MAX)
             assert [r["position"] for r in await _changelog(store)] == [1]
-            releaser.join()
         finally:
-            other.close()
             await store.close()
 
     asyncio.run(scenario())

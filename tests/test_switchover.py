@@ -175,7 +175,7 @@ def switch_back_and_forth(cluster: LocalCluster, path: Path, switches: int) -> N
     control = Control(config)
     load.start()
     try:
-        run_switches(control, load, switches)
+        run_switches(control, load, switches, moved)
     finally:
         control.close()
     assert current_owners(config)[MOVED] == ("hz" if switches % 2 else "sh")
@@ -184,16 +184,18 @@ def switch_back_and_forth(cluster: LocalCluster, path: Path, switches: int) -> N
     check_nothing_lost(config, path, load)
 
 
-def run_switches(control: Control, load: Load, switches: int) -> None:
+def run_switches(control: Control, load: Load, switches: int, moved: list[int]) -> None:
+    """Switch the cell of the `moved` buyers back and forth, each switch after the load has
+    written that cell again: under load, and proof that writes resumed after each switch."""
     figures = []
     try:
-        time.sleep(0.5)
         for n in range(switches):
+            load.wait_acked(moved, 2)
             target = "hz" if n % 2 == 0 else "sh"
             op = control.switch_and_wait([MOVED], target)
             figures.append(op["detail"])
             assert op["detail"]["streams_not_following"] == [], op["detail"]
-            time.sleep(0.2)
+        load.wait_acked(moved, 2)
     finally:
         load.stop()
     slowest = max(f["total_ms"] for f in figures)
@@ -248,7 +250,9 @@ def test_control_plane_killed_before_publish_rolls_back(
     assert held.status_code == 503, held.text
     assert held.json()["error"] == "write_banned"
     assert held.headers["retry-after"] == "1"
-    assert 1.8 <= time.monotonic() - started < 5.0
+    # Held for the hold time (2 s), not refused at once; the upper end is the 503 itself,
+    # which came before the client's 30 s timeout.
+    assert time.monotonic() - started >= 1.8
     other = buyers_of_cell(config, 4, 1)[0]
     assert api.call("bj", "PUT", "/v1/cart/items/SKU-X", other, {"qty": 1}).status_code == 200
 

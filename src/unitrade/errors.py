@@ -111,6 +111,23 @@ class RegionUnavailable(UnitradeError):
     retry_after_s: ClassVar[int] = 2
 
 
+class Overloaded(UnitradeError):
+    """Too many reads are already waiting for this region's copy of a cell: refused at once,
+    so that a burst queues no further. Safe to retry."""
+
+    code = "overloaded"
+    status = 503
+    retry_after_s: ClassVar[int] = 1
+
+
+class ReadTimeout(UnitradeError):
+    """A read waited too long for a reader of the cell copy and never ran. Safe to retry."""
+
+    code = "read_timeout"
+    status = 503
+    retry_after_s: ClassVar[int] = 1
+
+
 class OrderTimedOut(UnitradeError):
     """An order could not be written in time after its stock was reserved; nothing was
     written and the reservation is released. Safe to retry."""
@@ -177,6 +194,8 @@ ERRORS_BY_CODE: dict[str, type[UnitradeError]] = {
         WrongRegion,
         WriteBanned,
         RegionUnavailable,
+        Overloaded,
+        ReadTimeout,
         OrderTimedOut,
         ClockBehind,
         SwitchRefused,

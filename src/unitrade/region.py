@@ -27,7 +27,13 @@ from unitrade.storage.copies import CellCopies
 from unitrade.storage.fence import Fence
 from unitrade.storage.sequences import OrderIdAllocator
 from unitrade.topology.config import TopologyConfig
-from unitrade.topology.rule import RoutingError, Rule, initial_rule, rule_from_body
+from unitrade.topology.rule import (
+    RoutingError,
+    Rule,
+    check_rule_fits,
+    initial_rule,
+    rule_from_body,
+)
 from unitrade.topology.rule_view import RuleView
 
 log = logging.getLogger("unitrade.region")
@@ -80,6 +86,7 @@ class RegionRuntime:
         rule = initial_rule(self.config)
         try:
             stored = rule_from_body(orjson.loads(self.rule_path.read_bytes()))
+            check_rule_fits(stored, self.config)
         except FileNotFoundError:
             return rule
         except (OSError, ValueError, RoutingError) as exc:

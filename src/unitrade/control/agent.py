@@ -23,7 +23,7 @@ from typing import Any
 from unitrade.errors import UnitradeError
 from unitrade.rpc.client import RegionClient
 from unitrade.topology.config import CONTROL_NAME
-from unitrade.topology.rule import RoutingError, Rule, rule_from_body
+from unitrade.topology.rule import RoutingError, Rule, check_rule_fits, rule_from_body
 
 log = logging.getLogger("unitrade.rules")
 
@@ -89,6 +89,7 @@ class RuleAgent:
         if body is None:
             return
         rule = rule_from_body(body)
+        check_rule_fits(rule, self.client.config)
         if rule.version > self.current():
             log.info("rule version %s received (banned: %s)", rule.version, sorted(rule.banned))
             await self.install(rule)

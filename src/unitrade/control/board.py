@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from unitrade.control.store import ControlStore
-from unitrade.topology.rule import Rule
+from unitrade.control.store import ControlStore, StaleRule
+from unitrade.topology.rule import RoutingError, Rule
 
 COMPONENTS = ("gateway", "rpc", "dal")
 # A region whose watch is closed and that has not watched for this long is not connected.
@@ -54,12 +54,26 @@ class RuleBoard:
     async def publish(self, rule: Rule, reason: str, operation_id: str | None) -> Rule:
         """Record `rule` in the history (versions only grow), then push it to every watch."""
         async with self._publish_lock:
-            assert rule.version == self._rule.version + 1, "versions grow one at a time"
+            self._check(rule)
             await self.store.publish(rule, reason, operation_id)
             self._rule = rule
             self._published.set()
             self._published = asyncio.Event()
         return rule
+
+    def _check(self, rule: Rule) -> None:
+        """Refuse a rule the regions could not install: checked here, not asserted, since
+        an assert vanishes under `python -O` and the rule would reach every region."""
+        if rule.version != self._rule.version + 1:
+            raise StaleRule(
+                f"rule version {rule.version} after {self._rule.version}: "
+                "versions grow one at a time"
+            )
+        if set(rule.cells) != set(self._rule.cells) or rule.bucket_count != self._rule.bucket_count:
+            raise RoutingError(f"rule version {rule.version} changes the cells or buckets")
+        unknown = sorted(set(rule.owners.values()) - set(self.regions))
+        if unknown:
+            raise RoutingError(f"rule version {rule.version} names unknown regions {unknown}")
 
     def saw(self, region: str, acked: dict[str, int], current: int = 0) -> None:
         seen = self.regions[region]

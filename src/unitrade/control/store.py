@@ -34,7 +34,7 @@ from sqlalchemy import (
 from unitrade.storage.engine import create_cell_engine
 from unitrade.storage.store import now_ms
 from unitrade.topology.config import TopologyConfig
-from unitrade.topology.rule import Rule, rule_from_body
+from unitrade.topology.rule import Rule, check_rule_fits, rule_from_body
 
 T = TypeVar("T")
 LOG_ROWS_MAX = 500
@@ -168,7 +168,9 @@ class ControlStore:
                 select(rules.c.body).order_by(rules.c.version.desc()).limit(1)
             ).first()
             if newest is not None:
-                return rule_from_body(orjson.loads(newest.body))
+                stored = rule_from_body(orjson.loads(newest.body))
+                check_rule_fits(stored, config)
+                return stored
             conn.execute(
                 insert(rules).values(
                     version=first.version,

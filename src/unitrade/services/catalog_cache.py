@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 TTL_S_DEFAULT = 1.0
@@ -20,10 +20,14 @@ ENTRIES_MAX_DEFAULT = 100_000
 
 class CatalogCache:
     def __init__(
-        self, ttl_s: float = TTL_S_DEFAULT, entries_max: int = ENTRIES_MAX_DEFAULT
+        self,
+        ttl_s: float = TTL_S_DEFAULT,
+        entries_max: int = ENTRIES_MAX_DEFAULT,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         assert ttl_s >= 0 and entries_max >= 1
         self.ttl_s = ttl_s
+        self._clock = clock  # seconds, monotonic; a test's own clock makes expiry exact
         self.entries_max = entries_max
         self._entries: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
         self.hits = 0
@@ -31,7 +35,7 @@ class CatalogCache:
 
     def get(self, skus: Iterable[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
         """The cached products, and the SKUs to fetch."""
-        now = time.monotonic()
+        now = self._clock()
         found: dict[str, dict[str, Any]] = {}
         missing: list[str] = []
         for sku in skus:
@@ -45,7 +49,7 @@ class CatalogCache:
         return found, missing
 
     def put(self, products: dict[str, dict[str, Any]]) -> None:
-        expires = time.monotonic() + self.ttl_s
+        expires = self._clock() + self.ttl_s
         for sku, product in products.items():
             self._entries[sku] = (expires, product)
             self._entries.move_to_end(sku)

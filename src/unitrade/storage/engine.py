@@ -134,8 +134,10 @@ def ensure_pg_database(url: str) -> None:
     """Create the cell copy's PostgreSQL database if it does not exist yet."""
     import psycopg
 
+    if not make_url(sync_url(url)).database:
+        # From the topology file: checked for real, an assert would vanish under `python -O`.
+        raise ValueError(f"storage URL {url!r} names no database: postgresql://host/<database>")
     conn, name = _pg_admin(url)
-    assert name, "a PostgreSQL storage URL names a database"
     with conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
             return

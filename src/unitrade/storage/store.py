@@ -18,9 +18,10 @@ import collections
 import functools
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -42,7 +43,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.sql import ClauseElement, Delete, Executable, Insert, Select, Update
 
-from unitrade.errors import RegionUnavailable, WrongRegion
+from unitrade.errors import Overloaded, ReadTimeout, RegionUnavailable, WrongRegion
 from unitrade.storage.engine import (
     READ_POOL_SIZE,
     backend_of,
@@ -59,6 +60,12 @@ log = logging.getLogger("unitrade.storage")
 ROWS_PER_WRITE_MAX = 1_000  # a single transaction never changes more rows than this
 PENDING_WRITES_MAX = 1_024  # writes queued for one cell copy before callers are refused
 QUEUE_WAIT_S_MAX = 10.0
+# Reads get the same two bounds as writes: how many may wait for a reader thread (beyond the
+# READ_POOL_SIZE running), and how long one may wait before it would run. Past the first the
+# read is refused at once (`overloaded`), past the second it is dropped from the queue
+# (`read_timeout`): both 503 with Retry-After, never an unbounded queue of threads' work.
+PENDING_READS_MAX = 1_024
+READ_QUEUE_WAIT_S_MAX = QUEUE_WAIT_S_MAX
 
 
 def now_ms() -> int:
@@ -400,7 +407,9 @@ class CellStore:
     checkpoints. On PostgreSQL every transaction runs on the store's threads.
     """
 
-    def __init__(self, cell: CellInfo, region: str, url: str, fence: Fence) -> None:
+    def __init__(
+        self, cell: CellInfo, region: str, url: str, fence: Fence, *, inline: bool = True
+    ) -> None:
         self.cell = cell
         self.region = region
         self.url = url
@@ -411,6 +420,12 @@ class CellStore:
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix=f"w-{cell.name}")
         self._read_threads = ThreadPoolExecutor(READ_POOL_SIZE, thread_name_prefix=f"r-{cell.name}")
         self._write_slots = asyncio.Semaphore(PENDING_WRITES_MAX)
+        self.pending_reads_max = PENDING_READS_MAX
+        self.read_queue_wait_s_max = READ_QUEUE_WAIT_S_MAX
+        self._reads_lock = threading.Lock()  # the count changes on reader threads too
+        self._reads_open = 0  # reads handed to the reader threads and not finished
+        # False: every transaction on the store's threads, SQLite too (as on PostgreSQL).
+        self._inline_enabled = inline
         self._inline: Connection | None = None  # SQLite only: reads
         self._cursor: Any = None  # SQLite only: its driver cursor, for writes
         self._writes_since_checkpoint = 0
@@ -427,7 +442,7 @@ class CellStore:
         self.trimmed_position = await self.read(
             lambda conn: int(conn.execute(select(cell_meta.c.trimmed_position)).scalar_one())
         )
-        if self.backend == "sqlite":
+        if self.backend == "sqlite" and self._inline_enabled:
             self._inline = create_inline_engine(self.url).connect()
             self._cursor = self._inline.connection.driver_connection.cursor()  # type: ignore[union-attr]
 
@@ -484,7 +499,44 @@ class CellStore:
             with reader.begin() as conn:
                 return work(conn)
 
-        return await _finish(asyncio.get_running_loop().run_in_executor(self._read_threads, run))
+        return await self._on_reader(run)
+
+    @property
+    def reads_open(self) -> int:
+        """Reads waiting for or running on the reader threads."""
+        return self._reads_open
+
+    async def _on_reader(self, run: Callable[[], T]) -> T:
+        """Run `run` on a reader thread, within the read bounds (PENDING_READS_MAX)."""
+        with self._reads_lock:
+            if self._reads_open >= READ_POOL_SIZE + self.pending_reads_max:
+                raise Overloaded(
+                    f"cell {self.cell.id} has {self._reads_open} reads open here; retry shortly"
+                )
+            self._reads_open += 1
+        try:
+            job = self._read_threads.submit(run)
+        except BaseException:
+            self._read_done(None)
+            raise
+        job.add_done_callback(self._read_done)
+        result = asyncio.wrap_future(job)
+        try:
+            return await asyncio.wait_for(asyncio.shield(result), self.read_queue_wait_s_max)
+        except TimeoutError:
+            if job.cancel():  # still queued: it never runs
+                raise ReadTimeout(
+                    f"a read of cell {self.cell.id} waited over "
+                    f"{self.read_queue_wait_s_max:g} s for a reader; retry shortly"
+                ) from None
+            return await result  # it runs already: a read started is a read answered
+        except asyncio.CancelledError:
+            job.cancel()  # nobody waits for it any more; a read that runs just finishes
+            raise
+
+    def _read_done(self, _job: Future[Any] | None) -> None:
+        with self._reads_lock:
+            self._reads_open -= 1
 
     async def write(self, work: Callable[[WriteTx], T]) -> T:
         """Admit a write through the fence and run `work` in one transaction; its changes

@@ -51,11 +51,11 @@ class Rule:
     banned: frozenset[int] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
-        assert self.version >= 1, "rule versions start at 1"
-        assert self.bucket_cells, "a rule has at least one bucket"
-        assert set(self.owners) == set(self.cells), "every cell has exactly one owner"
-        for cell in self.bucket_cells:
-            assert self.cells[cell].kind is CellKind.UNIT, "buckets map to unit cells only"
+        # Real checks, not asserts: rules arrive from the wire, from files and from the
+        # control plane's store, and `python -O` would strip an assert.
+        problems = rule_problems(self)
+        if problems:
+            raise RoutingError("not a valid rule: " + "; ".join(problems))
 
     @property
     def bucket_count(self) -> int:
@@ -94,9 +94,13 @@ class Rule:
         banned: Iterable[int] | None = None,
     ) -> Rule:
         """The next rule: same cells and buckets, with new owners and/or bans."""
-        assert version > self.version, "rule versions only grow"
+        if version <= self.version:
+            raise RoutingError(f"rule versions only grow: {version} after {self.version}")
         new_owners = {**self.owners, **(owners or {})}
-        assert set(new_owners) == set(self.owners), "a rule cannot add cells"
+        if set(new_owners) != set(self.owners):
+            raise RoutingError(
+                f"a rule cannot add cells: {sorted(set(new_owners) - set(self.owners))}"
+            )
         return replace(
             self,
             version=version,
@@ -130,27 +134,96 @@ def rule_from_body(body: Mapping[str, Any]) -> Rule:
     """Inverse of `Rule.body`; RoutingError for a body that is not a valid rule."""
     try:
         cells = {
-            int(c["id"]): CellInfo(
-                int(c["id"]), str(c["name"]), CellKind(c["kind"]), c["partition"]
+            _integer(c["id"]): CellInfo(
+                _integer(c["id"]), _text(c["name"]), CellKind(c["kind"]), _text(c["partition"])
             )
             for c in body["cells"]
         }
         return Rule(
-            version=int(body["version"]),
-            bucket_cells=tuple(int(b) for b in body["bucket_cells"]),
+            version=_integer(body["version"]),
+            bucket_cells=tuple(_integer(b) for b in body["bucket_cells"]),
             cells=cells,
-            owners={int(c): str(owner) for c, owner in body["owners"].items()},
-            banned=frozenset(int(c) for c in body["banned"]),
+            owners={_integer(c): _text(owner) for c, owner in body["owners"].items()},
+            banned=frozenset(_integer(c) for c in body["banned"]),
         )
-    except (KeyError, TypeError, ValueError, AssertionError) as exc:
+    except RoutingError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RoutingError(f"not a valid rule: {type(exc).__name__}: {exc}") from exc
+
+
+def _integer(value: Any) -> int:
+    """An integer as JSON carries it (owners' keys are decimal strings); nothing rounded."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def rule_problems(rule: Rule) -> list[str]:
+    """What makes `rule` invalid on its own: empty when it is a rule a region may install."""
+    problems: list[str] = []
+    if isinstance(rule.version, bool) or not isinstance(rule.version, int) or rule.version < 1:
+        problems.append(f"version must be an integer >= 1, got {rule.version!r}")
+    if not rule.bucket_cells:
+        problems.append("a rule has at least one bucket")
+    if not rule.cells:
+        problems.append("a rule has at least one cell")
+    for cell_id, cell in rule.cells.items():
+        if cell.id != cell_id:
+            problems.append(f"cell {cell_id} is described as cell {cell.id}")
+    for kind in (CellKind.CENTER, CellKind.GLOBAL):
+        count = sum(1 for c in rule.cells.values() if c.kind is kind)
+        if count != 1:
+            problems.append(f"exactly one {kind.value} cell is required, found {count}")
+    if set(rule.owners) != set(rule.cells):
+        problems.append("every cell has exactly one owner")
+    if any(not isinstance(o, str) or not o for o in rule.owners.values()):
+        problems.append("owners are region names")
+    not_units = sorted(
+        {
+            c
+            for c in rule.bucket_cells
+            if c not in rule.cells or rule.cells[c].kind is not CellKind.UNIT
+        }
+    )
+    if not_units:
+        problems.append(f"buckets map to unit cells only, not to {not_units}")
+    unknown_banned = sorted(rule.banned - set(rule.cells))
+    if unknown_banned:
+        problems.append(f"banned cells {unknown_banned} are not cells of the rule")
+    return problems
+
+
+def check_rule_fits(rule: Rule, config: TopologyConfig) -> None:
+    """RoutingError unless `rule` routes the configured topology: the same cells of the
+    same kinds, the same bucket count, and owners that are configured regions. A rule from
+    the wire or a file that fails this would route buyers to cells or regions that do not
+    exist here."""
+    problems: list[str] = []
+    if rule.bucket_count != config.bucket_count:
+        problems.append(f"{rule.bucket_count} buckets, the topology has {config.bucket_count}")
+    configured = {c.id: c.kind for c in config.cells}
+    if {c: info.kind for c, info in rule.cells.items()} != configured:
+        problems.append("its cells differ from the topology's")
+    unknown = sorted({o for o in rule.owners.values()} - set(config.region_names))
+    if unknown:
+        problems.append(f"owners {unknown} are not regions of the topology")
+    if problems:
+        raise RoutingError(f"rule version {rule.version} does not fit: " + "; ".join(problems))
 
 
 def bucket_of(buyer_id: int, bucket_count: int) -> int:
     """The documented bucket function: `buyer_id mod bucket_count`."""
     if not 1 <= buyer_id <= BUYER_ID_MAX:
         raise RoutingError(f"buyer ID must be a positive 63-bit integer, got {buyer_id}")
-    assert bucket_count >= 1
+    if bucket_count < 1:
+        raise RoutingError(f"bucket count must be >= 1, got {bucket_count}")
     return buyer_id % bucket_count
 
 
