@@ -22,7 +22,7 @@ common = MetaData()
 
 # One row: the cell this database is a copy of, and the last changelog position. Every write
 # transaction locks this row first: positions are then gapless and in commit order, which is
-# what a replica needs to tell "nothing new" from "a hole" (replication, next issue).
+# what a replica needs to tell "nothing new" from "a hole".
 cell_meta = Table(
     "cell_meta",
     common,
