@@ -166,8 +166,9 @@ def test_unitrade_config_in_the_environment_is_honoured(cluster: LocalCluster) -
 @pytest.mark.cluster
 def test_a_config_with_another_secret_gets_a_hint(cluster: LocalCluster, tmp_path: Path) -> None:
     path = tmp_path / "other-secret.toml"
-    text = Path(str(cluster.config_path)).read_text()
-    path.write_text('secret = "not-the-secret-of-this-cluster"\n' + text)
+    lines = Path(str(cluster.config_path)).read_text().splitlines()
+    others = [line for line in lines if not line.startswith("secret = ")]
+    path.write_text('secret = "not-the-secret-of-this-cluster"\n' + "\n".join(others) + "\n")
     for command in (["operations"], ["diff", "--cell", "u1"]):
         result = CliRunner().invoke(main, [*command, "--config", str(path)])
         assert result.exit_code in (1, 2), result.output

@@ -188,6 +188,39 @@ def test_a_late_reserve_is_refused_so_a_deleted_reservation_cannot_come_back(
     asyncio.run(run())
 
 
+def test_a_refund_after_retention_deleted_the_reservation_returns_the_stock_once(
+    tmp_path: Path,
+) -> None:
+    """Found by the soak benchmark: refunds of orders paid longer ago than
+    reservations_finished_s failed for good and never returned their units. A refund
+    carries the order's lines, so the center returns them without the reservation."""
+
+    async def run() -> None:
+        store = make_store(f"sqlite:///{tmp_path}/{{cell}}.db", CENTER, region="hz")
+        await store.open()
+        try:
+            inventory = InventoryService(store, reserve_window_s=60)
+            await inventory.set_stock("A", 10)
+            await inventory.set_stock("B", 10)
+            order = encode_order_id(1, unix_to_id_time(time.time()), 3)
+            await inventory.reserve(order, 1, [("A", 2), ("B", 1)])
+            await inventory.step(order, "commit")
+            assert (await inventory.levels("A"))["sold"] == 2
+            # The sweep deletes the committed reservation once it is old enough.
+            await store.write(lambda tx: tx.delete(reservations, {"order_id": order}))
+            lines = [("B", 1), ("A", 2)]
+            for _ in range(2):  # the outbox may send the same refund twice
+                done = await inventory.step(order, "refund", lines)
+                assert done["status"] == "refunded"
+            a, b = await inventory.levels("A"), await inventory.levels("B")
+            assert (a["available"], a["sold"]) == (10, 0)
+            assert (b["available"], b["sold"]) == (10, 0)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
 def test_control_plane_deletes_finished_operations_past_the_newest_kept(tmp_path: Path) -> None:
     async def run() -> None:
         config = default_config()

@@ -33,7 +33,8 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
         return await inventory.reserve(int(b.order_id), b.cell, [(s, q) for s, q in b.lines])
 
     async def step(b: models.StepCall) -> Any:
-        return await inventory.step(int(b.order_id), b.step)
+        lines = [(s, q) for s, q in b.lines] if b.lines else None
+        return await inventory.step(int(b.order_id), b.step, lines)
 
     async def stock(b: models.StockCall) -> Any:
         return await inventory.set_stock(b.sku, b.total)

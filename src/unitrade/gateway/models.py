@@ -89,6 +89,8 @@ class ReserveCall(_Body):
 class StepCall(_Body):
     order_id: Annotated[str, Field(pattern=r"^[0-9]{1,19}$")]
     step: Annotated[str, Field(pattern=r"^(commit|release|refund)$")]
+    # A refund's lines, for when retention has deleted the finished reservation.
+    lines: Annotated[list[tuple[Sku, Qty]] | None, Field(max_length=ITEMS_MAX)] = None
 
 
 class StockCall(_Body):

@@ -85,6 +85,27 @@ def _move(tx: WriteTx, sku: str, qty: int, source: str, target: str, refuse: boo
     raise AssertionError(f"inventory of {sku} has {source}={row._mapping[source]} < {qty}")
 
 
+def _refund_without_reservation(tx: WriteTx, order_id: int, lines: Lines) -> dict[str, Any]:
+    """Return a paid order's units whose finished reservation retention deleted: sold back
+    to available, and a `refunded` tombstone so that a retried refund moves nothing again
+    (while the tombstone lives, reservations_finished_s: far longer than the outbox's
+    retries)."""
+    normalized = normalize_lines(lines)
+    for sku, qty in normalized:
+        _move(tx, sku, qty, "sold", "available", refuse=False)
+    stamp = now_ms()
+    tombstone = {
+        "order_id": order_id,
+        "cell_id": 0,
+        "status": "refunded",
+        "lines": orjson.dumps(normalized).decode(),
+        "created_ms": stamp,
+        "updated_ms": stamp,
+    }
+    tx.insert(reservations, tombstone)
+    return {"order_id": str(order_id), "status": "refunded"}
+
+
 def _levels(row: Any) -> dict[str, int]:
     return {"available": row["available"], "reserved": row["reserved"], "sold": row["sold"]}
 
@@ -142,12 +163,16 @@ class InventoryService:
 
         return await self.store.write(work)
 
-    async def step(self, order_id: int, step: str) -> dict[str, Any]:
-        """commit, release or refund the reservation of an order (idempotent)."""
+    async def step(self, order_id: int, step: str, lines: Lines | None = None) -> dict[str, Any]:
+        """commit, release or refund the reservation of an order (idempotent). A refund
+        carries the order's lines: the reservation it returns stock from may have been
+        deleted by retention (reservations_finished_s after the order was paid)."""
         start, end, source, target = _STEPS[step]
 
         def work(tx: WriteTx) -> dict[str, Any]:
             row = tx.get(reservations, {"order_id": order_id})
+            if row is None and step == "refund" and lines:
+                return _refund_without_reservation(tx, order_id, lines)
             if row is None:
                 if step != "release":
                     raise NotFound(f"no reservation for order {order_id}")

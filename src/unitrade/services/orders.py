@@ -452,7 +452,8 @@ class OrderService:
     async def send_outbox(self, store: CellStore, order_id: int, step: str) -> bool:
         """Send one outbox step to the center and mark it done; False if it must wait."""
         try:
-            await self.center.step(order_id, step)
+            lines = await _lines_of(store, order_id) if step == "refund" else None
+            await self.center.step(order_id, step, lines)
         except UnitradeError as exc:
             await self._outbox_failed(store, order_id, step, f"{exc.code}: {exc.message}")
             return False
@@ -535,6 +536,16 @@ def _enqueue(tx: WriteTx, order_id: int, step: str, stamp: int) -> None:
 
 CURSOR_PATTERN = r"^[0-9]{1,19}\.[0-9]{1,19}$"
 _CURSOR_PART_MAX = 2**63 - 1  # the largest value the database columns hold
+
+
+_LINES_OF = select(order_lines.c.sku, order_lines.c.qty).where(
+    order_lines.c.order_id == bindparam("order_id")
+)
+
+
+async def _lines_of(store: CellStore, order_id: int) -> Lines:
+    rows = await store.read(lambda conn: conn.execute(_LINES_OF, {"order_id": order_id}).all())
+    return [(row.sku, row.qty) for row in rows]
 
 
 def _parse_cursor(cursor: str) -> tuple[int, int]:

@@ -47,10 +47,12 @@ class CenterClient:
         )
         return result
 
-    async def step(self, order_id: int, step: str) -> dict[str, Any]:
-        payload = {"order_id": str(order_id), "step": step}
+    async def step(self, order_id: int, step: str, lines: Lines | None = None) -> dict[str, Any]:
+        payload: dict[str, Any] = {"order_id": str(order_id), "step": step}
+        if lines:
+            payload["lines"] = lines
         result: dict[str, Any] = await self._call(
-            lambda: self.local.step(order_id, step), "step", payload
+            lambda: self.local.step(order_id, step, lines), "step", payload
         )
         return result
 
