@@ -143,7 +143,7 @@ class PublicApi:
             passage = Passage(
                 request.method,
                 request_target(request),
-                {k.lower(): v for k, v in request.headers.items()},
+                request.headers,  # case-insensitive already: no copy on the hot path
                 await request.body(),
                 who,
                 getattr(request.state, "deadline", None) or self.dispatcher.holds.deadline(),
