@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 
 import pytest
 
-from unitrade.errors import WriteBanned
+from unitrade.errors import RegionUnavailable, WriteBanned
+from unitrade.gateway.forward import Forwarder
 from unitrade.gateway.hold import Holds
+from unitrade.gateway.routing import Caller, Dispatcher, Passage
+from unitrade.rpc.client import RegionClient, Reply
 from unitrade.topology.config import default_config
-from unitrade.topology.rule import initial_rule
+from unitrade.topology.rule import initial_rule, route_cell
 from unitrade.topology.rule_view import RuleView
 
 RULE = initial_rule(default_config())
@@ -80,5 +84,45 @@ def test_a_write_to_a_cell_that_is_not_banned_is_not_held() -> None:
         holds = Holds(RuleView("gateway", BANNED), hold_ms=2000, held_max=0)
         assert await holds.until_unbanned(4, BANNED, holds.deadline()) is BANNED
         assert holds.held_total == 0
+
+    asyncio.run(scenario())
+
+
+class _Refusing(Forwarder):
+    """A transport whose owner always answers that it is not the owner (the regions
+    disagree about the rule for longer than the hold)."""
+
+    def __init__(self, view: RuleView) -> None:
+        super().__init__(view, "hz", RegionClient(default_config(), "hz"))
+        self.sent = 0
+
+    async def send(
+        self, method: str, target: str, headers: Mapping[str, str], body: bytes, owner: str
+    ) -> Reply:
+        self.sent += 1
+        refusal = b'{"error": "wrong_region", "message": "not the owner", "owner": "bj"}'
+        return Reply(421, {"content-type": "application/json"}, refusal)
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"), [("POST", WriteBanned), ("GET", RegionUnavailable)]
+)
+def test_past_the_hold_a_client_gets_503_never_the_internal_421(
+    method: str, expected: type[Exception]
+) -> None:
+    async def scenario() -> None:
+        view = RuleView("gateway", RULE)
+        holds = Holds(view, hold_ms=200, held_max=10)
+        forwarder = _Refusing(view)
+        dispatcher = Dispatcher("hz", view, holds, forwarder)
+        who = Caller(principal=None, forwarded_from=None)
+        passage = Passage(method, "/v1/cart", {}, b"", who, holds.deadline(), {})
+        sh_cell = next(c for c, owner in RULE.owners.items() if owner == "sh")
+        with pytest.raises(expected) as refused:
+            await asyncio.wait_for(
+                dispatcher.run(passage, lambda rule: route_cell(rule, sh_cell), None), WAIT_S_MAX
+            )
+        assert getattr(refused.value, "status", None) == 503
+        assert forwarder.sent >= 2  # sent again while the hold lasted
 
     asyncio.run(scenario())

@@ -66,7 +66,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "/v1/orders",
         home=buyer_home,
         answer=models.OrderPage,
-        errors=(401, 403, 421, 422, 503),
+        errors=(401, 403, 422, 503),
         tags=["orders"],
     )
     async def list_orders(
@@ -82,7 +82,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "/v1/orders/{order_id}",
         home=order_read_home,
         answer=models.Order,
-        errors=(401, 403, 404, 421, 422, 503),
+        errors=(401, 403, 404, 422, 503),
         tags=["orders"],
     )
     async def get_order(
@@ -174,7 +174,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "/v1/cart",
         home=buyer_home,
         answer=models.Cart,
-        errors=(401, 403, 421, 503),
+        errors=(401, 403, 503),
         tags=["cart"],
     )
     async def get_cart(ctx: Ctx) -> Response:

@@ -25,7 +25,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.routing import compile_path
 
-from unitrade.errors import Forbidden, WriteBanned, WrongRegion
+from unitrade.errors import Forbidden, RegionUnavailable, WriteBanned, WrongRegion
 from unitrade.gateway.forward import RETRYABLE, RULE_VERSION_HEADER, Forwarder, error_code
 from unitrade.gateway.hold import Holds
 from unitrade.topology.order_id import parse_order_id
@@ -196,11 +196,13 @@ class Dispatcher:
         if await self.holds.after_refusal(rule.version, passage.deadline):
             self.forwarder.retried += 1
             return None
-        if expected == "wrong_region" and write:
+        if expected == "wrong_region":
             # The regions still disagree about the owner after the whole hold: to the
             # client this is the switch taking too long, and it gets what the hold
-            # promises (503 with Retry-After), not an internal refusal.
-            raise self.holds.refuse(route.cell, changing_owner(route.cell))
+            # promises (503 with Retry-After), never the internal 421.
+            if write:
+                raise self.holds.refuse(route.cell, changing_owner(route.cell))
+            raise RegionUnavailable(changing_owner(route.cell), region=route.region)
         return self.forwarder.response(reply)
 
     async def _newer_rule_at_sender(self, passage: Passage, version: int) -> bool:
