@@ -183,3 +183,27 @@ def test_405_carries_allow_and_is_answered_where_it_arrives(own_api: Api) -> Non
     assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
     assert unknown.headers["x-unitrade-served-by"] == "bj"
     assert "x-unitrade-forwarded-by" not in unknown.headers
+
+
+def test_the_control_planes_document_names_its_errors_and_scheme(tmp_path: Path) -> None:
+    """The operator API documents its errors in the same `Error` shape as the regions'
+    (not FastAPI's validation error) and the bearer scheme on every admin route."""
+    from unitrade.control.app import build_control_app
+    from unitrade.control.plane import ControlPlane
+    from unitrade.control.store import ControlStore
+    from unitrade.topology.config import default_config
+
+    config = default_config()
+    store = ControlStore(f"sqlite:///{tmp_path}/control.db")
+    document = build_control_app(config, ControlPlane(config, store)).openapi()
+    assert "HTTPValidationError" not in str(document)
+    assert "bearer" in document["components"]["securitySchemes"]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            if path == "/healthz":
+                assert "security" not in operation
+                continue
+            assert operation["security"] == [{"bearer": []}], (method, path)
+            for status in ("401", "403", "422"):
+                schema = operation["responses"][status]["content"]["application/json"]["schema"]
+                assert schema["$ref"].endswith("/Error"), (method, path, status)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.routing import Route
@@ -23,10 +23,18 @@ from unitrade.control.store import OPERATIONS_LIST_MAX
 from unitrade.errors import Forbidden, InvalidRequest, NotFound, SwitchRefused, Unauthorized
 from unitrade.rpc.signing import Verifier
 from unitrade.topology.config import CONTROL_NAME, TopologyConfig
-from unitrade.web.responses import install_error_handlers, json_response
+from unitrade.web.responses import (
+    BEARER,
+    error_responses,
+    install_error_handlers,
+    json_response,
+)
 from unitrade.web.tokens import read_authorization
 
 CELLS_MAX = 1024
+# Every error of the operator API is an `Error` body, as the regions' are.
+ADMIN_ERRORS = error_responses(401, 403, 404, 422)
+OPERATION_ERRORS = error_responses(400, 401, 403, 404, 409, 422)
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 WAIT_S_MAX = 60.0
 
@@ -77,6 +85,8 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
             raise Forbidden("the control plane needs the admin token")
 
     Admin = Depends(admin)
+    # Documented, not enforced, by the bearer scheme: `admin` answers 401/403 itself.
+    admin_only = [Admin, Security(BEARER)]
 
     def board() -> RuleBoard:
         assert plane.board is not None
@@ -108,27 +118,39 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
             }
         )
 
-    @app.get("/v1/rules/current", tags=["rules"], dependencies=[Admin])
+    @app.get("/v1/rules/current", tags=["rules"], dependencies=admin_only, responses=ADMIN_ERRORS)
     async def current_rule() -> Response:
         return json_response(board().rule.body())
 
-    @app.get("/v1/rules", tags=["rules"], dependencies=[Admin])
+    @app.get("/v1/rules", tags=["rules"], dependencies=admin_only, responses=ADMIN_ERRORS)
     async def rule_history(limit: Annotated[int, Query(ge=1, le=500)] = 20) -> Response:
         return json_response({"rules": await plane.store.history(limit)})
 
-    @app.get("/v1/regions", tags=["rules"], dependencies=[Admin])
+    @app.get("/v1/regions", tags=["rules"], dependencies=admin_only, responses=ADMIN_ERRORS)
     async def regions() -> Response:
         """Which rule version each component of each region has acknowledged."""
         return json_response({"rule_version": board().rule.version, "regions": board().status()})
 
-    @app.post("/v1/switch", status_code=202, tags=["operations"], dependencies=[Admin])
+    @app.post(
+        "/v1/switch",
+        status_code=202,
+        tags=["operations"],
+        dependencies=admin_only,
+        responses=OPERATION_ERRORS,
+    )
     async def switch(body: SwitchRequest) -> Response:
         if body.to not in config.region_names:
             raise InvalidRequest(f"unknown region {body.to!r}")
         op = await plane.switch(cell_ids(body.cells), body.to)
         return json_response(op.body(), status=202)
 
-    @app.post("/v1/evacuate", status_code=202, tags=["operations"], dependencies=[Admin])
+    @app.post(
+        "/v1/evacuate",
+        status_code=202,
+        tags=["operations"],
+        dependencies=admin_only,
+        responses=OPERATION_ERRORS,
+    )
     async def evacuate(body: EvacuateRequest) -> Response:
         for name in (body.region, body.to):
             if name not in config.region_names:
@@ -139,14 +161,19 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
         op = await plane.switch(cells, body.to, kind="evacuate")
         return json_response(op.body(), status=202)
 
-    @app.get("/v1/operations", tags=["operations"], dependencies=[Admin])
+    @app.get("/v1/operations", tags=["operations"], dependencies=admin_only, responses=ADMIN_ERRORS)
     async def operations(
         limit: Annotated[int, Query(ge=1, le=OPERATIONS_LIST_MAX)] = 20,
     ) -> Response:
         ops = await plane.store.operations(limit)
         return json_response({"operations": [op.body() for op in ops]})
 
-    @app.get("/v1/operations/{operation_id}", tags=["operations"], dependencies=[Admin])
+    @app.get(
+        "/v1/operations/{operation_id}",
+        tags=["operations"],
+        dependencies=admin_only,
+        responses=ADMIN_ERRORS,
+    )
     async def operation(
         operation_id: Annotated[str, Path(max_length=40)],
         wait_s: Annotated[float, Query(ge=0, le=WAIT_S_MAX)] = 0.0,
@@ -158,7 +185,13 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
             raise NotFound(f"no operation {operation_id}")
         return json_response({**op.body(), "log": await plane.store.log(op.id)})
 
-    @app.post("/v1/operations/{operation_id}/abort", tags=["operations"], dependencies=[Admin])
+    @app.post(
+        "/v1/operations/{operation_id}/abort",
+        status_code=202,
+        tags=["operations"],
+        dependencies=admin_only,
+        responses=OPERATION_ERRORS,
+    )
     async def abort(operation_id: Annotated[str, Path(max_length=40)]) -> Response:
         op = await plane.abort(operation_id)
         return json_response(op.body(), status=202)

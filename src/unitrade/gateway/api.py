@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, get_type_hints
 
 from fastapi import APIRouter, Depends, Security
-from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -24,7 +23,7 @@ from starlette.responses import Response
 from unitrade.errors import UnitradeError
 from unitrade.gateway.edge import DirectHandler, TokenReader
 from unitrade.gateway.routing import Caller, Dispatcher, Endpoint, EndpointTable, Home, Passage
-from unitrade.web.responses import error_responses, invalid_body
+from unitrade.web.responses import BEARER, error_responses, invalid_body
 from unitrade.web.signed import request_target
 from unitrade.web.tokens import Principal
 
@@ -36,14 +35,6 @@ class Ctx:
 
 
 Handler = Callable[..., Awaitable[Response]]
-
-# Declares the bearer scheme in the OpenAPI document. It never refuses (auto_error=False):
-# the caller dependency reads and checks the token, and answers 401 in our error shape.
-BEARER = HTTPBearer(
-    auto_error=False,
-    scheme_name="bearer",
-    description="`unitrade token BUYER_ID` or `unitrade token --admin`",
-)
 
 
 class PublicApi:

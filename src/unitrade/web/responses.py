@@ -9,6 +9,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -45,6 +46,15 @@ RETRY_AFTER_HEADER: dict[str, Any] = {
         "schema": {"type": "integer", "minimum": 0},
     }
 }
+
+
+# Declares the bearer scheme in the OpenAPI document. It never refuses (auto_error=False):
+# the caller dependency reads and checks the token, and answers 401 in our error shape.
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="`unitrade token BUYER_ID` or `unitrade token --admin`",
+)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
