@@ -128,6 +128,16 @@ class ReadTimeout(UnitradeError):
     retry_after_s: ClassVar[int] = 1
 
 
+class OutcomeUnknown(UnitradeError):
+    """The request left for another region and no answer came back (a timeout, a dropped
+    connection): it may or may not have been applied. Retry with the same idempotency key
+    (or payment ID), which resolves it; never read this as "nothing was written"."""
+
+    code = "outcome_unknown"
+    status = 504
+    retry_after_s: ClassVar[int] = 1
+
+
 class OrderTimedOut(UnitradeError):
     """An order could not be written in time after its stock was reserved; nothing was
     written and the reservation is released. Safe to retry."""
@@ -194,6 +204,7 @@ ERRORS_BY_CODE: dict[str, type[UnitradeError]] = {
         WrongRegion,
         WriteBanned,
         RegionUnavailable,
+        OutcomeUnknown,
         Overloaded,
         ReadTimeout,
         OrderTimedOut,

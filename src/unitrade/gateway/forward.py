@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 from starlette.responses import Response
 
-from unitrade.errors import RegionUnavailable
+from unitrade.errors import OutcomeUnknown, RegionUnavailable
 from unitrade.rpc.client import RegionClient, Reply
 from unitrade.topology.rule_view import RuleView
 
@@ -54,9 +54,21 @@ class Forwarder:
             except aiohttp.ClientConnectorError:
                 # Nothing reached the owner, so one more try cannot apply the request twice.
                 reply = await self.client.send(owner, method, target, body, passed)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except aiohttp.ClientConnectorError as exc:
             raise RegionUnavailable(
                 f"owner region {owner} is unreachable: {type(exc).__name__}", region=owner
+            ) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The request may have reached the owner: a write may have been applied, and
+            # a 503 would promise that it was not.
+            if is_write(method):
+                raise OutcomeUnknown(
+                    f"owner region {owner} did not answer ({type(exc).__name__}); the request "
+                    "may have been applied: retry it with the same idempotency key",
+                    region=owner,
+                ) from exc
+            raise RegionUnavailable(
+                f"owner region {owner} did not answer: {type(exc).__name__}", region=owner
             ) from exc
         self.forwarded += 1
         return reply
@@ -65,6 +77,10 @@ class Forwarder:
         out = {h: reply.headers[h] for h in PASSED_RESPONSE_HEADERS if h in reply.headers}
         out[FORWARDED_BY_HEADER] = self.region
         return Response(content=reply.body, status_code=reply.status, headers=out)
+
+
+def is_write(method: str) -> bool:
+    return method not in ("GET", "HEAD", "OPTIONS")
 
 
 def error_code(body: bytes) -> str | None:

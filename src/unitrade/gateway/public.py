@@ -53,7 +53,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         direct_body=models.CreateOrder,
         status_code=201,
         answer=models.Order,
-        errors=(400, 401, 403, 404, 409, 413, 422, 503),
+        errors=(400, 401, 403, 404, 409, 413, 422, 503, 504),
         tags=["orders"],
     )
     async def create_order(ctx: Ctx, body: models.CreateOrder) -> Response:
@@ -107,7 +107,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "/v1/orders/{order_id}/pay",
         home=order_home,
         answer=models.Order,
-        errors=(400, 401, 403, 404, 409, 413, 422, 503),
+        errors=(400, 401, 403, 404, 409, 413, 422, 503, 504),
         tags=["orders"],
     )
     async def pay_order(ctx: Ctx, order_id: str, body: models.Pay) -> Response:
@@ -122,7 +122,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "/v1/orders/{order_id}/close",
         home=order_home,
         answer=models.Order,
-        errors=(401, 403, 404, 409, 422, 503),
+        errors=(401, 403, 404, 409, 422, 503, 504),
         tags=["orders"],
         summary="Close order",
     )
@@ -136,7 +136,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "/v1/orders/{order_id}/refund",
         home=order_home,
         answer=models.Order,
-        errors=(401, 403, 404, 409, 422, 503),
+        errors=(401, 403, 404, 409, 422, 503, 504),
         tags=["orders"],
         summary="Refund order",
     )
@@ -152,7 +152,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "/v1/cart/items/{sku}",
         home=buyer_home,
         answer=models.Cart,
-        errors=(400, 401, 403, 404, 409, 413, 422, 503),
+        errors=(400, 401, 403, 404, 409, 413, 422, 503, 504),
         tags=["cart"],
     )
     async def put_cart_item(ctx: Ctx, sku: SkuPath, body: models.CartQty) -> Response:
@@ -163,7 +163,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "/v1/cart/items/{sku}",
         home=buyer_home,
         answer=models.Cart,
-        errors=(401, 403, 404, 422, 503),
+        errors=(401, 403, 404, 422, 503, 504),
         tags=["cart"],
     )
     async def delete_cart_item(ctx: Ctx, sku: SkuPath) -> Response:
@@ -186,7 +186,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         home=buyer_home,
         status_code=201,
         answer=models.Order,
-        errors=(400, 401, 403, 404, 409, 413, 422, 503),
+        errors=(400, 401, 403, 404, 409, 413, 422, 503, 504),
         tags=["cart"],
     )
     async def checkout(ctx: Ctx, body: models.Checkout | None = None) -> Response:
@@ -256,7 +256,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "/v1/admin/products/{sku}",
         home=global_owner_for_admin,
         answer=models.ProductWritten,
-        errors=(400, 401, 403, 404, 409, 413, 422, 503),
+        errors=(400, 401, 403, 404, 409, 413, 422, 503, 504),
         tags=["admin"],
     )
     async def put_product(ctx: Ctx, sku: SkuPath, body: models.PutProduct) -> Response:
@@ -273,7 +273,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "/v1/admin/tokens/revoke",
         home=global_owner_for_admin,
         answer=models.TokenRevoked,
-        errors=(400, 401, 403, 404, 409, 413, 422, 503),
+        errors=(400, 401, 403, 404, 409, 413, 422, 503, 504),
         tags=["admin"],
     )
     async def revoke_token(ctx: Ctx, body: models.RevokeToken) -> Response:

@@ -26,7 +26,13 @@ from starlette.responses import Response
 from starlette.routing import compile_path
 
 from unitrade.errors import Forbidden, RegionUnavailable, WriteBanned, WrongRegion
-from unitrade.gateway.forward import RETRYABLE, RULE_VERSION_HEADER, Forwarder, error_code
+from unitrade.gateway.forward import (
+    RETRYABLE,
+    RULE_VERSION_HEADER,
+    Forwarder,
+    error_code,
+    is_write,
+)
 from unitrade.gateway.hold import Holds
 from unitrade.topology.order_id import parse_order_id
 from unitrade.topology.rule import Route, RoutingError, Rule, route_buyer, route_cell, route_order
@@ -130,10 +136,6 @@ Serve = Callable[[], Awaitable[Response]]
 
 def changing_owner(cell: int) -> str:
     return f"cell {cell} is changing owner; retry shortly"
-
-
-def is_write(method: str) -> bool:
-    return method not in ("GET", "HEAD", "OPTIONS")
 
 
 class Dispatcher:

@@ -40,9 +40,12 @@ class Reply:
 class RegionClient:
     """Signed requests from this region to other regions."""
 
-    def __init__(self, config: TopologyConfig, region: str) -> None:
+    def __init__(
+        self, config: TopologyConfig, region: str, request_timeout_s: float = REQUEST_TIMEOUT_S
+    ) -> None:
         self.config = config
         self.region = region
+        self.request_timeout_s = request_timeout_s
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -54,7 +57,7 @@ class RegionClient:
                     limit=CONNECTIONS_MAX, keepalive_timeout=30, ssl=self.config.http_verify
                 ),
                 timeout=aiohttp.ClientTimeout(
-                    total=REQUEST_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S
+                    total=self.request_timeout_s, sock_connect=CONNECT_TIMEOUT_S
                 ),
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),

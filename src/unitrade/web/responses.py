@@ -38,6 +38,8 @@ ERROR_STATUS_TEXT: dict[int, str] = {
     422: "invalid_request (the message names the field), or a business rule refused it",
     429: "too many requests; retry after Retry-After seconds",
     503: "unavailable for now, nothing was applied; retry after Retry-After seconds",
+    504: "outcome_unknown: the owner region did not answer; the write may have been "
+    "applied: retry with the same idempotency key (or payment ID)",
 }
 RETRY_AFTER_HEADER: dict[str, Any] = {
     "Retry-After": {
@@ -62,7 +64,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     documented: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         entry: dict[str, Any] = {"model": Error, "description": ERROR_STATUS_TEXT[status]}
-        if status in (429, 503):
+        if status in (429, 503, 504):
             entry["headers"] = RETRY_AFTER_HEADER
         documented[status] = entry
     return documented
