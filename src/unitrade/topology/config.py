@@ -6,6 +6,7 @@ is used when no file is given. Validation errors name the field and the problem.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -489,9 +490,12 @@ def check_production(config: TopologyConfig, production: bool = False) -> str | 
     return warning
 
 
+@functools.lru_cache(maxsize=64)
 def _derived(secret: str, purpose: str) -> str:
     """A secret of its own for each purpose from the one shorthand: a token key never
     signs a region call, and the other way round."""
+    # Cached: every signed call asks for its link's secret (a profile found this HMAC on
+    # the request path).
     return hmac.new(secret.encode(), f"unitrade/{purpose}".encode(), hashlib.sha256).hexdigest()
 
 
