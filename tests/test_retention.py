@@ -387,3 +387,30 @@ def test_a_cluster_keeps_its_tables_bounded_under_a_steady_workload(tmp_path: Pa
             assert "no failed outbox step" in retried.output
         finally:
             api.http.close()
+
+
+def test_revocations_go_once_their_tokens_have_expired(tmp_path: Path) -> None:
+    """The global cell's owner deletes a revocation when its token has expired (the row
+    goes through the changelog to every replica), and the in-memory set forgets it too."""
+    from unitrade.services.revocations import Revocations
+    from unitrade.storage.schema import revoked_tokens
+
+    async def run() -> None:
+        store = make_store(f"sqlite:///{tmp_path}/{{cell}}.db", RULE.global_cell, region="hz")
+        await store.open()
+        try:
+            revocations = Revocations(store)
+            now_s = int(time.time())
+            await revocations.revoke("1" * 16, now_s + 3600)
+            await revocations.revoke("0" * 16, now_s - 10)  # its token expired already
+            deleted = await sweeper(store).sweep_cell(store)
+            assert deleted == {"revoked_tokens": 1}
+            assert await keys_of(store, revoked_tokens.c.token_id) == {"1" * 16}
+            assert revocations.forget_expired() == 1
+            assert "1" * 16 in revocations and "0" * 16 not in revocations
+            await revocations.load()  # a restarted region reads the same
+            assert len(revocations) == 1
+        finally:
+            await store.close()
+
+    asyncio.run(run())

@@ -40,7 +40,6 @@ log = logging.getLogger("unitrade.region")
 
 OUTBOX_INTERVAL_S = 1.0
 ABANDONED_INTERVAL_S = 15.0
-REVOCATION_SWEEP_INTERVAL_S = 60.0
 
 
 class RegionRuntime:
@@ -149,7 +148,6 @@ class RegionRuntime:
         self.replicator.start()
         self.agent.start()
         self._tasks.append(asyncio.create_task(self._drain_outbox_forever()))
-        self._tasks.append(asyncio.create_task(self._sweep_revocations_forever()))
         self._tasks.append(asyncio.create_task(self.retention.run_forever()))
         log.info(
             "region %s started under rule version %s: owns cells %s",
@@ -180,20 +178,6 @@ class RegionRuntime:
 
     def owned_cells(self) -> list[int]:
         return self.fence.rule.cells_owned_by(self.name)
-
-    async def _sweep_revocations_forever(self) -> None:
-        """At the global cell's owner: forget revocations of tokens that expired anyway."""
-        while True:
-            await asyncio.sleep(REVOCATION_SWEEP_INTERVAL_S)
-            rule = self.fence.rule
-            if rule.owner_of(rule.global_cell) != self.name:
-                continue
-            try:
-                await self.revocations.sweep()
-            except (WriteBanned, WrongRegion) as exc:
-                log.info("revocation sweep paused: %s", exc.code)
-            except Exception:
-                log.exception("revocation sweep failed")
 
     async def _drain_outbox_forever(self) -> None:
         """Retry center steps that failed (outbox), and release reservations whose order

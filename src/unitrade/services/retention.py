@@ -10,6 +10,7 @@ wrong_region) is skipped; its next owner sweeps it.
   for good (`failed`) stay, for an operator (`unitrade outbox failed`).
 - `idempotency_keys`: once `idempotency_keys_s` old. A retry with the same key after that
   creates a new order (as with Stripe's 24 h keys).
+- `revoked_tokens` (global cell): once the token they name has expired.
 - `reservations` (center cell): finished ones (committed, released, refunded) once
   `reservations_finished_s` old AND older than `reserve_window_s` plus a clock margin. The
   center refuses a reserve for an order ID older than `reserve_window_s`, so a very late
@@ -34,7 +35,7 @@ from sqlalchemy import ColumnElement, Connection, Select, Table, bindparam, func
 
 from unitrade.errors import WriteBanned, WrongRegion
 from unitrade.storage.copies import CellCopies
-from unitrade.storage.schema import idempotency_keys, outbox, reservations
+from unitrade.storage.schema import idempotency_keys, outbox, reservations, revoked_tokens
 from unitrade.storage.sequences import AHEAD_S_MAX
 from unitrade.storage.store import ROWS_PER_WRITE_MAX, CellStore, WriteTx, now_ms
 from unitrade.topology.config import CellKind, RetentionConfig
@@ -72,6 +73,14 @@ EXPIRIES = (
         CellKind.UNIT,
         lambda: [idempotency_keys.c.created_ms < bindparam("before_ms")],
         "created_ms",
+    ),
+    Expiry(
+        revoked_tokens,
+        CellKind.GLOBAL,
+        # A revocation outlives its token by nothing: once the token has expired, the
+        # token check refuses it anyway.
+        lambda: [revoked_tokens.c.expires_s < bindparam("before_s")],
+        "expires_s",
     ),
     Expiry(
         reservations,
@@ -113,6 +122,7 @@ def cutoffs(settings: RetentionConfig, now: int) -> dict[str, dict[str, int]]:
     return {
         outbox.name: {"before_ms": now - settings.outbox_done_s * 1000},
         idempotency_keys.name: {"before_ms": now - settings.idempotency_keys_s * 1000},
+        revoked_tokens.name: {"before_s": now // 1000},
         reservations.name: {
             "before_ms": now - settings.reservations_finished_s * 1000,
             "created_before_ms": now - reserve_guard_s * 1000,

@@ -1,9 +1,9 @@
 """Revoked bearer tokens, kept in the global cell: written at its owner, replicated to every
 region, held by each region as an in-memory set that the edge checks on every request.
 
-A revocation is kept until the token it names has expired anyway; the global cell's owner
-deletes it then (`sweep`), so the set stays bounded by the revocations of one token
-lifetime.
+A revocation is kept until the token it names has expired anyway: the global cell's owner
+deletes the row then (services/retention.py), and every region forgets the id itself, so
+the set stays bounded by the revocations of one token lifetime.
 """
 
 from __future__ import annotations
@@ -20,27 +20,37 @@ from unitrade.storage.schema import revoked_tokens
 from unitrade.storage.store import CellStore, WriteTx, now_ms
 
 REVOKED_MAX = 1_000_000  # a bound on the in-memory set; past it, revoking is refused
-SWEEP_ROWS_MAX = 1_000
 
 
 class Revocations:
     def __init__(self, store: CellStore) -> None:
         self.store = store
-        self._ids: set[str] = set()
+        self._expires_s: dict[str, int] = {}  # token id -> when its token expires
 
     def __contains__(self, token_id: object) -> bool:
-        return token_id in self._ids
+        return token_id in self._expires_s
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._expires_s)
+
+    def forget_expired(self, now_s: float | None = None) -> int:
+        """Drop ids whose tokens have expired (a replica's rows go by replication, the
+        owner's own deletes are not applied to it): how many."""
+        now = time.time() if now_s is None else now_s
+        expired = [t for t, expires in self._expires_s.items() if expires < now]
+        for token_id in expired:
+            del self._expires_s[token_id]
+        return len(expired)
 
     async def load(self) -> None:
         """This copy's revocations, at start (replication keeps them current after)."""
 
-        def work(conn: Connection) -> set[str]:
-            return set(conn.execute(select(revoked_tokens.c.token_id)).scalars())
+        columns = select(revoked_tokens.c.token_id, revoked_tokens.c.expires_s)
 
-        self._ids = await self.store.read(work)
+        def work(conn: Connection) -> dict[str, int]:
+            return {row.token_id: row.expires_s for row in conn.execute(columns)}
+
+        self._expires_s = await self.store.read(work)
 
     def applied(self, changes: Iterable[dict[str, Any]]) -> None:
         """Replicated changes of `revoked_tokens` (inserts and the sweep's deletes)."""
@@ -49,14 +59,15 @@ class Revocations:
                 continue
             token_id = orjson.loads(change["pk"])["token_id"]
             if change["op"] == "d":
-                self._ids.discard(token_id)
+                self._expires_s.pop(token_id, None)
             else:
-                self._ids.add(token_id)
+                self._expires_s[token_id] = orjson.loads(change["row_image"])["expires_s"]
 
     async def revoke(self, token_id: str, expires_s: int) -> bool:
         """Revoke a token (at the global cell's owner, through the fence); False if it was
         revoked already."""
-        if len(self._ids) >= REVOKED_MAX:
+        self.forget_expired()  # revocations are rare: this keeps the set bounded
+        if len(self._expires_s) >= REVOKED_MAX:
             raise Conflict("too many revoked tokens: rotate the token key instead")
 
         def work(tx: WriteTx) -> bool:
@@ -67,24 +78,5 @@ class Revocations:
             return True
 
         added = await self.store.write(work)
-        self._ids.add(token_id)
+        self._expires_s[token_id] = expires_s
         return added
-
-    async def sweep(self) -> int:
-        """Delete revocations of tokens that have expired (at the owner); how many."""
-        now_s = int(time.time())
-        expired = (
-            select(revoked_tokens.c.token_id)
-            .where(revoked_tokens.c.expires_s < now_s)
-            .limit(SWEEP_ROWS_MAX)
-        )
-
-        def work(tx: WriteTx) -> list[str]:
-            ids = [row.token_id for row in tx.all(expired)]
-            for token_id in ids:
-                tx.delete(revoked_tokens, {"token_id": token_id})  # captured: replicas follow
-            return ids
-
-        ids = await self.store.write(work)
-        self._ids.difference_update(ids)
-        return len(ids)
