@@ -105,6 +105,24 @@ class WriteBanned(UnitradeError):
     retry_after_s: ClassVar[int] = 1
 
 
+class NoWriteLease(WriteBanned):
+    """This region holds no valid write lease (control/lease.py): it cannot reach the lease
+    authority, or a failover has taken its cells. Nothing was written; retry shortly (the
+    gateway sends the retry to whichever region owns the cell by then)."""
+
+    code = "no_write_lease"
+    status = 503
+    retry_after_s: ClassVar[int] = 1
+
+
+class LeaseRefused(UnitradeError):
+    """The lease authority refuses a region's lease: a failover took its cells, and the
+    region has not installed the rule that says so yet."""
+
+    code = "lease_refused"
+    status = 409
+
+
 class RegionUnavailable(UnitradeError):
     code = "region_unavailable"
     status = 503
@@ -162,6 +180,14 @@ class SwitchRefused(UnitradeError):
     status = 409
 
 
+class FailoverRefused(UnitradeError):
+    """A failover's pre-check failed (the region is not agreed to be down, or nothing can
+    take its cells); nothing was changed. `--force` overrides the agreement check."""
+
+    code = "failover_refused"
+    status = 409
+
+
 class OperationRunning(UnitradeError):
     """Another operation holds the control plane's single operation slot."""
 
@@ -203,6 +229,9 @@ ERRORS_BY_CODE: dict[str, type[UnitradeError]] = {
         StockBelowCommitted,
         WrongRegion,
         WriteBanned,
+        NoWriteLease,
+        LeaseRefused,
+        FailoverRefused,
         RegionUnavailable,
         OutcomeUnknown,
         Overloaded,

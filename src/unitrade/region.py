@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from unitrade.control.agent import RuleAgent
+from unitrade.control.lease import ControlPlaneLeaseSource, LeaseHolder
 from unitrade.errors import WriteBanned, WrongRegion
 from unitrade.replication.replicator import Replicator
 from unitrade.rpc.client import RegionClient
@@ -38,6 +39,7 @@ from unitrade.topology.rule_view import RuleView
 
 log = logging.getLogger("unitrade.region")
 
+START_SYNC_S = 2.0
 OUTBOX_INTERVAL_S = 1.0
 ABANDONED_INTERVAL_S = 15.0
 
@@ -53,7 +55,16 @@ class RegionRuntime:
         # acknowledges versions separately (docs/architecture.md): the data access layer
         # (the fence), the gateway (edge routing, forwarding, holds) and the RPC client
         # (center calls).
-        self.fence = Fence(region, rule)
+        self.fence: Fence
+        self.lease = LeaseHolder(
+            region,
+            ControlPlaneLeaseSource(
+                RegionClient(config, region, request_timeout_s=config.control.lease_ms / 3000)
+            ),
+            config.control,
+            lambda: self.fence.rule.version,
+        )
+        self.fence = Fence(region, rule, self.lease.valid)
         self.gateway = RuleView("gateway", rule)
         self.rpc = RuleView("rpc", rule)
         self._install_lock = asyncio.Lock()
@@ -132,6 +143,10 @@ class RegionRuntime:
                 # Even when the fence's drain outlasts its timeout, the rule is in force:
                 # streams must follow a moved cell's new owner now.
                 self.replicator.wake()
+            # A cell this region now owns takes no more applies from its old owner: wait
+            # for one still in flight, so that the copy's position is final (a failover
+            # reads it as the promotion position).
+            await self.replicator.quiesce(rule.cells_owned_by(self.name))
             log.info(
                 "rule version %s in force (moved cells %s, banned %s, owns %s)",
                 rule.version,
@@ -145,6 +160,13 @@ class RegionRuntime:
     async def start(self) -> None:
         await self.copies.open()
         await self.revocations.load()
+        await self.replicator.load_quarantine()
+        # Learn the newest rule and take a write lease before serving (bounded: with the
+        # control plane down the region serves reads, and refuses writes until it is back).
+        await self.agent.sync(START_SYNC_S)
+        self.lease.start()
+        if not await self.lease.first(START_SYNC_S):
+            log.warning("no write lease yet: writes are refused until one is granted")
         self.replicator.start()
         self.agent.start()
         self._tasks.append(asyncio.create_task(self._drain_outbox_forever()))
@@ -157,6 +179,7 @@ class RegionRuntime:
         )
 
     async def stop(self) -> None:
+        await self.lease.stop()
         await self.agent.stop()
         await self.replicator.stop()
         for task in self._tasks:
@@ -175,6 +198,12 @@ class RegionRuntime:
         self.revocations.applied(changes)
         skus = [orjson.loads(c["pk"])["sku"] for c in changes if c["tbl"] == "products"]
         self.catalog.cache.invalidate(skus)
+
+    def quarantine_summary(self) -> dict[str, dict[str, int]]:
+        """Per cell (by name), the rows of this region's copy held in the quarantine, by
+        state (storage/quarantine.py); cells with none are left out."""
+        names = {c: info.name for c, info in self.fence.rule.cells.items()}
+        return {names[c]: n for c, n in sorted(self.replicator.quarantined.items()) if n}
 
     def owned_cells(self) -> list[int]:
         return self.fence.rule.cells_owned_by(self.name)

@@ -77,12 +77,25 @@ class RuleAgent:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_S_MAX)
 
-    async def _watch_once(self) -> None:
+    async def sync(self, timeout_s: float) -> bool:
+        """Install the newest rule the control plane has, at most `timeout_s`; whether the
+        control plane answered. A region does this before it serves, so that one coming
+        back after a failover never acts on the rule it went down with."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._watch_once(wait_ms=0)
+        except (UnitradeError, RoutingError, OSError, TimeoutError, ValueError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+            log.warning("rule not synced with the control plane at start: %s", self.last_error)
+            return False
+        return True
+
+    async def _watch_once(self, wait_ms: int = WATCH_WAIT_MS) -> None:
         payload = {
             "region": self.region,
             "after": self.current(),
             "acked": self.acked(),
-            "wait_ms": WATCH_WAIT_MS,
+            "wait_ms": wait_ms,
         }
         reply = await self.client.call(CONTROL_NAME, "POST", "/internal/control/watch", payload)
         body = reply.get("rule") if isinstance(reply, dict) else None

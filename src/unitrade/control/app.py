@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.responses import Response
@@ -58,6 +58,14 @@ class WatchCall(_Body):
     after: Annotated[int, Field(ge=0)]
     acked: dict[Annotated[str, Field(max_length=16)], Annotated[int, Field(ge=0)]]
     wait_ms: Annotated[int, Field(ge=0, le=WATCH_WAIT_MS)]
+
+
+class LeaseCall(_Body):
+    region: Annotated[str, Field(max_length=16)]
+    rule_version: Annotated[int, Field(ge=0)]
+
+
+CallT = TypeVar("CallT", bound=_Body)
 
 
 def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
@@ -196,23 +204,33 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
         op = await plane.abort(operation_id)
         return json_response(op.body(), status=202)
 
-    async def watch(request: Request) -> Response:
+    async def signed_call(request: Request, model: type[CallT]) -> tuple[str, CallT]:
+        """A region's signed call: its name (the signer) and its validated body."""
         body = await request.body()
-        target = request.url.path
         headers = {k.lower(): v for k, v in request.headers.items()}
-        origin = verifier.verify(headers, request.method, target, body)
+        origin = verifier.verify(headers, request.method, request.url.path, body)
         if origin is None or origin not in config.region_names:
             raise Unauthorized("missing or invalid region signature")
         try:
-            call = WatchCall.model_validate_json(body)
+            call = model.model_validate_json(body)
         except ValidationError as exc:
-            raise InvalidRequest(f"watch: {exc.errors()[0]['msg']}") from exc
-        if call.region != origin:
-            raise Forbidden("a region watches for itself only")
+            raise InvalidRequest(f"{request.url.path}: {exc.errors()[0]['msg']}") from exc
+        if getattr(call, "region", origin) != origin:
+            raise Forbidden("a region calls for itself only")
+        return origin, call
+
+    async def watch(request: Request) -> Response:
+        origin, call = await signed_call(request, WatchCall)
         rule = await board().watch(origin, call.after, call.acked, call.wait_ms / 1000)
         return json_response({"rule": None if rule is None else rule.body()})
 
+    async def lease(request: Request) -> Response:
+        origin, call = await signed_call(request, LeaseCall)
+        grant = await plane.leases.renew(origin, call.rule_version)
+        return json_response(grant.body())
+
     app.router.routes.append(Route("/internal/control/watch", watch, methods=["POST"]))
+    app.router.routes.append(Route("/internal/control/lease", lease, methods=["POST"]))
 
     async def metrics(_request: Request) -> Response:
         lines = [

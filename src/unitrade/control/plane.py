@@ -9,6 +9,7 @@ import logging
 import time
 
 from unitrade.control.board import RuleBoard
+from unitrade.control.lease import ControlPlaneLeases, LeaseAuthority
 from unitrade.control.store import ControlStore, Operation
 from unitrade.control.switchover import FORWARD_ONLY, Control, Switchover, precheck
 from unitrade.errors import (
@@ -31,6 +32,7 @@ class ControlPlane:
         self.config = config
         self.store = store
         self.board: RuleBoard | None = None
+        self.leases: LeaseAuthority = ControlPlaneLeases(config.control, config.region_names, store)
         self.client = RegionClient(config, CONTROL_NAME)
         self.running: Switchover | None = None
         self._task: asyncio.Task[None] | None = None
@@ -46,6 +48,7 @@ class ControlPlane:
 
     async def start(self) -> None:
         rule = await self.store.open(self.config, initial_rule(self.config))
+        await self.leases.start()
         self.board = RuleBoard(self.store, rule, self.config.region_names)
         log.info("control plane started at rule version %s", rule.version)
         unfinished = await self.store.operations(10, state="running")

@@ -83,6 +83,14 @@ operation_log = Table(
     Column("detail", Text, nullable=False),
     Column("at_ms", BigInteger, nullable=False),
 )
+lease_blocks = Table(
+    "lease_blocks",
+    metadata,
+    Column("region", String(16), primary_key=True),
+    Column("rule_version_min", BigInteger, nullable=False),
+    Column("operation_id", String(40), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+)
 
 
 @dataclass
@@ -354,6 +362,37 @@ class ControlStore:
             ]
 
         return await self._run(work)
+
+    # -- lease blocks (control/lease.py) -----------------------------------------------------
+
+    async def lease_blocks(self) -> dict[str, int]:
+        def work(conn: Connection) -> dict[str, int]:
+            rows = conn.execute(select(lease_blocks)).all()
+            return {r.region: int(r.rule_version_min) for r in rows}
+
+        return await self._run(work)
+
+    async def block_lease(self, region: str, rule_version_min: int, operation_id: str) -> None:
+        """Record that `region` gets no lease until it holds `rule_version_min` (a failover
+        took its cells). One row per region: the bound only grows."""
+
+        def work(conn: Connection) -> None:
+            row = conn.execute(
+                select(lease_blocks.c.rule_version_min).where(lease_blocks.c.region == region)
+            ).first()
+            values = {
+                "rule_version_min": rule_version_min,
+                "operation_id": operation_id,
+                "created_ms": now_ms(),
+            }
+            if row is None:
+                conn.execute(insert(lease_blocks).values(region=region, **values))
+            elif int(row.rule_version_min) < rule_version_min:
+                conn.execute(
+                    update(lease_blocks).where(lease_blocks.c.region == region).values(**values)
+                )
+
+        await self._run(work)
 
     # -- retention ---------------------------------------------------------------------------
 

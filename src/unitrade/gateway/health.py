@@ -27,6 +27,8 @@ def health_router(runtime: RegionRuntime, dispatcher: Dispatcher) -> APIRouter:
                 "rule_version": rule.version,
                 "acked": runtime.acked(),
                 "control": runtime.agent.status(),
+                "lease": runtime.lease.status(),
+                "quarantine": runtime.quarantine_summary(),
                 "owned_cells": [names[c] for c in runtime.owned_cells()],
                 "owners": {names[c]: owner for c, owner in sorted(rule.owners.items())},
                 "banned": [names[c] for c in sorted(rule.banned)],

@@ -54,6 +54,35 @@ class RegionCollector(Collector):
             "Copies rebuilt from a snapshot because the owner had trimmed past them",
             labels=stream,
         )
+        lease = self.runtime.lease.status()
+        for family, value in (
+            (
+                GaugeMetricFamily(
+                    "unitrade_write_lease_valid",
+                    "1 while this region holds a write lease (it writes its cells only then)",
+                    labels=["region"],
+                ),
+                1 if lease["valid"] else 0,
+            ),
+            (
+                GaugeMetricFamily(
+                    "unitrade_write_lease_remaining_ms",
+                    "How long this region's write lease lasts without another renewal",
+                    labels=["region"],
+                ),
+                lease["remaining_ms"],
+            ),
+            (
+                CounterMetricFamily(
+                    "unitrade_write_lease_failures",
+                    "Renewals of the write lease that failed or were refused",
+                    labels=["region"],
+                ),
+                lease["failures"] + lease["refusals"],
+            ),
+        ):
+            family.add_metric([region], value)
+            yield family
         for s in self.runtime.replicator.status():
             labels = [region, s["cell_name"], s["source"]]
             lag_positions.add_metric(labels, s["lag_positions"])

@@ -202,6 +202,12 @@ class Health(BaseModel):
     rule_version: int
     acked: dict[str, int]
     control: ControlWatch
+    lease: dict[str, Any] = Field(
+        description="the region's write lease: valid, ms left, renewals, the last error"
+    )
+    quarantine: dict[str, Any] = Field(
+        description="per cell, changelog rows moved to the quarantine after failovers"
+    )
     owned_cells: list[str]
     owners: dict[str, str]
     banned: list[str]

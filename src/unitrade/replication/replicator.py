@@ -48,6 +48,7 @@ from unitrade.errors import (
 )
 from unitrade.replication.snapshot import bootstrap, owner_position
 from unitrade.rpc.client import RegionClient
+from unitrade.storage import quarantine
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.retention import trim_batch
 from unitrade.storage.store import CellStore, now_ms
@@ -306,6 +307,10 @@ class Replicator:
         # owner may still be applying when the pull from the new one comes back.
         self._applying = {cell: asyncio.Lock() for cell in copies.stores}
         self.trimmed_rows = dict.fromkeys(copies.stores, 0)  # changelog rows this region trimmed
+        # The newest promotion (failover) each copy has been checked against, and the rows
+        # of each copy held in its quarantine (storage/quarantine.py).
+        self._lineage_checked: dict[int, int] = {}
+        self.quarantined: dict[int, dict[str, int]] = {cell: {} for cell in copies.stores}
 
     @property
     def region(self) -> str:
@@ -341,6 +346,13 @@ class Replicator:
             state.retry_at = 0.0
         self._rule_changed.set()
         self._rule_changed = asyncio.Event()
+
+    async def quiesce(self, cells: list[int]) -> None:
+        """Return once no apply is in flight for `cells` (which this region now owns: the
+        apply checks ownership under the same lock, so none starts after this)."""
+        for cell in cells:
+            async with self._applying[cell]:
+                pass
 
     # -- changelog retention (storage/retention.py) -------------------------------------------
 
@@ -471,10 +483,53 @@ class Replicator:
                     await request
         return request.result() if not request.cancelled() else None
 
+    async def load_quarantine(self) -> None:
+        for cell, store in self.copies.stores.items():
+            self.quarantined[cell] = await quarantine.counts(store)
+
+    async def settle_lineage(self, cell: int) -> None:
+        """Check this replica copy of `cell` against the cell's failovers before it pulls
+        from the owner: a copy holding changes the promoted owner never had moves them to
+        its quarantine and is rebuilt (storage/quarantine.py). Once per new failover."""
+        rule = self.copies.fence.rule
+        promotions = rule.promotions_of(cell)
+        newest = promotions[-1].version if promotions else 0
+        if self._lineage_checked.get(cell, 0) >= newest or rule.owner_of(cell) == self.region:
+            return
+        store = self.copies[cell]
+        async with self._applying[cell]:
+            moved = await quarantine.settle(store, promotions)
+        self._lineage_checked[cell] = newest
+        if moved:
+            state = self.streams[cell]
+            state.bootstrap_checked = ""
+            state.applied = state.head = 0
+            self.quarantined[cell] = await quarantine.counts(store)
+            log.warning(
+                "cell %s: %d changelog rows this copy held beyond the failover to %s "
+                "(position %d, rule version %d) moved to the quarantine; the copy is rebuilt "
+                "from its owner",
+                cell,
+                moved,
+                promotions[-1].to,
+                promotions[-1].position,
+                newest,
+            )
+
     async def _start_positions(self, peer: str, cells: list[int]) -> dict[int, int]:
         """Each cell's position to pull after; a copy at position 0 far behind its owner is
         first rebuilt from a snapshot (asked once per owner: a cell that stays empty is not
-        asked about at every pull). A cell whose bootstrap failed is left out."""
+        asked about at every pull). A cell whose bootstrap failed is left out. A copy is
+        first checked against the cell's failovers (`settle_lineage`)."""
+        unsettled = set()
+        for cell in cells:
+            try:
+                await self.settle_lineage(cell)
+            except Exception as exc:  # the copy is not pulled into until it is checked
+                log.exception("cell %s: checking the copy against its failovers failed", cell)
+                self.streams[cell].failed(exc)
+                unsettled.add(cell)
+        cells = [c for c in cells if c not in unsettled]
         trimmed = [c for c in cells if self.streams[c].trimmed_by == peer]
         unknown = [
             c

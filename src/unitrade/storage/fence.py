@@ -1,6 +1,6 @@
 """The write fence (docs/architecture.md): a write to a cell is admitted only if this
-region owns the cell under the current rule and the cell is not banned; every admitted
-write carries the rule version (its epoch).
+region owns the cell under the current rule, the cell is not banned and the region holds a
+write lease (control/lease.py); every admitted write carries the rule version (its epoch).
 
 Installing a new rule waits until every write admitted under an older version has finished,
 so that acknowledging version v means "no write admitted under < v can still commit": the
@@ -11,19 +11,27 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from unitrade.errors import WriteBanned, WrongRegion
+from unitrade.errors import NoWriteLease, WriteBanned, WrongRegion
 from unitrade.topology.rule import Rule
 
 DRAIN_TIMEOUT_S_DEFAULT = 10.0
 
 
+def _always() -> bool:
+    return True
+
+
 class Fence:
-    def __init__(self, region: str, rule: Rule) -> None:
+    def __init__(self, region: str, rule: Rule, lease: Callable[[], bool] = _always) -> None:
         self.region = region
         self._rule = rule
+        # Whether this region holds a valid write lease (control/lease.py); checked when a
+        # write is admitted and again just before it commits. Thread-safe: the commit
+        # check runs on a store's writer thread.
+        self.lease_valid = lease
         self.component = "dal"
         self.acked = rule.version  # the version in force: older writes have all finished
         self._in_flight: Counter[int] = Counter()  # rule version -> admitted, unfinished
@@ -46,7 +54,17 @@ class Fence:
                 cell=cell,
                 owner=owner,
             )
+        if not self.lease_valid():
+            raise self.no_lease(cell)
         return rule.version
+
+    def no_lease(self, cell: int) -> NoWriteLease:
+        return NoWriteLease(
+            f"region {self.region} holds no write lease (it cannot reach the lease authority, "
+            f"or a failover is moving its cells); nothing was written to cell {cell}",
+            cell=cell,
+            region=self.region,
+        )
 
     @asynccontextmanager
     async def admit(self, cell: int) -> AsyncIterator[int]:

@@ -48,6 +48,30 @@ changelog = Table(
     Column("created_ms", BigInteger, nullable=False),
 )
 
+# Local to a copy: never captured, replicated, snapshotted or compared ---------------------
+
+local = MetaData()
+
+# Changelog rows that a copy held beyond a failover's promotion position (the divergent
+# tail of the lost owner, storage/quarantine.py). Kept until an operator reconciles them.
+quarantine = Table(
+    "quarantine",
+    local,
+    Column("promotion_version", BigInteger, primary_key=True, autoincrement=False),
+    Column("position", BigInteger, primary_key=True, autoincrement=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("origin", String(16), nullable=False),
+    Column("tbl", String(64), nullable=False),
+    Column("pk", Text, nullable=False),
+    Column("op", String(1), nullable=False),
+    Column("row_image", Text, nullable=True),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("quarantined_ms", BigInteger, nullable=False),
+    # held: not reconciled yet; reapplied | conflict | superseded: what reconcile decided
+    Column("state", String(16), nullable=False),
+    Column("note", Text, nullable=False),
+)
+
 # Unit cells: buyers' data ---------------------------------------------------------------
 
 unit = MetaData()

@@ -26,6 +26,12 @@ and if the cell comes back the row has moved past it (docs/architecture.md). The
 region calls `drop_segment(version)` when it installs a rule that changes the cell's
 owner or ban, and a segment allocated under an older epoch is never handed out again,
 even one whose allocation was still in flight when the rule changed.
+
+A failover cannot continue from the lost owner's row: the promoted copy may not have its
+last allocations. The failover's promotion record (topology/rule.py) carries `id_time_s`,
+a second beyond any the lost owner can have used (its lease had ended, its clock is within
+`clock_offset_ms_max` of the control plane's, and it borrows at most `ahead_s_max` seconds
+from the future); the new owner allocates no earlier than that second.
 """
 
 from __future__ import annotations
@@ -68,7 +74,9 @@ async def allocate_segment(
 
     def work(tx: WriteTx) -> tuple[int, int, int, int]:
         row = tx.get(id_sequences, {"cell_id": cell})
-        now_s = unix_to_id_time(clock())
+        # After a failover the promoted owner's row may be behind the lost owner's: the
+        # rule names a second past any the lost owner can have issued IDs in.
+        now_s = max(unix_to_id_time(clock()), store.fence.rule.id_time_min_s(cell))
         if row is None:
             time_s, start = now_s, 0
         elif now_s > row.time_s:

@@ -51,7 +51,14 @@ from unitrade.storage.engine import (
     create_inline_engine,
 )
 from unitrade.storage.fence import Fence
-from unitrade.storage.schema import METADATA_BY_KIND, cell_meta, changelog, common, tables_of
+from unitrade.storage.schema import (
+    METADATA_BY_KIND,
+    cell_meta,
+    changelog,
+    common,
+    local,
+    tables_of,
+)
 from unitrade.storage.tail import ChangelogTail, encode_change
 from unitrade.topology.rule import CellInfo
 
@@ -451,6 +458,7 @@ class CellStore:
         self._reader = create_cell_engine(self.url, writer=False)
         with self._writer.begin() as conn:
             common.create_all(conn)
+            local.create_all(conn)
             METADATA_BY_KIND[self.cell.kind].create_all(conn)
             _add_trimmed_position(conn)
             exists = conn.execute(select(cell_meta.c.cell_id)).first()
@@ -545,8 +553,14 @@ class CellStore:
 
         appended: list[dict[str, Any]] = []
 
+        lease_valid = self.fence.lease_valid
+
         def body(tx: WriteTx) -> tuple[T, int]:
             result = work(tx)
+            if not lease_valid():
+                # The lease ended while the transaction ran: it must not commit, since a
+                # failover may now make another region the owner (control/lease.py).
+                raise self.fence.no_lease(cell_id)
             position = tx.append_changelog(cell_id)
             appended[:] = tx.appended  # the last attempt's: only it can have committed
             return result, position
@@ -575,7 +589,7 @@ class CellStore:
         self._advance(position)
         return self.position
 
-    async def write_replica(self, work: Callable[[WriteTx], T]) -> T:
+    async def write_replica(self, work: Callable[[WriteTx], T], inline: bool = True) -> T:
         """A transaction on this replica copy outside the fence, never captured: for
         replication (apply, snapshot) and repair. A region never does this to a cell it owns:
         the owner's copy changes only through `write`."""
@@ -591,7 +605,7 @@ class CellStore:
 
         self._tail.clear()  # the changelog may change other than by this copy's writes
         async with self._write_slot():
-            result, _ = await self._transact(body, epoch=0)
+            result, _ = await self._transact(body, epoch=0, inline=inline)
         return result
 
     @asynccontextmanager
@@ -607,10 +621,11 @@ class CellStore:
             self._write_slots.release()
 
     async def _transact(
-        self, body: Callable[[WriteTx], tuple[T, int]], epoch: int
+        self, body: Callable[[WriteTx], tuple[T, int]], epoch: int, inline: bool = True
     ) -> tuple[T, int]:
         """Run `body` in one write transaction: inline on SQLite (on the writer thread when
-        another process holds the lock), on the writer thread on PostgreSQL."""
+        another process holds the lock, or when `inline` is False: `body` then gets a
+        SQLAlchemy connection), on the writer thread on PostgreSQL."""
         assert self._writer is not None, "CellStore.open() first"
         writer, cell_id = self._writer, self.cell.id
         lock_cell = self.backend != "sqlite"  # SQLite's BEGIN IMMEDIATE already serialises
@@ -618,7 +633,7 @@ class CellStore:
             # Our own checkpoint holds the lock for a few ms: wait for it rather than find
             # the lock taken and queue every writer on the thread.
             await asyncio.wait([self._checkpoint])
-        if self._cursor is not None:
+        if self._cursor is not None and inline:
             done = self._write_inline(self._cursor, body, epoch)
             if not isinstance(done, _Busy):
                 self._after_inline_write()

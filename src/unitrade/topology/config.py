@@ -146,6 +146,30 @@ class ControlConfig(_Listening):
     # hold_requests_max at a time), then sends them to the owner of the new rule.
     hold_ms: Annotated[int, Field(ge=0, le=30_000)] = 2_000
     hold_requests_max: Annotated[int, Field(ge=0, le=100_000)] = 1_000
+    # Write leases (control/lease.py): a region writes its cells only while it holds one.
+    # It renews every lease_renew_ms; cut off from the authority, it stops writing before
+    # lease_ms has passed since its last renewal was sent.
+    lease_ms: Annotated[int, Field(ge=500, le=60_000)] = 3_000
+    lease_renew_ms: Annotated[int, Field(ge=50, le=20_000)] = 500
+    # Clocks: how far two processes' clocks may run apart in rate (parts per million of
+    # elapsed time; leases allow for it) and how far their wall clocks may be apart
+    # (order-ID times after a failover allow for it). Regions that sign calls to each
+    # other need their wall clocks within the signature window anyway (rpc/signing.py).
+    clock_drift_ppm_max: Annotated[int, Field(ge=0, le=100_000)] = 10_000
+    clock_offset_ms_max: Annotated[int, Field(ge=0, le=10_000)] = 500
+    # Failover (control/failover.py): automatic when on, started by the health checker,
+    # at most one per failover_interval_s.
+    auto_failover: bool = False
+    failover_interval_s: Annotated[int, Field(ge=0, le=86_400)] = 300
+
+    @model_validator(mode="after")
+    def _lease(self) -> ControlConfig:
+        if self.lease_renew_ms * 3 > self.lease_ms:
+            raise ValueError(
+                f"lease_renew_ms ({self.lease_renew_ms}) must be at most a third of "
+                f"lease_ms ({self.lease_ms}): a lease must survive a lost renewal or two"
+            )
+        return self
 
     @field_validator("storage")
     @classmethod

@@ -43,12 +43,42 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Promotion:
+    """A failover of a cell (control/failover.py): from `version` on, `to` owns the cell,
+    continuing from the copy it held at `position`. Any changelog row of the cell above
+    `position` whose epoch is below `version` was written by the lost owner `source` after
+    the last change the new owner had: the divergent tail that a returning copy moves into
+    its quarantine (storage/quarantine.py). `id_time_s` is the lowest order-ID time the new
+    owner may issue, past any second the lost owner can have used (storage/sequences.py)."""
+
+    version: int
+    position: int
+    source: str
+    to: str
+    id_time_s: int
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "position": self.position,
+            "from": self.source,
+            "to": self.to,
+            "id_time_s": self.id_time_s,
+        }
+
+
+PROMOTIONS_PER_CELL_MAX = 8  # older records are dropped: a copy that old is rebuilt anyway
+
+
+@dataclass(frozen=True)
 class Rule:
     version: int
     bucket_cells: tuple[int, ...]
     cells: Mapping[int, CellInfo]
     owners: Mapping[int, str]
     banned: frozenset[int] = field(default_factory=frozenset)
+    # cell -> its failovers, oldest first (at most PROMOTIONS_PER_CELL_MAX)
+    promotions: Mapping[int, tuple[Promotion, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Real checks, not asserts: rules arrive from the wire, from files and from the
@@ -92,8 +122,10 @@ class Rule:
         version: int,
         owners: Mapping[int, str] | None = None,
         banned: Iterable[int] | None = None,
+        promoted: Mapping[int, Promotion] | None = None,
     ) -> Rule:
-        """The next rule: same cells and buckets, with new owners and/or bans."""
+        """The next rule: same cells and buckets, with new owners and/or bans, and new
+        promotion records (failovers) appended to the cells' histories."""
         if version <= self.version:
             raise RoutingError(f"rule versions only grow: {version} after {self.version}")
         new_owners = {**self.owners, **(owners or {})}
@@ -101,12 +133,24 @@ class Rule:
             raise RoutingError(
                 f"a rule cannot add cells: {sorted(set(new_owners) - set(self.owners))}"
             )
+        promotions = dict(self.promotions)
+        for cell, promotion in (promoted or {}).items():
+            history = (*promotions.get(cell, ()), promotion)
+            promotions[cell] = history[-PROMOTIONS_PER_CELL_MAX:]
         return replace(
             self,
             version=version,
             owners=new_owners,
             banned=self.banned if banned is None else frozenset(banned),
+            promotions=promotions,
         )
+
+    def promotions_of(self, cell: int) -> tuple[Promotion, ...]:
+        return self.promotions.get(cell, ())
+
+    def id_time_min_s(self, cell: int) -> int:
+        """The lowest order-ID time this cell's owner may issue (0: no failover)."""
+        return max((p.id_time_s for p in self.promotions_of(cell)), default=0)
 
     def moved_cells(self, other: Rule) -> list[int]:
         """Cells whose owner or ban differs between this rule and `other`."""
@@ -127,6 +171,11 @@ class Rule:
             ],
             "owners": {str(c): owner for c, owner in sorted(self.owners.items())},
             "banned": sorted(self.banned),
+            "promotions": {
+                str(c): [p.body() for p in history]
+                for c, history in sorted(self.promotions.items())
+                if history
+            },
         }
 
 
@@ -145,11 +194,25 @@ def rule_from_body(body: Mapping[str, Any]) -> Rule:
             cells=cells,
             owners={_integer(c): _text(owner) for c, owner in body["owners"].items()},
             banned=frozenset(_integer(c) for c in body["banned"]),
+            promotions={
+                _integer(c): tuple(_promotion(p) for p in history)
+                for c, history in body.get("promotions", {}).items()
+            },
         )
     except RoutingError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RoutingError(f"not a valid rule: {type(exc).__name__}: {exc}") from exc
+
+
+def _promotion(body: Mapping[str, Any]) -> Promotion:
+    return Promotion(
+        version=_integer(body["version"]),
+        position=_integer(body["position"]),
+        source=_text(body["from"]),
+        to=_text(body["to"]),
+        id_time_s=_integer(body["id_time_s"]),
+    )
 
 
 def _integer(value: Any) -> int:
@@ -197,6 +260,14 @@ def rule_problems(rule: Rule) -> list[str]:
     unknown_banned = sorted(rule.banned - set(rule.cells))
     if unknown_banned:
         problems.append(f"banned cells {unknown_banned} are not cells of the rule")
+    for promoted, history in rule.promotions.items():
+        if promoted not in rule.cells:
+            problems.append(f"promotions of cell {promoted}, which is not a cell of the rule")
+        if len(history) > PROMOTIONS_PER_CELL_MAX:
+            problems.append(f"cell {promoted} has more than {PROMOTIONS_PER_CELL_MAX} promotions")
+        for promotion in history:
+            if promotion.version > rule.version or promotion.position < 0:
+                problems.append(f"cell {promoted}: promotion {promotion.body()} is not valid")
     return problems
 
 
