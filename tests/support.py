@@ -8,7 +8,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -16,6 +16,9 @@ import pytest
 from unitrade.topology.config import TopologyConfig, default_config, parse_config
 from unitrade.topology.rule import initial_rule, route_buyer
 from unitrade.web.tokens import issue_token
+
+if TYPE_CHECKING:
+    from unitrade.region import RegionRuntime
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -128,6 +131,12 @@ class Api:
             "authorization": "Bearer " + issue_token(config.token_keys, admin=True)
         }
 
+    def __enter__(self) -> Api:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.http.close()
+
     def url(self, region: str, path: str) -> str:
         return self.config.region(region).base_url + path
 
@@ -184,3 +193,14 @@ class Api:
     def order(self, region: str, buyer: int, items: list[tuple[str, int]], **extra: Any) -> Any:
         body = {"items": [{"sku": s, "qty": q} for s, q in items], **extra}
         return self.call(region, "POST", "/v1/orders", buyer, body)
+
+
+def in_process_region(config: TopologyConfig, region: str, data_dir: Path) -> RegionRuntime:
+    """A region run in this process, with a lease authority of its own in this process
+    (the control plane's lease logic, no control plane process): for tests of a region's
+    services that need writes without a cluster."""
+    from unitrade.control.lease import ControlPlaneLeases, InProcessLeaseSource, MemoryBlocks
+    from unitrade.region import RegionRuntime
+
+    authority = ControlPlaneLeases(config.control, config.region_names, MemoryBlocks())
+    return RegionRuntime(config, region, data_dir, InProcessLeaseSource(region, authority))

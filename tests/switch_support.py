@@ -64,13 +64,20 @@ class Control:
 
     def wait_connected(self, timeout_s: float = 15.0) -> None:
         """Until every region watches the control plane and acknowledges its rule."""
+        self.wait_connected_except(None, timeout_s)
+
+    def wait_connected_except(self, down: str | None, timeout_s: float = 15.0) -> None:
+        """Until every region but `down` watches the control plane and acknowledges its
+        rule."""
         deadline = time.monotonic() + timeout_s
         while True:
             answer = self.http.get("/v1/regions")
             if answer.status_code == 200:
                 body = answer.json()
                 if all(
-                    r["connected"] and r["version"] == body["rule_version"] for r in body["regions"]
+                    r["connected"] and r["version"] == body["rule_version"]
+                    for r in body["regions"]
+                    if r["region"] != down
                 ):
                     return
             assert time.monotonic() < deadline, f"regions not connected: {answer.text}"
@@ -112,8 +119,10 @@ class Load:
     skus: list[str]
     threads: int = 4
     pause_s: float = 0.0
+    gateways: list[str] | None = None  # the regions whose gateways it uses (default: all)
     acked: list[Acked] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    error_times: list[float] = field(default_factory=list)  # monotonic, one per error
     latencies_ms: list[tuple[float, float, int]] = field(default_factory=list)  # (at, ms, buyer)
     _stop: threading.Event = field(default_factory=threading.Event)
     _workers: list[threading.Thread] = field(default_factory=list)
@@ -148,7 +157,7 @@ class Load:
     def _run(self, seed: int) -> None:
         api = Api(self.config)
         rng = random.Random(seed)
-        regions = self.config.region_names
+        regions = self.gateways or self.config.region_names
         try:
             while not self._stop.is_set():
                 self._one(api, rng, rng.choice(self.buyers), regions)
@@ -192,3 +201,4 @@ class Load:
     def _error(self, text: str) -> None:
         with self._lock:
             self.errors.append(text)
+            self.error_times.append(time.monotonic())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Api, write_topology
+from tests.support import Api, in_process_region, write_topology
 from unitrade.cluster import LocalCluster
 from unitrade.errors import OrderTimedOut
 from unitrade.region import RegionRuntime
@@ -22,7 +22,7 @@ def _runtime(directory: Path) -> RegionRuntime:
     regions (outbox, catalog), and on the default ports and secret it would reach whatever
     cluster runs on this machine."""
     config, _path = write_topology(directory)
-    return RegionRuntime(config, "hz", directory / "data")
+    return in_process_region(config, "hz", directory / "data")
 
 
 def test_a_reservation_whose_order_was_never_written_is_released(tmp_path: Path) -> None:

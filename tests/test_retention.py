@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select, update
 
 from tests.storage_support import RULE, make_store
+from tests.support import in_process_region
 from unitrade.control.store import ControlStore, operations
 from unitrade.errors import NotFound, OrderTimedOut
 from unitrade.services.inventory import InventoryService
@@ -264,11 +265,12 @@ def test_an_outbox_step_that_fails_for_good_is_kept_counted_and_can_be_retried(
 ) -> None:
     """hz owns u1 and the center: a refund of an order with no reservation fails at the
     center every time, for real, until the drainer gives up."""
-    from unitrade.region import RegionRuntime
 
     async def run() -> None:
-        runtime = RegionRuntime(default_config(), "hz", tmp_path)
+        runtime = in_process_region(default_config(), "hz", tmp_path)
         await runtime.copies.open()
+        runtime.lease.start()
+        assert await runtime.lease.first(5.0)
         try:
             store = runtime.copies[1]
             row = outbox_row(encode_order_id(1, unix_to_id_time(time.time()), 7), "pending", 0)
@@ -288,6 +290,7 @@ def test_an_outbox_step_that_fails_for_good_is_kept_counted_and_can_be_retried(
             await runtime.retention.sweep()
             assert runtime.retention.failed_steps[1] == 0
         finally:
+            await runtime.lease.stop()
             await runtime.client.aclose()
             await runtime.copies.close()
 

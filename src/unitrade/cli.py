@@ -23,6 +23,7 @@ from unitrade.cli_options import (
     refuse_ports_in_use,
 )
 from unitrade.control.cli import evacuate, operations, switch
+from unitrade.control.failover_cli import failover, quarantine
 from unitrade.outbox_cli import outbox
 from unitrade.replication.diff_cli import diff
 from unitrade.topology.config import (
@@ -594,6 +595,8 @@ main.add_command(switch)
 main.add_command(evacuate)
 main.add_command(operations)
 main.add_command(outbox)
+main.add_command(failover)
+main.add_command(quarantine)
 
 if __name__ == "__main__":
     main(prog_name="unitrade")

@@ -53,6 +53,12 @@ class EvacuateRequest(_Body):
     to: Annotated[str, Field(max_length=16)]
 
 
+class FailoverRequest(_Body):
+    region: Annotated[str, Field(max_length=16)]
+    to: Annotated[list[Annotated[str, Field(max_length=16)]], Field(max_length=64)] = []
+    force: bool = False
+
+
 class WatchCall(_Body):
     region: Annotated[str, Field(max_length=16)]
     after: Annotated[int, Field(ge=0)]
@@ -136,8 +142,15 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
 
     @app.get("/v1/regions", tags=["rules"], dependencies=admin_only, responses=ADMIN_ERRORS)
     async def regions() -> Response:
-        """Which rule version each component of each region has acknowledged."""
-        return json_response({"rule_version": board().rule.version, "regions": board().status()})
+        """Which rule version each component of each region has acknowledged, and what the
+        lease authority knows of each region's write lease."""
+        return json_response(
+            {
+                "rule_version": board().rule.version,
+                "regions": board().status(),
+                "leases": plane.leases.status(),
+            }
+        )
 
     @app.post(
         "/v1/switch",
@@ -167,6 +180,26 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
         if not cells:
             raise SwitchRefused(f"region {body.region} owns no cells")
         op = await plane.switch(cells, body.to, kind="evacuate")
+        return json_response(op.body(), status=202)
+
+    @app.post(
+        "/v1/failover",
+        status_code=202,
+        tags=["operations"],
+        dependencies=admin_only,
+        responses=OPERATION_ERRORS,
+    )
+    async def failover(body: FailoverRequest) -> Response:
+        """Move every cell of a lost region to surviving regions, without its cooperation
+        (docs/operations.md, "A dead region"). Refused (409 `failover_refused`, nothing
+        changed) unless the health checker and a majority of the other regions agree the
+        region is unreachable; `force` overrides that check and is recorded."""
+        for name in (body.region, *body.to):
+            if name not in config.region_names:
+                raise InvalidRequest(f"unknown region {name!r}")
+        if len(set(body.to)) != len(body.to):
+            raise InvalidRequest("a target region is named twice")
+        op = await plane.failover(body.region, list(body.to), body.force)
         return json_response(op.body(), status=202)
 
     @app.get("/v1/operations", tags=["operations"], dependencies=admin_only, responses=ADMIN_ERRORS)

@@ -24,6 +24,10 @@ STEP_TITLES = {
     "publish": "publish the new owner; every component acknowledges",
     "verify": "streams run from the new owner to every other region",
     "rollback": "roll back: lift the ban under the old owner",
+    "block": "the lost region gets no more write leases",
+    "expire": "wait until its last lease has surely ended",
+    "promote": "promotion positions (final: the new owners write nothing yet)",
+    "report": "the loss report",
     "done": "done",
 }
 
@@ -113,6 +117,11 @@ def cell_list(api: ControlApi, cells: list[Any]) -> str:
 
 
 def print_figures(api: ControlApi, op: dict[str, Any]) -> None:
+    if op["kind"] == "failover":
+        from unitrade.control.failover_cli import print_failover
+
+        print_failover(api, op)
+        return
     detail = op["detail"]
     table = compact_table(f"{op['kind']} {op['id']}: {op['state']}")
     table.add_column("figure")

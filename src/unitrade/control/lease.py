@@ -277,3 +277,32 @@ class ControlPlaneLeaseSource:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+class MemoryBlocks:
+    """Failover blocks kept in memory: for a lease authority embedded in one process with
+    its regions (tests, tools), where nothing outlives the process anyway."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[str, int] = {}
+
+    async def lease_blocks(self) -> dict[str, int]:
+        return dict(self.blocks)
+
+    async def block_lease(self, region: str, rule_version_min: int, operation_id: str) -> None:
+        self.blocks[region] = max(self.blocks.get(region, 0), rule_version_min)
+
+
+class InProcessLeaseSource:
+    """A region's renewals sent to an authority in the same process (no socket between):
+    the same grant and refusal logic as over HTTP, for a region run in-process."""
+
+    def __init__(self, region: str, authority: LeaseAuthority) -> None:
+        self.region = region
+        self.authority = authority
+
+    async def renew(self, rule_version: int) -> LeaseGrant:
+        return await self.authority.renew(self.region, rule_version)
+
+    async def aclose(self) -> None:
+        return None

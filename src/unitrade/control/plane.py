@@ -9,6 +9,8 @@ import logging
 import time
 
 from unitrade.control.board import RuleBoard
+from unitrade.control.failover import Failover, HealthView
+from unitrade.control.failover import precheck as failover_precheck
 from unitrade.control.lease import ControlPlaneLeases, LeaseAuthority
 from unitrade.control.store import ControlStore, Operation
 from unitrade.control.switchover import FORWARD_ONLY, Control, Switchover, precheck
@@ -34,7 +36,9 @@ class ControlPlane:
         self.board: RuleBoard | None = None
         self.leases: LeaseAuthority = ControlPlaneLeases(config.control, config.region_names, store)
         self.client = RegionClient(config, CONTROL_NAME)
-        self.running: Switchover | None = None
+        self.running: Switchover | Failover | None = None
+        self.health: HealthView | None = None  # the health checker (control/health.py)
+        self.last_failover = 0.0  # monotonic: automatic failovers keep their distance
         self._task: asyncio.Task[None] | None = None
         self._slot = asyncio.Lock()  # taken while an operation is prechecked or started
         self._sweeper: asyncio.Task[None] | None = None
@@ -100,17 +104,51 @@ class ControlPlane:
         await self.store.close()
 
     def _launch(self, op: Operation, resumed: bool = False) -> None:
-        switch = Switchover(self.ctx, op)
-        self.running = switch
+        runner: Switchover | Failover
+        if op.kind == "failover":
+            runner = Failover(self.ctx, op, self.leases, self.health)
+        else:
+            runner = Switchover(self.ctx, op)
+        self.running = runner
 
         async def run() -> None:
             try:
-                await switch.run(resumed)
+                await runner.run(resumed)
             finally:
-                if self.running is switch:
+                if self.running is runner:
                     self.running = None
 
         self._task = asyncio.create_task(run(), name=op.id)
+
+    async def failover(
+        self, region: str, targets: list[str], force: bool = False, started_by: str = "operator"
+    ) -> Operation:
+        """Pre-check and start the failover of `region`; FailoverRefused (nothing changed)
+        when it must not or cannot run (control/failover.py)."""
+        if self._slot.locked() or self.running is not None:
+            raise OperationRunning(
+                "another operation is running: "
+                + (self.running.op.id if self.running is not None else "a pre-check")
+            )
+        async with self._slot:
+            started = time.monotonic()
+            figures = await failover_precheck(self.ctx, self.health, region, targets, force)
+            rule = self.ctx.board.rule
+            cells = rule.cells_owned_by(region)
+            op = await self.store.create_operation(
+                "failover",
+                cells,
+                dict.fromkeys(cells, region),
+                ",".join(figures["candidates"]),
+            )
+            took_ms = int((time.monotonic() - started) * 1000)
+            await self.store.record(op, "precheck", "begin", {"started_by": started_by})
+            await self.store.record(op, "precheck", "done", {**figures, "precheck_ms": took_ms})
+            if figures["forced"]:
+                log.warning("%s: failover of %s FORCED by the operator", op.id, region)
+            self.last_failover = time.monotonic()
+            self._launch(op)
+        return op
 
     async def switch(self, cells: list[int], target: str, kind: str = "switch") -> Operation:
         """Pre-check and start a switch; SwitchRefused (nothing banned) when it cannot run."""
@@ -151,6 +189,11 @@ class ControlPlane:
         running = self.running
         if op.state != "running" or running is None or running.op.id != op.id:
             raise PastPointOfNoReturn(f"operation {op.id} is {op.state}; nothing to abort")
+        if isinstance(running, Failover):
+            raise PastPointOfNoReturn(
+                f"operation {op.id} is a failover: it only goes forward (its region is blocked "
+                "from leases); a planned switch moves the cells back afterwards"
+            )
         if running.op.step in FORWARD_ONLY or running.op.step == "done":
             raise PastPointOfNoReturn(
                 f"operation {op.id} has published the new owner (step {running.op.step}); "

@@ -4,16 +4,19 @@ OpenAPI document)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
 from starlette.routing import Route
 
-from unitrade.errors import WrongRegion
+from unitrade.errors import InvalidRequest, UnitradeError, WrongRegion
 from unitrade.gateway import models
 from unitrade.region import RegionRuntime
 from unitrade.services.remote import PRODUCTS_TARGET
 from unitrade.web.signed import internal_endpoint
+
+PEER_PROBE_TIMEOUT_S = 1.0
 
 
 def internal_routes(runtime: RegionRuntime) -> list[Route]:
@@ -49,6 +52,18 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
     async def products(b: models.ProductsCall) -> Any:
         return await runtime.catalog_service.get_many(b.skus)
 
+    async def probe(b: models.PeerProbeCall) -> Any:
+        """Can this region reach region `b.region` now? One /healthz, briefly bounded: a
+        failover asks every other region before it takes a region's cells."""
+        if b.region not in runtime.config.region_names or b.region == runtime.name:
+            raise InvalidRequest(f"not another region of the cluster: {b.region!r}")
+        try:
+            async with asyncio.timeout(PEER_PROBE_TIMEOUT_S):
+                await runtime.client.call(b.region, "GET", "/healthz", idempotent=False)
+        except (UnitradeError, OSError, TimeoutError) as exc:
+            return {"region": b.region, "reachable": False, "error": f"{type(exc).__name__}"}
+        return {"region": b.region, "reachable": True, "error": ""}
+
     calls = [
         ("/internal/center/reserve", internal_endpoint(models.ReserveCall, reserve, before=center)),
         ("/internal/center/step", internal_endpoint(models.StepCall, step, before=center)),
@@ -56,5 +71,6 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
         ("/internal/center/stale", internal_endpoint(models.StaleCall, stale, before=center)),
         ("/internal/center/levels", internal_endpoint(models.SkuCall, levels, before=center)),
         (PRODUCTS_TARGET, internal_endpoint(models.ProductsCall, products, before=global_cell)),
+        ("/internal/peer/probe", internal_endpoint(models.PeerProbeCall, probe)),
     ]
     return [Route(path, handler, methods=["POST"]) for path, handler in calls]

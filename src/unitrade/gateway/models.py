@@ -219,3 +219,9 @@ class Health(BaseModel):
     )
     replication: list[dict[str, Any]]
     followers: dict[str, Any]
+
+
+class PeerProbeCall(_Body):
+    """The control plane asks a region whether it can reach another (failover agreement)."""
+
+    region: Annotated[str, Field(max_length=16)]
