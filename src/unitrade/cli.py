@@ -288,7 +288,7 @@ def _print_region_table(
         "rule: the rule version the region holds; acked: the version its gateway/rpc/dal "
         "have acknowledged; fwd: requests it forwarded to an owner",
     )
-    for column in ("region", "role", "url", "health", "rule", "acked", "control", "fwd"):
+    for column in ("region", "role", "url", "health", "rule", "acked", "control", "lease", "fwd"):
         table.add_column(column, no_wrap=True)
     center = newest[1]["owners"].get("center") if newest else None
     for region in config.regions:
@@ -304,9 +304,21 @@ def _print_region_table(
             str(health.get("rule_version", "-")),
             "/".join(str(acked.get(c, "-")) for c in ("gateway", "rpc", "dal")),
             "-" if connected is None else ("connected" if connected else "[red]no[/]"),
+            _lease_text(health.get("lease")),
             str(health.get("forwarded", "-")),
         )
     console.print(table)
+
+
+def _lease_text(lease: Any) -> str:
+    """A region's write lease: time left, or why it has none."""
+    if not isinstance(lease, dict):
+        return "-"
+    if lease.get("valid"):
+        return f"{int(lease.get('remaining_ms', 0)) / 1000:.1f} s"
+    if lease.get("rule_version_min"):
+        return f"[red]blocked[/] (needs rule {lease['rule_version_min']})"
+    return "[red]none[/]"
 
 
 def _print_cells(config: TopologyConfig, newest: tuple[str, dict[str, Any]] | None) -> None:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -29,11 +30,18 @@ class ClusterError(RuntimeError):
 
 class LocalCluster:
     def __init__(
-        self, config: TopologyConfig, data_dir: Path, config_path: Path | None = None
+        self,
+        config: TopologyConfig,
+        data_dir: Path,
+        config_path: Path | None = None,
+        launcher: Callable[[str], list[str]] | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.data_dir = data_dir
+        # A command prefix per process name (the control plane is `control`): e.g. to run
+        # each region in a network namespace of its own (unitrade/netns.py).
+        self.launcher = launcher
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: dict[str, IO[bytes]] = {}
 
@@ -92,6 +100,8 @@ class LocalCluster:
         log = self._logs.get(name) or open(self.log_path(name), "ab")
         self._logs[name] = log
         command = [sys.executable, "-m", "unitrade.cli", *args, "--data", str(self.data_dir)]
+        if self.launcher is not None:
+            command = [*self.launcher(name), *command]
         if self.config_path is not None:
             command += ["--config", str(self.config_path)]
         self.processes[name] = subprocess.Popen(
