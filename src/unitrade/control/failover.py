@@ -53,7 +53,7 @@ log = logging.getLogger("unitrade.failover")
 STEPS = ("precheck", "block", "expire", "ban", "promote", "publish", "report")
 EXPIRE_POLL_S_MAX = 0.2
 ACK_ROUNDS_MAX = 3  # rounds of `ack_timeout_ms` a target has to acknowledge the ban
-PROBE_TIMEOUT_S = 2.0
+PROBE_TIMEOUT_S = 1.0  # above a peer's own probe of the lost region (gateway/internal.py)
 
 
 class HealthView(Protocol):
@@ -114,14 +114,13 @@ async def precheck(
     if unknown or region in targets:
         raise FailoverRefused(f"targets must be other regions of the cluster, not {targets}")
     survivors = [r for r in regions if r != region]
-    probes = await asyncio.gather(*(_probe(ctx, r) for r in [region, *survivors]))
-    lost_answers = probes[0] is not None
+    # The health checker's view, when there is one, stands for the control plane's; without
+    # it, the control plane probes the region itself.
+    asked = survivors if health is not None else [region, *survivors]
+    probes = dict(zip(asked, await asyncio.gather(*(_probe(ctx, r) for r in asked)), strict=True))
+    lost_answers = probes.get(region) is not None
     connected = ctx.board.connected()
-    usable = [
-        r
-        for r, body in zip(survivors, probes[1:], strict=True)
-        if body is not None and r in connected
-    ]
+    usable = [r for r in survivors if probes[r] is not None and r in connected]
     candidates = targets or survivors
     missing = [t for t in candidates if t not in usable]
     if targets and missing:
@@ -143,7 +142,7 @@ async def precheck(
     agreement = {
         "control_plane": "down" if control_down else "up",
         "health_checker": health is not None,
-        "answers_healthz": lost_answers,
+        "answers_healthz": lost_answers if health is None else None,
         "peers": peers,
         "majority_down": majority,
     }

@@ -15,6 +15,7 @@ from unitrade.control.lease import ControlPlaneLeases, LeaseAuthority
 from unitrade.control.store import ControlStore, Operation
 from unitrade.control.switchover import FORWARD_ONLY, Control, Switchover, precheck
 from unitrade.errors import (
+    FailoverRefused,
     NotFound,
     OperationRunning,
     PastPointOfNoReturn,
@@ -38,7 +39,7 @@ class ControlPlane:
         self.client = RegionClient(config, CONTROL_NAME)
         self.running: Switchover | Failover | None = None
         self.health: HealthView | None = None  # the health checker (control/health.py)
-        self.last_failover = 0.0  # monotonic: automatic failovers keep their distance
+        self.last_failover: float | None = None  # monotonic: automatic ones keep a distance
         self._task: asyncio.Task[None] | None = None
         self._slot = asyncio.Lock()  # taken while an operation is prechecked or started
         self._sweeper: asyncio.Task[None] | None = None
@@ -181,6 +182,35 @@ class ControlPlane:
             )
             self._launch(op)
         return op
+
+    async def region_down(self, region: str) -> None:
+        """The health checker's call when a region turns down: with `[control]
+        auto_failover` on, fail it over, at most once per `failover_interval_s` (the
+        anti-flapping bound; a refused or skipped one is logged, never retried in a loop:
+        the checker calls again only when the region comes up and goes down again)."""
+        settings = self.config.control
+        if not settings.auto_failover:
+            log.warning("region %s is down; automatic failover is off", region)
+            return
+        if self.board is None or not self.board.rule.cells_owned_by(region):
+            return
+        since = None if self.last_failover is None else time.monotonic() - self.last_failover
+        if since is not None and since < settings.failover_interval_s:
+            log.error(
+                "region %s is down; no automatic failover: the last one was %.0f s ago "
+                "(failover_interval_s %d); run `unitrade failover --region %s`",
+                region,
+                since,
+                settings.failover_interval_s,
+                region,
+            )
+            return
+        try:
+            op = await self.failover(region, [], force=False, started_by="health checker")
+        except (FailoverRefused, OperationRunning) as exc:
+            log.error("automatic failover of %s refused: %s", region, exc.message)
+            return
+        log.warning("%s: automatic failover of %s started", op.id, region)
 
     async def abort(self, operation_id: str) -> Operation:
         op = await self.store.operation(operation_id)
