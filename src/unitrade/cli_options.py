@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 CONFIG_ENVVAR = "UNITRADE_CONFIG"
 DATA_ENVVAR = "UNITRADE_DATA"
+DATA_DIR_DEFAULT = Path(".unitrade/data")
 CONFIG_HINT = (
     f"is {CONFIG_ENVVAR} / --config the file the cluster was started with? "
     "(its addresses and secret must be the cluster's)"

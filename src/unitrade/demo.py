@@ -68,6 +68,8 @@ def run_demo(
     with console.status("starting regions..."):
         cluster.start()
     try:
+        # A region that crashes under the load is started again (and said so), as in `up`.
+        cluster.supervise(on_event=lambda message, _loud: console.print(f"supervisor: {message}"))
         return asyncio.run(_workload(config, buyers, skus, stock, concurrency))
     finally:
         with console.status("stopping regions..."):

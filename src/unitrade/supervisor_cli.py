@@ -1,0 +1,233 @@
+"""`unitrade stop` and `unitrade start`: drills against the `unitrade up` running on a data
+directory, through the files of supervisor.py."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import httpx
+from rich.console import Console
+
+from unitrade.cli_options import DATA_DIR_DEFAULT, DATA_ENVVAR, load
+from unitrade.supervisor import (
+    KILL,
+    TERM,
+    State,
+    SupervisorFiles,
+    describe_exit,
+    label,
+    option,
+    pid_alive,
+)
+from unitrade.topology.config import CONTROL_NAME
+
+FC = TypeVar("FC", bound=Callable[..., Any] | click.Command)
+console = Console()
+POLL_S = 0.1
+
+
+class NoSupervisor(click.ClickException):
+    """No `unitrade up` supervises the data directory: exit status 1."""
+
+
+data_option = click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DATA_DIR_DEFAULT,
+    show_default=True,
+    envvar=DATA_ENVVAR,
+    show_envvar=True,
+    help="The data directory of the running `unitrade up` (as given to it): it is found "
+    "through DIR/supervisor.json.",
+)
+region_option = click.option(
+    "--region", metavar="REGION", help="The region to act on (a region of the topology)."
+)
+control_option = click.option(
+    "--control", is_flag=True, help="Act on the control plane instead of a region."
+)
+
+
+def timeout_option(default: float) -> Callable[[FC], FC]:
+    return click.option(
+        "--timeout",
+        "timeout_s",
+        type=click.FloatRange(min=0.1, max=600),
+        default=default,
+        show_default=True,
+        help="Seconds to wait at most for the outcome; exit 1 after that.",
+    )
+
+
+@click.command(short_help="Take a region (or --control) down and keep it down: drills.")
+@region_option
+@control_option
+@click.option(
+    "--kill",
+    is_flag=True,
+    help="SIGKILL instead of SIGTERM: a crash, with no clean shutdown (a crash drill).",
+)
+@data_option
+@timeout_option(30.0)
+def stop(region: str | None, control: bool, kill: bool, data_dir: Path, timeout_s: float) -> None:
+    """Take a region (or the control plane) of a running `unitrade up` down and keep it down.
+
+    The `unitrade up` supervising --data stops it (SIGTERM, SIGKILL after 15 s; SIGKILL at
+    once with --kill) and does not start it again until `unitrade start`. Waits until it
+    has exited. Takes no --config: the cluster is the one `up` runs on --data.
+
+    \b
+    Exit status:
+      0  it is down (or was already held down)
+      1  no `unitrade up` runs on --data, or it was not down within --timeout
+      2  bad usage: unknown region, neither or both of --region and --control
+
+    \b
+    Examples:
+      unitrade stop --region sh                 # planned: SIGTERM, clean shutdown
+      unitrade stop --region sh --kill          # crash drill: kill -9
+      unitrade stop --control --data /tmp/ut    # the control plane
+    """
+    files = SupervisorFiles(data_dir.resolve())
+    document = _live(files)
+    name = _target(document, region, control)
+    what = label(name)
+    entry = document["processes"][name]
+    if entry["state"] == State.HELD:
+        console.print(f"{what} is already stopped by the operator")
+        return
+    started = time.monotonic()
+    files.hold(name, KILL if kill else TERM)
+    deadline = started + timeout_s
+    while True:
+        document = _live(files)
+        entry = document["processes"][name]
+        if entry["state"] == State.HELD and not pid_alive(int(entry["pid"])):
+            break
+        if time.monotonic() > deadline:
+            raise click.ClickException(
+                f"{what} is not down after {timeout_s:g} s (state: {entry['state']}); "
+                f"see {files.log_path}"
+            )
+        time.sleep(POLL_S)
+    console.print(
+        f"{what} is down ({describe_exit(entry['exit_code'])}) after "
+        f"{time.monotonic() - started:.1f} s, and kept down: "
+        f"`unitrade start {option(name)}` starts it again"
+    )
+
+
+@click.command(short_help="Start a region (or --control) stopped or left down again.")
+@region_option
+@control_option
+@data_option
+@timeout_option(60.0)
+def start(region: str | None, control: bool, data_dir: Path, timeout_s: float) -> None:
+    """Start a region (or the control plane) of a running `unitrade up` again.
+
+    For a region held down by `unitrade stop`, or one the supervisor left down after too
+    many restarts (its restart budget starts afresh). Waits until it answers /healthz.
+    Takes no --config: the cluster is the one `up` runs on --data.
+
+    \b
+    Exit status:
+      0  it answers /healthz (or already did)
+      1  no `unitrade up` runs on --data, or it is not healthy within --timeout (or
+         the supervisor gave up on it: see DIR/logs/REGION.log)
+      2  bad usage: unknown region, neither or both of --region and --control
+
+    \b
+    Examples:
+      unitrade start --region sh
+      unitrade start --control --data /tmp/ut
+    """
+    files = SupervisorFiles(data_dir.resolve())
+    document = _live(files)
+    name = _target(document, region, control)
+    what = label(name)
+    config = load(Path(document["config"]) if document.get("config") else None)
+    url = str(document["processes"][name]["url"]) + "/healthz"
+    started = time.monotonic()
+    deadline = started + timeout_s
+    with httpx.Client(timeout=2.0, verify=config.http_verify) as client:
+        entry = document["processes"][name]
+        if entry["state"] == State.RUNNING and _healthy(client, url):
+            console.print(f"{what} is already running (pid {entry['pid']})")
+            return
+        if entry["state"] != State.RUNNING:
+            files.request_start(name)
+        while True:
+            document = _live(files)
+            entry = document["processes"][name]
+            taken = not files.start_pending(name)
+            if taken and entry["state"] == State.FAILED:
+                raise click.ClickException(
+                    f"{what} failed to start: {describe_exit(entry['exit_code'])}, restarted "
+                    f"{entry['restarts']} times; see {files.data_dir}/logs/{name}.log"
+                )
+            if taken and entry["state"] in (State.HELD, State.STOPPING):
+                raise click.ClickException(f"{what} was stopped again meanwhile")
+            if taken and entry["state"] == State.RUNNING and _healthy(client, url):
+                break
+            if time.monotonic() > deadline:
+                raise click.ClickException(
+                    f"{what} is not healthy after {timeout_s:g} s (state: {entry['state']}); "
+                    f"see {files.data_dir}/logs/{name}.log"
+                )
+            time.sleep(POLL_S)
+    console.print(
+        f"{what} is up (pid {entry['pid']}), healthy after {time.monotonic() - started:.1f} s"
+    )
+
+
+def _live(files: SupervisorFiles) -> dict[str, Any]:
+    document, why = files.live_state()
+    if document is None:
+        raise NoSupervisor(
+            f"no `unitrade up` is running on {files.data_dir} ({why}); "
+            f"is --data / {DATA_ENVVAR} the directory `unitrade up` was given?"
+        )
+    return document
+
+
+def _target(document: dict[str, Any], region: str | None, control: bool) -> str:
+    if control == (region is not None):
+        raise click.UsageError("give either --region REGION or --control")
+    name = CONTROL_NAME if control else str(region)
+    regions = [n for n, p in document["processes"].items() if p.get("kind") == "region"]
+    if name != CONTROL_NAME and name not in regions:
+        raise click.BadParameter(
+            f"unknown region {name!r}; the regions of this cluster: {', '.join(regions)}",
+            param_hint="--region",
+        )
+    if name not in document["processes"]:
+        raise click.ClickException(f"the `unitrade up` on {document['data_dir']} has no {name}")
+    return name
+
+
+def _healthy(client: httpx.Client, url: str) -> bool:
+    try:
+        return client.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def supervisor_notes(data_dir: Path, urls: dict[str, str]) -> dict[str, str]:
+    """For `unitrade status`: the supervisor's state of each process (name -> its URL) that
+    is not simply running (`stopped by operator`, `restarting`, `failed`), when a live
+    `unitrade up` on data_dir runs that process at that URL."""
+    document, _why = SupervisorFiles(data_dir.resolve()).live_state()
+    if document is None:
+        return {}
+    notes = {}
+    for name, url in urls.items():
+        entry = document.get("processes", {}).get(name)
+        if isinstance(entry, dict) and entry.get("url") == url:
+            if entry.get("state") != State.RUNNING:
+                notes[name] = str(entry.get("state"))
+    return notes
