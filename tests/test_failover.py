@@ -137,19 +137,17 @@ def test_a_killed_unit_region_is_failed_over_and_nothing_acknowledged_is_lost_si
 
         # Every acknowledged order is readable from the survivors with its last
         # acknowledged state, or it is one of the lost region's changes past the promotion.
-        missing = []
+        missing: list[Acked] = []  # not at the new owner at all
+        unpaid: list[Acked] = []  # there, but its acknowledged payment is not
         for acked in load.acked:
             status, state = order_state(api, "hz", acked)
             if status == 404:
                 missing.append(acked)
                 continue
             assert status == 200, (status, acked)
-            if acked.paid:
-                assert state == "paid", (acked, state)
-        assert (
-            len(missing)
-            <= sum(c["known_position"] - c["promoted_position"] for c in report["cells"]) + 50
-        ), "more orders missing than the lost region can have written past the promotion"
+            if acked.paid and state != "paid":
+                assert state == "created", (acked, state)
+                unpaid.append(acked)
 
         # The lost region comes back: it learns the rule, quarantines its divergent tail
         # and is rebuilt from the new owners.
@@ -164,6 +162,13 @@ def test_a_killed_unit_region_is_failed_over_and_nothing_acknowledged_is_lost_si
         }
         for acked in missing:
             assert acked.order_id in orders_held, f"order {acked.order_id} lost without a trace"
+        payments_held = {
+            str(e["key"]["order_id"])
+            for e in entries
+            if e["table"] == "orders" and "paid" in e["what"]
+        }
+        for acked in unpaid:
+            assert acked.order_id in payments_held, f"payment of {acked.order_id} lost"
         assert all(e["state"] == "held" for e in entries)
         assert {e["cell"] for e in entries} <= {"u3", "u4"}
         # It writes nothing for the cells it lost: its buyers are served by the new owners.
@@ -228,8 +233,10 @@ def test_a_killed_center_region_is_failed_over_and_orders_go_on(
         body = {"title": "new", "price_cents": 99, "stock": 10}
         written = api.call("bj", "PUT", "/v1/admin/products/FO-NEW", body=body)
         assert written.status_code == 200, written.text
-        seen = api.call("sh", "GET", "/v1/products/FO-NEW")
-        assert seen.status_code == 200, seen.text
+        deadline = time.monotonic() + 10
+        while api.call("sh", "GET", "/v1/products/FO-NEW").status_code != 200:
+            assert time.monotonic() < deadline, "the new product never reached sh"
+            time.sleep(0.05)
 
 
 def current_owners_from(config: TopologyConfig, region: str) -> dict[str, str]:
