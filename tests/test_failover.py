@@ -197,9 +197,9 @@ def test_a_failover_of_a_healthy_region_is_refused(
 
 
 def test_a_killed_center_region_is_failed_over_and_orders_go_on(
-    running: tuple[LocalCluster, Path], closing: list[Api]
+    running_on: tuple[LocalCluster, Path], closing: list[Api]
 ) -> None:
-    cluster, _path = running
+    cluster, _path = running_on
     config = cluster.config
     api = Api(config)
     closing.append(api)
