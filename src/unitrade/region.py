@@ -13,7 +13,8 @@ from typing import Any
 import orjson
 
 from unitrade.control.agent import RuleAgent
-from unitrade.control.lease import ControlPlaneLeaseSource, LeaseHolder
+from unitrade.control.etcd_lease import region_lease_source
+from unitrade.control.lease import LeaseHolder, LeaseSource
 from unitrade.errors import WriteBanned, WrongRegion
 from unitrade.replication.replicator import Replicator
 from unitrade.rpc.client import RegionClient
@@ -45,7 +46,13 @@ ABANDONED_INTERVAL_S = 15.0
 
 
 class RegionRuntime:
-    def __init__(self, config: TopologyConfig, region: str, data_dir: Path) -> None:
+    def __init__(
+        self,
+        config: TopologyConfig,
+        region: str,
+        data_dir: Path,
+        lease_source: LeaseSource | None = None,
+    ) -> None:
         self.config = config
         self.name = region
         self.data_dir = data_dir
@@ -56,11 +63,12 @@ class RegionRuntime:
         # (the fence), the gateway (edge routing, forwarding, holds) and the RPC client
         # (center calls).
         self.fence: Fence
+        if lease_source is None:
+            # From the control plane, or from etcd directly (`[control] lease_authority`).
+            lease_source = region_lease_source(config, region)
         self.lease = LeaseHolder(
             region,
-            ControlPlaneLeaseSource(
-                RegionClient(config, region, request_timeout_s=config.control.lease_ms / 3000)
-            ),
+            lease_source,
             config.control,
             lambda: self.fence.rule.version,
         )
