@@ -110,6 +110,9 @@ class Election:
                 if not self.last_error:
                     log.warning("election: %s", exc)
                 self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+            except Exception as exc:  # an answer it could not read: keep campaigning
+                log.exception("election step failed")
+                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
             if self.leader_revision and time.monotonic() >= self._valid_until:
                 await self._step_down(on_lost, "its leader lease was not renewed in time")
             if self.leader_revision and not self.serving:

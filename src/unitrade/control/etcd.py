@@ -263,7 +263,10 @@ class EtcdClient:
     async def grant(self, ttl_s: int) -> tuple[int, int]:
         """A new lease: its id and the TTL etcd granted (it may raise a short one)."""
         answer = await self.call("/v3/lease/grant", {"TTL": str(ttl_s)}, idempotent=True)
-        return int(answer["ID"]), int(answer.get("TTL", 0))
+        lease = int(answer.get("ID", 0))
+        if not lease:
+            raise EtcdError(f"etcd granted no lease: {answer.get('error', answer)}")
+        return lease, int(answer.get("TTL", 0))
 
     async def keepalive(self, lease: int) -> int:
         """Renew a lease for its whole TTL again; the TTL, 0 when the lease is gone."""

@@ -123,7 +123,7 @@ class EtcdLeaseSource:
                 if result.succeeded:
                     return 0
                 found = result.ranges[0].kvs[0]
-                needed = int(found.json()["rule_version_min"])
+                needed = _rule_version_min(found.value)
                 if rule_version < needed:
                     raise LeaseRefused(
                         f"region {self.region} lost its cells in a failover: it must install "
@@ -145,6 +145,13 @@ class EtcdLeaseSource:
         # The etcd lease is not revoked: the region may still count on it while it stops,
         # and a failover must wait for it (module docstring).
         await self.client.aclose()
+
+
+def _rule_version_min(value: bytes) -> int:
+    try:
+        return int(orjson.loads(value)["rule_version_min"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise EtcdError(f"an unreadable lease block in etcd: {value[:100]!r}") from exc
 
 
 class EtcdLeases:
