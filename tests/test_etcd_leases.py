@@ -74,6 +74,7 @@ def test_a_region_is_granted_a_lease_and_renews_it(etcd_one: EtcdCluster) -> Non
         async with region_lease(etcd_one.endpoints, keys) as region:
             assert region.holder.valid()
             first_lease = region.source.lease_id
+            first = await region.source.client.get(keys.lease("sh"))
             renewals = region.holder.renewals
             await until(lambda: region.holder.renewals >= renewals + 3, "three more renewals")
             assert region.holder.valid() and region.source.lease_id == first_lease
@@ -82,6 +83,8 @@ def test_a_region_is_granted_a_lease_and_renews_it(etcd_one: EtcdCluster) -> Non
             held = await region.source.client.get(keys.lease("sh"))
             assert held is not None and held.lease == first_lease
             assert held.json()["rule_version"] == 1
+            # Renewals in the steady state write nothing (a compare and a keepalive).
+            assert first is not None and held.mod_revision == first.mod_revision
             async with authority(etcd_one.endpoints, keys) as leases:
                 remaining = await leases.expires_in_ms("sh")
                 assert 0 < remaining <= (etcd_ttl_s(LEASE) + 1) * 1000 * 1.1

@@ -141,6 +141,11 @@ def modified(key: str, revision: int) -> dict[str, Any]:
     return {"target": "MOD", "result": "EQUAL", "key": b64(key), "mod_revision": str(revision)}
 
 
+def lease_is(key: str, lease: int) -> dict[str, Any]:
+    """Compare: `key` is attached to `lease` (false when the key does not exist)."""
+    return {"target": "LEASE", "result": "EQUAL", "key": b64(key), "lease": str(lease)}
+
+
 def value_is(key: str, value: bytes) -> dict[str, Any]:
     """Compare: `key` holds exactly `value` (false when the key does not exist)."""
     return {"target": "VALUE", "result": "EQUAL", "key": b64(key), "value": b64(value)}

@@ -6,7 +6,8 @@ A region holds one etcd lease (TTL `ceil(lease_ms / 1000)` s) and the key
 `leases/<region>` attached to it. One renewal, counted by LeaseHolder from when it was sent:
 
 1. a txn: if `blocks/<region>` does not exist (or names a rule version the region already
-   holds), put `leases/<region>` with the region's lease; otherwise LeaseRefused;
+   holds), `leases/<region>` must be attached to the region's lease (a read-only compare
+   in the steady state; the key is put when it is not); otherwise LeaseRefused;
 2. a keepalive of that etcd lease (etcd counts the TTL again from when it receives it).
 
 Both must succeed. Why it is safe: the region counts `min(lease_ms, TTL / (1 + 2 drift))`
@@ -37,16 +38,17 @@ from unitrade.control.etcd import (
     EtcdError,
     EtcdKeys,
     created,
+    lease_is,
     modified,
     prefix_end,
     put_op,
     range_op,
+    value_is,
 )
 from unitrade.control.etcd_store import EtcdControlStore
 from unitrade.control.lease import ControlPlaneLeaseSource, LeaseGrant, LeaseSource, drift_ratio
 from unitrade.errors import LeaseRefused, UnitradeError
 from unitrade.rpc.client import RegionClient
-from unitrade.storage.store import now_ms
 from unitrade.topology.config import ControlConfig, TopologyConfig
 
 log = logging.getLogger("unitrade.lease")
@@ -109,21 +111,29 @@ class EtcdLeaseSource:
         return LeaseGrant(counted_ttl_ms(self.config, ttl_s), needed)
 
     async def _put_key(self, rule_version: int) -> int:
-        """Step 1: the lease key, unless a block refuses; the block's rule version (0)."""
+        """Step 1: check the block and that the lease key is in place (a read-only txn:
+        in the steady state a renewal writes nothing to etcd's history); write the key
+        when it is not. The block's rule version (0 without one); LeaseRefused when the
+        region holds an older rule."""
         block, key = self.keys.block(self.region), self.keys.lease(self.region)
-        value = orjson.dumps(
-            {"region": self.region, "rule_version": rule_version, "renewed_ms": now_ms()}
-        )
+        value = orjson.dumps({"region": self.region, "rule_version": rule_version})
         for attempt in range(2):
             if not self.lease_id:
                 self.lease_id, _granted = await self.client.grant(etcd_ttl_s(self.config))
             put = put_op(key, value, self.lease_id)
+            no_block = created(block, 0)
             try:
-                result = await self.client.txn([created(block, 0)], [put], [range_op(block)])
-                if result.succeeded:
+                in_place = [no_block, lease_is(key, self.lease_id), value_is(key, value)]
+                checked = await self.client.txn(in_place, [], [range_op(block)])
+                if checked.succeeded:
                     return 0
-                found = result.ranges[0].kvs[0]
-                needed = _rule_version_min(found.value)
+                found = checked.ranges[0].kvs
+                if not found:  # no block: the key is missing or out of date
+                    written = await self.client.txn([no_block], [put], [range_op(block)])
+                    if written.succeeded:
+                        return 0
+                    found = written.ranges[0].kvs
+                needed = _rule_version_min(found[0].value)
                 if rule_version < needed:
                     raise LeaseRefused(
                         f"region {self.region} lost its cells in a failover: it must install "
@@ -132,7 +142,8 @@ class EtcdLeaseSource:
                         rule_version_min=needed,
                     )
                 # It holds the rule the block asks for: renewed, unless the block moved on.
-                if (await self.client.txn([modified(block, found.mod_revision)], [put])).succeeded:
+                same_block = modified(block, found[0].mod_revision)
+                if (await self.client.txn([same_block], [put])).succeeded:
                     return needed
                 raise EtcdError(f"the lease block of {self.region} changed during a renewal")
             except EtcdError as exc:
@@ -223,7 +234,6 @@ class EtcdLeases:
                 "region": region,
                 "held": region in held,
                 "rule_version": held.get(region, {}).get("rule_version"),
-                "renewed_ms": held.get(region, {}).get("renewed_ms"),
                 "rule_version_min": blocks.get(region, 0),
             }
             for region in self.regions
