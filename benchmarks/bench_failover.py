@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -104,11 +105,14 @@ async def wait_failover(control: ControlClient, after_ms: int) -> dict[str, Any]
     raise BenchError(f"no failover ended within {FAILOVER_TIMEOUT_S:.0f} s of the fault")
 
 
-async def quarantined_rows(config: TopologyConfig, region: str) -> int:
-    """Changelog rows the returned region moved to its quarantine (its /healthz summary)."""
+async def returned(config: TopologyConfig, region: str) -> tuple[int, bool]:
+    """The rows the returned region moved to its quarantine (its /healthz summary), and
+    whether every copy it follows has caught up."""
     async with httpx.AsyncClient(timeout=5.0) as client:
         body = (await client.get(config.region(region).base_url + "/healthz")).json()
-    return sum(sum(states.values()) for states in body.get("quarantine", {}).values())
+    rows = sum(sum(states.values()) for states in body.get("quarantine", {}).values())
+    caught_up = all(s.get("lag_positions", 1) == 0 for s in body["replication"])
+    return rows, caught_up
 
 
 async def one_fault(
@@ -169,10 +173,10 @@ async def one_fault(
     exact = 0
     while time.monotonic() < deadline:
         await asyncio.sleep(1.0)
-        exact = await quarantined_rows(config, lost)
-        body = httpx.get(config.region(lost).base_url + "/healthz", timeout=5).json()
-        if all(s.get("lag_positions", 1) == 0 for s in body["replication"]):
-            break
+        with contextlib.suppress(httpx.HTTPError):
+            exact, caught_up = await returned(config, lost)
+            if caught_up:
+                break
     return {
         "fault": fault,
         "lag_at_fault": lag,

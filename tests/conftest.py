@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.etcd_support import EtcdCluster
 from tests.support import Api, write_topology
 from unitrade.cluster import LocalCluster
 
@@ -38,3 +39,11 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
     prefix = pg_prefix()
     yield f"postgresql://postgres@127.0.0.1:5432/{prefix}_{{cell}}"
     drop_pg_databases(prefix)
+
+
+@pytest.fixture(scope="session")
+def etcd_one(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One etcd member for the session (tests/etcd_support.py); each test keeps to a key
+    prefix of its own (`etcd_prefix()`)."""
+    with EtcdCluster(tmp_path_factory.mktemp("etcd"), 1) as etcd:
+        yield etcd

@@ -94,3 +94,51 @@ def test_unreadable_and_invalid_toml_files(tmp_path: Path) -> None:
     bad.write_text("[regions\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def _with_control(**control: object) -> dict:  # type: ignore[type-arg]
+    raw = _raw()
+    raw["control"] = control
+    return raw
+
+
+ETCD = {"lease_authority": "etcd", "etcd_endpoints": ["http://127.0.0.1:2379"]}
+MEMBERS = [
+    {"name": "hz", "listen": "127.0.0.1:8711"},
+    {"name": "sh", "listen": "127.0.0.1:8712"},
+]
+
+
+def test_the_control_plane_on_etcd_with_a_member_per_region() -> None:
+    config = parse_config(_with_control(**ETCD, members=MEMBERS, etcd_prefix="/shop-a"))
+    control = config.control
+    assert control.etcd and control.etcd_prefix == "/shop-a/"
+    assert control.urls == ["http://127.0.0.1:8711", "http://127.0.0.1:8712"]
+    assert control.base_url == "http://127.0.0.1:8711"
+    assert control.member("sh").port == 8712
+    # The single-address form is unchanged: one member at `listen`.
+    single = parse_config(_raw()).control
+    assert not single.etcd and single.urls == [single.base_url]
+
+
+@pytest.mark.parametrize(
+    ("control", "expected"),
+    [
+        ({"members": MEMBERS}, 'several control plane members need lease_authority = "etcd"'),
+        ({"lease_authority": "etcd"}, "needs etcd_endpoints"),
+        ({**ETCD, "storage": "sqlite:///x.db"}, "keeps its state in etcd"),
+        ({**ETCD, "members": MEMBERS, "listen": "127.0.0.1:9"}, "not both"),
+        ({**ETCD, "etcd_endpoints": ["127.0.0.1:2379"]}, "http(s)://HOST:PORT"),
+        ({**ETCD, "etcd_prefix": "no-slash"}, "control.etcd_prefix: must start with /"),
+        ({"lease_authority": "zookeeper"}, "control.lease_authority"),
+        ({**ETCD, "members": [MEMBERS[0], MEMBERS[0]]}, "member names must be unique"),
+        (
+            {**ETCD, "members": [MEMBERS[0], {"name": "bj", "listen": "127.0.0.1:9001"}]},
+            "listen addresses must be unique",
+        ),
+    ],
+)
+def test_bad_control_plane_settings_are_named(control: dict, expected: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError) as error:
+        parse_config(_with_control(**control))
+    assert expected in str(error.value)

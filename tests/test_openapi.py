@@ -190,11 +190,11 @@ def test_the_control_planes_document_names_its_errors_and_scheme(tmp_path: Path)
     (not FastAPI's validation error) and the bearer scheme on every admin route."""
     from unitrade.control.app import build_control_app
     from unitrade.control.plane import ControlPlane
-    from unitrade.control.store import ControlStore
+    from unitrade.control.store import SqlControlStore
     from unitrade.topology.config import default_config
 
     config = default_config()
-    store = ControlStore(f"sqlite:///{tmp_path}/control.db")
+    store = SqlControlStore(f"sqlite:///{tmp_path}/control.db")
     document = build_control_app(config, ControlPlane(config, store)).openapi()
     assert "HTTPValidationError" not in str(document)
     assert "bearer" in document["components"]["securitySchemes"]

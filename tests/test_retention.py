@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 
 from tests.storage_support import RULE, make_store
 from tests.support import in_process_region
-from unitrade.control.store import ControlStore, operations
+from unitrade.control.store import SqlControlStore, operations
 from unitrade.errors import NotFound, OrderTimedOut
 from unitrade.services.inventory import InventoryService
 from unitrade.services.orders import OUTBOX_ATTEMPTS_MAX, failed_outbox, retry_outbox
@@ -225,7 +225,7 @@ def test_a_refund_after_retention_deleted_the_reservation_returns_the_stock_once
 def test_control_plane_deletes_finished_operations_past_the_newest_kept(tmp_path: Path) -> None:
     async def run() -> None:
         config = default_config()
-        store = ControlStore(f"sqlite:///{tmp_path}/control.db")
+        store = SqlControlStore(f"sqlite:///{tmp_path}/control.db")
         await store.open(config, initial_rule(config))
         try:
             ids = []

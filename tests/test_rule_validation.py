@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from unitrade.control.board import RuleBoard
-from unitrade.control.store import ControlStore, StaleRule
+from unitrade.control.store import SqlControlStore, StaleRule
 from unitrade.region import RegionRuntime
 from unitrade.topology.config import default_config
 from unitrade.topology.rule import RoutingError, check_rule_fits, initial_rule, rule_from_body
@@ -110,7 +110,7 @@ def test_a_stored_rule_for_another_topology_stops_the_region(tmp_path: Path) -> 
 
 def test_the_control_plane_publishes_only_rules_the_regions_can_install(tmp_path: Path) -> None:
     async def scenario() -> None:
-        store = ControlStore(f"sqlite:///{tmp_path}/control.db")
+        store = SqlControlStore(f"sqlite:///{tmp_path}/control.db")
         first = await store.open(CONFIG, RULE)
         board = RuleBoard(store, first, CONFIG.region_names)
         try:

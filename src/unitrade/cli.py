@@ -154,9 +154,13 @@ def _print_regions(config: TopologyConfig, data_dir: Path) -> None:
         role = "center" if owners.get("center") == region.name else "unit"
         table.add_row(region.name, role, region.base_url, owned)
     console.print(table)
-    store = mask_password(config.control.storage_url(data_dir))
+    control = config.control
+    store = mask_password(control.storage_url(data_dir))
+    if control.etcd:
+        store = f"etcd {', '.join(control.etcd_endpoints)} under {control.etcd_prefix}"
     # soft_wrap: a URL is never broken across lines, so it can be copied.
-    console.print(f"control plane: {config.control.base_url} (store {store})", soft_wrap=True)
+    urls = ", ".join(control.urls)
+    console.print(f"control plane: {urls} (store {store})", soft_wrap=True)
     for region in config.regions:
         url = mask_password(region.storage_url("{cell}", data_dir))
         console.print(f"storage of {region.name}: {url}", soft_wrap=True)
@@ -191,11 +195,23 @@ def serve(config_path: Path | None, region: str, data_dir: Path) -> None:
     default=DATA_DIR_DEFAULT,
     help="The cluster's data directory (as given to `up`).",
 )
-def serve_control(config_path: Path | None, data_dir: Path) -> None:
+@click.option(
+    "--member",
+    help="The control plane member this process is (`[[control.members]]`); needed when "
+    "there are several.",
+)
+def serve_control(config_path: Path | None, data_dir: Path, member: str | None) -> None:
     """Serve the control plane in this process (started by `up`)."""
     from unitrade.control.serve import serve_control as run
 
-    run(_load(config_path), data_dir.resolve())
+    config = _load(config_path)
+    names = [m.name for m in config.control.members]
+    if member is None and len(names) > 1:
+        raise click.UsageError(f"name the member to serve: --member {' | '.join(names)}")
+    if member is not None and member not in names:
+        known = ", ".join(names) or "none: `[control]` has no members"
+        raise click.BadParameter(f"unknown member {member!r} (members: {known})")
+    run(config, data_dir.resolve(), member or (names[0] if names else None))
 
 
 @main.command()
@@ -228,7 +244,7 @@ def status(config_path: Path | None, data_dir: Path) -> None:
     """
     config = _load(config_path)
     with httpx.Client(timeout=2.0, verify=config.http_verify) as client:
-        control = _health(client, config.control.base_url)
+        control = _control_health(client, config)
         healths = {
             region.name: health
             for region in config.regions
@@ -266,6 +282,22 @@ def _health(client: httpx.Client, base_url: str) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+def _control_health(client: httpx.Client, config: TopologyConfig) -> dict[str, Any] | None:
+    """The active control plane's health (with members: the leader's, and a line per
+    member printed here); None when none serves."""
+    members = config.control.member_list
+    if len(members) == 1:
+        return _health(client, members[0].base_url)
+    active = None
+    for member in members:
+        health = _health(client, member.base_url)
+        role = "[red]down[/]" if health is None else health.get("role", "?")
+        console.print(f"control plane member {member.name} {member.base_url}: {role}")
+        if health is not None and health.get("role") == "leader":
+            active = {**health, "url": member.base_url}
+    return active
+
+
 def _newest_rule(healths: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
     """The live region holding the newest rule, and its health: the owners to show."""
     reporting = [(r, h) for r, h in healths.items() if isinstance(h.get("owners"), dict)]
@@ -277,7 +309,8 @@ def _newest_rule(healths: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any
 def _print_control(
     config: TopologyConfig, control: dict[str, Any] | None, regions_up: bool
 ) -> None:
-    where = f"control plane {config.control.base_url}"
+    url = (control or {}).get("url") or ", ".join(config.control.urls)
+    where = f"control plane {url}"
     if control is not None:
         running = control.get("running") or "none"
         console.print(

@@ -36,7 +36,7 @@ from unitrade.supervisor import (
     option,
     policy_document,
 )
-from unitrade.topology.config import CONTROL_NAME, TopologyConfig
+from unitrade.topology.config import CONTROL_NAME, ControlMember, RegionConfig, TopologyConfig
 
 HEALTHY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -94,22 +94,38 @@ class LocalCluster:
     def start(self, regions: list[str] | None = None) -> None:
         """Start the control plane (unless it runs) and the regions; wait until healthy."""
         names = regions or self.config.region_names
-        if not self.running(CONTROL_NAME):
-            self.start_control()
-            names = [CONTROL_NAME, *names]
+        controls = [n for n in self.control_names() if not self.running(n)]
+        for name in controls:
+            self.start_control(name=name)
         for name in names:
-            if name != CONTROL_NAME:
+            if name not in self.control_names():
                 self.start_region(name)
-        self.wait_healthy(names)
+        self.wait_healthy([*controls, *names])
+
+    def control_names(self) -> list[str]:
+        """The control plane's processes: `control`, or `control-NAME` per member when
+        `[[control.members]]` lists several (one of them active, elected through etcd)."""
+        if not self.config.control.members:
+            return [CONTROL_NAME]
+        return [f"{CONTROL_NAME}-{m.name}" for m in self.config.control.members]
+
+    def _listening(self, name: str) -> ControlMember | RegionConfig:
+        if name == CONTROL_NAME:
+            return self.config.control.member_list[0]
+        if name in self.control_names():
+            return self.config.control.member(name.removeprefix(f"{CONTROL_NAME}-"))
+        return self.config.region(name)
 
     def ports_in_use(self) -> list[str]:
         """The control plane and regions whose listen address something already answers
         on: checked before starting anything, so that nothing is half started."""
         busy = []
-        for name in [CONTROL_NAME, *self.config.region_names]:
-            listen = self.config.control if name == CONTROL_NAME else self.config.region(name)
+        for name in [*self.control_names(), *self.config.region_names]:
+            listen = self._listening(name)
             if not self.running(name) and _port_busy(listen.host, listen.port):
-                what = "the control plane" if name == CONTROL_NAME else f"region {name}"
+                what = f"region {name}" if name in self.config.region_names else name
+                if name == CONTROL_NAME:
+                    what = "the control plane"
                 busy.append(f"port {listen.port} ({what}, {listen.host}:{listen.port})")
         return busy
 
@@ -118,21 +134,26 @@ class LocalCluster:
         return process is not None and process.poll() is None
 
     def base_url(self, name: str) -> str:
-        if name == CONTROL_NAME:
-            return self.config.control.base_url
-        return self.config.region(name).base_url
+        return self._listening(name).base_url
 
-    def start_control(self, env: dict[str, str] | None = None) -> None:
-        """The control plane; `env` adds environment variables (fault injection in tests).
-        Supervision starts it again with the same `env`."""
-        self.start_region(CONTROL_NAME, env)
+    def start_control(self, env: dict[str, str] | None = None, name: str | None = None) -> None:
+        """The control plane (with members: `name`, else every member that is not running);
+        `env` adds environment variables (fault injection in tests). Supervision starts it
+        again with the same `env`."""
+        for process in [name] if name is not None else self.control_names():
+            if name is None and self.running(process):
+                continue
+            self.start_region(process, env)
 
     def start_region(self, region: str, env: dict[str, str] | None = None) -> None:
         """Start a region (or `control`), releasing an operator's hold on it; `env` adds
         environment variables, kept for the restarts. Does not wait until it is healthy."""
-        if region == CONTROL_NAME:
-            host, port = self.config.control.host, self.config.control.port
+        if region in self.control_names():
+            listen = self._listening(region)
+            host, port = listen.host, listen.port
             args: tuple[str, ...] = ("serve-control",)
+            if self.config.control.members:
+                args += ("--member", region.removeprefix(f"{CONTROL_NAME}-"))
         else:
             host, port = self.config.region(region).host, self.config.region(region).port
             args = ("serve", "--region", region)
@@ -177,7 +198,7 @@ class LocalCluster:
         self, regions: list[str] | None = None, timeout_s: float = HEALTHY_TIMEOUT_S
     ) -> None:
         deadline = time.monotonic() + timeout_s
-        pending = list(regions or [CONTROL_NAME, *self.config.region_names])
+        pending = list(regions or [*self.control_names(), *self.config.region_names])
         with httpx.Client(timeout=2.0, verify=self.config.http_verify) as client:
             while pending:
                 region = pending[0]

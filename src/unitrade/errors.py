@@ -129,6 +129,24 @@ class RegionUnavailable(UnitradeError):
     retry_after_s: ClassVar[int] = 2
 
 
+class NotLeader(UnitradeError):
+    """This control plane is a standby (control/election.py): another member is the active
+    one, named in `leader` (its URL, when known). Nothing was done; ask the leader."""
+
+    code = "not_leader"
+    status = 503
+    retry_after_s: ClassVar[int] = 1
+
+
+class EtcdUnavailable(UnitradeError):
+    """No etcd member answered (control/etcd.py); for a write that was sent, it may or may
+    not have been applied."""
+
+    code = "etcd_unavailable"
+    status = 503
+    retry_after_s: ClassVar[int] = 1
+
+
 class Overloaded(UnitradeError):
     """Too many reads are already waiting for this region's copy of a cell: refused at once,
     so that a burst queues no further. Safe to retry."""
@@ -233,6 +251,8 @@ ERRORS_BY_CODE: dict[str, type[UnitradeError]] = {
         LeaseRefused,
         FailoverRefused,
         RegionUnavailable,
+        NotLeader,
+        EtcdUnavailable,
         OutcomeUnknown,
         Overloaded,
         ReadTimeout,

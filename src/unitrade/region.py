@@ -13,7 +13,8 @@ from typing import Any
 import orjson
 
 from unitrade.control.agent import RuleAgent
-from unitrade.control.lease import ControlPlaneLeaseSource, LeaseHolder, LeaseSource
+from unitrade.control.etcd_lease import region_lease_source
+from unitrade.control.lease import LeaseHolder, LeaseSource
 from unitrade.errors import WriteBanned, WrongRegion
 from unitrade.replication.replicator import Replicator
 from unitrade.rpc.client import RegionClient
@@ -63,9 +64,8 @@ class RegionRuntime:
         # (center calls).
         self.fence: Fence
         if lease_source is None:
-            lease_source = ControlPlaneLeaseSource(
-                RegionClient(config, region, request_timeout_s=config.control.lease_ms / 3000)
-            )
+            # From the control plane, or from etcd directly (`[control] lease_authority`).
+            lease_source = region_lease_source(config, region)
         self.lease = LeaseHolder(
             region,
             lease_source,

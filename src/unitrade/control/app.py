@@ -6,6 +6,8 @@ Operators (the CLI, a console) use `/v1/...` with the admin token. Regions use
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, TypeVar
@@ -18,6 +20,7 @@ from starlette.routing import Route
 from unitrade import __version__
 from unitrade.control.agent import WATCH_WAIT_MS
 from unitrade.control.board import RuleBoard
+from unitrade.control.election import Election, LeaderGate
 from unitrade.control.plane import ControlPlane
 from unitrade.control.store import OPERATIONS_LIST_MAX
 from unitrade.errors import Forbidden, InvalidRequest, NotFound, SwitchRefused, Unauthorized
@@ -74,14 +77,31 @@ class LeaseCall(_Body):
 CallT = TypeVar("CallT", bound=_Body)
 
 
-def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
+def build_control_app(
+    config: TopologyConfig, plane: ControlPlane, election: Election | None = None
+) -> FastAPI:
+    """The API of one control plane process; with `election` (several members on etcd) it
+    starts its control plane only while elected, and answers `not_leader` otherwise."""
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await plane.start()
+        if election is None:
+            await plane.start()
+            try:
+                yield
+            finally:
+                await plane.stop()
+            return
+        campaign = asyncio.create_task(election.run(plane.start, plane.stop), name="election")
         try:
             yield
         finally:
-            await plane.stop()
+            campaign.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await campaign
+            if election.leader_revision:
+                await plane.stop()
+            await election.resign()
 
     app = FastAPI(
         title="unitrade control plane",
@@ -90,6 +110,8 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    if election is not None:
+        app.add_middleware(LeaderGate, election=election)
     keys = config.token_keys
     verifier = Verifier(CONTROL_NAME, lambda sender: config.link_secret(sender, CONTROL_NAME))
 
@@ -129,6 +151,7 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
                 "banned": [rule.cells[c].name for c in sorted(rule.banned)],
                 "ahead": board().ahead(),
                 "running": running.op.id if running is not None else None,
+                **(election.status() if election is not None else {}),
             }
         )
 

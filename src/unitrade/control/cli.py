@@ -33,14 +33,18 @@ STEP_TITLES = {
 
 
 class ControlApi:
+    """The operator API of the control plane. With several members (`[[control.members]]`)
+    it tries them in turn: a standby answers 503 `not_leader` naming the leader, which is
+    asked next; a member that does not answer is skipped."""
+
     def __init__(self, config: TopologyConfig, timeout_s: float = 10.0) -> None:
         from unitrade.web.tokens import issue_token
 
         token = issue_token(config.token_keys, admin=True)
-        self.base = config.control.base_url
+        self.urls = config.control.urls
+        self.base = self.urls[0]
         self.cell_names = {cell.id: cell.name for cell in config.cells}
         self.http = httpx.Client(
-            base_url=self.base,
             timeout=timeout_s,
             headers={"authorization": f"Bearer {token}"},
             verify=config.http_verify,
@@ -53,18 +57,53 @@ class ControlApi:
         self.http.close()
 
     def call(self, method: str, path: str, body: Any = None, **params: Any) -> tuple[int, Any]:
-        try:
-            answer = self.http.request(method, path, json=body, params=params or None)
-        except httpx.HTTPError as exc:
-            raise not_the_cluster(
-                f"the control plane at {self.base} is unreachable: {exc}"
-            ) from exc
+        problems: list[str] = []
+        for _ in range(len(self.urls)):
+            try:
+                answer = self.http.request(
+                    method, self.base + path, json=body, params=params or None
+                )
+            except httpx.HTTPError as exc:
+                if len(self.urls) == 1:
+                    raise not_the_cluster(
+                        f"the control plane at {self.base} is unreachable: {exc}"
+                    ) from exc
+                problems.append(f"{self.base}: {exc}")
+                self.base = self._next()
+                continue
+            if answer.status_code == 503 and len(self.urls) > 1:
+                leader = _not_leader(answer)
+                if leader is not None:
+                    problems.append(f"{self.base}: a standby")
+                    self.base = (
+                        leader if leader in self.urls and leader != self.base else (self._next())
+                    )
+                    continue
+            return self._decode(answer)
+        raise not_the_cluster(f"no control plane member answered: {'; '.join(problems)}")
+
+    def _next(self) -> str:
+        return self.urls[(self.urls.index(self.base) + 1) % len(self.urls)]
+
+    def _decode(self, answer: httpx.Response) -> tuple[int, Any]:
         if answer.status_code == 401:
             raise not_the_cluster(f"the control plane at {self.base} refused: {answer.text}")
         try:
             return answer.status_code, answer.json()
         except ValueError:
             raise click.ClickException(f"control plane answered {answer.status_code}") from None
+
+
+def _not_leader(answer: httpx.Response) -> str | None:
+    """The leader's URL named by a standby's `not_leader` answer ("" when it knows none);
+    None when the answer is something else."""
+    try:
+        body = answer.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or body.get("error") != "not_leader":
+        return None
+    return str(body.get("leader") or "")
 
 
 def _fail(status: int, body: Any) -> None:

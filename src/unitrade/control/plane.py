@@ -31,11 +31,16 @@ OPERATION_BATCHES_PER_SWEEP_MAX = 100
 
 
 class ControlPlane:
-    def __init__(self, config: TopologyConfig, store: ControlStore) -> None:
+    def __init__(
+        self, config: TopologyConfig, store: ControlStore, leases: LeaseAuthority | None = None
+    ) -> None:
         self.config = config
         self.store = store
         self.board: RuleBoard | None = None
-        self.leases: LeaseAuthority = ControlPlaneLeases(config.control, config.region_names, store)
+        # The embedded authority unless another is given (etcd: control/etcd_lease.py).
+        self.leases: LeaseAuthority = leases or ControlPlaneLeases(
+            config.control, config.region_names, store
+        )
         self.client = RegionClient(config, CONTROL_NAME)
         self.running: Switchover | Failover | None = None
         self.health: HealthView | None = None  # the health checker (control/health.py)

@@ -8,31 +8,39 @@ from pathlib import Path
 import uvicorn
 
 from unitrade.control.app import build_control_app
+from unitrade.control.election import Election, etcd_control_plane
 from unitrade.control.plane import ControlPlane
-from unitrade.control.store import ControlStore
+from unitrade.control.store import SqlControlStore
 from unitrade.topology.config import TopologyConfig, check_production
 
 
-def serve_control(config: TopologyConfig, data_dir: Path) -> None:
+def serve_control(config: TopologyConfig, data_dir: Path, member: str | None = None) -> None:
+    """Serve the control plane, or with several members (on etcd) the member `member`."""
+    control = config.control
+    me = control.member(member) if member is not None else control.member_list[0]
     logging.basicConfig(
         level=logging.INFO,
-        format="%(asctime)s control %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s control {me.name} %(levelname)s %(name)s: %(message)s",
     )
     warning = check_production(config)
     if warning is not None:
         logging.getLogger("unitrade.control").warning(warning)
-    store = ControlStore(config.control.storage_url(data_dir))
-    app = build_control_app(config, ControlPlane(config, store))
+    election: Election | None = None
+    if control.etcd:
+        plane, election = etcd_control_plane(config, me.name)
+    else:
+        plane = ControlPlane(config, SqlControlStore(control.storage_url(data_dir)))
+    app = build_control_app(config, plane, election)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
-            host=config.control.host,
-            port=config.control.port,
+            host=me.host,
+            port=me.port,
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=1,  # open requests are watches; cutting them is harmless
             limit_concurrency=500,
-            **config.control.uvicorn_tls(),  # type: ignore[arg-type]
+            **me.uvicorn_tls(),  # type: ignore[arg-type]
         )
     )
     server.run()

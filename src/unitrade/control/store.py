@@ -1,9 +1,11 @@
 """The control plane's own store (docs/architecture.md): the topology it was started with, the rule
 history (versions only grow; a version, once written, never changes), the operations and
-their log. SQLite by default, PostgreSQL by configuration (`[control] storage`).
+their log, the failovers' lease blocks. `ControlStore` is the interface; `SqlControlStore`
+keeps it in SQLite by default, PostgreSQL by configuration (`[control] storage`), and
+`EtcdControlStore` (etcd_store.py) in etcd when `[control] lease_authority = "etcd"`.
 
-It is written rarely (a rule change, a workflow step), so every call is one short
-transaction on one connection, run on a worker thread.
+The SQL store is written rarely (a rule change, a workflow step), so every call is one
+short transaction on one connection, run on a worker thread.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from sqlalchemy import (
@@ -125,6 +127,10 @@ class Operation:
         }
 
 
+def new_operation_id() -> str:
+    return f"op-{uuid.uuid4().hex[:12]}"
+
+
 def _operation(row: Any) -> Operation:
     return Operation(
         id=row.id,
@@ -146,7 +152,56 @@ class StaleRule(RuntimeError):
     """A rule was published that is not exactly one version above the newest."""
 
 
-class ControlStore:
+class ControlStore(Protocol):
+    """What the control plane keeps: the rule history (a rule is written exactly one version
+    above the newest, never changed), the operations and their step log, the lease blocks
+    of failovers. Every implementation keeps the same promises (tests/test_control_store.py
+    runs the same expectations on each)."""
+
+    async def open(self, config: TopologyConfig, first: Rule) -> Rule:
+        """On first start record the topology and `first`; the newest rule."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def publish(self, rule: Rule, reason: str, operation_id: str | None) -> None:
+        """Store `rule`; StaleRule unless it is exactly one version above the newest."""
+        ...
+
+    async def history(self, limit: int) -> list[dict[str, Any]]: ...
+
+    async def create_operation(
+        self, kind: str, cells: list[int], sources: dict[int, str], target: str
+    ) -> Operation: ...
+
+    async def record(
+        self,
+        op: Operation,
+        step: str,
+        event: str,
+        detail: dict[str, Any] | None = None,
+        state: str | None = None,
+        error: str | None = None,
+    ) -> None: ...
+
+    async def request_abort(self, operation_id: str) -> None: ...
+
+    async def operation(self, operation_id: str) -> Operation | None: ...
+
+    async def operations(self, limit: int, state: str | None = None) -> list[Operation]: ...
+
+    async def log(self, operation_id: str) -> list[dict[str, Any]]: ...
+
+    async def lease_blocks(self) -> dict[str, int]: ...
+
+    async def block_lease(self, region: str, rule_version_min: int, operation_id: str) -> None: ...
+
+    async def sweep_operations(self, kept: int, before_ms: int, batch_rows: int) -> int: ...
+
+    async def count_operations(self) -> int: ...
+
+
+class SqlControlStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self._engine = create_cell_engine(url, writer=True)
@@ -236,7 +291,7 @@ class ControlStore:
     ) -> Operation:
         stamp = now_ms()
         op = Operation(
-            id=f"op-{uuid.uuid4().hex[:12]}",
+            id=new_operation_id(),
             kind=kind,
             cells=cells,
             sources=sources,

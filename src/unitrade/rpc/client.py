@@ -20,7 +20,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from unitrade.errors import RegionUnavailable, error_from_body
+from unitrade.errors import NotLeader, RegionUnavailable, UnitradeError, error_from_body
 from unitrade.rpc.signing import sign
 from unitrade.topology.config import CONTROL_NAME, TopologyConfig
 
@@ -47,6 +47,7 @@ class RegionClient:
         self.region = region
         self.request_timeout_s = request_timeout_s
         self._session: aiohttp.ClientSession | None = None
+        self._control_member = 0  # the control plane member that answered last
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -67,7 +68,8 @@ class RegionClient:
     def base_url(self, peer: str) -> str:
         """A region's address, or the control plane's (`control`)."""
         if peer == CONTROL_NAME:
-            return self.config.control.base_url
+            urls = self.config.control.urls
+            return urls[self._control_member % len(urls)]
         return self.config.region(peer).base_url
 
     async def aclose(self) -> None:
@@ -95,13 +97,44 @@ class RegionClient:
 
         Only connection failures and timeouts are retried, and only for idempotent calls
         (every center step is keyed by order ID, so a retry after a lost answer changes
-        nothing).
+        nothing). The control plane's members (`[[control.members]]`) are tried in turn.
         """
+        if region == CONTROL_NAME and len(self.config.control.urls) > 1:
+            return await self._call_control(method, target, payload, idempotent)
+        return await self._call(region, method, target, payload, ATTEMPTS_MAX if idempotent else 1)
+
+    async def _call_control(self, method: str, target: str, payload: Any, idempotent: bool) -> Any:
+        """One attempt per member, starting with the one that answered last: a standby
+        answers `not_leader` naming the leader (tried next), a dead one does not answer.
+        A call that may have reached the leader and got no answer is retried only when
+        idempotent."""
+        urls = self.config.control.urls
+        last: UnitradeError = RegionUnavailable("no control plane member", region=CONTROL_NAME)
+        for _ in range(len(urls)):
+            current = self._control_member % len(urls)
+            following = (current + 1) % len(urls)
+            try:
+                return await self._call(CONTROL_NAME, method, target, payload, 1)
+            except NotLeader as exc:
+                last = exc
+                leader = exc.details.get("leader")
+                hinted = urls.index(leader) if leader in urls else current
+                self._control_member = hinted if hinted != current else following
+            except RegionUnavailable as exc:
+                last = exc
+                self._control_member = following
+                if not idempotent:
+                    raise
+        raise last
+
+    async def _call(
+        self, region: str, method: str, target: str, payload: Any, attempts: int
+    ) -> Any:
         body = b"" if payload is None else orjson.dumps(payload)
         headers = {"content-type": "application/json"}
         try:
             async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(ATTEMPTS_MAX if idempotent else 1),
+                stop=stop_after_attempt(attempts),
                 wait=wait_exponential(multiplier=0.05, max=0.5),
                 retry=retry_if_exception_type((aiohttp.ClientConnectionError, TimeoutError)),
                 reraise=True,

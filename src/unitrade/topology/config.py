@@ -35,6 +35,9 @@ SQLITE_STORAGE_DEFAULT = "sqlite:///{data}/{region}/cell-{cell}.db"
 CONTROL_LISTEN_DEFAULT = "127.0.0.1:8700"
 CONTROL_STORAGE_DEFAULT = "sqlite:///{data}/control/control.db"
 CONTROL_NAME = "control"  # how signed requests from the control plane name their sender
+ETCD_PREFIX_DEFAULT = "/unitrade/"
+ETCD_PREFIX = re.compile(r"^/[A-Za-z0-9_./-]{0,99}$")
+ETCD_ENDPOINT = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}/?$")
 
 
 class ConfigError(ValueError):
@@ -127,12 +130,43 @@ class RegionConfig(_Listening):
         return self.storage.format(data=str(data_dir), region=self.name, cell=cell_name)
 
 
+class ControlMember(_Listening):
+    """One control plane process where several run (`[[control.members]]`, typically one
+    per region): one of them is active at a time, elected through etcd."""
+
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not REGION_NAME.match(value):
+            raise ValueError("must be 1-16 lowercase letters or digits, starting with a letter")
+        return value
+
+
+class LeaseAuthorityKind(StrEnum):
+    CONTROL = "control"  # the control plane grants leases and keeps its state in `storage`
+    ETCD = "etcd"  # an etcd cluster grants them and holds the control plane's state
+
+
 class ControlConfig(_Listening):
     """The control plane (docs/architecture.md): where it listens, where it keeps the rule history
     and the operations log, and the limits of a switchover."""
 
     listen: str = CONTROL_LISTEN_DEFAULT
     storage: str = CONTROL_STORAGE_DEFAULT
+    # Several control plane processes, one active by election (needs etcd); without
+    # `members`, one process at `listen`.
+    members: Annotated[list[ControlMember], Field(max_length=16)] = []
+    # Who grants the regions' write leases and holds the control plane's state: the
+    # control plane itself (its `storage`), or an etcd cluster (control/etcd.py).
+    lease_authority: LeaseAuthorityKind = LeaseAuthorityKind.CONTROL
+    etcd_endpoints: Annotated[list[str], Field(max_length=16)] = []
+    # Every key unitrade writes in etcd starts with this (clusters may share an etcd).
+    etcd_prefix: str = ETCD_PREFIX_DEFAULT
+    # How long one request to an etcd member may take before the next member is tried
+    # (a region's lease renewals use at most a sixth of lease_ms).
+    etcd_timeout_ms: Annotated[int, Field(ge=50, le=30_000)] = 2_000
     # Pre-check: a switch is refused, before anything is banned, when the target's
     # replication lag for a moving cell is above this (in positions and in ms).
     lag_positions_max: Annotated[int, Field(ge=0, le=10_000_000)] = 5_000
@@ -170,6 +204,84 @@ class ControlConfig(_Listening):
                 f"lease_ms ({self.lease_ms}): a lease must survive a lost renewal or two"
             )
         return self
+
+    @model_validator(mode="after")
+    def _members_and_etcd(self) -> ControlConfig:
+        given = self.model_fields_set
+        if self.members and given & {"listen", "tls_cert", "tls_key"}:
+            raise ValueError(
+                "give `listen` (one control plane) or `members` (several), not both; "
+                "each member has its own listen, tls_cert and tls_key"
+            )
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError("members: member names must be unique")
+        if self.lease_authority is LeaseAuthorityKind.ETCD:
+            if not self.etcd_endpoints:
+                raise ValueError('lease_authority = "etcd" needs etcd_endpoints')
+            if "storage" in given:
+                raise ValueError(
+                    'storage: with lease_authority = "etcd" the control plane keeps its '
+                    "state in etcd; remove storage"
+                )
+        elif len(self.members) > 1:
+            raise ValueError(
+                'several control plane members need lease_authority = "etcd": they elect '
+                "the active one through etcd"
+            )
+        return self
+
+    @field_validator("etcd_endpoints")
+    @classmethod
+    def _etcd_endpoints(cls, value: list[str]) -> list[str]:
+        for endpoint in value:
+            if not ETCD_ENDPOINT.match(endpoint):
+                raise ValueError(
+                    f"an etcd endpoint is http(s)://HOST:PORT (a client URL), got {endpoint!r}"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError("etcd endpoints must be unique")
+        return value
+
+    @field_validator("etcd_prefix")
+    @classmethod
+    def _etcd_prefix(cls, value: str) -> str:
+        if not ETCD_PREFIX.match(value):
+            raise ValueError(
+                "must start with / and hold only letters, digits and _ . - /, at most 100 "
+                f"characters, got {value!r}"
+            )
+        return value if value.endswith("/") else value + "/"
+
+    @property
+    def etcd(self) -> bool:
+        return self.lease_authority is LeaseAuthorityKind.ETCD
+
+    @property
+    def member_list(self) -> list[ControlMember]:
+        """Every control plane process: the members, or the one at `listen`."""
+        if self.members:
+            return list(self.members)
+        return [
+            ControlMember(
+                name=CONTROL_NAME, listen=self.listen, tls_cert=self.tls_cert, tls_key=self.tls_key
+            )
+        ]
+
+    def member(self, name: str) -> ControlMember:
+        for member in self.member_list:
+            if member.name == name:
+                return member
+        raise KeyError(f"unknown control plane member {name!r}")
+
+    @property
+    def urls(self) -> list[str]:
+        """The control plane's addresses, tried in turn (the active one answers)."""
+        return [m.base_url for m in self.member_list]
+
+    @property
+    def base_url(self) -> str:
+        return self.member_list[0].base_url
 
     @field_validator("storage")
     @classmethod
@@ -339,7 +451,7 @@ class TopologyConfig(_Strict):
         centers = [r.name for r in self.regions if r.center]
         if len(centers) != 1:
             problems.append(f"regions: exactly one region must be center, found {centers}")
-        listens = [r.listen for r in self.regions] + [self.control.listen]
+        listens = [r.listen for r in self.regions] + [m.listen for m in self.control.member_list]
         if len(set(listens)) != len(listens):
             problems.append("regions, control: listen addresses must be unique")
         ids = [c.id for c in self.cells]
