@@ -61,7 +61,7 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float = WAIT_S
     deadline = time.monotonic() + timeout_s
     while True:
         found = probe()
-        if found is not None and found is not False:
+        if found:  # None, False and an empty list are "not yet"
             return found
         assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
         time.sleep(0.1)
@@ -210,14 +210,14 @@ def test_center_frozen_during_order_creation_no_503_for_a_written_order(
             {"payment_id": "fz-pay", "amount_cents": existing["total_cents"]},
         )
         answers = [future.result(timeout=WAIT_S) for future in pending]
+
         # sh's streams from hz: stale in /healthz, /metrics and `unitrade status`.
-        streams = wait_for(
-            "sh's streams from hz stale",
-            lambda: [
-                s for s in health(api, "sh")["replication"] if s["source"] == "hz" and s["stale"]
-            ],
-        )
-        assert {s["cell_name"] for s in streams} >= {"center", "global", "u1", "u2"}
+        def stale_from_hz() -> list[dict[str, Any]] | None:
+            found = [s for s in health(api, "sh")["replication"] if s["source"] == "hz"]
+            return found if found and all(s["stale"] for s in found) else None
+
+        streams = wait_for("sh's streams from hz stale", stale_from_hz)
+        assert {s["cell_name"] for s in streams} == {"center", "global", "u1", "u2"}
         assert all(s["heard_ms_ago"] > 5_000 for s in streams)
         metrics = api.http.get(api.url("sh", "/metrics")).text
         assert 'unitrade_replication_stale{cell="center",region="sh",source="hz"} 1.0' in metrics
