@@ -253,6 +253,29 @@ def test_cart_and_checkout(api: Api) -> None:
     assert api.levels(a)["reserved"] == 3 and api.levels(b)["reserved"] == 2
 
 
+def test_forwarded_orders_without_a_key_get_one_from_the_gateway(api: Api) -> None:
+    sku = new_sku()
+    api.put_product(sku, stock=10)
+    buyer = new_buyer(api, "sh")
+
+    def added() -> int:
+        count: int = api.http.get(api.url("bj", "/healthz")).json()["lost_answers"]["keys_added"]
+        return count
+
+    before = added()
+    order = api.order("bj", buyer, [(sku, 1)])
+    assert order.status_code == 201 and order.headers["x-unitrade-forwarded-by"] == "bj"
+    assert "idempotent-replayed" not in order.headers
+    api.call("sh", "PUT", f"/v1/cart/items/{sku}", buyer, {"qty": 2})
+    checkout = api.call("bj", "POST", "/v1/cart/checkout", buyer)  # no body at all
+    assert checkout.status_code == 201, checkout.text
+    assert [i["qty"] for i in checkout.json()["items"]] == [2]
+    own_key = api.order("bj", buyer, [(sku, 1)], idempotency_key="mine")
+    assert own_key.status_code == 201
+    assert added() == before + 2  # the client's own key is kept, never replaced
+    assert api.levels(sku) == {"sku": sku, "available": 6, "reserved": 4, "sold": 0}
+
+
 def test_checkout_with_insufficient_stock_keeps_the_cart(api: Api) -> None:
     sku = new_sku()
     api.put_product(sku, stock=1)

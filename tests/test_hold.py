@@ -97,7 +97,13 @@ class _Refusing(Forwarder):
         self.sent = 0
 
     async def send(
-        self, method: str, target: str, headers: Mapping[str, str], body: bytes, owner: str
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        owner: str,
+        timeout_s: float | None = None,
     ) -> Reply:
         self.sent += 1
         refusal = b'{"error": "wrong_region", "message": "not the owner", "owner": "bj"}'

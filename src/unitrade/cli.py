@@ -11,6 +11,7 @@ from typing import Any
 import click
 import httpx
 from rich.console import Console
+from rich.markup import escape
 
 from unitrade.cli_options import (
     CONFIG_HINT,
@@ -391,7 +392,12 @@ def _print_cells(config: TopologyConfig, newest: tuple[str, dict[str, Any]] | No
     console.print(cells)
 
 
+STALE_WHY_CHARS = 60
+
+
 def _print_replication(config: TopologyConfig, healths: dict[str, dict[str, Any]]) -> None:
+    """Every stream; one whose owner has not answered for a while is shown as stale with
+    its last error (its lag figures are as of the last answer, not now)."""
     table = compact_table("replication (owner -> copy)")
     for column in (
         "cell",
@@ -408,14 +414,23 @@ def _print_replication(config: TopologyConfig, healths: dict[str, dict[str, Any]
         for s in healths.get(region.name, {}).get("replication", []):
             lag = s["lag_positions"]
             style = "green" if lag == 0 and not s["last_error"] else "yellow"
+            lag_text = f"[{style}]{lag}[/]"
+            lag_ms = str(s["lag_ms"])
+            if s.get("stale"):
+                silent_s = int(s.get("heard_ms_ago", 0)) // 1000
+                why = s["last_error"] or f"no answer from {s['source']}"
+                if len(why) > STALE_WHY_CHARS:  # the whole error is in /healthz
+                    why = why[: STALE_WHY_CHARS - 3] + "..."
+                lag_text = f"[red]stale {silent_s} s: {escape(why)}[/]"
+                lag_ms = "?"
             table.add_row(
                 s["cell_name"],
                 s["source"],
                 region.name,
                 str(s["applied"]),
                 str(s["head"]),
-                f"[{style}]{lag}[/]",
-                str(s["lag_ms"]),
+                lag_text,
+                lag_ms,
                 str(s["errors"]),
             )
     console.print(table)

@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from unitrade.errors import UnitradeError
 from unitrade.gateway.edge import DirectHandler, TokenReader
+from unitrade.gateway.resend import KEY_FIELD, Resend
 from unitrade.gateway.routing import Caller, Dispatcher, Endpoint, EndpointTable, Home, Passage
 from unitrade.web.responses import BEARER, error_responses, invalid_body
 from unitrade.web.signed import request_target
@@ -83,6 +84,7 @@ class PublicApi:
         home: Home | None = None,
         public: bool = False,
         direct_body: type[BaseModel] | None = None,
+        resend: Resend | None = None,
         answer: type[BaseModel],
         errors: tuple[int, ...],
         status_code: int = 200,
@@ -91,9 +93,10 @@ class PublicApi:
         """Register `handler(ctx, **params)` at `method path`. With `home`, the request is
         served at the owner region of the cell it names; `public` reads need no token;
         `direct_body` also serves the endpoint at the edge, past FastAPI (the handler's
-        only parameter then is `body`). `answer` documents the `status_code` body and
-        `errors` the error statuses the endpoint can answer; neither is validated on the
-        way out (the handlers answer with json_response)."""
+        only parameter then is `body`). `resend` says how a forwarded write whose answer
+        was lost may be sent again (gateway/resend.py). `answer` documents the
+        `status_code` body and `errors` the error statuses the endpoint can answer; neither
+        is validated on the way out (the handlers answer with json_response)."""
         responses: dict[int | str, dict[str, Any]] = {
             status_code: {"model": answer},
             **error_responses(*errors),
@@ -102,7 +105,7 @@ class PublicApi:
             route.setdefault("dependencies", []).append(Security(BEARER))
 
         def register(handler: Handler) -> Handler:
-            served = self._served(handler, home, public)
+            served = self._served(handler, home, public, resend)
             self.router.add_api_route(
                 path,
                 served,
@@ -113,33 +116,46 @@ class PublicApi:
                 **route,
             )
             if home is not None:
-                self.table.add(Endpoint(method, path, home))
+                self.table.add(Endpoint(method, path, home, resend))
             if direct_body is not None:
                 self.direct[(method, path)] = self._direct(served, direct_body)
             return handler
 
         return register
 
-    def _served(self, handler: Handler, home: Home | None, public: bool) -> Handler:
+    def _served(
+        self, handler: Handler, home: Home | None, public: bool, resend: Resend | None
+    ) -> Handler:
         async def served(request: Request, who: Caller, **params: Any) -> Response:
             ctx = Ctx(request, who)
-
-            async def serve() -> Response:
-                return await handler(ctx, **params)
-
             if home is None:
-                return await serve()
+                return await handler(ctx, **params)
             raw = {k: str(v) for k, v in request.path_params.items()}
             query = request.url.query
+            state = request.scope.setdefault("state", {})
             passage = Passage(
                 request.method,
                 request_target(request),
                 request.headers,  # case-insensitive already: no copy on the hot path
                 await request.body(),
                 who,
-                getattr(request.state, "deadline", None) or self.dispatcher.holds.deadline(),
-                request.scope.setdefault("state", {}),
+                state.get("deadline") or self.dispatcher.holds.deadline(),
+                state,
+                resend,
+                key=state.get("idempotency_key"),
+                lost=state.get("lost"),
             )
+
+            async def serve() -> Response:
+                keyed = resend.keyed if resend is not None else None
+                if keyed is not None and passage.key is not None:
+                    # A forward of this request gave it a key and lost its answer, then
+                    # the rule brought it here: serve it with that key, so that it is
+                    # the same request.
+                    if getattr(params.get("body"), KEY_FIELD, None) is None:
+                        params["body"] = keyed.model_validate_json(passage.body)
+                return await handler(ctx, **params)
+
             response = await self.dispatcher.run(
                 passage, lambda rule: home(rule, who, raw, query), serve
             )

@@ -83,12 +83,15 @@ class EdgeMiddleware:
                 await self._too_large(scope, receive, send)
                 return
         replayed = False
+        # The body the handler reads: the edge may have given it an idempotency key
+        # (gateway/resend.py) before a forward that lost its answer sent it elsewhere.
+        served = bytes(body)
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return {"type": "http.request", "body": served, "more_body": False}
             return await receive()
 
         started = False
@@ -108,7 +111,7 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            response = await self._route(scope, state, bytes(body))
+            response, served = await self._route(scope, state, served)
             if response is None:
                 await self._serve_here(scope, replay, stamped)
             else:
@@ -122,8 +125,11 @@ class EdgeMiddleware:
             )
             await response(scope, receive, stamped)
 
-    async def _route(self, scope: Scope, state: dict[str, Any], body: bytes) -> Response | None:
-        """The answer of another region for a request it owns; None to serve it here."""
+    async def _route(
+        self, scope: Scope, state: dict[str, Any], body: bytes
+    ) -> tuple[Response | None, bytes]:
+        """The answer of another region for a request it owns, or None to serve it here;
+        and the body to serve it with."""
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         method: str = scope["method"]
         path: str = scope["path"]
@@ -144,7 +150,7 @@ class EdgeMiddleware:
         state["principal"] = principal
         matched = self.endpoints.match(method, path) if principal is not None else None
         if matched is None:
-            return None
+            return None, body
         endpoint, params = matched
         assert endpoint.home is not None
         home = endpoint.home
@@ -153,11 +159,13 @@ class EdgeMiddleware:
         def route_of(rule: Rule) -> Route | None:
             return home(rule, who, params, query)
 
-        passage = Passage(method, target, headers, body, who, deadline, state)
+        passage = Passage(method, target, headers, body, who, deadline, state, endpoint.resend)
         try:
-            return await self.dispatcher.run(passage, route_of, None)
+            response = await self.dispatcher.run(passage, route_of, None)
         except UnitradeError as error:
-            return error_response(error)
+            return error_response(error), body
+        passage.keep()
+        return response, passage.body
 
     async def _serve_here(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve a request in this region: by its direct handler if it has one, else by

@@ -14,7 +14,7 @@ import orjson
 from starlette.responses import Response
 
 from unitrade.errors import OutcomeUnknown, RegionUnavailable
-from unitrade.rpc.client import RegionClient, Reply
+from unitrade.rpc.client import RegionClient, Reply, never_sent
 from unitrade.topology.rule_view import RuleView
 
 FORWARDED_BY_HEADER = "x-unitrade-forwarded-by"
@@ -30,6 +30,9 @@ PASSED_RESPONSE_HEADERS = (
     "retry-after",
     "idempotent-replayed",
 )
+# The `call` of an error body when the forwarding hop failed (services/remote.py names its
+# own, `center`): which call failed, with `region` the region that did not answer.
+FORWARD_CALL = "forward"
 # Answers that mean "nothing was applied; the rule moved under this request": a fence
 # refused the write (the cell is banned, or the region is no longer its owner).
 RETRYABLE = {421: "wrong_region", 503: "write_banned"}
@@ -42,33 +45,58 @@ class Forwarder:
         self.client = client
         self.forwarded = 0  # requests this region sent on to an owner
         self.retried = 0  # forwarded requests sent again after a rule change
+        # Lost answers (gateway/resend.py): forwarded writes that left and got no answer,
+        # resends of them, those a resend answered, and 504 outcome_unknown answered.
+        self.lost = 0
+        self.resent = 0
+        self.resolved = 0
+        self.unknown = 0
+        self.keys_added = 0  # forwarded writes given an idempotency key by this gateway
 
     async def send(
-        self, method: str, target: str, headers: Mapping[str, str], body: bytes, owner: str
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        owner: str,
+        timeout_s: float | None = None,
     ) -> Reply:
+        """One hop to `owner` (one more try if the connection was never made).
+        RegionUnavailable when nothing reached the owner; OutcomeUnknown when a write
+        may have (gateway/routing.py resends it where that is safe)."""
         passed = {h: headers[h] for h in PASSED_REQUEST_HEADERS if h in headers}
         passed[RULE_VERSION_HEADER] = str(self.view.rule.version)
         try:
             try:
-                reply = await self.client.send(owner, method, target, body, passed)
-            except aiohttp.ClientConnectorError:
+                reply = await self.client.send(owner, method, target, body, passed, timeout_s)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if not never_sent(exc):
+                    raise
                 # Nothing reached the owner, so one more try cannot apply the request twice.
-                reply = await self.client.send(owner, method, target, body, passed)
-        except aiohttp.ClientConnectorError as exc:
-            raise RegionUnavailable(
-                f"owner region {owner} is unreachable: {type(exc).__name__}", region=owner
-            ) from exc
+                reply = await self.client.send(owner, method, target, body, passed, timeout_s)
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if never_sent(exc):
+                raise RegionUnavailable(
+                    f"forwarding to owner region {owner} failed: it is unreachable "
+                    f"({type(exc).__name__}); nothing was sent",
+                    region=owner,
+                    call=FORWARD_CALL,
+                ) from exc
             # The request may have reached the owner: a write may have been applied, and
             # a 503 would promise that it was not.
             if is_write(method):
                 raise OutcomeUnknown(
-                    f"owner region {owner} did not answer ({type(exc).__name__}); the request "
-                    "may have been applied: retry it with the same idempotency key",
+                    f"forwarding to owner region {owner}: no answer ({type(exc).__name__}); "
+                    "the request may have been applied: repeat it as it was (with the same "
+                    "idempotency key or payment ID) to learn its outcome",
                     region=owner,
+                    call=FORWARD_CALL,
                 ) from exc
             raise RegionUnavailable(
-                f"owner region {owner} did not answer: {type(exc).__name__}", region=owner
+                f"forwarding to owner region {owner}: no answer ({type(exc).__name__})",
+                region=owner,
+                call=FORWARD_CALL,
             ) from exc
         self.forwarded += 1
         return reply

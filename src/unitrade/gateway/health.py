@@ -39,6 +39,13 @@ def health_router(runtime: RegionRuntime, dispatcher: Dispatcher) -> APIRouter:
                     "refused": holds.refused_total,
                     "retried": forwarder.retried,
                 },
+                "lost_answers": {
+                    "lost": forwarder.lost,
+                    "resent": forwarder.resent,
+                    "resolved": forwarder.resolved,
+                    "unknown": forwarder.unknown,
+                    "keys_added": forwarder.keys_added,
+                },
                 "positions": {
                     names[c]: store.position for c, store in runtime.copies.stores.items()
                 },

@@ -1,9 +1,11 @@
 """Prometheus metrics of a region, at `/metrics`.
 
 A collector reads the region's state when scraped, so the request path pays nothing for
-metrics: replication lag per stream (positions and ms), applied rows, stream errors and
-rebuilds, each cell copy's changelog position, rows kept and trim point, requests forwarded,
-the rule version each component has acknowledged, and writes held while a cell was banned.
+metrics: replication lag per stream (positions and ms), how long since its owner answered
+and whether it is stale, applied rows, stream errors and rebuilds, each cell copy's
+changelog position, rows kept and trim point, requests forwarded and the lost answers of
+forwarded writes, the rule version each component has acknowledged, and writes held while
+a cell was banned.
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ class RegionCollector(Collector):
         lag_ms = GaugeMetricFamily(
             "unitrade_replication_lag_ms",
             "Age of the oldest change not applied yet, on the owner's clock",
+            labels=stream,
+        )
+        heard = GaugeMetricFamily(
+            "unitrade_replication_heard_ms_ago",
+            "Milliseconds since the cell's owner last answered a pull of this stream",
+            labels=stream,
+        )
+        stale = GaugeMetricFamily(
+            "unitrade_replication_stale",
+            "1 when the owner has not answered a pull of this stream for over 5 s (its lag "
+            "figures are then old), else 0",
             labels=stream,
         )
         applied = CounterMetricFamily(
@@ -87,6 +100,8 @@ class RegionCollector(Collector):
             labels = [region, s["cell_name"], s["source"]]
             lag_positions.add_metric(labels, s["lag_positions"])
             lag_ms.add_metric(labels, s["lag_ms"])
+            heard.add_metric(labels, s["heard_ms_ago"])
+            stale.add_metric(labels, 1 if s["stale"] else 0)
             applied.add_metric(labels, s["applied_rows"])
             errors.add_metric(labels, s["errors"])
             rebootstraps.add_metric(labels, s["rebootstraps"])
@@ -157,10 +172,47 @@ class RegionCollector(Collector):
             labels=["region"],
         )
         fallbacks.add_metric([region], self.runtime.catalog.fallbacks)
-        yield from (lag_positions, lag_ms, applied, errors, position, forwarded, rule_version)
+        yield from (lag_positions, lag_ms, heard, stale, applied, errors, position, forwarded)
+        yield rule_version
+        yield from self._lost_answers(region)
         yield from (acked, held, held_total, refused, fallbacks)
         yield from (rebootstraps, kept, trimmed, trimmed_rows)
         yield from self._retention(region)
+
+    def _lost_answers(self, region: str) -> Iterator[CounterMetricFamily]:
+        """Forwarded writes whose answer was lost, and what became of them
+        (gateway/resend.py)."""
+        forwarder = self.forwarder
+        for name, text, value in (
+            (
+                "unitrade_forward_lost_answers",
+                "Forwarded writes that left and got no answer from the owner region",
+                forwarder.lost,
+            ),
+            (
+                "unitrade_forward_resends",
+                "Resends of forwarded writes whose answer was lost, with the same key",
+                forwarder.resent,
+            ),
+            (
+                "unitrade_forward_resolved",
+                "Forwarded writes whose lost answer a resend resolved",
+                forwarder.resolved,
+            ),
+            (
+                "unitrade_outcome_unknown",
+                "Writes this gateway answered 504 outcome_unknown",
+                forwarder.unknown,
+            ),
+            (
+                "unitrade_forward_keys_added",
+                "Forwarded writes given an idempotency key by this gateway",
+                forwarder.keys_added,
+            ),
+        ):
+            family = CounterMetricFamily(name, text, labels=["region"])
+            family.add_metric([region], value)
+            yield family
 
     def _retention(self, region: str) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """What the retention sweep found and did (services/retention.py); the figures are

@@ -213,6 +213,10 @@ class Health(BaseModel):
     banned: list[str]
     forwarded: int
     held: dict[str, int]
+    lost_answers: dict[str, int] = Field(
+        description="forwarded writes whose answer was lost: in all, resends, resolved by "
+        "a resend, answered 504 outcome_unknown; and keys this gateway added"
+    )
     positions: dict[str, int]
     trimmed: dict[str, int] = Field(
         description="per cell, the changelog position up to which this copy has trimmed"

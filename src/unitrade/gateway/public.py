@@ -14,6 +14,7 @@ from unitrade.errors import Forbidden, NotFound, UnitradeError
 from unitrade.gateway import models
 from unitrade.gateway.api import Ctx, PublicApi
 from unitrade.gateway.edge import REPLAYED_HEADER
+from unitrade.gateway.resend import Resend
 from unitrade.gateway.routing import (
     buyer_home,
     global_owner_for_admin,
@@ -51,6 +52,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "/v1/orders",
         home=buyer_home,
         direct_body=models.CreateOrder,
+        resend=Resend(keyed=models.CreateOrder),
         status_code=201,
         answer=models.Order,
         errors=(400, 401, 403, 404, 409, 413, 422, 503, 504),
@@ -106,6 +108,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "POST",
         "/v1/orders/{order_id}/pay",
         home=order_home,
+        resend=Resend(),  # by its payment_id
         answer=models.Order,
         errors=(400, 401, 403, 404, 409, 413, 422, 503, 504),
         tags=["orders"],
@@ -121,6 +124,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "POST",
         "/v1/orders/{order_id}/close",
         home=order_home,
+        resend=Resend(),  # a repeated transition answers the order
         answer=models.Order,
         errors=(401, 403, 404, 409, 422, 503, 504),
         tags=["orders"],
@@ -135,6 +139,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "POST",
         "/v1/orders/{order_id}/refund",
         home=order_home,
+        resend=Resend(),
         answer=models.Order,
         errors=(401, 403, 404, 409, 422, 503, 504),
         tags=["orders"],
@@ -184,6 +189,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "POST",
         "/v1/cart/checkout",
         home=buyer_home,
+        resend=Resend(keyed=models.Checkout),
         status_code=201,
         answer=models.Order,
         errors=(400, 401, 403, 404, 409, 413, 422, 503, 504),

@@ -12,10 +12,13 @@ cell, forwards once to the owner otherwise, and routes again when a fence refuse
 (`write_banned` / `wrong_region`: nothing was applied) within the request's hold deadline.
 A signed forwarded request whose cell this region does not own is refused, never forwarded
 again: a request crosses at most one hop even while regions disagree about the rule.
+A forwarded write whose answer was lost is sent again where that is a replay, within a
+bounded window (gateway/resend.py), before the client is told 504 `outcome_unknown`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,7 +28,14 @@ from typing import Any
 from starlette.responses import Response
 from starlette.routing import compile_path
 
-from unitrade.errors import Forbidden, RegionUnavailable, WriteBanned, WrongRegion
+from unitrade.errors import (
+    Forbidden,
+    OutcomeUnknown,
+    RegionUnavailable,
+    UnitradeError,
+    WriteBanned,
+    WrongRegion,
+)
 from unitrade.gateway.forward import (
     RETRYABLE,
     RULE_VERSION_HEADER,
@@ -34,6 +44,7 @@ from unitrade.gateway.forward import (
     is_write,
 )
 from unitrade.gateway.hold import Holds
+from unitrade.gateway.resend import RESOLVE_S, Lost, Resend, keyed_body, unresolved
 from unitrade.topology.order_id import parse_order_id
 from unitrade.topology.rule import Route, RoutingError, Rule, route_buyer, route_cell, route_order
 from unitrade.topology.rule_view import RuleView
@@ -94,6 +105,7 @@ class Endpoint:
     method: str
     path: str  # a template: /v1/orders/{order_id}/pay
     home: Home | None
+    resend: Resend | None = None  # how a lost answer is resolved; None: never resent
     pattern: re.Pattern[str] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +140,16 @@ class Passage:
     who: Caller
     deadline: float  # monotonic: the end of this request's hold
     state: dict[str, Any]  # the ASGI scope's state: `home_region` is set here
+    resend: Resend | None = None
+    key: str | None = None  # the idempotency key the body carries once forwarded (keyed)
+    lost: Lost | None = None  # set once a forwarded send of this write lost its answer
+
+    def keep(self) -> None:
+        """Leave what the handler's own pass needs in the scope's state (the edge's pass
+        forwarded, then the rule moved the request here)."""
+        self.state["deadline"] = self.deadline
+        self.state["idempotency_key"] = self.key
+        self.state["lost"] = self.lost
 
 
 RouteOf = Callable[[Rule], Route | None]
@@ -144,12 +166,31 @@ class Dispatcher:
         self.view = view
         self.holds = holds
         self.forwarder = forwarder
+        self.resolve_s = RESOLVE_S  # how long a lost answer is resolved by resends
 
     async def run(
         self, passage: Passage, route_of: RouteOf, serve: Serve | None
     ) -> Response | None:
         """Serve here (`serve`), or forward to the owner, until the request is answered.
         With `serve` None (the edge), None means "this region serves it"."""
+        try:
+            response = await self._run(passage, route_of, serve)
+        except OutcomeUnknown:
+            self.forwarder.unknown += 1
+            raise
+        except UnitradeError as error:
+            if passage.lost is None or error.status < 500:
+                raise
+            # A later try was not applied; the lost send may have been all the same.
+            self.forwarder.unknown += 1
+            raise unresolved(passage.lost, passage.key) from error
+        if passage.lost is not None and response is not None:
+            self.forwarder.resolved += 1
+        return response
+
+    async def _run(
+        self, passage: Passage, route_of: RouteOf, serve: Serve | None
+    ) -> Response | None:
         write = is_write(passage.method)
         while True:
             rule = self.view.rule
@@ -187,11 +228,28 @@ class Dispatcher:
     async def _forward(
         self, passage: Passage, rule: Rule, route: Route, write: bool
     ) -> Response | None:
-        """One hop to the owner; None when the owner refused because the rule moved under
-        the request (nothing was applied there) and the hold allows another try."""
-        reply = await self.forwarder.send(
-            passage.method, passage.target, passage.headers, passage.body, route.region
-        )
+        """One hop to the owner; None when it is to be sent again: the owner refused because
+        the rule moved under the request (nothing was applied there) and the hold allows
+        another try, or the answer was lost and may be resolved by a resend."""
+        if write and passage.resend is not None and passage.resend.keyed is not None:
+            self._add_key(passage)
+        timeout_s = None if passage.lost is None else passage.lost.left_s()
+        try:
+            reply = await self.forwarder.send(
+                passage.method,
+                passage.target,
+                passage.headers,
+                passage.body,
+                route.region,
+                timeout_s,
+            )
+        except (OutcomeUnknown, RegionUnavailable) as failed:
+            await self._lost(passage, failed)
+            return None
+        if passage.lost is not None and reply.status >= 500:
+            # A resend the owner could not serve says nothing of the lost send.
+            await self._lost(passage, None)
+            return None
         expected = RETRYABLE.get(reply.status)
         if expected is None or error_code(reply.body) != expected:
             return self.forwarder.response(reply)
@@ -206,6 +264,42 @@ class Dispatcher:
                 raise self.holds.refuse(route.cell, changing_owner(route.cell))
             raise RegionUnavailable(changing_owner(route.cell), region=route.region)
         return self.forwarder.response(reply)
+
+    def _add_key(self, passage: Passage) -> None:
+        """Give a keyed write its idempotency key before it first leaves this region."""
+        if passage.key is not None:
+            return
+        keyed = keyed_body(passage.body)
+        if keyed is None:
+            return  # the owner refuses this body as it is; it is never sent again
+        body, passage.key = keyed
+        if body is not passage.body:
+            passage.body = body
+            passage.headers = {**passage.headers, "content-type": "application/json"}
+            self.forwarder.keys_added += 1
+
+    async def _lost(self, passage: Passage, failed: UnitradeError | None) -> None:
+        """A forwarded send got no answer, or a resend an answer that tells nothing: wait
+        before the next resend, or raise what the client is told (module docstring)."""
+        lost = passage.lost
+        if lost is None:
+            assert failed is not None
+            if not isinstance(failed, OutcomeUnknown):
+                raise failed  # nothing left this region: 503, nothing was written
+            self.forwarder.lost += 1
+            resend = passage.resend
+            if resend is None or (resend.keyed is not None and passage.key is None):
+                raise failed
+            lost = Lost(str(failed.details.get("region", "")), self.resolve_s)
+            passage.lost = lost
+            # Holds and refusals of the resends have the window, not the spent hold.
+            passage.deadline = max(passage.deadline, lost.until)
+        backoff = lost.next_backoff()
+        if backoff is None:
+            raise unresolved(lost, passage.key)
+        await asyncio.sleep(backoff)
+        lost.resends += 1
+        self.forwarder.resent += 1
 
     async def _newer_rule_at_sender(self, passage: Passage, version: int) -> bool:
         """The forwarding region routed under a newer rule than this one holds: wait for

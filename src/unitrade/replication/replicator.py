@@ -25,7 +25,10 @@ is answered `changelog_trimmed`, and the follower rebuilds that copy from a snap
 Lag is reported per stream in positions (owner's head minus the checkpoint) and in
 milliseconds: the delay of the last batch applied, from the commit of its oldest change at
 the owner to its apply here, measured on the owner's clock so that clock skew between
-regions never shows up as lag (otter#876); 0 once a pull finds nothing new.
+regions never shows up as lag (otter#876); 0 once a pull finds nothing new. Both are as of
+the last answer, so a stream also reports how long ago its owner last answered a pull of
+it (`heard_ms_ago`) and is `stale` past STALE_AFTER_S: a dead or frozen owner's stream
+then shows as stale, not as a stream with lag 0.
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ IDLE_S = 0.5  # how often a pull loop with nothing to pull looks at the rule aga
 # a few sweeps rather than in one long run of the loop.
 SWEEP_BATCHES_MAX = 100
 PULL_ERRORS = (UnitradeError, OSError, TimeoutError, ValueError, KeyError, TypeError)
+# A stream whose owner has not answered a pull of it for this long is stale. A caught-up
+# stream hears at least once per long poll (WAIT_MS_MAX, plus the batching window).
+STALE_AFTER_S = 5.0
 
 
 @dataclass
@@ -104,10 +110,30 @@ class StreamState:
     backoff_s: float = field(default=BACKOFF_S_MIN, repr=False)
     bootstrap_checked: str = field(default="", repr=False)  # the owner asked at position 0
     trimmed_by: str = field(default="", repr=False)  # the owner that answered changelog_trimmed
+    # Monotonic: when the owner last answered a pull of this cell (or, before any answer,
+    # when this region began to follow it from `source`).
+    heard_at: float = field(default_factory=time.monotonic, repr=False)
 
     @property
     def lag_positions(self) -> int:
         return max(0, self.head - self.applied)
+
+    @property
+    def heard_ms_ago(self) -> int:
+        return max(0, int((time.monotonic() - self.heard_at) * 1000))
+
+    @property
+    def stale(self) -> bool:
+        return self.heard_ms_ago > STALE_AFTER_S * 1000
+
+    def follow(self, source: str) -> None:
+        """Pull this cell from `source` (its owner under the rule in force)."""
+        if source != self.source:
+            self.source = source
+            self.heard_at = time.monotonic()  # a new owner: its silence counts from now
+
+    def heard(self, at: float) -> None:
+        self.heard_at = max(self.heard_at, at)
 
     def body(self) -> dict[str, Any]:
         return {
@@ -117,6 +143,8 @@ class StreamState:
             "head": self.head,
             "lag_positions": self.lag_positions,
             "lag_ms": self.lag_ms,
+            "heard_ms_ago": self.heard_ms_ago,
+            "stale": self.stale,
             "applied_rows": self.applied_rows,
             "errors": self.errors,
             "bootstraps": self.bootstraps,
@@ -450,7 +478,7 @@ class Replicator:
                 continue
             next_pull = now + BATCH_WINDOW_S
             for cell in cells:
-                self.streams[cell].source = peer
+                self.streams[cell].follow(peer)
             try:
                 if await self._pull_once(peer, cells, ready, changed):
                     next_pull = 0.0
@@ -555,6 +583,7 @@ class Replicator:
                 await bootstrap(store, self.client, peer)
                 state.bootstraps += 1
             state.bootstrap_checked = peer
+            state.heard(time.monotonic())
             return True
         except PULL_ERRORS as exc:
             state.failed(exc)
@@ -579,6 +608,7 @@ class Replicator:
             state.rebootstraps += 1
             state.trimmed_by = ""
             state.bootstrap_checked = peer
+            state.heard(time.monotonic())
             state.applied = store.position
             log.info("cell %s: rebuilt from %s at position %s", cell, peer, store.position)
             return True
@@ -687,6 +717,7 @@ class Replicator:
         cell = int(entry["cell"])
         store, state = self.copies[cell], self.streams[cell]
         changes = entry["changes"]
+        state.heard(owner_clock[1])
         try:
             async with self._applying[cell]:
                 if self.copies.fence.rule.owner_of(cell) == self.region:

@@ -3,10 +3,18 @@
 aiohttp rather than httpx for region-to-region traffic: an httpx request cost 1.07 ms
 against 0.21-0.24 ms for aiohttp (benchmarks/bench_micro.py, docs/benchmarks.md), and
 every remote order makes such a call.
+
+A call that fails tells how: `Unreachable` when no attempt ever reached the region (the
+connection was refused or never made: nothing can have been applied there), `Unanswered`
+when some attempt may have reached it and no answer came back (a timeout or a dropped
+connection after the request left: a write may have been applied). Both are 503
+`region_unavailable` to callers that do not care; a caller whose call writes turns
+`Unanswered` into 504 `outcome_unknown` or resolves it (services/remote.py).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +25,10 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
     stop_after_attempt,
+    stop_after_delay,
     wait_exponential,
 )
+from tenacity.stop import stop_base
 
 from unitrade.errors import NotLeader, RegionUnavailable, UnitradeError, error_from_body
 from unitrade.rpc.signing import sign
@@ -28,6 +38,22 @@ CONNECT_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 10.0
 ATTEMPTS_MAX = 3
 CONNECTIONS_MAX = 200
+
+
+class Unreachable(RegionUnavailable):
+    """No attempt reached the region: nothing was applied there."""
+
+
+class Unanswered(RegionUnavailable):
+    """An attempt may have reached the region and no answer came back: a write may have
+    been applied there."""
+
+
+def never_sent(exc: BaseException) -> bool:
+    """True when the request cannot have reached the peer: the connection was refused or
+    never made (a connect timeout). A total timeout or a reset after connecting may come
+    after the request left."""
+    return isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
 
 
 @dataclass(frozen=True)
@@ -78,32 +104,64 @@ class RegionClient:
             self._session = None
 
     async def send(
-        self, region: str, method: str, target: str, body: bytes, headers: Mapping[str, str]
+        self,
+        region: str,
+        method: str,
+        target: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout_s: float | None = None,
     ) -> Reply:
-        """One signed request to `region` (`target` = path?query); no retry."""
+        """One signed request to `region` (`target` = path?query); no retry. `timeout_s`
+        bounds it in all (the client's request timeout when None)."""
         assert region != self.region, "a call to this region runs in-process"
         secret = self.config.link_secret(self.region, region)
         if secret is None:
-            raise RegionUnavailable(f"{region} is not part of this cluster", region=region)
+            raise Unreachable(f"{region} is not part of this cluster", region=region)
         signed = {**headers, **sign(secret, self.region, region, method, target, body, headers)}
         url = self.base_url(region) + target
-        async with self.session.request(method, url, data=body, headers=signed) as response:
+        options: dict[str, Any] = {}
+        if timeout_s is not None:  # else the session's (None would mean no timeout at all)
+            if timeout_s <= 0:  # and 0 would mean none either
+                raise TimeoutError(f"no time left for a request to {region}")
+            connect_s = min(CONNECT_TIMEOUT_S, timeout_s)
+            options["timeout"] = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_s)
+        async with self.session.request(
+            method, url, data=body, headers=signed, **options
+        ) as response:
             return Reply(response.status, response.headers, await response.read())
 
     async def call(
-        self, region: str, method: str, target: str, payload: Any = None, idempotent: bool = True
+        self,
+        region: str,
+        method: str,
+        target: str,
+        payload: Any = None,
+        idempotent: bool = True,
+        timeout_s: float | None = None,
     ) -> Any:
-        """Call the internal API of `region`; a typed UnitradeError for an error answer.
+        """Call the internal API of `region`; a typed UnitradeError for an error answer,
+        `Unreachable` or `Unanswered` when no answer came (module docstring).
 
         Only connection failures and timeouts are retried, and only for idempotent calls
         (every center step is keyed by order ID, so a retry after a lost answer changes
-        nothing). The control plane's members (`[[control.members]]`) are tried in turn.
+        nothing). `timeout_s` bounds all the attempts together; without it each attempt
+        has the client's request timeout. The control plane's members
+        (`[[control.members]]`) are tried in turn.
         """
         if region == CONTROL_NAME and len(self.config.control.urls) > 1:
-            return await self._call_control(method, target, payload, idempotent)
-        return await self._call(region, method, target, payload, ATTEMPTS_MAX if idempotent else 1)
+            return await self._call_control(method, target, payload, idempotent, timeout_s)
+        attempts = ATTEMPTS_MAX if idempotent else 1
+        return await self._call(region, method, target, payload, attempts, timeout_s)
 
-    async def _call_control(self, method: str, target: str, payload: Any, idempotent: bool) -> Any:
+    async def _call_control(
+        self,
+        method: str,
+        target: str,
+        payload: Any,
+        idempotent: bool,
+        timeout_s: float | None = None,
+    ) -> Any:
         """One attempt per member, starting with the one that answered last: a standby
         answers `not_leader` naming the leader (tried next), a dead one does not answer.
         A call that may have reached the leader and got no answer is retried only when
@@ -114,7 +172,7 @@ class RegionClient:
             current = self._control_member % len(urls)
             following = (current + 1) % len(urls)
             try:
-                return await self._call(CONTROL_NAME, method, target, payload, 1)
+                return await self._call(CONTROL_NAME, method, target, payload, 1, timeout_s)
             except NotLeader as exc:
                 last = exc
                 leader = exc.details.get("leader")
@@ -128,21 +186,43 @@ class RegionClient:
         raise last
 
     async def _call(
-        self, region: str, method: str, target: str, payload: Any, attempts: int
+        self,
+        region: str,
+        method: str,
+        target: str,
+        payload: Any,
+        attempts: int,
+        timeout_s: float | None = None,
     ) -> Any:
         body = b"" if payload is None else orjson.dumps(payload)
         headers = {"content-type": "application/json"}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        sent = False  # some attempt may have reached the region
+        stop: stop_base = stop_after_attempt(attempts)
+        if timeout_s is not None:
+            stop = stop | stop_after_delay(timeout_s)
         try:
             async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(attempts),
+                stop=stop,
                 wait=wait_exponential(multiplier=0.05, max=0.5),
                 retry=retry_if_exception_type((aiohttp.ClientConnectionError, TimeoutError)),
                 reraise=True,
             ):
                 with attempt:
-                    reply = await self.send(region, method, target, body, headers)
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"no time left for a call to {region}")
+                    try:
+                        reply = await self.send(region, method, target, body, headers, left)
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        sent = sent or not never_sent(exc)
+                        raise
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RegionUnavailable(
+            if sent:
+                raise Unanswered(
+                    f"region {region} did not answer: {type(exc).__name__}", region=region
+                ) from exc
+            raise Unreachable(
                 f"region {region} is unreachable: {type(exc).__name__}", region=region
             ) from exc
         data = orjson.loads(reply.body) if reply.body else None

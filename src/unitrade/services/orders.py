@@ -34,6 +34,8 @@ from unitrade.errors import (
     InvalidRequest,
     NotFound,
     OrderTimedOut,
+    OutcomeUnknown,
+    RegionUnavailable,
     UnitradeError,
     UnknownSku,
 )
@@ -64,6 +66,17 @@ RELEASE_TIMEOUT_S = 10.0
 # half that after its reserve, so a released reservation never has an order.
 RESERVATION_GRACE_S = 60.0
 ABANDONED_BATCH_MAX = 200
+# How long order creation waits for the center's answer to its stock reservation, every
+# attempt included: the answer must reach a forwarding gateway before its own timeout
+# (rpc/client.py, 10 s), else the buyer is told about the region that forwarded it rather
+# than about the center (gateway/resend.py resolves that, but costs a resend).
+CENTER_RESERVE_S = 5.0
+# How long a state change waits for its center step before leaving it to the outbox
+# drainer: the change is committed whatever the center does.
+OUTBOX_SEND_S = 2.0
+# Reservations given up on (no answer) whose release runs in the background at once;
+# past this many, release_abandoned releases the rest.
+RELEASES_PENDING_MAX = 1_000
 
 CART_OF = select(carts).where(carts.c.buyer_id == bindparam("buyer_id")).order_by(carts.c.sku)
 _ORDERS_IN = select(orders).where(orders.c.order_id.in_(bindparam("ids", expanding=True)))
@@ -150,6 +163,8 @@ class OrderService:
         self.catalog = catalog
         self.allocators = allocators
         self.write_deadline_s = RESERVATION_GRACE_S / 2
+        self.reserve_timeout_s = CENTER_RESERVE_S
+        self._releasing: set[asyncio.Task[None]] = set()
 
     @property
     def region(self) -> str:
@@ -220,7 +235,21 @@ class OrderService:
             raise UnknownSku(f"unknown SKU {missing[0]!r}", sku=missing[0])
         cell = store.cell.id
         order_id = await self.allocators[cell].next_id()
-        await self.center.reserve(order_id, cell, lines)
+        try:
+            await self.center.reserve(order_id, cell, lines, self.reserve_timeout_s)
+        except OutcomeUnknown as lost:
+            # The reservation may stand at the center, but this order ID is written by
+            # this request only, which ends here: the order is not written and never will
+            # be, and the buyer may be told so. The reservation is released (now, else by
+            # release_abandoned).
+            self._release_later(order_id)
+            center = lost.details.get("region", "?")
+            raise RegionUnavailable(
+                f"center stock call (stock reservation) to center region {center}: no "
+                "answer; the order was not written (any stock the reservation took is "
+                "released): retry",
+                **lost.details,
+            ) from lost
         deadline = time.monotonic() + self.write_deadline_s
         try:
             row = await self._write_order(
@@ -308,6 +337,15 @@ class OrderService:
 
         await store.write(work)
         return row
+
+    def _release_later(self, order_id: int) -> None:
+        """Release a reservation whose answer was lost, in the background (bounded)."""
+        if len(self._releasing) >= RELEASES_PENDING_MAX:
+            log.warning("reservation of order %s left to the abandoned sweep", order_id)
+            return
+        task = asyncio.create_task(self._release_quietly(order_id))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def _release_quietly(self, order_id: int) -> None:
         """Compensate a reservation whose order was not written; bounded, never raises."""
@@ -419,7 +457,7 @@ class OrderService:
 
         image, changed = await store.write(work)
         if changed:
-            await self.send_outbox(store, order_id, "commit")
+            await self.send_outbox(store, order_id, "commit", OUTBOX_SEND_S)
         return order_body(image, self.region)
 
     async def transition(self, buyer_id: int, order_id: int, name: str) -> dict[str, Any]:
@@ -444,16 +482,19 @@ class OrderService:
 
         image, changed = await store.write(work)
         if changed:
-            await self.send_outbox(store, order_id, step)
+            await self.send_outbox(store, order_id, step, OUTBOX_SEND_S)
         return order_body(image, self.region)
 
     # -- outbox ----------------------------------------------------------------------------
 
-    async def send_outbox(self, store: CellStore, order_id: int, step: str) -> bool:
-        """Send one outbox step to the center and mark it done; False if it must wait."""
+    async def send_outbox(
+        self, store: CellStore, order_id: int, step: str, timeout_s: float | None = None
+    ) -> bool:
+        """Send one outbox step to the center (within `timeout_s` when given) and mark it
+        done; False if it must wait."""
         try:
             lines = await _lines_of(store, order_id) if step == "refund" else None
-            await self.center.step(order_id, step, lines)
+            await self.center.step(order_id, step, lines, timeout_s)
         except UnitradeError as exc:
             await self._outbox_failed(store, order_id, step, f"{exc.code}: {exc.message}")
             return False

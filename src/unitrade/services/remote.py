@@ -1,5 +1,12 @@
 """`center` and `global` route types: inventory and catalog calls go to the owner region of
-the center or global cell; when that is this region they run in-process."""
+the center or global cell; when that is this region they run in-process.
+
+A center call that fails names the center region and the call (`region`, `call: center`):
+a buyer of another region must learn which region failed, not only that their order did.
+A write to the center (a stock reservation, a step, a stock total) sent without an answer
+is 504 `outcome_unknown`, never a 503 that says nothing happened; where the caller knows
+better (an order whose reservation is lost is not written, services/orders.py) it says so.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from unitrade.errors import UnitradeError
-from unitrade.rpc.client import RegionClient
+from unitrade.errors import OutcomeUnknown, RegionUnavailable, UnitradeError
+from unitrade.rpc.client import RegionClient, Unanswered, Unreachable
 from unitrade.services.catalog import CatalogService
 from unitrade.services.catalog_cache import CatalogCache
 from unitrade.services.inventory import InventoryService, Lines
@@ -18,6 +25,15 @@ from unitrade.topology.rule_view import RuleView
 log = logging.getLogger("unitrade.services.remote")
 
 PRODUCTS_TARGET = "/internal/catalog/products"
+CENTER_CALL = "center"  # the `call` of an error body when a center stock call failed
+# What each center call does, for messages; and whether it writes.
+CENTER_CALLS: dict[str, tuple[str, bool]] = {
+    "reserve": ("stock reservation", True),
+    "step": ("reservation step", True),
+    "stock": ("stock total", True),
+    "stale": ("read of old reservations", False),
+    "levels": ("stock read", False),
+}
 
 
 class CenterClient:
@@ -30,29 +46,57 @@ class CenterClient:
         self.client = client
 
     async def _call(
-        self, local: Callable[[], Awaitable[Any]], path: str, payload: dict[str, Any]
+        self,
+        local: Callable[[], Awaitable[Any]],
+        path: str,
+        payload: dict[str, Any],
+        timeout_s: float | None = None,
     ) -> Any:
         """In-process when this region owns the center cell, else a signed call to its owner
-        (the rule is read once, so both halves agree on the owner)."""
+        (the rule is read once, so both halves agree on the owner), all its attempts within
+        `timeout_s` when given."""
         rule = self.rules.rule
         owner = rule.owner_of(rule.center_cell)
         if owner == self.region:
             return await local()
-        return await self.client.call(owner, "POST", f"/internal/center/{path}", payload)
+        what, writes = CENTER_CALLS[path]
+        call = f"center stock call ({what}) to center region {owner}"
+        try:
+            return await self.client.call(
+                owner, "POST", f"/internal/center/{path}", payload, timeout_s=timeout_s
+            )
+        except Unanswered as exc:
+            if writes:
+                raise OutcomeUnknown(
+                    f"{call}: no answer; it may have been applied", region=owner, call=CENTER_CALL
+                ) from exc
+            raise RegionUnavailable(f"{call}: no answer", region=owner, call=CENTER_CALL) from exc
+        except Unreachable as exc:
+            raise RegionUnavailable(
+                f"{call}: unreachable, nothing was sent", region=owner, call=CENTER_CALL
+            ) from exc
 
-    async def reserve(self, order_id: int, cell: int, lines: Lines) -> dict[str, Any]:
+    async def reserve(
+        self, order_id: int, cell: int, lines: Lines, timeout_s: float | None = None
+    ) -> dict[str, Any]:
         payload = {"order_id": str(order_id), "cell": cell, "lines": lines}
         result: dict[str, Any] = await self._call(
-            lambda: self.local.reserve(order_id, cell, lines), "reserve", payload
+            lambda: self.local.reserve(order_id, cell, lines), "reserve", payload, timeout_s
         )
         return result
 
-    async def step(self, order_id: int, step: str, lines: Lines | None = None) -> dict[str, Any]:
+    async def step(
+        self,
+        order_id: int,
+        step: str,
+        lines: Lines | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
         payload: dict[str, Any] = {"order_id": str(order_id), "step": step}
         if lines:
             payload["lines"] = lines
         result: dict[str, Any] = await self._call(
-            lambda: self.local.step(order_id, step, lines), "step", payload
+            lambda: self.local.step(order_id, step, lines), "step", payload, timeout_s
         )
         return result
 

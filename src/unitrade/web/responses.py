@@ -38,8 +38,9 @@ ERROR_STATUS_TEXT: dict[int, str] = {
     422: "invalid_request (the message names the field), or a business rule refused it",
     429: "too many requests; retry after Retry-After seconds",
     503: "unavailable for now, nothing was applied; retry after Retry-After seconds",
-    504: "outcome_unknown: the owner region did not answer; the write may have been "
-    "applied: retry with the same idempotency key (or payment ID)",
+    504: "outcome_unknown: a region did not answer (`region`, `call`); the write may have "
+    "been applied: send it again with the body's `idempotency_key` (or the same payment ID) "
+    "to learn its outcome",
 }
 RETRY_AFTER_HEADER: dict[str, Any] = {
     "Retry-After": {
