@@ -115,6 +115,7 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
                 "banned": [rule.cells[c].name for c in sorted(rule.banned)],
                 "ahead": board().ahead(),
                 "running": running.op.id if running is not None else None,
+                "health": plane.health.status(),
             }
         )
 
@@ -222,6 +223,7 @@ def build_control_app(config: TopologyConfig, plane: ControlPlane) -> FastAPI:
             "# HELP unitrade_operations_deleted_total Finished operations the sweep deleted",
             "# TYPE unitrade_operations_deleted_total counter",
             f"unitrade_operations_deleted_total {plane.operations_deleted}",
+            *plane.health.metrics_lines(),
         ]
         return Response("\n".join(lines) + "\n", media_type=METRICS_CONTENT_TYPE)
 

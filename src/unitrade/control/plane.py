@@ -9,6 +9,7 @@ import logging
 import time
 
 from unitrade.control.board import RuleBoard
+from unitrade.control.health import HealthChecker
 from unitrade.control.store import ControlStore, Operation
 from unitrade.control.switchover import FORWARD_ONLY, Control, Switchover, precheck
 from unitrade.errors import (
@@ -38,6 +39,7 @@ class ControlPlane:
         self._sweeper: asyncio.Task[None] | None = None
         self.operations_kept = 0  # at the last retention sweep
         self.operations_deleted = 0  # since the control plane started
+        self.health = HealthChecker(config, lambda: self.ctx.board.rule)  # probes (health.py)
 
     @property
     def ctx(self) -> Control:
@@ -48,6 +50,7 @@ class ControlPlane:
         rule = await self.store.open(self.config, initial_rule(self.config))
         self.board = RuleBoard(self.store, rule, self.config.region_names)
         log.info("control plane started at rule version %s", rule.version)
+        self.health.start()
         unfinished = await self.store.operations(10, state="running")
         if unfinished:
             # At most one runs at a time, so at most one was cut off. It needs the regions'
@@ -85,6 +88,7 @@ class ControlPlane:
             await asyncio.sleep(self.config.retention.sweep_interval_s)
 
     async def stop(self) -> None:
+        await self.health.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
