@@ -11,8 +11,9 @@ their timeout and delays neither the others nor the next round.
   of one unit of the probe SKU, sent to the public API of the cell's owner under the
   control plane's rule with a token the control plane issues itself, then closed so its
   stock goes back. It passes through the gateway, the unit cell (the order's write), the
-  center cell (the stock reservation) and the global cell (the price). The owner deletes
-  probe orders soon after (services/probe_data.py).
+  center cell (the stock reservation) and the global cell (the price). A close that gets
+  no answer is made again in the next rounds. The owner deletes probe orders soon after
+  (services/probe_data.py).
 - **Center cell**: a read of the probe SKU's stock at its owner, and the round's
   reservations: an order refused because of the center (`insufficient_stock`, an error
   naming the center cell, the center's owner unreachable from the unit's owner) fails the
@@ -288,6 +289,10 @@ class HealthChecker:
             return Outcome(error=f"region {region}: {waited}", timed_out=True)
         except (aiohttp.ClientError, OSError) as exc:
             return Outcome(error=f"region {region}: unreachable: {type(exc).__name__}")
+        except Exception as exc:
+            # An answer this checker cannot read is a failed probe, never a lost round.
+            log.warning("probe of region %s: unexpected %r", region, exc, exc_info=True)
+            return Outcome(error=f"region {region}: unreadable answer: {type(exc).__name__}")
         if outcome.error is None:
             return outcome
         return replace(outcome, error=f"region {region}: {outcome.error}")
@@ -312,7 +317,10 @@ class HealthChecker:
         status, body = await self._request(region, "GET", "/healthz")
         if status != 200 or not isinstance(body, dict) or body.get("status") != "ok":
             return Outcome(error=f"/healthz: {_describe(status, body)}")
-        return Outcome(body=body)
+        positions = body.get("positions")
+        if not isinstance(positions, dict):
+            return Outcome(error="/healthz: no positions")
+        return Outcome(body={str(c): int(p) for c, p in positions.items()})
 
     async def _read(self, region: str, path: str) -> Outcome:
         """A read of the probe SKU at the owner of the center or global cell: good when that
@@ -411,10 +419,7 @@ class HealthChecker:
     def _record_region(self, region: str, outcome: Outcome, at_ms: int) -> None:
         probed = self.regions[region]
         if outcome.error is None:
-            body = outcome.body if isinstance(outcome.body, dict) else {}
-            positions = body.get("positions")
-            if isinstance(positions, dict):
-                self._positions[region] = ({str(c): int(p) for c, p in positions.items()}, at_ms)
+            self._positions[region] = (outcome.body, at_ms)
             if probed.good(at_ms):
                 log.info("region %s is up", region)
             return
