@@ -47,9 +47,12 @@ def topology_toml(
     storage: str | None = None,
     control_storage: str | None = None,
     secret: str | None = None,
+    control: str = "",
 ) -> str:
     """The default topology (hz center, sh, bj; six unit cells) on the given ports, with
-    `secret` (a new one when None)."""
+    `secret` (a new one when None). With a control plane port, `control` is more of its
+    `[control]` table. The health checker's synthetic orders are off unless `control` turns
+    them on: the other tests need copies that stand still once their own writes stop."""
     default = default_config()
     # A top-level key: it must come before the first table.
     lines = [f'secret = "{secret or new_secret()}"']
@@ -63,6 +66,9 @@ def topology_toml(
         lines += ["[control]", f'listen = "127.0.0.1:{ports[len(default.regions)]}"']
         if control_storage is not None:
             lines.append(f'storage = "{control_storage}"')
+        if "health_orders" not in control:
+            lines.append("health_orders = false")
+        lines += [line.strip() for line in control.strip().splitlines()]
     for cell in default.cells:
         lines += ["[[cells]]", f"id = {cell.id}", f'kind = "{cell.kind.value}"']
         lines.append(f'owner = "{cell.owner}"')

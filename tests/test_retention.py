@@ -110,10 +110,14 @@ def test_unit_sweep_deletes_exactly_the_expired_rows(storage_url: str) -> None:
             await replicate(owner, replica)
             sweep = sweeper(owner)
             deleted = await sweep.sweep_cell(owner)
-            assert deleted == {"outbox": 25, "idempotency_keys": 1}
+            assert deleted == {"probe_orders": 0, "outbox": 25, "idempotency_keys": 1}
             assert await keys_of(owner, outbox.c.order_id) == {101, 102, 103}
             assert await keys_of(owner, idempotency_keys.c.buyer_id) == {2}
-            assert sweep.kept_rows == {(1, "outbox"): 3, (1, "idempotency_keys"): 1}
+            assert sweep.kept_rows == {
+                (1, "outbox"): 3,
+                (1, "idempotency_keys"): 1,
+                (1, "probe_orders"): 0,
+            }
             assert sweep.failed_steps == {1: 1}
             # The deletes are in the changelog: the replica follows them.
             ops = await owner.read(
@@ -127,7 +131,8 @@ def test_unit_sweep_deletes_exactly_the_expired_rows(storage_url: str) -> None:
             await replicate(owner, replica)
             assert await keys_of(replica, outbox.c.order_id) == {101, 102, 103}
             assert await keys_of(replica, idempotency_keys.c.buyer_id) == {2}
-            assert await sweep.sweep_cell(owner) == {"outbox": 0, "idempotency_keys": 0}
+            again = await sweep.sweep_cell(owner)
+            assert again == {"probe_orders": 0, "outbox": 0, "idempotency_keys": 0}
         finally:
             await owner.close()
             await replica.close()
@@ -152,7 +157,7 @@ def test_center_sweep_keeps_live_and_recent_reservations(storage_url: str) -> No
             ]
             await insert(store, reservations, rows)
             deleted = await sweeper(store).sweep_cell(store)
-            assert deleted == {"reservations": 3}
+            assert deleted == {"probe_reservations": 0, "reservations": 3}
             assert await keys_of(store, reservations.c.order_id) == {4, 5, 6}
         finally:
             await store.close()

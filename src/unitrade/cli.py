@@ -35,6 +35,7 @@ from unitrade.topology.config import (
     TopologyConfig,
     check_production,
 )
+from unitrade.topology.probes import PROBE_BUYER_MIN
 
 console = Console()
 
@@ -233,9 +234,12 @@ def status(config_path: Path | None, data_dir: Path) -> None:
 
     Prints the control plane (its rule version and running operation), the regions (health,
     the rule version each component has acknowledged), the cells with their owners under
-    the newest rule a live region reports (never the configuration's initial owners), and
-    the replication lag of every stream. The last line names what is down, with why when
-    the `unitrade up` on --data knows (e.g. `region sh (stopped by operator)`).
+    the newest rule a live region reports (never the configuration's initial owners), the
+    control plane's own probes of every region and cell (up, down or unknown, seconds
+    since the last good probe, the last error), and the replication lag of every stream.
+    The last line names what is down: what does not answer this command, with why when the
+    `unitrade up` on --data knows (e.g. `region sh (stopped by operator)`), and what the
+    control plane's probes find down.
 
     \b
     Exit status:
@@ -257,11 +261,15 @@ def status(config_path: Path | None, data_dir: Path) -> None:
     newest = _newest_rule(healths)
     _print_region_table(config, healths, newest, notes)
     _print_cells(config, newest)
+    probes = control.get("health") if control is not None else None
+    if isinstance(probes, dict):
+        _print_probes(probes)
     if healths:
         _print_replication(config, healths)
     down = ([] if control is not None else [_noted("the control plane", CONTROL_NAME, notes)]) + [
         _noted(f"region {r}", r, notes) for r in config.region_names if r not in healths
     ]
+    down += _probed_down(probes, already=down)
     if not down:
         console.print(f"[green]all up[/]: the control plane and {len(healths)} regions")
         return
@@ -395,6 +403,57 @@ def _print_cells(config: TopologyConfig, newest: tuple[str, dict[str, Any]] | No
 STALE_WHY_CHARS = 60
 
 
+def _print_probes(probes: dict[str, Any]) -> None:
+    """The control plane's health checker (`health` in its /healthz)."""
+    table = compact_table(
+        "health probes (by the control plane)",
+        "probe: how a cell was judged (order: a synthetic order; healthz: its owner's "
+        "/healthz; read: a read at its owner); good: seconds since the last good probe",
+    )
+    for column in ("target", "owner", "probe", "state", "good", "failed", "last error"):
+        table.add_column(column, no_wrap=column != "last error")
+    now = int(probes.get("now_ms") or 0)
+    styles = {"up": "green", "down": "red"}
+
+    def row(target: str, owner: str, how: str, probed: dict[str, Any]) -> None:
+        state = str(probed.get("state", "?"))
+        good = probed.get("last_good_ms")
+        ago = "never" if good is None else f"{max(0, now - int(good)) / 1000:.1f}s"
+        error = probed.get("last_error") if probed.get("failures") else None
+        table.add_row(
+            target,
+            owner,
+            how,
+            f"[{styles.get(state, 'yellow')}]{state}[/]",
+            ago,
+            str(probed.get("failures", "-")),
+            str(error or "-"),
+        )
+
+    for name, probed in dict(probes.get("regions") or {}).items():
+        row(f"region {name}", "-", "healthz", probed)
+    for name, probed in dict(probes.get("cells") or {}).items():
+        row(f"cell {name}", str(probed.get("owner")), str(probed.get("judged_by") or "-"), probed)
+    console.print(table)
+
+
+def _probed_down(probes: Any, already: list[str]) -> list[str]:
+    """What the control plane's probes find down, as the last line names it."""
+    if not isinstance(probes, dict):
+        return []
+    found = [
+        f"region {name} (probes)"
+        for name, probed in dict(probes.get("regions") or {}).items()
+        if probed.get("state") == "down" and f"region {name}" not in already
+    ]
+    found += [
+        f"cell {name} (probes)"
+        for name, probed in dict(probes.get("cells") or {}).items()
+        if probed.get("state") == "down"
+    ]
+    return found
+
+
 def _print_replication(config: TopologyConfig, healths: dict[str, dict[str, Any]]) -> None:
     """Every stream; one whose owner has not answered for a while is shown as stale with
     its last error (its lag figures are as of the last answer, not now)."""
@@ -524,7 +583,7 @@ def _duration_s(text: str) -> int:
 
 @main.command()
 @config_option
-@click.argument("buyer_id", type=click.IntRange(min=1, max=2**63 - 1), required=False)
+@click.argument("buyer_id", type=click.IntRange(min=1, max=PROBE_BUYER_MIN - 1), required=False)
 @click.option("--admin", is_flag=True, help="Print the admin token instead of a buyer's.")
 @click.option(
     "--ttl",
@@ -549,7 +608,8 @@ def token(
 ) -> None:
     """Print a bearer token for a buyer or the admin, or revoke one.
 
-    BUYER_ID is the buyer (1 .. 2^63-1) the token speaks for; give it or --admin. The
+    BUYER_ID is the buyer (1 .. 2^62-1) the token speaks for; give it or --admin. Buyer
+    IDs from 2^62 up are reserved for the control plane's synthetic probe orders. The
     token is signed with the configuration's current token key, so only a cluster started
     with the same configuration accepts it.
 

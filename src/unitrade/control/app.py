@@ -152,6 +152,7 @@ def build_control_app(
                 "ahead": board().ahead(),
                 "running": running.op.id if running is not None else None,
                 **(election.status() if election is not None else {}),
+                "health": plane.health.status(),
             }
         )
 
@@ -296,6 +297,7 @@ def build_control_app(
             "# HELP unitrade_operations_deleted_total Finished operations the sweep deleted",
             "# TYPE unitrade_operations_deleted_total counter",
             f"unitrade_operations_deleted_total {plane.operations_deleted}",
+            *plane.health.metrics_lines(),
         ]
         return Response("\n".join(lines) + "\n", media_type=METRICS_CONTENT_TYPE)
 

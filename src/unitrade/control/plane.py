@@ -9,8 +9,9 @@ import logging
 import time
 
 from unitrade.control.board import RuleBoard
-from unitrade.control.failover import Failover, HealthView
+from unitrade.control.failover import Failover
 from unitrade.control.failover import precheck as failover_precheck
+from unitrade.control.health import HealthChecker
 from unitrade.control.lease import ControlPlaneLeases, LeaseAuthority
 from unitrade.control.store import ControlStore, Operation
 from unitrade.control.switchover import FORWARD_ONLY, Control, Switchover, precheck
@@ -43,13 +44,15 @@ class ControlPlane:
         )
         self.client = RegionClient(config, CONTROL_NAME)
         self.running: Switchover | Failover | None = None
-        self.health: HealthView | None = None  # the health checker (control/health.py)
         self.last_failover: float | None = None  # monotonic: automatic ones keep a distance
         self._task: asyncio.Task[None] | None = None
         self._slot = asyncio.Lock()  # taken while an operation is prechecked or started
         self._sweeper: asyncio.Task[None] | None = None
         self.operations_kept = 0  # at the last retention sweep
         self.operations_deleted = 0  # since the control plane started
+        self.health = HealthChecker(config, lambda: self.ctx.board.rule)  # probes (health.py)
+        # A region the checker finds down is failed over when `auto_failover` is on.
+        self.health.on_region_down = self.region_down
 
     @property
     def ctx(self) -> Control:
@@ -61,6 +64,7 @@ class ControlPlane:
         await self.leases.start()
         self.board = RuleBoard(self.store, rule, self.config.region_names)
         log.info("control plane started at rule version %s", rule.version)
+        self.health.start()
         unfinished = await self.store.operations(10, state="running")
         if unfinished:
             # At most one runs at a time, so at most one was cut off. It needs the regions'
@@ -98,6 +102,7 @@ class ControlPlane:
             await asyncio.sleep(self.config.retention.sweep_interval_s)
 
     async def stop(self) -> None:
+        await self.health.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

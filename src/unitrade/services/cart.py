@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, select
 
 from unitrade.errors import Conflict, UnknownSku
-from unitrade.services.orders import CART_OF
+from unitrade.services.orders import CART_OF, orderable
 from unitrade.services.remote import CatalogClient
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.schema import carts
@@ -30,7 +30,7 @@ class CartService:
 
     async def put(self, buyer_id: int, sku: str, qty: int) -> dict[str, Any]:
         assert qty > 0
-        if sku not in await self.catalog.get_cached([sku]):
+        if not orderable(sku, buyer_id) or sku not in await self.catalog.get_cached([sku]):
             raise UnknownSku(f"unknown SKU {sku!r}", sku=sku)
         key = {"buyer_id": buyer_id, "sku": sku}
 

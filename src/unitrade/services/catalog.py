@@ -10,6 +10,7 @@ from sqlalchemy import Connection, bindparam, select
 
 from unitrade.storage.schema import products
 from unitrade.storage.store import CellStore, WriteTx, now_ms
+from unitrade.topology.probes import PROBE_SKU
 
 PAGE_LIMIT_MAX = 500
 _PRODUCTS_IN = select(products).where(products.c.sku.in_(bindparam("skus", expanding=True)))
@@ -57,7 +58,13 @@ class CatalogService:
 
     async def page(self, limit: int, after: str | None) -> list[dict[str, Any]]:
         assert 1 <= limit <= PAGE_LIMIT_MAX
-        statement = select(products).order_by(products.c.sku).limit(limit)
+        # The health checker's SKU is no product anyone shops for (topology/probes.py).
+        statement = (
+            select(products)
+            .where(products.c.sku != PROBE_SKU)
+            .order_by(products.c.sku)
+            .limit(limit)
+        )
         if after is not None:
             statement = statement.where(products.c.sku > after)
 

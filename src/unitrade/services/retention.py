@@ -18,8 +18,11 @@ wrong_region) is skipped; its next owner sweeps it.
   late commit, refund or release of a deleted reservation moves no stock: commit and refund
   answer not_found, release leaves a new empty tombstone.
 
-The sweep also counts what each owned copy keeps (one COUNT per table and sweep, never
-per scrape) and the outbox steps that failed for good, for `/metrics`.
+The sweep also deletes the health checker's synthetic orders and their reservations
+(services/probe_data.py), and counts what each owned copy keeps (one COUNT per table and
+sweep, never per scrape) and the outbox steps that failed for good, for `/metrics`. The
+counts of outbox steps and reservations leave the synthetic ones out: those are counted
+under tables `probe_orders` and `probe_reservations`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,15 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Select, Table, bindparam, func, or_, select
 
 from unitrade.errors import WriteBanned, WrongRegion
+from unitrade.services.probe_data import (
+    BUSINESS_COUNTS,
+    COUNT_PARAMS,
+    PROBE_COUNTS,
+    PROBE_ORDERS,
+    PROBE_RESERVATIONS,
+    delete_probe_orders,
+    delete_probe_reservations,
+)
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.schema import idempotency_keys, outbox, reservations, revoked_tokens
 from unitrade.storage.sequences import AHEAD_S_MAX
@@ -111,9 +123,17 @@ def _expired(expiry: Expiry) -> Select[Any]:
     )
 
 
-@functools.cache
-def _count(table: Table) -> Select[Any]:
-    return select(func.count()).select_from(table)
+_PROBE_TABLES = {CellKind.UNIT: [PROBE_ORDERS], CellKind.CENTER: [PROBE_RESERVATIONS]}
+_PLAIN_COUNTS = {e.table.name: select(func.count()).select_from(e.table) for e in EXPIRIES}
+
+
+def _counting(name: str) -> Select[Any]:
+    """What `unitrade_retained_rows` counts for a table: business rows only (the probes'
+    are counted under a table name of their own)."""
+    for counts in (BUSINESS_COUNTS, PROBE_COUNTS):
+        if name in counts:
+            return counts[name]
+    return _PLAIN_COUNTS[name]
 
 
 def cutoffs(settings: RetentionConfig, now: int) -> dict[str, dict[str, int]]:
@@ -127,6 +147,10 @@ def cutoffs(settings: RetentionConfig, now: int) -> dict[str, dict[str, int]]:
             "before_ms": now - settings.reservations_finished_s * 1000,
             "created_before_ms": now - reserve_guard_s * 1000,
         },
+        PROBE_ORDERS: {"before_ms": now - settings.probe_orders_s * 1000},
+        # A probe reservation is done with at once, but a late reserve could still bring
+        # it back until the same guard as every reservation's has passed.
+        PROBE_RESERVATIONS: {"created_before_ms": now - reserve_guard_s * 1000},
     }
 
 
@@ -169,7 +193,7 @@ class RetentionSweeper:
         deleted per table."""
         cell = store.cell.id
         bounds = cutoffs(self.settings, now_ms() if now is None else now)
-        deleted: dict[str, int] = {}
+        deleted = await self._sweep_probes(store, bounds)
         for expiry in EXPIRIES:
             if expiry.kind != store.cell.kind:
                 continue
@@ -187,18 +211,44 @@ class RetentionSweeper:
         await self._count(store)
         return deleted
 
+    async def _sweep_probes(
+        self, store: CellStore, bounds: dict[str, dict[str, int]]
+    ) -> dict[str, int]:
+        """Delete the health checker's synthetic orders (unit cell) or reservations
+        (center) that are old enough; rows deleted per kind."""
+        kind, batch = store.cell.kind, self.settings.sweep_batch_rows
+        if kind not in (CellKind.UNIT, CellKind.CENTER):
+            return {}
+        name = PROBE_ORDERS if kind == CellKind.UNIT else PROBE_RESERVATIONS
+        deleted = 0
+        for _ in range(BATCHES_PER_SWEEP_MAX):
+            if kind == CellKind.UNIT:
+                gone, more = await delete_probe_orders(store, bounds[name]["before_ms"], batch)
+            else:
+                cutoff = bounds[name]["created_before_ms"]
+                gone = await delete_probe_reservations(store, cutoff, batch)
+                more = gone >= min(batch, ROWS_PER_WRITE_MAX)
+            deleted += gone
+            if not more:
+                break
+            await asyncio.sleep(0)
+        key = (store.cell.id, name)
+        self.deleted_rows[key] = self.deleted_rows.get(key, 0) + deleted
+        return {name: deleted}
+
     async def _count(self, store: CellStore) -> None:
-        tables = [e.table for e in EXPIRIES if e.kind == store.cell.kind]
+        names = [e.table.name for e in EXPIRIES if e.kind == store.cell.kind]
+        names += _PROBE_TABLES.get(store.cell.kind, [])
         unit = store.cell.kind == CellKind.UNIT
 
         def work(conn: Connection) -> tuple[list[int], int]:
-            counts = [int(conn.execute(_count(t)).scalar_one()) for t in tables]
+            counts = [int(conn.execute(_counting(n), COUNT_PARAMS).scalar_one()) for n in names]
             failed = int(conn.execute(_FAILED_OUTBOX).scalar_one()) if unit else 0
             return counts, failed
 
         counts, failed = await store.read(work)
-        for table, rows in zip(tables, counts, strict=True):
-            self.kept_rows[(store.cell.id, table.name)] = rows
+        for name, rows in zip(names, counts, strict=True):
+            self.kept_rows[(store.cell.id, name)] = rows
         if unit:
             self.failed_steps[store.cell.id] = failed
 
@@ -217,8 +267,12 @@ class RetentionSweeper:
             except (WriteBanned, WrongRegion) as exc:
                 log.info("retention sweep of cell %s paused: %s", cell, exc.code)
                 continue
-            if any(deleted.values()):
+            # The health checker's rows go every sweep: not worth a line each time.
+            probes = {k: v for k, v in deleted.items() if k in (PROBE_ORDERS, PROBE_RESERVATIONS)}
+            if any(v for k, v in deleted.items() if k not in probes):
                 log.info("retention sweep of cell %s deleted %s", cell, deleted)
+            elif any(probes.values()):
+                log.debug("retention sweep of cell %s deleted %s", cell, probes)
         self.sweeps += 1
 
     async def run_forever(self) -> None:

@@ -283,6 +283,26 @@ class ControlConfig(_Listening):
     def base_url(self) -> str:
         return self.member_list[0].base_url
 
+    # The health checker (control/health.py) probes every region and cell each
+    # health_interval_ms, each probe given health_timeout_ms at most; a region or cell is
+    # down after health_failures_max failed probes in a row, up again after one good one.
+    # health_orders = false leaves out the synthetic orders: cells are then judged by
+    # their owner's /healthz alone, and the checker writes nothing.
+    health_interval_ms: Annotated[int, Field(ge=100, le=60_000)] = 1_000
+    health_timeout_ms: Annotated[int, Field(ge=10, le=30_000)] = 500
+    health_failures_max: Annotated[int, Field(ge=1, le=100)] = 3
+    health_orders: bool = True
+
+    @model_validator(mode="after")
+    def _health_timeout(self) -> ControlConfig:
+        # A round of probes must end before the next one is due.
+        if self.health_timeout_ms >= self.health_interval_ms:
+            raise ValueError(
+                f"health_timeout_ms ({self.health_timeout_ms}) must be below "
+                f"health_interval_ms ({self.health_interval_ms})"
+            )
+        return self
+
     @field_validator("storage")
     @classmethod
     def _storage(cls, value: str) -> str:
@@ -351,6 +371,9 @@ class RetentionConfig(_Strict):
     # for a reservation the sweep deleted. A reservation is therefore also kept until it
     # is older than this plus a margin for clocks (services/retention.py).
     reserve_window_s: Annotated[int, Field(ge=5, le=3_600)] = 60
+    # The health checker's synthetic orders (topology/probes.py) are deleted at their
+    # owner once this old, at the next sweep.
+    probe_orders_s: Annotated[int, Field(ge=0, le=3_600)] = 10
     # Finished operations (switchovers) in the control store: the newest
     # `operations_kept` are kept, older ones once they are `operations_s` old.
     operations_kept: Annotated[int, Field(ge=1, le=1_000_000)] = 1_000
