@@ -43,7 +43,21 @@ def closing() -> Iterator[list[Api]]:
         api.http.close()
 
 
+def wait_down(control: Control, region: str, timeout_s: float = 30.0) -> None:
+    """Until the control plane's health checker has marked `region` down (the failover's
+    pre-check asks it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = control.http.get("/healthz").json().get("health", {})
+        if health.get("regions", {}).get(region, {}).get("state") == "down":
+            return
+        assert time.monotonic() < deadline, f"{region} never marked down: {health}"
+        time.sleep(0.1)
+
+
 def failover(control: Control, region: str, **extra: Any) -> httpx.Response:
+    if not extra.pop("healthy", False):
+        wait_down(control, region)
     return control.http.post("/v1/failover", json={"region": region, **extra})
 
 
@@ -186,7 +200,7 @@ def test_a_failover_of_a_healthy_region_is_refused(
     config = cluster.config
     with Control(config) as control:
         control.wait_connected()
-        answer = failover(control, "sh")
+        answer = failover(control, "sh", healthy=True)
         assert answer.status_code == 409, answer.text
         assert answer.json()["error"] == "failover_refused"
         assert "not agreed to be down" in answer.json()["message"]

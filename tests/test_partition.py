@@ -20,7 +20,7 @@ import pytest
 from tests.replication_support import wait_converged
 from tests.support import Api, free_ports, topology_toml
 from tests.switch_support import Control, buyers_of_cell
-from tests.test_failover import quarantined
+from tests.test_failover import failover, quarantined
 from tests.test_switchover import unitrade
 from unitrade.cluster import LocalCluster
 from unitrade.netns import Network, unavailable_reason
@@ -127,7 +127,7 @@ def test_an_isolated_region_keeps_no_write_after_its_lease_and_its_tail_is_quara
             acked_after_cut = [a for a in writer.acked if a[0] > cut]
             assert acked_after_cut, "the partition struck no write in flight"
             # The others fail it over: they agree it is unreachable.
-            answer = control.http.post("/v1/failover", json={"region": ISOLATED})
+            answer = failover(control, ISOLATED)
             assert answer.status_code == 202, answer.text
             op = control.operation(answer.json()["id"], wait_s=45)
             assert op["state"] == "done", op

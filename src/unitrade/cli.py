@@ -444,7 +444,8 @@ def _probed_down(probes: Any, already: list[str]) -> list[str]:
     found = [
         f"region {name} (probes)"
         for name, probed in dict(probes.get("regions") or {}).items()
-        if probed.get("state") == "down" and f"region {name}" not in already
+        if probed.get("state") == "down"
+        and not any(d == f"region {name}" or d.startswith(f"region {name} (") for d in already)
     ]
     found += [
         f"cell {name} (probes)"
