@@ -251,13 +251,11 @@ def test_center_frozen_during_order_creation_no_503_for_a_written_order(
             assert [o["order_id"] for o in orders_of(api, buyer)] == [answer.json()["order_id"]]
             created += 1
     assert refused >= 1  # the center was frozen for longer than an order waits for it
-    # Each refused order's reserve had reached the center: once hz runs again, every order
-    # ID tried has a reservation there (released since, or refused by the release that
-    # overtook it), though only the created orders exist.
-    wait_for(
-        "a reservation of every order ID tried",
-        lambda: len(reservation_ids(cluster) - reserved_before) >= refused + created,
-    )
+    # Each refused order's reserve had reached the center, but hz was frozen for longer
+    # than its write lease: when it runs again it refuses what was queued until it has
+    # renewed its lease, or writes it and the release that overtook it undoes it. Either
+    # way no stock stays held for an order that does not exist (below).
+    assert len(reservation_ids(cluster) - reserved_before) <= refused + created
     wait_for(
         "the refused orders' reservations released and the payment committed",
         lambda: stock_is(
