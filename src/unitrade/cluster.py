@@ -76,9 +76,10 @@ class LocalCluster:
         control = self.config.control
         self._spawn(CONTROL_NAME, control.host, control.port, ["serve-control"], env)
 
-    def start_region(self, region: str) -> None:
+    def start_region(self, region: str, env: dict[str, str] | None = None) -> None:
+        """A region; `env` adds environment variables (fault injection in tests)."""
         listen = self.config.region(region)
-        self._spawn(region, listen.host, listen.port, ["serve", "--region", region], None)
+        self._spawn(region, listen.host, listen.port, ["serve", "--region", region], env)
 
     def _spawn(
         self, name: str, host: str, port: int, args: list[str], env: dict[str, str] | None
