@@ -10,9 +10,10 @@ import click
 
 from unitrade.cli_options import compact_table, config_option, load
 from unitrade.control.cli import ControlApi, _fail, _finish, cell_list, console, follow
+from unitrade.control.reconcile import ENTRIES_MAX, ERROR, Item, Reconcile
 from unitrade.gateway.quarantine_routes import LIST_PATH
-from unitrade.replication.diff_cli import cluster_regions
-from unitrade.storage.quarantine import LIST_ROWS_MAX
+from unitrade.replication.diff_cli import DiffError, cluster_regions
+from unitrade.storage.quarantine import CONFLICT, HELD, LIST_ROWS_MAX, REAPPLIED, SUPERSEDED
 
 
 @click.command()
@@ -172,3 +173,105 @@ def list_(config_path: Path | None, only: str | None, state: str | None, limit: 
         click.echo(f"not asked: {region} does not answer")
     held = any(e["state"] == "held" for e in entries)
     raise SystemExit(1 if held else 2 if unasked else 0)
+
+
+@quarantine.command("reconcile")
+@config_option
+@click.option(
+    "--region",
+    "only",
+    default=None,
+    help="Reconcile this region's quarantine. Default: every region with held entries.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Decide and print, writing nothing anywhere (no owner changes, no marks).",
+)
+def reconcile(config_path: Path | None, only: str | None, dry_run: bool) -> None:
+    """Re-apply a lost region's quarantined changes at the current owners; report conflicts.
+
+    The held entries are reduced to business objects (an order with its lines, payment and
+    idempotency key; a cart line; a stock reservation; a SKU's stock; a product; a revoked
+    token), each sent to the current owner of its cell, which re-applies it through its
+    normal write path unless the owner changed it too:
+
+    \b
+    - an order the owner lacks is re-created with its ID and state, its stock held again
+      at the center (conflict "insufficient stock for order X" when the units are gone);
+      one the owner has at the version the change began from gets the same transition
+      (pay, close, refund); one the owner changed too is a conflict;
+    - a cart line is set if the owner's line is older than the lost region's change;
+    - a lost center's reservation holds the stock its order (at its owner) needs now; a
+      changed stock total (set_stock) is a conflict, to be set again by hand;
+    - a product is written again unless the owner has a newer version; a revocation is
+      made again.
+
+    Each entry ends reapplied, conflict or superseded (with a note), recorded in the
+    region's quarantine (`unitrade quarantine list`); an object whose owner does not answer
+    stays held. Safe to run again: only held entries are read. Exit status 0 when nothing
+    is left held or in conflict, 1 when something is (conflicts are for an operator), 2
+    when a region could not be asked.
+
+    \b
+    Examples:
+      unitrade quarantine reconcile --region sh --dry-run
+      unitrade quarantine reconcile --region sh
+    """
+    config = load(config_path)
+    if only is not None and only not in config.region_names:
+        raise click.BadParameter(f"unknown region {only!r}", param_hint="--region")
+    left_total = 0
+    unasked: list[str] = []
+    with cluster_regions(config) as regions:
+        owners, answering = regions.survey()
+        if only is not None:
+            if only not in answering:
+                raise DiffError(f"region {only} does not answer: its quarantine cannot be read")
+            chosen = [only]
+        else:
+            unasked = [r for r in config.region_names if r not in answering]
+            chosen = [r for r in config.region_names if r in answering]
+        for region in chosen:
+            run = Reconcile(regions, region, owners, answering, dry_run)
+            if only is None:
+                summary = run.summary().values()
+                if not any(s.get(HELD) for s in summary):
+                    conflicts = sum(s.get(CONFLICT, 0) for s in summary)
+                    if conflicts:
+                        console.print(f"{region}: nothing held, {conflicts} in conflict")
+                    left_total += conflicts
+                    continue
+            items = run.run()
+            print_reconcile(run, items)
+            left = run.left()
+            left_total += left["held"] + left["conflict"]
+            console.print(
+                f"{region}: {left['held']} entries {'would stay' if dry_run else 'left'} "
+                f"held, {left['conflict']} in conflict"
+            )
+    for region in unasked:
+        click.echo(f"not asked: {region} does not answer")
+    raise SystemExit(1 if left_total else 2 if unasked else 0)
+
+
+def print_reconcile(run: Reconcile, items: list[Item]) -> None:
+    title = f"reconcile of {run.region}'s quarantine" + (
+        " (dry run: nothing written)" if run.dry_run else ""
+    )
+    table = compact_table(title)
+    for column in ("cell", "what", "rows", "outcome", "note"):
+        table.add_column(column, no_wrap=column not in ("what", "note"))
+    for item in items:
+        state = item.state if not run.dry_run or item.state == ERROR else f"{item.state}?"
+        table.add_row(item.cell, item.name, str(len(item.changes)), state, item.note)
+    console.print(table)
+    counts = run.counts()
+    entries = sum(len(i.changes) for i in items)
+    console.print(
+        f"{len(items)} objects ({entries} entries): {counts[REAPPLIED]} reapplied, "
+        f"{counts[CONFLICT]} conflict, {counts[SUPERSEDED]} superseded, "
+        f"{counts[ERROR]} not decided (their owner did not answer; still held)"
+    )
+    if run.truncated:
+        console.print(f"more than {ENTRIES_MAX} held entries: run reconcile again for the rest")

@@ -23,6 +23,7 @@ from unitrade.gateway.metrics import metrics_endpoint
 from unitrade.gateway.outbox_routes import outbox_routes
 from unitrade.gateway.public import mount_public
 from unitrade.gateway.quarantine_routes import quarantine_routes
+from unitrade.gateway.reconcile_routes import reconcile_routes
 from unitrade.gateway.routing import Dispatcher, EndpointTable
 from unitrade.region import RegionRuntime
 from unitrade.replication.diff_routes import diff_routes
@@ -69,6 +70,7 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
         *internal_routes(runtime),
         *outbox_routes(runtime),
         *quarantine_routes(runtime),
+        *reconcile_routes(runtime),
         *replication_routes(runtime.copies, runtime.replicator),
         *diff_routes(runtime.copies, lambda: runtime.fence.rule, runtime.client),
     ]

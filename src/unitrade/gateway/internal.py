@@ -39,6 +39,10 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
         lines = [(s, q) for s, q in b.lines] if b.lines else None
         return await inventory.step(int(b.order_id), b.step, lines)
 
+    async def reinstate(b: models.ReinstateCall) -> Any:
+        lines = [(s, q) for s, q in b.lines]
+        return await inventory.reinstate(int(b.order_id), b.cell, lines, b.hold, b.dry_run)
+
     async def stock(b: models.StockCall) -> Any:
         return await inventory.set_stock(b.sku, b.total)
 
@@ -67,6 +71,10 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
     calls = [
         ("/internal/center/reserve", internal_endpoint(models.ReserveCall, reserve, before=center)),
         ("/internal/center/step", internal_endpoint(models.StepCall, step, before=center)),
+        (
+            "/internal/center/reinstate",
+            internal_endpoint(models.ReinstateCall, reinstate, before=center),
+        ),
         ("/internal/center/stock", internal_endpoint(models.StockCall, stock, before=center)),
         ("/internal/center/stale", internal_endpoint(models.StaleCall, stale, before=center)),
         ("/internal/center/levels", internal_endpoint(models.SkuCall, levels, before=center)),

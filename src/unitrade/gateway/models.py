@@ -86,6 +86,16 @@ class ReserveCall(_Body):
     lines: Annotated[list[tuple[Sku, Qty]], Field(min_length=1, max_length=ITEMS_MAX)]
 
 
+class ReinstateCall(_Body):
+    """A reconciled order's reservation (services/inventory.py `reinstate`)."""
+
+    order_id: Annotated[str, Field(pattern=r"^[0-9]{1,19}$")]
+    cell: int
+    lines: Annotated[list[tuple[Sku, Qty]], Field(min_length=1, max_length=ITEMS_MAX)]
+    hold: bool
+    dry_run: bool = False
+
+
 class StepCall(_Body):
     order_id: Annotated[str, Field(pattern=r"^[0-9]{1,19}$")]
     step: Annotated[str, Field(pattern=r"^(commit|release|refund)$")]

@@ -1,29 +1,55 @@
 """The replication endpoints a region serves for its copies: pull (one cell or many, long
-poll), snapshot pages, and waiting for a position. Signed calls only."""
+poll), snapshot pages, and waiting for a position. Signed calls only.
+
+Fault injection for tests: `UNITRADE_FAULTS=refuse_pulls` in a region's environment makes
+it answer every pull and snapshot `503 region_unavailable`, so that what it writes reaches
+no other region (the divergent tail a failover leaves; tests/test_reconcile.py). Read once
+at start; logged.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from starlette.routing import Route
 
-from unitrade.errors import NotFound
+from unitrade.errors import NotFound, RegionUnavailable
 from unitrade.replication.replicator import PULL_TARGET, Replicator, serve_pull, serve_pull_many
 from unitrade.replication.snapshot import SNAPSHOT_TARGET, serve_snapshot, snapshot_tables
 from unitrade.replication.wire import PullCall, PullManyCall, SnapshotCall, WaitCall
 from unitrade.storage.copies import CellCopies
 from unitrade.web.signed import internal_endpoint
 
+log = logging.getLogger("unitrade.replication")
+
 PULL_PATH = "/internal/replication/pull"
 WAIT_PATH = "/internal/replication/wait"
+FAULTS_ENV = "UNITRADE_FAULTS"
+REFUSE_PULLS = "refuse_pulls"
+
+
+def _refusing_pulls() -> bool:
+    faults = {f.strip() for f in os.environ.get(FAULTS_ENV, "").split(",")}
+    return REFUSE_PULLS in faults
 
 
 def replication_routes(copies: CellCopies, replicator: Replicator) -> list[Route]:
+    refuse = _refusing_pulls()
+    if refuse:
+        log.warning("%s=%s: every pull and snapshot is refused", FAULTS_ENV, REFUSE_PULLS)
+
+    def served() -> None:
+        if refuse:
+            raise RegionUnavailable(f"pulls refused ({FAULTS_ENV}={REFUSE_PULLS})")
+
     def known(cell: int) -> None:
         if cell not in copies.stores:
             raise NotFound(f"no cell {cell}")
 
     async def pull(b: PullCall) -> Any:
+        served()
         known(b.cell)
         follower = (b.region, b.rule_version) if b.region else None
         return await serve_pull(
@@ -31,6 +57,7 @@ def replication_routes(copies: CellCopies, replicator: Replicator) -> list[Route
         )
 
     async def pull_many(b: PullManyCall) -> Any:
+        served()
         # Cells this region does not own or does not know are answered one by one in the
         # reply's `errors`: the follower holds back only those streams.
         follower = (b.region, b.rule_version) if b.region else None
@@ -40,6 +67,7 @@ def replication_routes(copies: CellCopies, replicator: Replicator) -> list[Route
         )
 
     async def snapshot(b: SnapshotCall) -> Any:
+        served()
         known(b.cell)
         if b.table is not None and b.table not in snapshot_tables(copies[b.cell]):
             raise NotFound(f"no table {b.table} in cell {b.cell}")

@@ -46,6 +46,35 @@ class CartService:
         await self._store(buyer_id).write(work)
         return await self.get(buyer_id)
 
+    async def put_if_older(
+        self, buyer_id: int, sku: str, qty: int | None, changed_ms: int
+    ) -> dict[str, Any]:
+        """Reconcile one cart line (control/reconcile.py): set it to `qty` (None: remove
+        it) unless this copy's line is as new as `changed_ms` (the time the lost region
+        changed it) or newer; in one transaction, so a buyer's change in between wins.
+        Answers the line's `qty` now (None: no line) and whether it `changed`."""
+        if qty is not None and sku not in await self.catalog.get_cached([sku]):
+            raise UnknownSku(f"unknown SKU {sku!r}", sku=sku)
+        key = {"buyer_id": buyer_id, "sku": sku}
+
+        def work(tx: WriteTx) -> dict[str, Any]:
+            row = tx.get(carts, key)
+            if row is not None and row.updated_ms >= changed_ms:
+                return {"qty": row.qty, "changed": False}
+            if qty is None:
+                return {"qty": None, "changed": row is not None and tx.delete(carts, key)}
+            if row is not None:
+                tx.update(carts, key, {"qty": qty, "updated_ms": now_ms()})
+            else:
+                count = tx.one(_CART_LINES, {"buyer_id": buyer_id})
+                assert count is not None
+                if count[0] >= CART_LINES_MAX:
+                    raise Conflict(f"a cart holds at most {CART_LINES_MAX} SKUs")
+                tx.insert(carts, {**key, "qty": qty, "updated_ms": now_ms()})
+            return {"qty": qty, "changed": True}
+
+        return await self._store(buyer_id).write(work)
+
     async def remove(self, buyer_id: int, sku: str) -> dict[str, Any]:
         key = {"buyer_id": buyer_id, "sku": sku}
         await self._store(buyer_id).write(lambda tx: tx.delete(carts, key))

@@ -47,6 +47,32 @@ class CatalogService:
             listener([sku])
         return product
 
+    async def put_unless_newer(
+        self, sku: str, title: str, price_cents: int, base_version: int
+    ) -> dict[str, Any] | None:
+        """Reconcile a product write of a lost region (control/reconcile.py): write it if
+        this copy has no product `sku` or one of at most `base_version` (the version the
+        lost region's write started from), in one transaction. The product written, or
+        None when this copy has a newer version (nothing written)."""
+
+        def work(tx: WriteTx) -> dict[str, Any] | None:
+            row = tx.get(products, {"sku": sku})
+            values = {"title": title, "price_cents": price_cents, "updated_ms": now_ms()}
+            if row is None:
+                tx.insert(products, {"sku": sku, "version": 1, **values})
+                return product_body({"sku": sku, **values})
+            if row.version > base_version:
+                return None
+            image = tx.update(products, {"sku": sku}, {**values, "version": row.version + 1})
+            assert image is not None
+            return product_body(image)
+
+        product = await self.store.write(work)
+        if product is not None:
+            for listener in self.on_write:
+                listener([sku])
+        return product
+
     async def get_many(self, skus: Iterable[str]) -> dict[str, dict[str, Any]]:
         wanted = sorted(set(skus))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, select
 
 from unitrade.errors import (
     Conflict,
@@ -85,6 +85,19 @@ def _move(tx: WriteTx, sku: str, qty: int, source: str, target: str, refuse: boo
     raise AssertionError(f"inventory of {sku} has {source}={row._mapping[source]} < {qty}")
 
 
+def _short(sku: str, qty: int, row: Any) -> None:
+    """Refuse as `_move` would when `row` (a SKU's inventory) cannot give `qty` units."""
+    if row is None:
+        raise UnknownSku(f"unknown SKU {sku!r}", sku=sku)
+    if row.available < qty:
+        raise InsufficientStock(
+            f"only {row.available} of {sku!r} available, {qty} requested",
+            sku=sku,
+            available=row.available,
+            requested=qty,
+        )
+
+
 def _refund_without_reservation(tx: WriteTx, order_id: int, lines: Lines) -> dict[str, Any]:
     """Return a paid order's units whose finished reservation retention deleted: sold back
     to available, and a `refunded` tombstone so that a retried refund moves nothing again
@@ -104,6 +117,38 @@ def _refund_without_reservation(tx: WriteTx, order_id: int, lines: Lines) -> dic
     }
     tx.insert(reservations, tombstone)
     return {"order_id": str(order_id), "status": "refunded"}
+
+
+# A reconciled order's reservation (`InventoryService.reinstate`): from the status it has
+# now (None: no reservation) to the one the order needs, and the stock moved, as
+# (column from, column to, refused when short). Held: the order is created or paid; not
+# held: closed or refunded, so none of its units may stay reserved or sold.
+_HELD: dict[str | None, tuple[str, tuple[str, str, bool] | None]] = {
+    None: ("reserved", ("available", "reserved", True)),
+    "released": ("reserved", ("available", "reserved", True)),
+    "reserved": ("reserved", None),
+    "committed": ("committed", None),
+}
+_NOT_HELD: dict[str | None, tuple[str, tuple[str, str, bool] | None]] = {
+    None: ("none", None),
+    "released": ("released", None),
+    "refunded": ("refunded", None),
+    "reserved": ("released", ("reserved", "available", False)),
+    "committed": ("refunded", ("sold", "available", False)),
+}
+
+
+def reinstate_plan(
+    order_id: int, current: str | None, hold: bool
+) -> tuple[str, tuple[str, str, bool] | None]:
+    """The status a reconciled order's reservation ends in and the stock it moves."""
+    plan = (_HELD if hold else _NOT_HELD).get(current)
+    if plan is None:
+        raise Conflict(
+            f"the reservation of order {order_id} is {current} at the center: "
+            f"it cannot {'hold' if hold else 'return'} the order's stock"
+        )
+    return plan
 
 
 def _levels(row: Any) -> dict[str, int]:
@@ -160,6 +205,79 @@ class InventoryService:
                 },
             )
             return {"order_id": str(order_id), "status": "reserved"}
+
+        return await self.store.write(work)
+
+    async def reinstate(
+        self, order_id: int, cell: int, lines: Lines, hold: bool, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """Make the reservation of an order that reconcile writes again (control/reconcile.py)
+        hold the order's stock (`hold`: the order is created or paid) or none of it
+        (closed, refunded), whatever the reservation is now; idempotent by order ID.
+
+        Unlike `reserve` it takes an order ID of any age: a quarantined order comes back
+        long after the reserve window, and meanwhile the owner of its cell may have
+        released its reservation as abandoned (it is reserved again, refused with
+        insufficient_stock if the units are gone) or retention deleted it. A reservation
+        held already gets a new `created_ms`, so that the abandoned-reservation sweep
+        leaves it alone while the order is written (as for a new reserve). `dry_run`
+        decides the same in a read and changes nothing."""
+        lines = normalize_lines(lines)
+        encoded = orjson.dumps(lines).decode()
+
+        def check_lines(existing: Any) -> None:
+            if existing.status in ("reserved", "committed") and existing.lines != encoded:
+                raise Conflict(f"order {order_id} already has a different reservation")
+
+        if dry_run:
+
+            def look(conn: Connection) -> dict[str, Any]:
+                existing = conn.execute(
+                    by_key(reservations), key_params({"order_id": order_id})
+                ).first()
+                if existing is not None:
+                    check_lines(existing)
+                status, move = reinstate_plan(
+                    order_id, None if existing is None else existing.status, hold
+                )
+                if move is not None and move[2]:
+                    for sku, qty in lines:
+                        row = conn.execute(by_key(inventory), key_params({"sku": sku})).first()
+                        _short(sku, qty, row)
+                return {"order_id": str(order_id), "status": status}
+
+            return await self.store.read(look)
+
+        def work(tx: WriteTx) -> dict[str, Any]:
+            existing = tx.get(reservations, {"order_id": order_id})
+            if existing is not None:
+                check_lines(existing)
+            current = None if existing is None else existing.status
+            status, move = reinstate_plan(order_id, current, hold)
+            if move is not None:
+                source, target, refuse = move
+                for sku, qty in lines:
+                    _move(tx, sku, qty, source, target, refuse=refuse)
+            stamp = now_ms()
+            if existing is None:
+                if status != "none":
+                    tx.insert(
+                        reservations,
+                        {
+                            "order_id": order_id,
+                            "cell_id": cell,
+                            "status": status,
+                            "lines": encoded,
+                            "created_ms": stamp,
+                            "updated_ms": stamp,
+                        },
+                    )
+            elif move is not None or status == "reserved":
+                values = {"status": status, "lines": encoded, "updated_ms": stamp}
+                if status == "reserved":
+                    values.update(cell_id=cell, created_ms=stamp)
+                tx.update(reservations, {"order_id": order_id}, values)
+            return {"order_id": str(order_id), "status": status}
 
         return await self.store.write(work)
 

@@ -19,7 +19,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -379,6 +379,88 @@ class OrderService:
         params = key_params({"order_id": order_id})
         row = await store.read(lambda conn: conn.execute(by_key(orders), params).first())
         return row is not None
+
+    # -- re-create (reconcile) -------------------------------------------------------------
+
+    async def recreate(
+        self,
+        order: Mapping[str, Any],
+        lines: Sequence[Mapping[str, Any]],
+        payment: Mapping[str, Any] | None,
+        key: Mapping[str, Any] | None,
+    ) -> dict[str, Any] | None:
+        """Write again an order that only a lost region had (its quarantine; reconcile,
+        control/reconcile.py) at this owner of its cell, with its original ID and state: the
+        orders row, its lines, the buyer's index entry, its idempotency key and its payment.
+
+        As `create` reserves first, the stock is held again at the center first
+        (`reinstate`, idempotent by order ID; insufficient_stock if the units are gone); a
+        paid order's commit goes through the outbox as a payment's does; if the write
+        fails, the reservation is released. The order's row, None if it exists here already
+        (nothing is written: re-creating is idempotent by order ID)."""
+        order_id = int(order["order_id"])
+        store = self._order_store(order_id)
+        cell = store.cell.id
+        self.copies.fence.check(cell)
+        status = str(order["status"])
+        items = [(str(line["sku"]), int(line["qty"])) for line in lines]
+        hold = status in ("created", "paid")
+        held = await self.center.reinstate(order_id, cell, items, hold)
+        commit = status == "paid" and held["status"] == "reserved"
+        deadline = time.monotonic() + self.write_deadline_s
+
+        def work(tx: WriteTx) -> bool:
+            if time.monotonic() > deadline:
+                raise OrderTimedOut(f"order {order_id} was not written in time; retry")
+            if tx.get(orders, {"order_id": order_id}) is not None:
+                return False
+            buyer = int(order["buyer_id"])
+            if key is not None:
+                found = {"buyer_id": buyer, "idempotency_key": key["idempotency_key"]}
+                existing = tx.get(idempotency_keys, found)
+                if existing is not None and existing.order_id != order_id:
+                    raise Conflict(
+                        f"idempotency key {key['idempotency_key']!r} of buyer {buyer} names "
+                        f"order {existing.order_id} here"
+                    )
+                if existing is None:
+                    tx.insert(idempotency_keys, key)
+            if payment is not None:
+                paid = tx.get(payments, {"payment_id": payment["payment_id"]})
+                if paid is not None and paid.order_id != order_id:
+                    raise Conflict(
+                        f"payment {payment['payment_id']!r} belongs to order {paid.order_id} here"
+                    )
+                if paid is None:
+                    tx.insert(payments, payment)
+            tx.insert(orders, order)
+            for line in lines:
+                tx.insert(order_lines, line)
+            index = {"buyer_id": buyer, "created_ms": order["created_ms"], "order_id": order_id}
+            if tx.get(buyer_orders, index) is None:
+                tx.insert(buyer_orders, index)
+            if commit:
+                _enqueue(tx, order_id, "commit", now_ms())
+            return True
+
+        try:
+            written = await store.write(work)
+        except BaseException:
+            if hold:
+                await self._release_quietly(order_id)
+            raise
+        if not written:
+            return None
+        if commit:
+            await self.send_outbox(store, order_id, "commit")
+        return dict(order)
+
+    async def find(self, order_id: int) -> dict[str, Any] | None:
+        """An order's row in this region's copy of its cell, whoever the buyer (reconcile)."""
+        store = self._order_store(order_id)
+        params = key_params({"order_id": order_id})
+        row = await store.read(lambda conn: conn.execute(by_key(orders), params).first())
+        return None if row is None else dict(row._mapping)
 
     # -- read ------------------------------------------------------------------------------
 

@@ -100,6 +100,24 @@ class CenterClient:
         )
         return result
 
+    async def reinstate(
+        self, order_id: int, cell: int, lines: Lines, hold: bool, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """The reservation of a reconciled order holds its stock, or none (inventory.py)."""
+        payload = {
+            "order_id": str(order_id),
+            "cell": cell,
+            "lines": lines,
+            "hold": hold,
+            "dry_run": dry_run,
+        }
+        result: dict[str, Any] = await self._call(
+            lambda: self.local.reinstate(order_id, cell, lines, hold, dry_run),
+            "reinstate",
+            payload,
+        )
+        return result
+
     async def set_stock(self, sku: str, total: int) -> dict[str, Any]:
         payload = {"sku": sku, "total": total}
         result: dict[str, Any] = await self._call(

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
 
 from unitrade.storage.schema import cell_meta, changelog, quarantine, tables_of
 from unitrade.storage.store import CellStore, WriteTx, now_ms
@@ -33,6 +33,23 @@ from unitrade.topology.rule import Promotion
 
 LIST_ROWS_MAX = 1_000
 HELD = "held"
+# What `unitrade quarantine reconcile` decided for an entry (control/reconcile.py).
+REAPPLIED, CONFLICT, SUPERSEDED = "reapplied", "conflict", "superseded"
+STATES = (HELD, REAPPLIED, CONFLICT, SUPERSEDED)
+MARKS_MAX = 1_000  # entries marked in one transaction
+NOTE_CHARS_MAX = 500
+
+# Only a held entry takes a decision: marking again (a second reconcile, a retried call)
+# changes nothing, and a decision is never overwritten.
+_MARK = (
+    update(quarantine)
+    .where(
+        quarantine.c.promotion_version == bindparam("k_promotion_version"),
+        quarantine.c.position == bindparam("k_position"),
+        quarantine.c.state == HELD,
+    )
+    .values(state=bindparam("s_state"), note=bindparam("s_note"))
+)
 
 
 def first_divergent(conn: Connection, promotions: Sequence[Promotion]) -> int | None:
@@ -138,22 +155,64 @@ async def counts(store: CellStore) -> dict[str, int]:
     return await store.read(work)
 
 
-async def entries(store: CellStore, limit: int, state: str | None = None) -> list[dict[str, Any]]:
-    """Quarantined rows in business terms, oldest position first."""
+async def entries(
+    store: CellStore,
+    limit: int,
+    state: str | None = None,
+    after: tuple[int, int] | None = None,
+    images: bool = False,
+) -> list[dict[str, Any]]:
+    """Quarantined rows in business terms, oldest position first; after the entry
+    (promotion_version, position) `after`, for paging; with the row images if `images`."""
     assert 1 <= limit <= LIST_ROWS_MAX
 
     def work(conn: Connection) -> list[dict[str, Any]]:
         query = select(quarantine).order_by(quarantine.c.promotion_version, quarantine.c.position)
         if state is not None:
             query = query.where(quarantine.c.state == state)
-        return [entry(store.cell.name, dict(r._mapping)) for r in conn.execute(query.limit(limit))]
+        if after is not None:
+            version, position = after
+            query = query.where(
+                or_(
+                    quarantine.c.promotion_version > version,
+                    and_(
+                        quarantine.c.promotion_version == version,
+                        quarantine.c.position > position,
+                    ),
+                )
+            )
+        rows = conn.execute(query.limit(limit))
+        return [entry(store.cell.name, dict(r._mapping), images) for r in rows]
 
     return await store.read(work)
 
 
-def entry(cell_name: str, row: Mapping[str, Any]) -> dict[str, Any]:
+async def mark(store: CellStore, marks: Sequence[Mapping[str, Any]]) -> int:
+    """Record reconcile's decisions: each mark names an entry (promotion_version, position)
+    and gives its `state` (reapplied, conflict, superseded) and `note`. Held entries only;
+    the number marked. A local write on this copy (`write_own`), like the quarantine itself:
+    the region may own the cell or not, and nothing of it replicates."""
+    assert len(marks) <= MARKS_MAX
+    params = [
+        {
+            "k_promotion_version": int(m["promotion_version"]),
+            "k_position": int(m["position"]),
+            "s_state": m["state"],
+            "s_note": str(m["note"])[:NOTE_CHARS_MAX],
+        }
+        for m in marks
+    ]
+    for p in params:
+        assert p["s_state"] in (REAPPLIED, CONFLICT, SUPERSEDED), p["s_state"]
+    if not params:
+        return 0
+    return await store.write_own(lambda tx: sum(tx.count(_MARK, p) for p in params))
+
+
+def entry(cell_name: str, row: Mapping[str, Any], images: bool = False) -> dict[str, Any]:
     key = orjson.loads(row["pk"])
     image = orjson.loads(row["row_image"]) if row["row_image"] else None
+    extra = {"image": image} if images else {}
     return {
         "cell": cell_name,
         "promotion_version": int(row["promotion_version"]),
@@ -167,6 +226,7 @@ def entry(cell_name: str, row: Mapping[str, Any]) -> dict[str, Any]:
         "created_ms": int(row["created_ms"]),
         "state": row["state"],
         "note": row["note"],
+        **extra,
     }
 
 

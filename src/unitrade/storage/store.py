@@ -677,6 +677,18 @@ class CellStore:
             self._tail.drop_through(trimmed)
         return trimmed
 
+    async def write_own(self, work: Callable[[WriteTx], T]) -> T:
+        """A transaction on this copy's own tables (`schema.local`: the quarantine), owner or
+        replica, outside the fence and never captured: they are this copy's bookkeeping,
+        never replicated, and change no position. `work` must touch no other table."""
+
+        def body(tx: WriteTx) -> tuple[T, int]:
+            return work(tx), 0
+
+        async with self._write_slot():
+            result, _ = await self._transact(body, epoch=0)
+        return result
+
     def _advance(self, position: int) -> None:
         """Note a committed position and wake whoever waits for it (replication pulls)."""
         if position > self.position:
