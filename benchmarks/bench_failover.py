@@ -10,7 +10,9 @@ open-loop load of order creations sent only to the surviving regions' gateways (
 buyers of the lost region's cells, half for the others):
 
 - **kill**: the region is killed (kill -9) and not restarted during the measurement;
-- **stop**: the region is frozen (SIGSTOP) and kept frozen.
+- **stop**: the region is frozen (SIGSTOP) and kept frozen;
+- **control**: the control plane (the embedded lease authority) is killed and kept down:
+  how long every region keeps writing before its lease ends (no failover is involved).
 
 Measured: the replication lag of the lost region's cells at the moment of the fault (what
 the survivors had not applied yet, in positions and ms); **detection** (from the fault to
@@ -63,7 +65,7 @@ from benchmarks.load import (
     seed_products,
 )
 from unitrade.cluster import LocalCluster
-from unitrade.topology.config import TopologyConfig
+from unitrade.topology.config import CONTROL_NAME, TopologyConfig
 
 SKUS = [f"failover-{i:02d}" for i in range(5)]
 STOCK = 10**9
@@ -115,9 +117,52 @@ async def returned(config: TopologyConfig, region: str) -> tuple[int, bool]:
     return rows, caught_up
 
 
+async def control_down(
+    args: argparse.Namespace, config: TopologyConfig, cluster: LocalCluster
+) -> dict[str, Any]:
+    """The control plane killed and kept down: from the kill to each region's first
+    `no_write_lease` refusal, under the same load."""
+    await seed_products(config, SKUS, STOCK)
+    buyers = buyers_by_cell(config, 1, BUYERS_PER_SIDE)
+    plan = make_plan(config, buyers, 0.5, seed=7, skus=SKUS)
+    samples: list[Sample] = []
+    error_bodies: dict[str, str] = {}
+    stop = asyncio.Event()
+    control = ControlClient(config)
+    try:
+        await control.wait_connected()
+        load = asyncio.create_task(open_loop(plan, args.rate, 256, stop, samples, {}, error_bodies))
+        await asyncio.sleep(args.warmup)
+        killed = time.perf_counter()
+        cluster.stop_region(CONTROL_NAME, kill=True, keep_down=True)
+        print("  control plane killed", flush=True)
+        await asyncio.sleep(config.control.lease_ms / 1000 + args.after)
+        stop.set()
+        await asyncio.wait_for(load, DRAIN_S + 5)
+    finally:
+        stop.set()
+        await control.close()
+    after = [s for s in samples if s.sent >= killed]
+    refused = [s for s in after if s.code == "no_write_lease"]
+    last_ok = max((s.sent + s.latency_s for s in after if 200 <= s.status < 300), default=killed)
+    return {
+        "fault": "control",
+        "writes_ok_after_kill": sum(1 for s in after if 200 <= s.status < 300),
+        "last_ok_after_kill_s": round(last_ok - killed, 3),
+        "first_no_write_lease_s": (
+            round(min(s.sent + s.latency_s for s in refused) - killed, 3) if refused else None
+        ),
+        "lease_ms": config.control.lease_ms,
+        "lease_renew_ms": config.control.lease_renew_ms,
+        "errors": {k: v[:200] for k, v in error_bodies.items()},
+    }
+
+
 async def one_fault(
     args: argparse.Namespace, fault: str, config: TopologyConfig, cluster: LocalCluster
 ) -> dict[str, Any]:
+    if fault == "control":
+        return await control_down(args, config, cluster)
     lost = args.region
     await seed_products(config, SKUS, STOCK)
     lost_cells = [c.id for c in config.cells if c.owner == lost and c.kind.value == "unit"]
@@ -223,7 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["runs"].append(figures)
             print_figures(figures)
         finally:
-            with_stopped = cluster.processes.get(args.region)
+            with_stopped = cluster.processes.get(args.region) if fault == "stop" else None
             if with_stopped is not None and with_stopped.poll() is None:
                 os.kill(with_stopped.pid, signal.SIGCONT)
             cluster.stop()
@@ -233,6 +278,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_figures(f: dict[str, Any]) -> None:
+    if f["fault"] == "control":
+        print(
+            f"\ncontrol plane killed: writes went on for {f['last_ok_after_kill_s']} s "
+            f"({f['writes_ok_after_kill']} acknowledged), the first no_write_lease came "
+            f"{f['first_no_write_lease_s']} s after the kill (lease {f['lease_ms']} ms, "
+            f"renewed every {f['lease_renew_ms']} ms)",
+            flush=True,
+        )
+        return
     print(f"\n{f['fault']}: failover {f['state']}")
     print(f"  lag at the fault: {f['lag_at_fault']}")
     print(
@@ -261,7 +315,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="A region lost under load: RTO with automatic failover, detection and "
         "promotion apart, the loss report against the replication lag.",
     )
-    parser.add_argument("--faults", default="kill,stop", help="kill and/or stop, comma-separated")
+    parser.add_argument(
+        "--faults", default="kill,stop,control", help="kill, stop, control; comma-separated"
+    )
     parser.add_argument("--region", default="sh", help="the region lost (not the center)")
     parser.add_argument("--rate", type=float, default=200.0, help="orders/s, surviving gateways")
     parser.add_argument(
@@ -273,8 +329,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     args.faults = [f.strip() for f in args.faults.split(",") if f.strip()]
-    if not args.faults or set(args.faults) - {"kill", "stop"}:
-        parser.error("--faults takes kill and/or stop")
+    if not args.faults or set(args.faults) - {"kill", "stop", "control"}:
+        parser.error("--faults takes kill, stop and/or control")
     if not 1 <= args.rate <= 2_000 or args.warmup < 1 or args.after < 1:
         parser.error("need 1 <= --rate <= 2000, --warmup >= 1, --after >= 1")
     return args

@@ -18,6 +18,7 @@ from tests.replication_support import current_owners, region_positions, wait_con
 from tests.storage_support import make_store
 from tests.support import Api, in_process_region, write_topology
 from tests.switch_support import Control, buyers_of_cell
+from tests.test_failover import failover
 from tests.test_switchover import start_cluster, unitrade
 from unitrade.cluster import LocalCluster
 from unitrade.control.reconcile import Change, _chunks, cart_call, group, order_call
@@ -441,7 +442,7 @@ def test_a_lost_regions_quarantine_is_reconciled_at_the_new_owners(
         assert region_positions(config, "sh")["u3"] > max(before.values())
 
         cluster.kill_region("sh")
-        answer = control.http.post("/v1/failover", json={"region": "sh"})
+        answer = failover(control, "sh")
         assert answer.status_code == 202, answer.text
         op = control.operation(answer.json()["id"], wait_s=45)
         assert op["state"] == "done", op
