@@ -274,3 +274,8 @@ def test_demo_shows_orders_in_every_cell_forwarding_and_conserved_stock(tmp_path
     assert "orders in every unit cell: yes" in result.stdout
     assert "forwarded to the owner region" in result.stdout
     assert "every copy of every cell identical to its owner's: yes" in result.stdout
+    # The last act: a region killed, failed over, brought back and reconciled.
+    assert "failover op-" in result.stdout and ": done in" in result.stdout
+    assert "orders in the loss report: reapplied" in result.stdout
+    assert "stock conserved after the failover and the reconcile: yes" in result.stdout
+    assert "identical to its owner's after sh came back: yes" in result.stdout

@@ -1,7 +1,9 @@
 """`unitrade demo`: a three-region cluster taking orders from many buyers through random
 regions, with a switchover of a cell to another region and back while they shop; then a
 check that no acknowledged order was lost, that every order is where its ID says, that
-stock is conserved and that every copy of every cell equals its owner's."""
+stock is conserved and that every copy of every cell equals its owner's. It ends with a
+region killed while its buyers shop, failed over, brought back and reconciled
+(demo_failover.py), and the same checks again."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from unitrade import demo_failover
 from unitrade.cluster import LocalCluster
 from unitrade.replication.diff_cli import run_diff
 from unitrade.topology.config import TopologyConfig
@@ -70,14 +73,19 @@ def run_demo(
     try:
         # A region that crashes under the load is started again (and said so), as in `up`.
         cluster.supervise(on_event=lambda message, _loud: console.print(f"supervisor: {message}"))
-        return asyncio.run(_workload(config, buyers, skus, stock, concurrency))
+        return asyncio.run(_workload(config, cluster, buyers, skus, stock, concurrency))
     finally:
         with console.status("stopping regions..."):
             cluster.stop()
 
 
 async def _workload(
-    config: TopologyConfig, buyers: int, sku_count: int, stock: int, concurrency: int
+    config: TopologyConfig,
+    cluster: LocalCluster,
+    buyers: int,
+    sku_count: int,
+    stock: int,
+    concurrency: int,
 ) -> bool:
     rng = random.Random(7)
     urls = {r.name: r.base_url for r in config.regions}
@@ -118,7 +126,10 @@ async def _workload(
             shopping = asyncio.gather(*(one(b) for b in buyer_ids))
             switched = await _switch_while_shopping(http, config, admin, shopping)
             await shopping
-        return await _report(http, config, urls, admin, skus, stock, tally) and switched
+        reported = await _report(http, config, urls, admin, skus, stock, tally)
+        # The last act: a region dies, is failed over, comes back and is reconciled.
+        survived = await demo_failover.act(http, config, cluster, admin, console)
+        return reported and switched and survived
 
 
 async def _switch_while_shopping(
