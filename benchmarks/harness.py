@@ -76,11 +76,12 @@ def write_topology(
     storage: str | None = None,
     control_storage: str | None = None,
     sections: Mapping[str, Mapping[str, int | float | str]] | None = None,
+    control: Mapping[str, int | float | str | bool] | None = None,
 ) -> TopologyConfig:
     """The default topology (regions, cells, buckets, owners) on the given ports: one per
     region, then the control plane's. `storage` (a template with `{region}` and `{cell}`)
     and `control_storage` replace the SQLite defaults; `sections` adds top-level tables
-    such as `{"retention": {...}}`."""
+    such as `{"retention": {...}}`, `control` settings of the `[control]` table."""
     default = default_config()
     lines: list[str] = []
     *region_ports, control_port = ports
@@ -95,6 +96,7 @@ def write_topology(
     lines += ["[control]", f'listen = "{HOST}:{control_port}"']
     if control_storage is not None:
         lines.append(f"storage = {json.dumps(control_storage)}")
+    lines += [f"{key} = {json.dumps(value)}" for key, value in (control or {}).items()]
     lines.append("")
     for name, values in (sections or {}).items():
         lines.append(f"[{name}]")
