@@ -308,3 +308,39 @@ def test_with_the_embedded_authority_writes_stop_a_lease_after_the_control_plane
                 time.sleep(0.05)
         finally:
             api.http.close()
+
+
+def test_a_region_killed_on_etcd_is_failed_over(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """The failover on etcd: the block is a key in etcd, the wait is for the lost region's
+    lease key to expire, and the leader publishes the new owners."""
+    config, _path = etcd_topology(tmp_path, etcd.endpoints)
+    with LocalCluster(config, tmp_path / "data", _path) as cluster:
+        cluster.start()
+        api = Api(config)
+        try:
+            leader_url = cluster.base_url(wait_leader(cluster))
+            wait_connected(api, leader_url)
+            api.put_product("sku-f", 1_000)
+            buyer = api.buyer_in("bj")
+            assert api.order("hz", buyer, [("sku-f", 1)]).status_code == 201
+            cluster.kill_region("bj")
+            deadline = time.monotonic() + DEADLINE_S
+            while True:
+                health = api.http.get(leader_url + "/healthz").json().get("health", {})
+                if health.get("regions", {}).get("bj", {}).get("state") == "down":
+                    break
+                assert time.monotonic() < deadline, f"bj never marked down: {health}"
+                time.sleep(0.1)
+            answer = api.http.post(
+                leader_url + "/v1/failover", json={"region": "bj"}, headers=api.admin_headers
+            )
+            assert answer.status_code == 202, answer.text
+            op = _operation(api, leader_url, answer.json()["id"], wait_s=45)
+            assert op["state"] == "done", op
+            assert op["detail"]["expire_ms"] >= 0
+            owners = api.http.get(config.region("hz").base_url + "/healthz").json()["owners"]
+            assert owners["u5"] != "bj" and owners["u6"] != "bj", owners
+            created = api.order("sh", buyer, [("sku-f", 1)])
+            assert created.status_code == 201, created.text
+        finally:
+            api.http.close()
