@@ -182,12 +182,17 @@ def print_figures(api: ControlApi, op: dict[str, Any]) -> None:
             f"ban {detail.get('ban_version')}, new owner {detail.get('publish_version')}",
         ),
     ]
+    add_figures(table, rows, op["error"])
+    console.print(table)
+
+
+def add_figures(table: Any, rows: list[tuple[str, Any]], error: str) -> None:
+    """The rows of an operation's figures that it has, then the reason it failed."""
     for name, value in rows:
         if value is not None:
             table.add_row(name, str(value))
-    if op["error"]:
-        table.add_row("reason", op["error"])
-    console.print(table)
+    if error:
+        table.add_row("reason", error)
 
 
 @click.command()

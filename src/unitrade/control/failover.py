@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from unitrade.control.lease import LeaseAuthority
 from unitrade.control.store import Operation
-from unitrade.control.switchover import Control, _pause
+from unitrade.control.switchover import Control, Workflow
 from unitrade.errors import FailoverRefused, UnitradeError
 from unitrade.storage.sequences import AHEAD_S_MAX
 from unitrade.storage.store import now_ms
@@ -160,7 +160,7 @@ async def precheck(
     }
 
 
-class Failover:
+class Failover(Workflow):
     def __init__(
         self,
         ctx: Control,
@@ -168,13 +168,9 @@ class Failover:
         leases: LeaseAuthority,
         health: HealthView | None,
     ) -> None:
-        self.ctx = ctx
-        self.op = op
+        super().__init__(ctx, op)
         self.leases = leases
         self.health = health
-        self.abort = asyncio.Event()  # a failover is never aborted; kept for the plane
-        self.abort_reason = ""
-        self._stamps: dict[str, float] = {}
 
     @property
     def lost(self) -> str:
@@ -191,21 +187,6 @@ class Failover:
     def _names(self) -> str:
         rule = self.ctx.board.rule
         return ",".join(rule.cells[c].name for c in self.cells)
-
-    async def begin(self, step: str, detail: dict[str, Any] | None = None) -> None:
-        self._stamps[step] = time.monotonic()
-        await self.ctx.store.record(self.op, step, "begin", detail)
-        log.info("%s: step %s begins", self.op.id, step)
-        pause = _pause(step)
-        if pause:
-            log.warning("%s: pausing %.1f s at step %s", self.op.id, pause, step)
-            await asyncio.sleep(pause)
-
-    async def done(self, step: str, detail: dict[str, Any] | None = None) -> None:
-        took_ms = int((time.monotonic() - self._stamps.get(step, time.monotonic())) * 1000)
-        await self.ctx.store.record(
-            self.op, step, "done", {**(detail or {}), f"{step}_ms": took_ms}
-        )
 
     def _done(self, step: str) -> bool:
         return f"{step}_ms" in self.op.detail

@@ -9,7 +9,15 @@ from typing import Any
 import click
 
 from unitrade.cli_options import compact_table, config_option, load
-from unitrade.control.cli import ControlApi, _fail, _finish, cell_list, console, follow
+from unitrade.control.cli import (
+    ControlApi,
+    _fail,
+    _finish,
+    add_figures,
+    cell_list,
+    console,
+    follow,
+)
 from unitrade.control.reconcile import ENTRIES_MAX, ERROR, Item, Reconcile
 from unitrade.gateway.quarantine_routes import LIST_PATH
 from unitrade.replication.diff_cli import DiffError, cluster_regions
@@ -93,11 +101,7 @@ def print_failover(api: ControlApi, op: dict[str, Any]) -> None:
             f"ban {detail.get('ban_version')}, new owners {detail.get('publish_version')}",
         ),
     ]
-    for name, value in rows:
-        if value is not None:
-            table.add_row(name, str(value))
-    if op["error"]:
-        table.add_row("reason", op["error"])
+    add_figures(table, rows, op["error"])
     console.print(table)
     report = detail.get("loss_report")
     if not report:

@@ -136,25 +136,16 @@ async def precheck(ctx: Control, cells: list[int], target: str) -> dict[str, Any
     return {"lag": lags, "rule_version": rule.version}
 
 
-class Switchover:
+class Workflow:
+    """What an operation's steps share (switchover and failover): each step recorded in the
+    control store before it is taken (`begin`) and when it is done, with its time."""
+
     def __init__(self, ctx: Control, op: Operation) -> None:
         self.ctx = ctx
         self.op = op
-        self.abort = asyncio.Event()
+        self.abort = asyncio.Event()  # set by an abort (a failover never sets it)
         self.abort_reason = ""
         self._stamps: dict[str, float] = {}
-        self._banned_since: float | None = None
-
-    @property
-    def cells(self) -> list[int]:
-        return self.op.cells
-
-    def required(self) -> list[str]:
-        """Regions whose acknowledgement a rule change waits for: the old owners, the
-        target, and every region connected to the control plane. A region that is not
-        connected owns none of the cells, and learns the rule when it reconnects."""
-        needed = set(self.op.sources.values()) | {self.op.target} | set(self.ctx.board.connected())
-        return sorted(needed)
 
     async def begin(self, step: str, detail: dict[str, Any] | None = None) -> None:
         self._stamps[step] = time.monotonic()
@@ -171,6 +162,23 @@ class Switchover:
         await self.ctx.store.record(
             self.op, step, "done", {**(detail or {}), f"{step}_ms": took_ms}
         )
+
+
+class Switchover(Workflow):
+    def __init__(self, ctx: Control, op: Operation) -> None:
+        super().__init__(ctx, op)
+        self._banned_since: float | None = None
+
+    @property
+    def cells(self) -> list[int]:
+        return self.op.cells
+
+    def required(self) -> list[str]:
+        """Regions whose acknowledgement a rule change waits for: the old owners, the
+        target, and every region connected to the control plane. A region that is not
+        connected owns none of the cells, and learns the rule when it reconnects."""
+        needed = set(self.op.sources.values()) | {self.op.target} | set(self.ctx.board.connected())
+        return sorted(needed)
 
     def _check_abort(self) -> None:
         if self.abort.is_set():

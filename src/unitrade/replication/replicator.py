@@ -425,7 +425,26 @@ class Replicator:
             trimmed += after - before  # the changelog is gapless: positions are rows
             await asyncio.sleep(0)  # let the loop serve others between batches
         self.trimmed_rows[cell] += trimmed
+        await self._sweep_quarantine(cell)
         return trimmed
+
+    async def _sweep_quarantine(self, cell: int) -> None:
+        """Delete the quarantine's decided entries past `quarantine_decided_s`; only a copy
+        that has some asks its database."""
+        if not set(self.quarantined[cell]) - {quarantine.HELD}:
+            return
+        settings = self.client.config.retention
+        store = self.copies[cell]
+        before_ms = now_ms() - settings.quarantine_decided_s * 1000
+        deleted = 0
+        for _ in range(SWEEP_BATCHES_MAX):
+            batch = await quarantine.sweep(store, before_ms, settings.sweep_batch_rows)
+            deleted += batch
+            if batch < settings.sweep_batch_rows:
+                break
+        if deleted:
+            self.quarantined[cell] = await quarantine.counts(store)
+            log.info("cell %s: %d decided quarantine entries deleted (retention)", cell, deleted)
 
     def _followers_min(self, cell: int) -> int | None:
         """At the owner, the lowest position every other region has applied; None at a

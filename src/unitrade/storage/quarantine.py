@@ -25,7 +25,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Select,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from unitrade.storage.schema import cell_meta, changelog, quarantine, tables_of
 from unitrade.storage.store import CellStore, WriteTx, now_ms
@@ -273,3 +284,34 @@ def describe(table: str, op: str, key: Mapping[str, Any], image: Mapping[str, An
             " deleted" if gone else f": {row.get('title')!r} at {row.get('price_cents')} cents"
         )
     return f"{table} {dict(key)} ({'deleted' if gone else 'written'})"
+
+
+_DECIDED: Select[Any] = (
+    select(quarantine.c.promotion_version, quarantine.c.position)
+    .where(quarantine.c.state != HELD, quarantine.c.quarantined_ms < bindparam("before_ms"))
+    .limit(bindparam("n"))
+)
+_DELETE_ONE = delete(quarantine).where(
+    quarantine.c.promotion_version == bindparam("k_version"),
+    quarantine.c.position == bindparam("k_position"),
+)
+
+
+async def sweep(store: CellStore, before_ms: int, batch_rows: int) -> int:
+    """Delete a batch of entries reconcile has decided (not held) that were quarantined
+    before `before_ms`: `[retention] quarantine_decided_s`. Held entries stay until they
+    are decided. A local write (`write_own`); the number deleted."""
+    assert batch_rows >= 1
+
+    def work(tx: WriteTx) -> int:
+        keys = tx.all(_DECIDED, {"before_ms": before_ms, "n": batch_rows})
+        for key in keys:
+            found = key._mapping
+            params = {
+                "k_version": int(found["promotion_version"]),
+                "k_position": int(found["position"]),
+            }
+            tx.count(_DELETE_ONE, params)
+        return len(keys)
+
+    return await store.write_own(work)

@@ -371,6 +371,10 @@ class RetentionConfig(_Strict):
     # for a reservation the sweep deleted. A reservation is therefore also kept until it
     # is older than this plus a margin for clocks (services/retention.py).
     reserve_window_s: Annotated[int, Field(ge=5, le=3_600)] = 60
+    # Quarantined changes (storage/quarantine.py) that reconcile has decided (reapplied,
+    # conflict, superseded) are deleted from a copy's quarantine once this old; held ones
+    # are kept until they are decided.
+    quarantine_decided_s: Annotated[int, Field(ge=0, le=3650 * 86_400)] = 90 * 86_400
     # The health checker's synthetic orders (topology/probes.py) are deleted at their
     # owner once this old, at the next sweep.
     probe_orders_s: Annotated[int, Field(ge=0, le=3_600)] = 10
