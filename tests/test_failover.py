@@ -281,3 +281,45 @@ def test_the_control_plane_killed_during_a_failover_resumes_it(
         assert op["state"] == "done", op
         owners = current_owners_from(config, "hz")
         assert owners["u5"] != "bj" and owners["u6"] != "bj"
+
+
+def test_a_forced_failover_of_a_serving_region_is_recorded_and_loses_nothing(
+    running: tuple[LocalCluster, Path], closing: list[Api]
+) -> None:
+    """`force` overrides the agreement check (the region answers): the region is blocked
+    from leases at once, stops writing at its next renewal, and its cells move with every
+    acknowledged order kept; the operation records that it was forced."""
+    cluster, _path = running
+    config = cluster.config
+    api = Api(config)
+    closing.append(api)
+    for sku in SKUS:
+        api.put_product(sku, STOCK)
+    moved = buyers_of_cell(config, 3, 4) + buyers_of_cell(config, 4, 4)
+    others = buyers_of_cell(config, 1, 4) + buyers_of_cell(config, 5, 4)
+    with Control(config) as control:
+        control.wait_connected()
+        load = Load(config, moved + others, SKUS, threads=4)  # sh's own gateway too
+        load.start()
+        try:
+            load.wait_acked(moved, 20)
+            refused = failover(control, "sh", healthy=True)
+            assert refused.status_code == 409, refused.text
+            op = failover_and_wait(control, "sh", healthy=True, force=True)
+            load.wait_acked(moved, 20)
+        finally:
+            load.stop()
+        assert op["detail"]["forced"] is True
+        assert op["detail"]["agreement"]["control_plane"] == "up"
+        owners = current_owners(config)
+        assert owners["u3"] != "sh" and owners["u4"] != "sh", owners
+        # The region answered throughout: it learned the new rule, wrote nothing after its
+        # lease was refused, and every order it acknowledged is at the new owners.
+        for acked in load.acked:
+            status, state = order_state(api, "hz", acked)
+            assert status == 200, (status, acked)
+            if acked.paid:
+                assert state == "paid", (acked, state)
+        wait_converged(config)
+        assert quarantined(config, "sh") == []
+        assert_stock_conserved(api, "hz")
