@@ -172,6 +172,7 @@ def test_the_leader_killed_a_standby_takes_over_and_a_switch_still_works(
     assert new_leader != leader
     assert refused == [], "writes were refused while the control plane changed leader"
     print(f"\nstandby {new_leader} took over {took_over_ms:.0f} ms after the leader was killed")
+    assert took_over_ms < api.config.control.lease_ms, "the takeover outlasted a write lease"
     # A switch through the CLI, which tries the members in the configured order: the dead
     # one does not answer, a standby answers not_leader naming the leader.
     wait_connected(api, cluster.base_url(new_leader))

@@ -3,8 +3,8 @@
 Each member runs the same process. The leader is whoever created the key `leader` (etcd.py)
 with a txn "create it if absent", attached to an etcd lease it keeps alive every
 `lease_renew_ms`; the others read the key as often and try again once it is gone. A leader
-killed with kill -9 stops renewing, etcd deletes the key with the lease (TTL
-`ceil(lease_ms / 1000)` s), and a standby takes over within about one lease and one poll;
+killed with kill -9 stops renewing, etcd deletes the key with the lease (TTL half a write
+lease, at least 2 s: `election_ttl_s`), and a standby takes over within that and one poll;
 one stopped cleanly revokes its lease, and a standby takes over at its next poll.
 
 A new leader starts the control plane (ControlPlane.start: it loads the newest rule and
@@ -31,9 +31,9 @@ from unitrade.control.etcd import EtcdClient, EtcdKeys, created, put_op, range_o
 from unitrade.control.etcd_lease import (
     EtcdLeases,
     counted_ttl_ms,
+    election_ttl_s,
     etcd_client,
     etcd_keys,
-    etcd_ttl_s,
 )
 from unitrade.control.etcd_store import EtcdControlStore
 from unitrade.control.lease import LEASE_MARGIN_MS, drift_ratio
@@ -125,7 +125,7 @@ class Election:
             self.leader = current.json()
             return
         sent = time.monotonic()
-        lease, granted_s = await self.client.grant(etcd_ttl_s(self.config))
+        lease, granted_s = await self.client.grant(election_ttl_s(self.config))
         me = {"member": self.member.name, "url": self.member.base_url}
         result = await self.client.txn(
             [created(self.keys.leader, 0)],

@@ -61,6 +61,13 @@ def etcd_ttl_s(config: ControlConfig) -> int:
     return max(1, math.ceil(config.lease_ms / 1000))
 
 
+def election_ttl_s(config: ControlConfig) -> int:
+    """The TTL of the active control plane member's key: half a write lease (at least the
+    2 s etcd grants at the least with its default election timeout), so that a standby
+    takes over, after the TTL and one poll, within one write lease of the leader's death."""
+    return max(2, math.ceil(config.lease_ms / 2000))
+
+
 def counted_ttl_ms(config: ControlConfig, granted_s: int) -> int:
     """What the holder of an etcd lease granted for `granted_s` counts: never more than
     lease_ms, and short enough that etcd's TTL, on etcd's clock, outlasts it whatever the
