@@ -191,6 +191,13 @@ def test_a_killed_unit_region_is_failed_over_and_nothing_acknowledged_is_lost_si
         assert created.status_code == 201, created.text
         diff = unitrade(path, "diff")
         assert diff.returncode == 0, diff.stdout + diff.stderr
+        # It takes a cell back by a planned switch, and writes it again.
+        control.wait_connected()
+        control.switch_and_wait(["u3"], lost)
+        buyer = buyers_of_cell(config, 3, 1)[0]
+        back = api.order("hz", buyer, [(SKUS[0], 1)])
+        assert back.status_code == 201, back.text
+        assert back.headers["x-unitrade-served-by"] == lost
 
 
 def test_a_failover_of_a_healthy_region_is_refused(

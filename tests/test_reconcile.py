@@ -346,9 +346,9 @@ SKU, CART_SKU, LOW = "RC-A", "RC-B", "RC-LOW"
 STOCK, LOW_STOCK = 1_000, 10
 
 
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[tuple[LocalCluster, Path]]:
-    yield from start_cluster(tmp_path, "sqlite")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def running(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[LocalCluster, Path]]:
+    yield from start_cluster(tmp_path, request.param)
 
 
 def until(what: str, check: Callable[[], Any], timeout_s: float = 30.0) -> Any:
