@@ -330,3 +330,46 @@ def test_a_forced_failover_of_a_serving_region_is_recorded_and_loses_nothing(
         wait_converged(config)
         assert quarantined(config, "sh") == []
         assert_stock_conserved(api, "hz")
+
+
+def test_with_auto_failover_a_killed_region_is_failed_over_by_the_health_checker(
+    tmp_path: Path, closing: list[Api]
+) -> None:
+    """`[control] auto_failover = true`: nobody runs `unitrade failover`; the health checker
+    sees the region down and starts it, once (failover_interval_s)."""
+    import tomllib
+
+    from tests.support import free_ports, topology_toml
+    from unitrade.topology.config import parse_config
+
+    text = topology_toml(free_ports(4), control="auto_failover = true\nfailover_interval_s = 600")
+    path = tmp_path / "topology.toml"
+    path.write_text(text)
+    config = parse_config(tomllib.loads(text))
+    with LocalCluster(config, tmp_path / "data", path) as cluster:
+        cluster.start()
+        api = Api(config)
+        closing.append(api)
+        api.put_product(SKUS[0], STOCK)
+        buyer = buyers_of_cell(config, 5, 1)[0]  # u5, owned by bj
+        with Control(config) as control:
+            control.wait_connected()
+            assert api.order("hz", buyer, [(SKUS[0], 1)]).status_code == 201
+            cluster.kill_region("bj")
+            deadline = time.monotonic() + 30
+            while True:
+                listed = control.http.get("/v1/operations").json()["operations"]
+                done = [o for o in listed if o["kind"] == "failover" and o["state"] == "done"]
+                if done:
+                    break
+                assert time.monotonic() < deadline, f"no automatic failover: {listed}"
+                time.sleep(0.1)
+            (op,) = done
+            assert op["detail"]["started_by"] == "health checker"
+            assert current_owners_from(config, "hz")["u5"] != "bj"
+            created = api.order("hz", buyer, [(SKUS[0], 1)])
+            assert created.status_code == 201, created.text
+            # One failover, not one per probe round.
+            time.sleep(2.0)
+            listed = control.http.get("/v1/operations").json()["operations"]
+            assert [o["kind"] for o in listed].count("failover") == 1
