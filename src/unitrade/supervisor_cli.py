@@ -161,16 +161,22 @@ def start(region: str | None, control: bool, data_dir: Path, timeout_s: float) -
             return
         if entry["state"] != State.RUNNING:
             files.request_start(name)
+        taken_at: float | None = None  # wall clock: when the request was seen consumed
         while True:
+            # The request first: a state file written before it was consumed says nothing
+            # of what became of it (`up` rewrites the file at least every second).
+            taken = not files.start_pending(name)
+            if taken and taken_at is None:
+                taken_at = time.time()
             document = _live(files)
             entry = document["processes"][name]
-            taken = not files.start_pending(name)
-            if taken and entry["state"] == State.FAILED:
+            fresh = taken_at is not None and files.state_path.stat().st_mtime > taken_at
+            if taken and fresh and entry["state"] == State.FAILED:
                 raise click.ClickException(
                     f"{what} failed to start: {describe_exit(entry['exit_code'])}, restarted "
                     f"{entry['restarts']} times; see {files.data_dir}/logs/{name}.log"
                 )
-            if taken and entry["state"] in (State.HELD, State.STOPPING):
+            if taken and fresh and entry["state"] in (State.HELD, State.STOPPING):
                 raise click.ClickException(f"{what} was stopped again meanwhile")
             if taken and entry["state"] == State.RUNNING and _healthy(client, url):
                 break
