@@ -1,0 +1,165 @@
+"""Network faults (unitrade/verify/network.py, tcpproxy.py): the proxy adds the latency it
+is told and cuts connections in flight; a partition makes a region unreachable from the
+others (one way: it still reaches them) and healed reachable again, in proxy mode and, as
+root, in namespaces mode."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import Api, free_ports, topology_toml
+from tests.switch_support import buyers_of_cell
+from unitrade.netns import unavailable_reason
+from unitrade.topology.config import CONTROL_NAME, default_config
+from unitrade.verify.network import NAMESPACES, PROXY, NetworkFaults
+from unitrade.verify.tcpproxy import LinkFaults, Proxy, ProxyLoop
+
+SLOW_HOLD_S = 5.0
+
+
+class _Upstream(BaseHTTPRequestHandler):
+    """/fast answers at once; /slow tells the test it has the request, then answers after
+    SLOW_HOLD_S (a request in flight for a cut to strike)."""
+
+    in_flight = threading.Event()
+
+    def do_GET(self) -> None:
+        if self.path == "/slow":
+            type(self).in_flight.set()
+            time.sleep(SLOW_HOLD_S)
+        body = b"ok"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def proxied() -> Iterator[tuple[str, LinkFaults, ProxyLoop]]:
+    """A real HTTP server behind one proxy (named `sh`); the proxy's URL."""
+    _Upstream.in_flight = threading.Event()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    faults = LinkFaults()
+    loop = ProxyLoop()
+    port = free_ports(1)[0]
+    target = ("127.0.0.1", server.server_address[1])
+    try:
+        loop.add(Proxy("sh", ("127.0.0.1", port), target, faults, lambda _h, _p: None))
+        yield f"http://127.0.0.1:{port}", faults, loop
+    finally:
+        loop.close()
+        server.shutdown()
+        server.server_close()
+
+
+def _fastest(client: httpx.Client, url: str, n: int = 5) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        assert client.get(url).status_code == 200
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def test_the_proxy_adds_the_latency_it_is_told(
+    proxied: tuple[str, LinkFaults, ProxyLoop],
+) -> None:
+    url, faults, _loop = proxied
+    with httpx.Client(timeout=10.0) as client:
+        base = _fastest(client, url + "/fast")
+        faults.set_delay("sh", 0.08)
+        slow = _fastest(client, url + "/fast")
+        faults.set_delay("sh", 0.0)
+        again = _fastest(client, url + "/fast")
+    # The request and its answer each wait 80 ms: the fastest of five rises by 160 ms at
+    # least (a lower bound: a busy machine only adds to it).
+    assert slow >= base + 0.16, (base, slow)
+    assert again < slow, (again, slow)
+
+
+def test_a_cut_connection_is_seen_by_its_client(
+    proxied: tuple[str, LinkFaults, ProxyLoop],
+) -> None:
+    url, _faults, loop = proxied
+    failure: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            with httpx.Client(timeout=30.0) as client:
+                client.get(url + "/slow")
+        except httpx.HTTPError as exc:
+            failure.append(exc)
+
+    client = threading.Thread(target=request)
+    started = time.monotonic()
+    client.start()
+    assert _Upstream.in_flight.wait(10), "the request never reached the server"
+    assert loop.cut("sh") == 1  # struck in flight: the server holds the request
+    client.join(30)
+    assert not client.is_alive()
+    assert failure and isinstance(failure[0], httpx.TransportError), failure
+    # Seen at the cut, not at the server's answer.
+    assert time.monotonic() - started < SLOW_HOLD_S
+
+
+def _modes() -> list[object]:
+    reason = unavailable_reason()
+    skip = pytest.mark.skip(reason=f"no network namespaces: {reason}")
+    return [PROXY, pytest.param(NAMESPACES, marks=[skip] if reason else [])]
+
+
+def _forwarded(api: Api, at: str, buyer: int) -> int:
+    """The status of a buyer's cart read at `at`, a region that forwards it to the owner of
+    the buyer's cell; 0 when no answer came in time."""
+    try:
+        return api.call(at, "GET", "/v1/cart", buyer).status_code
+    except httpx.TimeoutException:
+        return 0
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_a_partitioned_region_is_unreachable_from_the_others_until_healed(
+    mode: str, tmp_path: Path
+) -> None:
+    names = [*default_config().region_names, CONTROL_NAME]
+    with NetworkFaults(names, mode) as faults:
+        assert faults.mode == mode
+        cluster, _path = faults.cluster(topology_toml(free_ports(4)), tmp_path)
+        config = cluster.config
+        at_sh = buyers_of_cell(config, 3, 1)[0]  # u3: owned by sh
+        at_hz = buyers_of_cell(config, 1, 1)[0]  # u1: owned by hz
+        with cluster, Api(config) as api:
+            cluster.start()
+            assert config.region("sh").base_url != f"http://{config.region('sh').listen}"
+            assert _forwarded(api, "hz", at_sh) == 200
+            assert _forwarded(api, "sh", at_hz) == 200
+
+            # One way: sh can send (its reads at hz answer) but not receive.
+            faults.partition("sh", [n for n in names if n != "sh"], both_ways=False)
+            assert _forwarded(api, "sh", at_hz) == 200
+            assert _forwarded(api, "hz", at_sh) != 200
+            # Clients on the machine's side still reach sh itself.
+            assert api.call("sh", "GET", "/v1/cart", at_sh).status_code == 200
+
+            faults.heal("sh")
+            faults.partition("sh", ["hz", "bj", CONTROL_NAME])
+            assert _forwarded(api, "sh", at_hz) != 200
+            assert _forwarded(api, "bj", at_sh) != 200
+
+            faults.heal("sh")
+            deadline = time.monotonic() + 30
+            while _forwarded(api, "hz", at_sh) != 200 or _forwarded(api, "sh", at_hz) != 200:
+                assert time.monotonic() < deadline, "still unreachable after the heal"
+                time.sleep(0.2)
