@@ -5,9 +5,10 @@ root, in namespaces mode."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import httpx
 import pytest
 
 from tests.support import Api, free_ports, topology_toml
-from tests.switch_support import buyers_of_cell
+from tests.switch_support import Control, buyers_of_cell
+from tests.test_partition import CartWriter
 from unitrade.netns import unavailable_reason
 from unitrade.topology.config import CONTROL_NAME, default_config
 from unitrade.verify.network import NAMESPACES, PROXY, NetworkFaults
@@ -163,3 +165,56 @@ def test_a_partitioned_region_is_unreachable_from_the_others_until_healed(
             while _forwarded(api, "hz", at_sh) != 200 or _forwarded(api, "sh", at_hz) != 200:
                 assert time.monotonic() < deadline, "still unreachable after the heal"
                 time.sleep(0.2)
+
+
+def test_in_proxy_mode_an_isolated_region_loses_its_write_lease_and_regains_it(
+    tmp_path: Path,
+) -> None:
+    """The proxies tell the servers apart: the region's lease renewals to the control plane
+    stall with the partition, so its writes stop within its lease, and start again when
+    healed."""
+    names = [*default_config().region_names, CONTROL_NAME]
+    with NetworkFaults(names, PROXY) as faults:
+        cluster, _path = faults.cluster(topology_toml(free_ports(4)), tmp_path)
+        config = cluster.config
+        with cluster, Api(config) as api, Control(config) as control:
+            cluster.start()
+            for n in range(50):
+                body = {"title": "t", "price_cents": 100, "stock": 1000}
+                answer = api.call("hz", "PUT", f"/v1/admin/products/PT-{n}", body=body)
+                assert answer.status_code == 200, answer.text
+            control.wait_connected()
+            writer = CartWriter(api, buyers_of_cell(config, 3, 1)[0])  # u3, owned by sh
+            writer.start()
+            try:
+                _wait(lambda: len(writer.acked) >= 20, 20, writer.refusals[-3:])
+                faults.partition("sh", ["hz", "bj", CONTROL_NAME])
+                cut = time.monotonic()
+                _wait(lambda: _refused(writer, "no_write_lease"), 15, "sh still writes")
+                assert [a for a in writer.acked if a[0] > cut], "no write in flight at the cut"
+                last = max(a[0] for a in writer.acked)
+                assert last - cut < config.control.lease_ms / 1000 + 0.5
+                faults.heal("sh")
+                healed = time.monotonic()
+                _wait(lambda: writer.acked[-1][0] > healed, 30, "sh writes no more")
+            finally:
+                writer.stop()
+    # Nothing is left listening: every proxy's and server's port can be listened on again
+    # (as servers do, past the closed connections' TIME_WAIT).
+    servers = [*config.regions, config.control]
+    for port in [s.port for s in servers] + [int(s.advertised.split(":")[1]) for s in servers]:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+
+
+def _refused(writer: CartWriter, error: str) -> bool:
+    return any(r.get("error") == error for r in list(writer.refusals))
+
+
+def _wait(done: Callable[[], bool], timeout_s: float, what: object) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
