@@ -131,6 +131,15 @@ def _forwarded(api: Api, at: str, buyer: int) -> int:
         return 0
 
 
+def _fastest_forward(api: Api, at: str, buyer: int, n: int = 3) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        assert _forwarded(api, at, buyer) == 200
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 @pytest.mark.parametrize("mode", _modes())
 def test_a_partitioned_region_is_unreachable_from_the_others_until_healed(
     mode: str, tmp_path: Path
@@ -147,6 +156,16 @@ def test_a_partitioned_region_is_unreachable_from_the_others_until_healed(
             assert config.region("sh").base_url != f"http://{config.region('sh').listen}"
             assert _forwarded(api, "hz", at_sh) == 200
             assert _forwarded(api, "sh", at_hz) == 200
+
+            # A slow sh: hz's forwarded request and its answer each wait 100 ms.
+            base = _fastest_forward(api, "hz", at_sh)
+            faults.slow("sh", 100)
+            assert _fastest_forward(api, "hz", at_sh) >= base + 0.2
+            faults.restore("sh")
+            # hz keeps its connection to sh open between forwards: a cut resets it, and the
+            # next forward opens a new one.
+            assert faults.cut("sh") >= 1
+            _wait(lambda: _forwarded(api, "hz", at_sh) == 200, 10, "no forward after the cut")
 
             # One way: sh can send (its reads at hz answer) but not receive.
             faults.partition("sh", [n for n in names if n != "sh"], both_ways=False)

@@ -121,6 +121,8 @@ class NetworkFaults:
         """Write the topology `text` (servers on 127.0.0.1, as tests write them), moved
         into this network and advertised at proxies, to DIRECTORY/topology.toml, start the
         proxies, and answer the (unstarted) cluster and the topology's path."""
+        if self.placed is not None:
+            raise NetworkFaultsError("a cluster is placed already: one per NetworkFaults")
         config = parse_config(tomllib.loads(text))
         if sorted(server_names(config)) != sorted(self.names):
             raise NetworkFaultsError(f"the topology's servers are not {self.names}")
