@@ -194,10 +194,9 @@ def test_in_proxy_mode_an_isolated_region_loses_its_write_lease_and_regains_it(
     healed."""
     names = [*default_config().region_names, CONTROL_NAME]
     with NetworkFaults(names, PROXY) as faults:
-        cluster, _path = faults.cluster(topology_toml(free_ports(4)), tmp_path)
+        cluster = faults.start_cluster(topology_toml(free_ports(4)), tmp_path)
         config = cluster.config
         with cluster, Api(config) as api, Control(config) as control:
-            cluster.start()
             for n in range(50):
                 body = {"title": "t", "price_cents": 100, "stock": 1000}
                 answer = api.call("hz", "PUT", f"/v1/admin/products/PT-{n}", body=body)

@@ -147,6 +147,16 @@ class NetworkFaults:
         self._start_proxies(proxies)
         return self.placed, path
 
+    def start_cluster(self, text: str, directory: Path) -> LocalCluster:
+        """cluster(), started and healthy (the caller stops it before close())."""
+        cluster, _path = self.cluster(text, directory)
+        try:
+            cluster.start()
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
     def _start_proxies(self, proxies: list[tuple[str, str, int, int]]) -> None:
         shared: ProxyLoop | None = None
         for name, host, port, target in proxies:
