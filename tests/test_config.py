@@ -76,6 +76,13 @@ def _raw() -> dict:  # type: ignore[type-arg]
         (lambda r: r["cells"].pop(6), "exactly one center cell"),
         (lambda r: r["cells"][0].update(id=2), "cell ids must be unique"),
         (lambda r: r["regions"]["bj"].update(listen="127.0.0.1:9001"), "listen addresses"),
+        (lambda r: r["regions"]["sh"].update(advertise="sh"), "regions.1.advertise"),
+        (lambda r: r["regions"]["sh"].update(advertise="h:0"), "port in 1..65535"),
+        (lambda r: r["regions"]["bj"].update(advertise="127.0.0.1:9002"), "listened on"),
+        (
+            lambda r: [r["regions"][n].update(advertise="10.0.0.1:80") for n in ("sh", "bj")],
+            "advertise addresses must be unique",
+        ),
     ],
 )
 def test_validation_errors_name_the_field_and_the_problem(mutate, expected) -> None:  # type: ignore[no-untyped-def]
@@ -142,3 +149,16 @@ def test_bad_control_plane_settings_are_named(control: dict, expected: str) -> N
     with pytest.raises(ConfigError) as error:
         parse_config(_with_control(**control))
     assert expected in str(error.value)
+
+
+def test_a_server_is_reached_at_its_advertised_address_and_binds_its_listen() -> None:
+    raw = _raw()
+    raw["regions"]["sh"]["advertise"] = "sh.example.net:443"
+    raw["control"] = {"listen": "127.0.0.1:9004", "advertise": "10.1.2.3:8700"}
+    config = parse_config(raw)
+    sh = config.region("sh")
+    assert (sh.host, sh.port) == ("127.0.0.1", 9002)
+    assert sh.base_url == "http://sh.example.net:443"
+    assert config.region("hz").base_url == "http://127.0.0.1:9001"  # default: listen
+    assert config.control.base_url == "http://10.1.2.3:8700"
+    assert config.control.member_list[0].port == 9004

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,8 @@ from tests.test_failover import failover, quarantined
 from tests.test_switchover import unitrade
 from unitrade.cluster import LocalCluster
 from unitrade.netns import Network, unavailable_reason
-from unitrade.topology.config import CONTROL_NAME, default_config, parse_config
+from unitrade.topology.config import CONTROL_NAME, default_config
+from unitrade.verify.network import namespaced_cluster
 
 ISOLATED = "sh"
 
@@ -41,14 +41,7 @@ def network() -> Iterator[Network]:
 
 def cluster_in(network: Network, directory: Path) -> tuple[LocalCluster, Path]:
     """The default topology with every region and the control plane at its own address."""
-    ports = free_ports(4)
-    text = topology_toml(ports)
-    for host, port in zip([*default_config().region_names, CONTROL_NAME], ports, strict=True):
-        text = text.replace(f"127.0.0.1:{port}", f"{network.hosts[host]}:{port}")
-    path = directory / "topology.toml"
-    path.write_text(text)
-    config = parse_config(tomllib.loads(text))
-    return LocalCluster(config, directory / "data", path, launcher=network.prefix), path
+    return namespaced_cluster(network, topology_toml(free_ports(4)), directory)
 
 
 @dataclass

@@ -87,15 +87,32 @@ class Network:
         """The command prefix that runs a program on `host`."""
         return ["ip", "netns", "exec", self._namespaces[host]]
 
+    def namespace(self, host: str) -> str:
+        """The name of `host`'s namespace (`ip netns` lists it under /var/run/netns)."""
+        return self._namespaces[host]
+
     def partition(self, host: str, others: Iterable[str], both_ways: bool = True) -> None:
-        """Drop what `host` sends to `others` (and, both ways, what it receives from them).
-        The machine itself (the bridge address) still reaches `host`: clients on its side
-        of the partition."""
+        """Cut `host` off from `others`. Both ways: every packet between them is dropped.
+        One way: `host` cannot receive, but can still send: the connections the others open
+        to it are dropped (every packet of them, in either direction), while the ones it
+        opens to them work, answers included (conntrack tells them apart by who opened
+        the connection). The machine itself (the bridge address) still reaches `host`:
+        clients on its side of the partition."""
         for other in others:
             address = self.hosts[other]
-            self._iptables(host, "-A", "OUTPUT", "-d", address, "-j", "DROP")
             if both_ways:
+                self._iptables(host, "-A", "OUTPUT", "-d", address, "-j", "DROP")
                 self._iptables(host, "-A", "INPUT", "-s", address, "-j", "DROP")
+                continue
+            for chain, side in (("INPUT", "-s"), ("OUTPUT", "-d")):
+                # ORIGINAL in INPUT: sent by the opener (the other); REPLY in OUTPUT: the
+                # host's answers on a connection the other opened.
+                direction = "ORIGINAL" if chain == "INPUT" else "REPLY"
+                self._iptables(
+                    host,
+                    *("-A", chain, side, address, "-m", "conntrack"),
+                    *("--ctdir", direction, "-j", "DROP"),
+                )
 
     def heal(self, host: str) -> None:
         self._iptables(host, "-F", "INPUT")

@@ -62,10 +62,14 @@ def _check_listen(value: str) -> str:
 
 
 class _Listening(_Strict):
-    """A server of the cluster: `listen` is its HOST:PORT. With `tls_cert` and `tls_key`
-    (PEM files) it serves HTTPS, and every other server and the CLI reach it so."""
+    """A server of the cluster: `listen` is the HOST:PORT it binds, `advertise` the
+    HOST:PORT every other server, the CLI and clients reach it at (default: `listen`): they
+    differ where something stands between them (NAT, a proxy, the fault-injecting proxy of
+    unitrade/verify/network.py). With `tls_cert` and `tls_key` (PEM files) it serves HTTPS,
+    and every other server and the CLI reach it so."""
 
     listen: str
+    advertise: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
 
@@ -80,6 +84,16 @@ class _Listening(_Strict):
     def _listen(cls, value: str) -> str:
         return _check_listen(value)
 
+    @field_validator("advertise")
+    @classmethod
+    def _advertise(cls, value: str | None) -> str | None:
+        return None if value is None else _check_listen(value)
+
+    @property
+    def advertised(self) -> str:
+        """The HOST:PORT others reach this server at."""
+        return self.advertise or self.listen
+
     @property
     def host(self) -> str:
         return self.listen.rpartition(":")[0]
@@ -91,7 +105,7 @@ class _Listening(_Strict):
     @property
     def base_url(self) -> str:
         scheme = "https" if self.tls_cert else "http"
-        return f"{scheme}://{self.listen}"
+        return f"{scheme}://{self.advertised}"
 
     def uvicorn_tls(self) -> dict[str, str]:
         """uvicorn's TLS options for this server (none without a certificate)."""
@@ -208,10 +222,10 @@ class ControlConfig(_Listening):
     @model_validator(mode="after")
     def _members_and_etcd(self) -> ControlConfig:
         given = self.model_fields_set
-        if self.members and given & {"listen", "tls_cert", "tls_key"}:
+        if self.members and given & {"listen", "advertise", "tls_cert", "tls_key"}:
             raise ValueError(
                 "give `listen` (one control plane) or `members` (several), not both; "
-                "each member has its own listen, tls_cert and tls_key"
+                "each member has its own listen, advertise, tls_cert and tls_key"
             )
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
@@ -264,7 +278,11 @@ class ControlConfig(_Listening):
             return list(self.members)
         return [
             ControlMember(
-                name=CONTROL_NAME, listen=self.listen, tls_cert=self.tls_cert, tls_key=self.tls_key
+                name=CONTROL_NAME,
+                listen=self.listen,
+                advertise=self.advertise,
+                tls_cert=self.tls_cert,
+                tls_key=self.tls_key,
             )
         ]
 
@@ -481,6 +499,15 @@ class TopologyConfig(_Strict):
         listens = [r.listen for r in self.regions] + [m.listen for m in self.control.member_list]
         if len(set(listens)) != len(listens):
             problems.append("regions, control: listen addresses must be unique")
+        servers = [*self.regions, *self.control.member_list]
+        advertised = [s.advertised for s in servers]
+        if len(set(advertised)) != len(advertised):
+            problems.append("regions, control: advertise addresses must be unique")
+        for server in servers:
+            if any(server.advertised == o.listen for o in servers if o is not server):
+                problems.append(
+                    f"{server.advertised}: advertised by one server, listened on by another"
+                )
         ids = [c.id for c in self.cells]
         if len(set(ids)) != len(ids):
             problems.append("cells: cell ids must be unique")

@@ -1,0 +1,1 @@
+"""`unitrade verify`: a checker that runs a workload against a cluster under faults."""
