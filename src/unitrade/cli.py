@@ -36,6 +36,7 @@ from unitrade.topology.config import (
     check_production,
 )
 from unitrade.topology.probes import PROBE_BUYER_MIN
+from unitrade.verify.cli import verify_command
 
 console = Console()
 
@@ -737,6 +738,7 @@ main.add_command(failover)
 main.add_command(quarantine)
 main.add_command(stop)
 main.add_command(start)
+main.add_command(verify_command)
 
 if __name__ == "__main__":
     main(prog_name="unitrade")
