@@ -78,17 +78,27 @@ def schedule(config: TopologyConfig, faults: list[str], seconds: float, seed: in
     kinds = kinds[:slots]
     regions = config.region_names
     center = next(c.owner for c in config.cells if c.kind is CellKind.CENTER)
-    unit_cells = [c.name for c in config.cells if c.kind is CellKind.UNIT]
+    # The owners as the planned switches leave them, so that each switch moves a cell to
+    # a region that does not own it; the cells of a failed-over region are left alone.
+    owners = {c.name: c.owner for c in config.cells if c.kind is CellKind.UNIT}
     plan: list[Fault] = []
     failed_over = False
     for n, kind in enumerate(kinds):
         at = round(n * SLOT_S + rng.uniform(0.5, 2.0), 2)
         if kind == "switch":
-            if rng.random() < 0.25:
-                source = rng.choice(regions)
-                target = f"evacuate {source}>{rng.choice([r for r in regions if r != source])}"
+            owning = sorted({o for o in owners.values()})
+            if owning and rng.random() < 0.25:
+                source = rng.choice(owning)
+                to = rng.choice([r for r in regions if r != source])
+                target = f"evacuate {source}>{to}"
+                owners = {c: to if o == source else o for c, o in owners.items()}
+            elif owners:
+                cell = rng.choice(sorted(owners))
+                to = rng.choice([r for r in regions if r != owners[cell]])
+                target = f"{cell}>{to}"
+                owners[cell] = to
             else:
-                target = f"{rng.choice(unit_cells)}>{rng.choice(regions)}"
+                kind, target = "kill", rng.choice(regions)
         elif kind == "control-kill":
             target = "control"
         elif kind == "failover":
@@ -97,6 +107,7 @@ def schedule(config: TopologyConfig, faults: list[str], seconds: float, seed: in
                 target = rng.choice(regions)
             else:
                 target = rng.choice([r for r in regions if r != center])
+                owners = {c: o for c, o in owners.items() if o != target}
                 failed_over = True
         else:
             target = rng.choice(regions)
