@@ -19,6 +19,7 @@ from rich.console import Console
 from unitrade.cluster import LocalCluster
 from unitrade.control.reconcile import Reconcile
 from unitrade.replication.diff_cli import cluster_regions, run_diff
+from unitrade.verify import elle
 from unitrade.verify import report as reporting
 from unitrade.verify.checks import Ending, Result, RuleVersion, check_all
 from unitrade.verify.faults import Nemesis, schedule
@@ -92,6 +93,7 @@ def verify(options: Options, console: Console) -> Outcome:
         if prefix is not None:
             drop_databases(prefix)
     results = check_all(history, ending)
+    elle.write(out, history)
     document = reporting.build(options, plan, nemesis.applied, history, ending, results)
     reporting.write(out, document)
     reporting.show(console, document, results)
