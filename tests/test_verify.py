@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from unitrade.topology.config import default_config
+from unitrade.verify import elle
 from unitrade.verify.checks import (
     Ending,
     RuleVersion,
@@ -92,6 +93,7 @@ class Crafted:
         self.op(
             "final",
             {"buyer": 7, "order_id": order_id},
+            OK if status is not None else FAIL,
             got=got,
             region=region,
             status=200 if status is not None else 404,
@@ -226,6 +228,20 @@ def test_the_history_is_json_lines_that_load_back(tmp_path: Path) -> None:
     assert load(tmp_path / "history.jsonl").pairs()[0][1] is not None
 
 
+def test_the_elle_files_hold_adds_with_their_order_ids_and_one_read_per_region() -> None:
+    h = Crafted()
+    h.create("k1")
+    h.final("created", region="hz")
+    h.final(None, region="sh")
+    ops = elle.set_full(h.history)
+    assert [(op["type"], op["f"]) for op in ops[:2]] == [("invoke", "add"), ("ok", "add")]
+    assert sorted(op["type"] for op in ops if op["f"] == "read") == ["invoke"] * 2 + ["ok"] * 2
+    assert ops[0]["value"] == ops[1]["value"] == int(ORDER)
+    reads = {op["process"]: op["value"] for op in ops if op["type"] == "ok" and op["f"] == "read"}
+    assert sorted(reads.values()) == [[], [int(ORDER)]]
+    assert [op["index"] for op in ops] == list(range(len(ops)))
+
+
 def test_the_same_seed_gives_the_same_fault_schedule() -> None:
     config = default_config()
     faults = ["kill", "pause", "switch", "failover", "control-kill"]
@@ -267,6 +283,9 @@ def test_a_short_run_under_kill_and_switch_passes_and_leaves_nothing_behind(tmp_
     assert any(e.type == OK and e.f == "create" and e.time_ns > last_fault for e in history.events)
     for invariant in report["invariants"]:
         assert invariant["checked"] > 0, invariant
+    adds = [json.loads(line) for line in (out / "elle-set-full.json").read_text().splitlines()]
+    assert any(op["f"] == "read" and op["type"] == "ok" for op in adds)
+    assert (out / "elle-bank-VF-A.json").exists()
     topology = (out / "topology.toml").read_text()
     ports = [
         int(line.split(":")[-1].rstrip('"')) for line in topology.splitlines() if "listen" in line

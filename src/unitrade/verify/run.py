@@ -38,6 +38,9 @@ from unitrade.verify.workload import (
 )
 from unitrade.web.tokens import issue_token
 
+# A run's hard bound beyond --seconds: quiescence, reconcile, final reads and diff must fit
+# in it; past it the run ends (and fails) whatever it was waiting for.
+AFTER_WORKLOAD_S = 420.0
 QUIESCENCE_S = 90.0  # every region up, connected, caught up: or the run reports it was not
 WORKERS = 8
 ORDER_ID = re.compile(r"\b(\d{6,19})\b")
@@ -81,7 +84,7 @@ def verify(options: Options, console: Console) -> Outcome:
         with console.status("starting the cluster..."):
             cluster.start()
         nemesis = Nemesis(cluster, history, plan)
-        ending = asyncio.run(_run(options, cluster, history, nemesis, console))
+        ending = asyncio.run(_bounded(options, cluster, history, nemesis, console))
     finally:
         if nemesis is not None:
             nemesis.stop()
@@ -98,6 +101,25 @@ def verify(options: Options, console: Console) -> Outcome:
     reporting.write(out, document)
     reporting.show(console, document, results)
     return Outcome(results, document)
+
+
+async def _bounded(
+    options: Options,
+    cluster: LocalCluster,
+    history: History,
+    nemesis: Nemesis,
+    console: Console,
+) -> Ending:
+    try:
+        return await asyncio.wait_for(
+            _run(options, cluster, history, nemesis, console),
+            timeout=options.seconds + AFTER_WORKLOAD_S,
+        )
+    except TimeoutError:
+        console.print(
+            f"[red]the run did not end within {options.seconds + AFTER_WORKLOAD_S:.0f} s[/]"
+        )
+        return Ending(quiescent=False, lagging=["the run hit its hard time bound"])
 
 
 async def _run(
