@@ -30,6 +30,7 @@ TAIL_S = 3.0  # the end of the run is free of faults
 OPERATION_WAIT_S = 45.0
 DOWN_WAIT_S = 30.0
 HEALTHY_WAIT_S = 60.0
+SETTLE_S = 20.0
 
 
 class FaultError(ValueError):
@@ -225,7 +226,24 @@ class Nemesis:
         if op.get("state") != "done":
             applied.outcome = f"operation {op_id} {op.get('state')}"
 
+    def _settled(self) -> None:
+        """Until every region watches the control plane and acknowledges its rule (a
+        region just started again would have a switch or failover refused), at most
+        SETTLE_S: then the operation is tried anyway and its refusal reported."""
+        deadline = time.monotonic() + SETTLE_S
+        while time.monotonic() < deadline and not self._stop.is_set():
+            try:
+                body = self.http.get("/v1/regions").json()
+                if all(
+                    r["connected"] and r["version"] == body["rule_version"] for r in body["regions"]
+                ):
+                    return
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            time.sleep(0.1)
+
     def _switch(self, fault: Fault, applied: Applied) -> None:
+        self._settled()
         what, to = fault.target.rsplit(">", 1)
         if what.startswith("evacuate "):
             body = {"region": what.removeprefix("evacuate "), "to": to}
@@ -234,6 +252,7 @@ class Nemesis:
             self._operation(self.http.post("/v1/switch", json={"cells": [what], "to": to}), applied)
 
     def _failover(self, fault: Fault, applied: Applied) -> None:
+        self._settled()
         region = fault.target
         self.cluster.kill_region(region)
         deadline = time.monotonic() + DOWN_WAIT_S
