@@ -211,6 +211,15 @@ def test_reading_another_buyers_order_is_a_violation() -> None:
     assert result.violations == 1 and result.examples[0].order_ids == [ORDER]
 
 
+def test_reading_another_buyers_cart_is_a_violation() -> None:
+    h = Crafted()
+    h.op("cart-read", {"buyer": 8}, got={"buyer_id": 8})
+    assert check_isolation(h.history, Ending()).violations == 0
+    h.op("cart-read", {"buyer": 8}, got={"buyer_id": 7})
+    result = check_isolation(h.history, Ending())
+    assert result.violations == 1 and "cart of buyer 7" in result.examples[0].message
+
+
 def test_copies_that_differ_or_lag_are_a_violation() -> None:
     h = Crafted()
     assert check_convergence(h.history, Ending()).violations == 0

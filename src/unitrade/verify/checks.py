@@ -251,9 +251,9 @@ def check_stock(history: History, ending: Ending) -> Result:
 
 
 def check_isolation(history: History, ending: Ending) -> Result:
-    """A buyer never reads another buyer's order."""
+    """A buyer never reads another buyer's order or cart."""
     result = Result("isolation")
-    for invoke, done in _ops(history, "read-other", "read"):
+    for invoke, done in _ops(history, "read-other", "read", "cart-read", "cart-put"):
         if done.type == INFO:
             continue
         result.checked += 1
@@ -264,6 +264,15 @@ def check_isolation(history: History, ending: Ending) -> Result:
                     Violation(
                         f"buyer {buyer} read order {invoke.value['order_id']} of another buyer",
                         [invoke.value["order_id"]],
+                        [invoke.index, done.index],
+                    )
+                )
+        elif invoke.f in ("cart-read", "cart-put") and done.type == OK:
+            if done.value.get("buyer_id") != buyer:
+                result.violate(
+                    Violation(
+                        f"buyer {buyer} got the cart of buyer {done.value.get('buyer_id')}",
+                        [],
                         [invoke.index, done.index],
                     )
                 )
@@ -368,7 +377,7 @@ def errors_by_kind(history: History) -> dict[str, dict[str, int]]:
     """Client-visible errors: kind (HTTP status and error code, or exception) -> region -> n."""
     found: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for invoke, done in history.pairs():
-        if done is None or done.type == OK or invoke.f in ("read-other", "final"):
+        if done is None or done.type == OK or invoke.f in ("read-other", "final", "fault"):
             continue
         if done.type in (FAIL, INFO):
             kind = done.error or str(done.status)

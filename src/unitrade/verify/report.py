@@ -73,7 +73,7 @@ def show(console: Console, document: dict[str, Any], results: list[Result]) -> N
     for fault in document["faults"]:
         end = "-" if fault["end_s"] is None else f"{fault['end_s']:.1f}"
         faults.add_row(
-            fault["kind"], fault["target"], f"{fault['start_s']:.1f}", end, fault["outcome"]
+            fault["kind"], fault["target"], f"{fault['start_s']:.1f}", end, fault["outcome"][:60]
         )
     console.print(faults)
     errors = Table(title="client-visible errors")

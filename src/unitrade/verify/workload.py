@@ -199,7 +199,7 @@ async def shopper(
                 others[got["order_id"]] = buyer
                 if len(mine.open) > ORDERS_KEPT:
                     mine.open.pop(next(iter(mine.open)))
-        elif roll < 0.85:
+        elif roll < 0.8:
             order_id = rng.choice(list(mine.open))
             buyer, status, total = mine.open[order_id]
             value = {"buyer": buyer.buyer_id, "cell": buyer.cell, "order_id": order_id}
@@ -244,6 +244,31 @@ async def shopper(
                 continue
             if kind == OK and "status" in got:
                 mine.open[order_id] = (buyer, got["status"], total)
+        elif roll < 0.9:
+            # Carts: a buyer's own, by the buyer's token; it must never answer another's.
+            buyer = rng.choice(buyers)
+            if rng.random() < 0.5:
+                sku, qty = rng.choice(SKUS), rng.randint(1, 5)
+                await client.call(
+                    process,
+                    "cart-put",
+                    region,
+                    "PUT",
+                    f"/v1/cart/items/{sku}",
+                    buyer.headers,
+                    {"buyer": buyer.buyer_id, "cell": buyer.cell, "sku": sku, "qty": qty},
+                    {"qty": qty},
+                )
+            else:
+                await client.call(
+                    process,
+                    "cart-read",
+                    region,
+                    "GET",
+                    "/v1/cart",
+                    buyer.headers,
+                    {"buyer": buyer.buyer_id},
+                )
         else:
             buyer = rng.choice(buyers)
             if others and rng.random() < 0.5:
