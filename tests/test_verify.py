@@ -16,6 +16,7 @@ from unitrade.topology.config import default_config
 from unitrade.verify import elle
 from unitrade.verify.checks import (
     Ending,
+    Row,
     RuleVersion,
     check_convergence,
     check_isolation,
@@ -177,6 +178,20 @@ def test_a_write_accepted_outside_the_owner_is_a_violation() -> None:
     h.pay("pay-1")  # served by sh after the rule gave cell 1 to hz
     result = check_ownership(h.history, Ending(rules=rules))
     assert result.violations == 1 and "owner then: hz" in result.examples[0].message
+
+
+def test_a_changelog_row_accepted_outside_the_owner_of_its_epoch_is_a_violation() -> None:
+    h = Crafted()
+    rules = [RuleVersion(1, 0, {1: "sh"}), RuleVersion(2, 10, {1: "hz"})]
+    rows = [Row(1, 1, 1, "sh", "orders"), Row(1, 2, 2, "hz", "orders")]
+    assert check_ownership(h.history, Ending(rules=rules, changelog=rows)).violations == 0
+    rows.append(Row(1, 3, 2, "sh", "payments"))  # sh wrote cell 1 under the rule giving it to hz
+    result = check_ownership(h.history, Ending(rules=rules, changelog=rows))
+    assert (
+        result.violations == 1
+        and "written by sh under rule version 2" in result.examples[0].message
+    )
+    assert result.checked == 3
 
 
 def test_a_write_acknowledged_by_a_failed_over_region_after_its_lease_is_a_violation() -> None:

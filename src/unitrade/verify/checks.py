@@ -57,6 +57,18 @@ class RuleVersion:
     owners: dict[int, str]  # cell id -> owner region
 
 
+@dataclass(frozen=True)
+class Row:
+    """A changelog row of a cell's owner copy: the rule version it was admitted under and
+    the region that accepted it."""
+
+    cell: int
+    position: int
+    epoch: int
+    origin: str
+    table: str
+
+
 @dataclass
 class Ending:
     """What the run learned after quiescence, beside the history."""
@@ -69,6 +81,8 @@ class Ending:
     # A failed-over region -> wall ms when its last lease had surely ended (the failover's
     # `expire` step done): it must acknowledge nothing after.
     lease_ended_ms: dict[str, int] = field(default_factory=dict)
+    changelog: list[Row] = field(default_factory=list)
+    changelog_unread: list[str] = field(default_factory=list)
     quiescent: bool = True
 
 
@@ -312,6 +326,7 @@ def check_ownership(history: History, ending: Ending) -> Result:
     if not ending.rules:
         result.notes.append("no rule history: not checked")
         return result
+    check_changelog(ending, result)
     for invoke, done in _ops(history, *WRITES):
         if done.type != OK or "served_by" not in done.value or "cell" not in done.value:
             continue
@@ -343,6 +358,31 @@ def check_ownership(history: History, ending: Ending) -> Result:
                 )
             )
     return result
+
+
+def check_changelog(ending: Ending, result: Result) -> None:
+    """Every changelog row's origin is the owner of its cell under the rule version that
+    is its epoch."""
+    by_version = {rule.version: rule for rule in ending.rules}
+    unknown = 0
+    for row in ending.changelog:
+        rule = by_version.get(row.epoch)
+        if rule is None or row.cell not in rule.owners:
+            unknown += 1
+            continue
+        result.checked += 1
+        if rule.owners[row.cell] != row.origin:
+            result.violate(
+                Violation(
+                    f"cell {row.cell} position {row.position} ({row.table}) written by "
+                    f"{row.origin} under rule version {row.epoch}, whose owner is "
+                    f"{rule.owners[row.cell]}"
+                )
+            )
+    if unknown:
+        result.notes.append(f"{unknown} changelog rows under a rule version not in the history")
+    for reason in ending.changelog_unread:
+        result.violate(Violation(f"changelog not read: {reason}"))
 
 
 def check_convergence(history: History, ending: Ending) -> Result:

@@ -21,6 +21,7 @@ from unitrade.control.reconcile import Reconcile
 from unitrade.replication.diff_cli import cluster_regions, run_diff
 from unitrade.verify import elle
 from unitrade.verify import report as reporting
+from unitrade.verify.changelog import read_changelogs
 from unitrade.verify.checks import Ending, Result, RuleVersion, check_all
 from unitrade.verify.faults import Nemesis, schedule
 from unitrade.verify.history import History
@@ -176,6 +177,8 @@ async def _run(
         console.print(f"reading back {len(owners)} orders from every region")
         await final_reads(client, owners)
         ending.rules = await _rules(http, config.control.base_url, client.admin)
+    changelogs = await asyncio.to_thread(read_changelogs, config)
+    ending.changelog, ending.changelog_unread = changelogs.rows, changelogs.unread
     ending.differences, ending.not_compared = await asyncio.to_thread(
         run_diff, config, list(config.cells), 1000, False, console
     )
