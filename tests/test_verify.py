@@ -286,6 +286,13 @@ def test_unknown_and_network_faults_are_refused_clearly() -> None:
     assert result.exit_code == 2 and "slow" in result.output
 
 
+def test_an_out_directory_of_something_else_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(verify_command, ["--out", str(tmp_path), "--faults", ""])
+    assert result.exit_code == 2 and "holds no previous run" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 
 from unitrade.verify.faults import ALL_FAULTS, FaultError, parse_faults
-from unitrade.verify.run import Options, verify
+from unitrade.verify.run import Options, OutError, check_out, verify
 
 DEFAULT_FAULTS = "kill,pause,switch,failover,control-kill"
 
@@ -57,7 +57,8 @@ DEFAULT_FAULTS = "kill,pause,switch,failover,control-kill"
     default=Path("verify-out"),
     show_default=True,
     help="Directory for history.jsonl, report.json, the "
-    "topology and the data and logs of the cluster (emptied first).",
+    "topology and the data and logs of the cluster (emptied first: only a new or empty "
+    "directory, or a previous run's).",
 )
 @click.option("--attach", is_flag=True, help="Attach to a running cluster: not built yet.")
 def verify_command(
@@ -94,6 +95,10 @@ def verify_command(
     try:
         fault_list = parse_faults(faults)
     except FaultError as exc:
+        raise click.UsageError(str(exc)) from exc
+    try:
+        check_out(out.resolve())
+    except OutError as exc:
         raise click.UsageError(str(exc)) from exc
     if seed is None:
         import random

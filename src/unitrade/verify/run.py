@@ -67,8 +67,25 @@ class Outcome:
         return all(r.violations == 0 for r in self.results)
 
 
+class OutError(ValueError):
+    """An --out directory verify will not empty."""
+
+
+def check_out(out: Path) -> None:
+    """--out is emptied first: only when it is empty or a previous run's (history.jsonl
+    in it), never a directory of something else given by mistake."""
+    if out.exists() and not out.is_dir():
+        raise OutError(f"--out {out} is a file")
+    if out.exists() and any(out.iterdir()) and not (out / "history.jsonl").exists():
+        raise OutError(
+            f"--out {out} is not empty and holds no previous run (no history.jsonl): "
+            "give an empty or new directory"
+        )
+
+
 def verify(options: Options, console: Console) -> Outcome:
     out = options.out.resolve()
+    check_out(out)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
