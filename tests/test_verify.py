@@ -140,6 +140,15 @@ def test_an_unknown_outcome_may_or_may_not_have_happened_and_a_reported_one_is_n
     assert check_orders(h.history, Ending(reported={OTHER})).violations == 0
 
 
+def test_a_repeated_creation_is_a_read_and_does_not_hide_an_unknown_payment() -> None:
+    h = Crafted()
+    h.create("k1")
+    h.pay("pay-1", type_=INFO)
+    h.create("k1")  # answered `created` while the payment was still in flight
+    h.final("paid")
+    assert check_orders(h.history, Ending()).violations == 0
+
+
 def test_two_orders_for_one_idempotency_key_is_a_violation() -> None:
     h = Crafted()
     h.create("k1")

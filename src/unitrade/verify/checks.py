@@ -153,7 +153,9 @@ def expected_statuses(history: History) -> dict[str, set[str]]:
     unknown: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for invoke, done in _ops(history, *WRITES):
         if invoke.f == "create":
-            if done.type == OK:
+            # A repeated request answers the order as it is then: a read, not a write (a
+            # write of unknown outcome before it may still land after it).
+            if done.type == OK and done.value["order_id"] not in last_ok:
                 last_ok[done.value["order_id"]] = (invoke.time_ns, done.value["status"])
             continue
         order_id = invoke.value["order_id"]
