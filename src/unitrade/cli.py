@@ -63,6 +63,7 @@ def main() -> None:
       unitrade status                   # in another
       unitrade switch --cell u3 --to hz
       unitrade stop --region sh --kill --data /tmp/ut   # a crash drill; `start` undoes it
+      unitrade verify --seconds 60      # a cluster of its own under faults, checked
     """
 
 
