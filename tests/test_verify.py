@@ -286,6 +286,19 @@ def test_the_same_seed_gives_the_same_fault_schedule() -> None:
     assert sum(1 for f in first if f.kind == "failover") == 1
 
 
+def test_network_faults_are_scheduled_from_the_seed_for_the_module_to_apply() -> None:
+    plan = schedule(default_config(), ["partition", "slow"], 40, 3)
+    assert plan == schedule(default_config(), ["partition", "slow"], 40, 3)
+    assert {f.kind for f in plan} == {"partition", "slow"}
+    for fault in plan:
+        region, how = fault.target.split("|")
+        assert region in default_config().region_names
+        if fault.kind == "partition":
+            assert how in ("both", "one-way")
+        else:
+            assert 20 <= int(how.removesuffix("ms")) <= 200
+
+
 def test_unknown_and_network_faults_are_refused_clearly() -> None:
     with pytest.raises(FaultError, match="unknown fault"):
         parse_faults("kill,explode")

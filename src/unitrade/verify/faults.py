@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -31,6 +31,19 @@ OPERATION_WAIT_S = 45.0
 DOWN_WAIT_S = 30.0
 HEALTHY_WAIT_S = 60.0
 SETTLE_S = 20.0
+
+
+class NetworkFaults(Protocol):
+    """What the network-fault module provides (regions in namespaces of their own, or a
+    TCP proxy between them); the nemesis applies `partition` and `slow` through it."""
+
+    def partition(self, region: str, others: list[str], both_ways: bool) -> None: ...
+
+    def heal(self, region: str) -> None: ...
+
+    def slow(self, region: str, delay_ms: int) -> None: ...
+
+    def restore(self, region: str) -> None: ...
 
 
 class FaultError(ValueError):
@@ -110,6 +123,12 @@ def schedule(config: TopologyConfig, faults: list[str], seconds: float, seed: in
                 target = rng.choice([r for r in regions if r != center])
                 owners = {c: o for c, o in owners.items() if o != target}
                 failed_over = True
+        elif kind == "partition":
+            # REGION|both (cut from every other region both ways) or REGION|one-way
+            # (what it sends is dropped, what it receives is not).
+            target = f"{rng.choice(regions)}|{rng.choice(['both', 'one-way'])}"
+        elif kind == "slow":
+            target = f"{rng.choice(regions)}|{rng.randrange(20, 201)}ms"
         else:
             target = rng.choice(regions)
         plan.append(Fault(at, kind, target, round(rng.uniform(1.0, 3.0), 2)))
@@ -137,8 +156,15 @@ class Applied:
 class Nemesis:
     """Applies a schedule on a thread of its own; stop() ends it between faults."""
 
-    def __init__(self, cluster: LocalCluster, history: History, plan: list[Fault]) -> None:
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        history: History,
+        plan: list[Fault],
+        network: NetworkFaults | None = None,
+    ) -> None:
         self.cluster = cluster
+        self.network = network
         self.config = cluster.config
         self.history = history
         self.plan = plan
@@ -209,6 +235,27 @@ class Nemesis:
             if process is not None and process.poll() is None:
                 os.kill(process.pid, signal.SIGCONT)
         self.paused.clear()
+
+    def _partition(self, fault: Fault, applied: Applied) -> None:
+        if self.network is None:
+            raise FaultError("partition: no network faults in this run")
+        region, how = fault.target.split("|")
+        others = [r for r in self.config.region_names if r != region]
+        self.network.partition(region, others, how == "both")
+        try:
+            self._hold(fault.hold_s)
+        finally:
+            self.network.heal(region)
+
+    def _slow(self, fault: Fault, applied: Applied) -> None:
+        if self.network is None:
+            raise FaultError("slow: no network faults in this run")
+        region, delay = fault.target.split("|")
+        self.network.slow(region, int(delay.removesuffix("ms")))
+        try:
+            self._hold(fault.hold_s)
+        finally:
+            self.network.restore(region)
 
     def _operation(self, answer: httpx.Response, applied: Applied) -> None:
         if answer.status_code != 202:

@@ -9,6 +9,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from unitrade.verify import elle
 from unitrade.verify import report as reporting
 from unitrade.verify.changelog import read_changelogs
 from unitrade.verify.checks import Ending, Result, RuleVersion, check_all
-from unitrade.verify.faults import Nemesis, schedule
+from unitrade.verify.faults import Nemesis, NetworkFaults, schedule
 from unitrade.verify.history import History
 from unitrade.verify.setup import drop_databases, pg_prefix, write_topology
 from unitrade.verify.workload import (
@@ -83,7 +84,15 @@ def check_out(out: Path) -> None:
         )
 
 
-def verify(options: Options, console: Console) -> Outcome:
+def verify(
+    options: Options,
+    console: Console,
+    network: NetworkFaults | None = None,
+    launcher: Callable[[str], list[str]] | None = None,
+) -> Outcome:
+    """One run. `network` applies the partition and slow faults and `launcher` prefixes
+    each process's command (a region in a network namespace of its own): both from the
+    network-fault module, which the CLI does not wire in yet."""
     out = options.out.resolve()
     check_out(out)
     if out.exists():
@@ -96,12 +105,12 @@ def verify(options: Options, console: Console) -> Outcome:
     for fault in plan:
         console.print(f"  at {fault.at_s:5.1f} s  {fault.kind:<12} {fault.target}")
     history = History(out / "history.jsonl")
-    cluster = LocalCluster(config, out / "data", path)
+    cluster = LocalCluster(config, out / "data", path, launcher)
     nemesis: Nemesis | None = None
     try:
         with console.status("starting the cluster..."):
             cluster.start()
-        nemesis = Nemesis(cluster, history, plan)
+        nemesis = Nemesis(cluster, history, plan, network)
         ending = asyncio.run(_bounded(options, cluster, history, nemesis, console))
     finally:
         if nemesis is not None:
