@@ -36,6 +36,7 @@ from unitrade.topology.config import (
     check_production,
 )
 from unitrade.topology.probes import PROBE_BUYER_MIN
+from unitrade.verify.cli import verify_command
 
 console = Console()
 
@@ -62,6 +63,7 @@ def main() -> None:
       unitrade status                   # in another
       unitrade switch --cell u3 --to hz
       unitrade stop --region sh --kill --data /tmp/ut   # a crash drill; `start` undoes it
+      unitrade verify --seconds 60      # a cluster of its own under faults, checked
     """
 
 
@@ -737,6 +739,7 @@ main.add_command(failover)
 main.add_command(quarantine)
 main.add_command(stop)
 main.add_command(start)
+main.add_command(verify_command)
 
 if __name__ == "__main__":
     main(prog_name="unitrade")

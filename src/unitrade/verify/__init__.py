@@ -1,1 +1,3 @@
-"""`unitrade verify`: a checker that runs a workload against a cluster under faults."""
+"""`unitrade verify`: workloads against a cluster under faults, a history of every
+operation, and checkers of the invariants over that history (docs/operations.md,
+"Verifying a cluster")."""

@@ -1,0 +1,346 @@
+"""`unitrade verify` (issue 11): each checker reports the violation a crafted history
+holds (a checker that cannot fail is worse than none), the fault schedule is a function of
+the seed, and one short real run under faults passes and leaves no process or port."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from unitrade.topology.config import default_config
+from unitrade.verify import elle
+from unitrade.verify.checks import (
+    Ending,
+    Row,
+    RuleVersion,
+    check_convergence,
+    check_isolation,
+    check_orders,
+    check_ownership,
+    check_payments,
+    check_stock,
+)
+from unitrade.verify.cli import verify_command
+from unitrade.verify.faults import FaultError, parse_faults, schedule
+from unitrade.verify.history import FAIL, INFO, OK, History, load
+
+ORDER = "1234567890123"
+OTHER = "1234567890999"
+
+
+class Crafted:
+    """A history written by hand, operation by operation (invoke then completion)."""
+
+    def __init__(self) -> None:
+        self.history = History()
+        self.clock = 0
+
+    def op(
+        self,
+        f: str,
+        value: dict[str, Any],
+        type_: str = OK,
+        got: dict[str, Any] | None = None,
+        region: str = "hz",
+        status: int | None = 200,
+        process: int = 1,
+    ) -> None:
+        self.clock += 1_000_000
+        self.history.add(
+            "invoke", process, f, region, {**value, "wall_ms": self.clock}, time_ns=self.clock
+        )
+        self.clock += 1_000_000
+        done = {**(got or {}), "wall_ms": self.clock}
+        self.history.add(type_, process, f, region, done, status=status, time_ns=self.clock)
+
+    def create(self, key: str, order_id: str = ORDER, buyer: int = 7, cell: int = 1) -> None:
+        got = {
+            "order_id": order_id,
+            "buyer_id": buyer,
+            "status": "created",
+            "total_cents": 300,
+            "cell": cell,
+            "served_by": "sh",
+        }
+        self.op("create", {"buyer": buyer, "cell": cell, "key": key}, got=got, status=201)
+
+    def pay(
+        self, payment_id: str, order_id: str = ORDER, type_: str = OK, amount: int = 300
+    ) -> None:
+        got = {
+            "order_id": order_id,
+            "status": "paid",
+            "total_cents": 300,
+            "cell": 1,
+            "served_by": "sh",
+            "payment_id": payment_id,
+        }
+        value = {
+            "buyer": 7,
+            "cell": 1,
+            "order_id": order_id,
+            "payment_id": payment_id,
+            "amount_cents": amount,
+        }
+        self.op("pay", value, type_, got if type_ == OK else {}, status=200 if type_ == OK else 504)
+
+    def final(self, status: str | None, order_id: str = ORDER, region: str = "bj") -> None:
+        got = {} if status is None else {"order_id": order_id, "status": status, "buyer_id": 7}
+        self.op(
+            "final",
+            {"buyer": 7, "order_id": order_id},
+            OK if status is not None else FAIL,
+            got=got,
+            region=region,
+            status=200 if status is not None else 404,
+        )
+
+
+def violations(result: Any) -> list[str]:
+    return [v.message for v in result.examples]
+
+
+def test_an_acknowledged_order_read_back_in_its_state_passes() -> None:
+    h = Crafted()
+    h.create("k1")
+    h.pay("pay-1")
+    for region in ("hz", "sh", "bj"):
+        h.final("paid", region=region)
+    result = check_orders(h.history, Ending())
+    assert result.checked == 4 and result.violations == 0, violations(result)
+
+
+def test_a_lost_acknowledged_write_is_a_violation() -> None:
+    h = Crafted()
+    h.create("k1")
+    h.pay("pay-1")
+    h.final("created")  # the acknowledged payment is gone
+    h.create("k2", OTHER)
+    h.final(None, OTHER)  # the acknowledged order is gone
+    result = check_orders(h.history, Ending())
+    assert result.violations == 2, violations(result)
+    assert {tuple(v.order_ids) for v in result.examples} == {(ORDER,), (OTHER,)}
+    assert all(v.lines for v in result.examples)
+
+
+def test_an_unknown_outcome_may_or_may_not_have_happened_and_a_reported_one_is_not_lost() -> None:
+    h = Crafted()
+    h.create("k1")
+    h.pay("pay-1", type_=INFO)
+    h.final("created", region="hz")
+    h.final("paid", region="sh")
+    assert check_orders(h.history, Ending()).violations == 0
+    h.create("k2", OTHER)
+    h.final(None, OTHER)
+    assert check_orders(h.history, Ending(reported={OTHER})).violations == 0
+
+
+def test_a_repeated_creation_is_a_read_and_does_not_hide_an_unknown_payment() -> None:
+    h = Crafted()
+    h.create("k1")
+    h.pay("pay-1", type_=INFO)
+    h.create("k1")  # answered `created` while the payment was still in flight
+    h.final("paid")
+    assert check_orders(h.history, Ending()).violations == 0
+
+
+def test_two_orders_for_one_idempotency_key_is_a_violation() -> None:
+    h = Crafted()
+    h.create("k1")
+    h.create("k1", OTHER)
+    h.final("created")
+    h.final("created", OTHER)
+    assert "k1 made 2 orders" in violations(check_orders(h.history, Ending()))[0]
+
+
+def test_a_double_payment_is_a_violation() -> None:
+    h = Crafted()
+    h.create("k1")
+    h.pay("pay-1")
+    h.pay("pay-2")  # a second payment of a paid order, acknowledged
+    result = check_payments(h.history, Ending())
+    assert result.violations == 1 and "paid twice" in result.examples[0].message
+    assert result.examples[0].order_ids == [ORDER]
+
+
+def test_one_payment_on_two_orders_and_a_wrong_amount_are_violations() -> None:
+    h = Crafted()
+    h.create("k1")
+    h.create("k2", OTHER)
+    h.pay("pay-1")
+    h.pay("pay-1", OTHER, amount=250)
+    messages = violations(check_payments(h.history, Ending()))
+    assert any("applied to 2 orders" in m for m in messages), messages
+    assert any("paid 250 cents" in m for m in messages), messages
+
+
+def test_a_write_accepted_outside_the_owner_is_a_violation() -> None:
+    h = Crafted()
+    h.create("k1")  # served by sh, cell 1
+    rules = [RuleVersion(1, 0, {1: "sh"}), RuleVersion(2, h.clock + 1, {1: "hz"})]
+    assert check_ownership(h.history, Ending(rules=rules)).violations == 0
+    h.pay("pay-1")  # served by sh after the rule gave cell 1 to hz
+    result = check_ownership(h.history, Ending(rules=rules))
+    assert result.violations == 1 and "owner then: hz" in result.examples[0].message
+
+
+def test_a_changelog_row_accepted_outside_the_owner_of_its_epoch_is_a_violation() -> None:
+    h = Crafted()
+    rules = [RuleVersion(1, 0, {1: "sh"}), RuleVersion(2, 10, {1: "hz"})]
+    rows = [Row(1, 1, 1, "sh", "orders"), Row(1, 2, 2, "hz", "orders")]
+    assert check_ownership(h.history, Ending(rules=rules, changelog=rows)).violations == 0
+    rows.append(Row(1, 3, 2, "sh", "payments"))  # sh wrote cell 1 under the rule giving it to hz
+    result = check_ownership(h.history, Ending(rules=rules, changelog=rows))
+    assert (
+        result.violations == 1
+        and "written by sh under rule version 2" in result.examples[0].message
+    )
+    assert result.checked == 3
+
+
+def test_a_write_acknowledged_by_a_failed_over_region_after_its_lease_is_a_violation() -> None:
+    h = Crafted()
+    h.create("k1")
+    rules = [RuleVersion(1, 0, {1: "sh"})]
+    ending = Ending(rules=rules, lease_ended_ms={"sh": h.clock - 1})
+    result = check_ownership(h.history, ending)
+    assert result.violations == 1 and "after its lease ended" in result.examples[0].message
+
+
+def test_a_stock_total_mismatch_and_a_negative_level_are_violations() -> None:
+    h = Crafted()
+    h.history.add("invoke", 0, "stock-set", "hz", {"sku": "A", "stock": 100})
+    h.history.add(OK, 0, "stock-set", "hz", {})
+    h.op("inventory", {"sku": "A"}, got={"available": 90, "reserved": 5, "sold": 5})
+    assert check_stock(h.history, Ending()).violations == 0
+    h.op("inventory", {"sku": "A"}, got={"available": 90, "reserved": 5, "sold": 6})
+    h.op("inventory", {"sku": "A"}, got={"available": -1, "reserved": 1, "sold": 100})
+    result = check_stock(h.history, Ending())
+    assert result.violations == 2, violations(result)
+    assert "101 != stock 100" in result.examples[0].message
+    assert "below zero" in result.examples[1].message
+
+
+def test_reading_another_buyers_order_is_a_violation() -> None:
+    h = Crafted()
+    h.op("read-other", {"buyer": 8, "order_id": ORDER}, FAIL, status=404)
+    assert check_isolation(h.history, Ending()).violations == 0
+    h.op("read-other", {"buyer": 8, "order_id": ORDER}, got={"buyer_id": 7})
+    result = check_isolation(h.history, Ending())
+    assert result.violations == 1 and result.examples[0].order_ids == [ORDER]
+
+
+def test_reading_another_buyers_cart_is_a_violation() -> None:
+    h = Crafted()
+    h.op("cart-read", {"buyer": 8}, got={"buyer_id": 8})
+    assert check_isolation(h.history, Ending()).violations == 0
+    h.op("cart-read", {"buyer": 8}, got={"buyer_id": 7})
+    result = check_isolation(h.history, Ending())
+    assert result.violations == 1 and "cart of buyer 7" in result.examples[0].message
+
+
+def test_copies_that_differ_or_lag_are_a_violation() -> None:
+    h = Crafted()
+    assert check_convergence(h.history, Ending()).violations == 0
+    ending = Ending(differences=3, lagging=["bj cell u1 at 5, owner at 7"])
+    assert check_convergence(h.history, ending).violations == 2
+
+
+def test_the_history_is_json_lines_that_load_back(tmp_path: Path) -> None:
+    history = History(tmp_path / "history.jsonl")
+    history.add("invoke", 1, "create", "hz", {"key": "k"})
+    history.add(INFO, 1, "create", "hz", {}, error="ReadTimeout")
+    history.close()
+    lines = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [line["type"] for line in lines] == ["invoke", "info"]
+    assert load(tmp_path / "history.jsonl").pairs()[0][1] is not None
+
+
+def test_the_elle_files_hold_adds_with_their_order_ids_and_one_read_per_region() -> None:
+    h = Crafted()
+    h.create("k1")
+    h.final("created", region="hz")
+    h.final(None, region="sh")
+    ops = elle.set_full(h.history)
+    assert [(op["type"], op["f"]) for op in ops[:2]] == [("invoke", "add"), ("ok", "add")]
+    assert sorted(op["type"] for op in ops if op["f"] == "read") == ["invoke"] * 2 + ["ok"] * 2
+    assert ops[0]["value"] == ops[1]["value"] == int(ORDER)
+    reads = {op["process"]: op["value"] for op in ops if op["type"] == "ok" and op["f"] == "read"}
+    assert sorted(reads.values()) == [[], [int(ORDER)]]
+    assert [op["index"] for op in ops] == list(range(len(ops)))
+
+
+def test_the_same_seed_gives_the_same_fault_schedule() -> None:
+    config = default_config()
+    faults = ["kill", "pause", "switch", "failover", "control-kill"]
+    first = schedule(config, faults, 60, 42)
+    assert first == schedule(config, faults, 60, 42)
+    assert first != schedule(config, faults, 60, 43)
+    assert {f.kind for f in first} == set(faults)
+    assert [f.at_s for f in first] == sorted(f.at_s for f in first)
+    assert sum(1 for f in first if f.kind == "failover") == 1
+
+
+def test_network_faults_are_scheduled_from_the_seed_for_the_module_to_apply() -> None:
+    plan = schedule(default_config(), ["partition", "slow"], 40, 3)
+    assert plan == schedule(default_config(), ["partition", "slow"], 40, 3)
+    assert {f.kind for f in plan} == {"partition", "slow"}
+    for fault in plan:
+        region, how = fault.target.split("|")
+        assert region in default_config().region_names
+        if fault.kind == "partition":
+            assert how in ("both", "one-way")
+        else:
+            assert 20 <= int(how.removesuffix("ms")) <= 200
+
+
+def test_unknown_and_network_faults_are_refused_clearly() -> None:
+    with pytest.raises(FaultError, match="unknown fault"):
+        parse_faults("kill,explode")
+    with pytest.raises(FaultError, match="partition"):
+        parse_faults("kill,partition")
+    result = CliRunner().invoke(verify_command, ["--faults", "slow"])
+    assert result.exit_code == 2 and "slow" in result.output
+
+
+def test_an_out_directory_of_something_else_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(verify_command, ["--out", str(tmp_path), "--faults", ""])
+    assert result.exit_code == 2 and "holds no previous run" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_short_run_under_kill_and_switch_passes_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    out = tmp_path / "verify"
+    args = ["--seconds", "20", "--faults", "kill,switch", "--seed", "5", "--out", str(out)]
+    result = CliRunner().invoke(verify_command, args)
+    report = json.loads((out / "report.json").read_text())
+    assert result.exit_code == 0, result.output + json.dumps(report["invariants"], indent=1)
+    assert report["passed"] and report["seed"] == 5
+    # Both faults struck mid-flight: applied, and operations were acknowledged after each.
+    kinds = {f["kind"] for f in report["faults"] if f["outcome"] == "done"}
+    assert kinds == {"kill", "switch"}, report["faults"]
+    history = load(out / "history.jsonl")
+    last_fault = max(e.time_ns for e in history.events if e.f == "fault")
+    assert any(e.type == OK and e.f == "create" and e.time_ns > last_fault for e in history.events)
+    for invariant in report["invariants"]:
+        assert invariant["checked"] > 0, invariant
+    adds = [json.loads(line) for line in (out / "elle-set-full.json").read_text().splitlines()]
+    assert any(op["f"] == "read" and op["type"] == "ok" for op in adds)
+    assert (out / "elle-bank-VF-A.json").exists()
+    topology = (out / "topology.toml").read_text()
+    ports = [
+        int(line.split(":")[-1].rstrip('"')) for line in topology.splitlines() if "listen" in line
+    ]
+    assert ports and not any(_listening(p) for p in ports)
