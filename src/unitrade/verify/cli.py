@@ -34,7 +34,8 @@ DEFAULT_FAULTS = "kill,pause,switch,failover,control-kill"
     default=DEFAULT_FAULTS,
     show_default=True,
     help=f"Comma-separated faults, of: {', '.join(ALL_FAULTS)}; empty for none. "
-    "partition and slow are refused until the network faults are built.",
+    "partition and slow put every region behind a network of the run's own (namespaces "
+    "with iptables where it runs as root, else a TCP proxy; the report says which).",
 )
 @click.option(
     "--seed",
@@ -84,7 +85,9 @@ def verify_command(
     \b
     Faults: kill (kill -9 of a region, restarted after a hold), pause (SIGSTOP, SIGCONT),
     switch (a planned switchover of a cell, or an evacuation), failover (kill -9, wait
-    until the health checker marks it down, failover, restart, reconcile), control-kill.
+    until the health checker marks it down, failover, restart, reconcile), control-kill,
+    partition (a region cut off from the others, one way or both), slow (20-200 ms added
+    to a region's links).
 
     \b
       unitrade verify --seconds 60 --faults kill,pause,switch --seed 7 --out /tmp/v

@@ -24,7 +24,7 @@ from unitrade.verify import elle
 from unitrade.verify import report as reporting
 from unitrade.verify.changelog import read_changelogs
 from unitrade.verify.checks import Ending, Result, RuleVersion, check_all
-from unitrade.verify.faults import Nemesis, NetworkFaults, schedule
+from unitrade.verify.faults import NETWORK_FAULTS, Nemesis, NetworkFaults, schedule
 from unitrade.verify.history import History
 from unitrade.verify.setup import drop_databases, pg_prefix, write_topology
 from unitrade.verify.workload import (
@@ -91,8 +91,11 @@ def verify(
     launcher: Callable[[str], list[str]] | None = None,
 ) -> Outcome:
     """One run. `network` applies the partition and slow faults and `launcher` prefixes
-    each process's command (a region in a network namespace of its own): both from the
-    network-fault module, which the CLI does not wire in yet."""
+    each process's command (a region in a network namespace of its own). With partition
+    or slow among the faults and no `network` given, the run makes its own
+    (verify/network.py): regions in network namespaces where it can, else a TCP proxy
+    between them; on PostgreSQL always the proxy (the database is on the machine's
+    loopback, which a namespace does not reach)."""
     out = options.out.resolve()
     check_out(out)
     if out.exists():
@@ -105,7 +108,18 @@ def verify(
     for fault in plan:
         console.print(f"  at {fault.at_s:5.1f} s  {fault.kind:<12} {fault.target}")
     history = History(out / "history.jsonl")
-    cluster = LocalCluster(config, out / "data", path, launcher)
+    made_network: Any = None
+    if network is None and set(options.faults) & set(NETWORK_FAULTS):
+        from unitrade.verify.network import PROXY, NetworkFaults, server_names
+
+        mode = PROXY if options.storage == "postgres" else None
+        made_network = NetworkFaults(server_names(config), mode=mode)
+        network = made_network
+        cluster, path = made_network.cluster(path.read_text(), out)
+        config = cluster.config
+        console.print(f"network faults by {made_network.mode}")
+    else:
+        cluster = LocalCluster(config, out / "data", path, launcher)
     nemesis: Nemesis | None = None
     try:
         with console.status("starting the cluster..."):
@@ -120,11 +134,15 @@ def verify(
         with console.status("stopping the cluster..."):
             cluster.stop()
         history.close()
+        if made_network is not None:
+            made_network.close()
         if prefix is not None:
             drop_databases(prefix)
     results = check_all(history, ending)
     elle.write(out, history)
     document = reporting.build(options, plan, nemesis.applied, history, ending, results)
+    # Which way the network faults were struck: iptables in namespaces, or our proxy.
+    document["network_faults"] = None if made_network is None else made_network.mode
     reporting.write(out, document)
     reporting.show(console, document, results)
     return Outcome(results, document)
