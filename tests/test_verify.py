@@ -341,3 +341,21 @@ def test_a_short_run_under_kill_and_switch_passes_and_leaves_nothing_behind(tmp_
         int(line.split(":")[-1].rstrip('"')) for line in topology.splitlines() if "listen" in line
     ]
     assert ports and not any(_listening(p) for p in ports)
+
+
+def test_a_planted_bug_that_drops_acknowledged_orders_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The regions run with a real bug planted (storage/store.py: one order creation in ten
+    is rolled back and answered 201 all the same): a run without any fault must fail, on the
+    orders invariant, naming lost orders."""
+    monkeypatch.setenv("UNITRADE_PLANTED_BUG", "drop_acked_orders")
+    out = tmp_path / "verify"
+    args = ["--seconds", "10", "--faults", "", "--seed", "8", "--out", str(out)]
+    result = CliRunner().invoke(verify_command, args)
+    assert result.exit_code == 1, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert not report["passed"]
+    failed = {i["invariant"]: i for i in report["invariants"] if i["violations"]}
+    assert "orders" in failed, report["invariants"]
+    assert failed["orders"]["examples"], failed["orders"]
