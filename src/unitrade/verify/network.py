@@ -16,7 +16,6 @@ does not work on every machine (not on the one CI runs on), a proxy does.
 from __future__ import annotations
 
 import re
-import socket
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 from unitrade import netns
 from unitrade.cluster import LocalCluster
 from unitrade.topology.config import CONTROL_NAME, TopologyConfig, parse_config
+from unitrade.verify.setup import free_ports
 from unitrade.verify.tcpproxy import Identify, LinkFaults, Proxy, ProxyLoop, socket_owner
 
 NAMESPACES = "namespaces"
@@ -44,12 +44,6 @@ def server_names(config: TopologyConfig) -> list[str]:
     if config.control.members:
         raise NetworkFaultsError("network faults support one control plane, not members")
     return [*config.region_names, CONTROL_NAME]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def relocate(text: str, moves: dict[str, tuple[str, str | None]], config: TopologyConfig) -> str:
@@ -135,7 +129,8 @@ class NetworkFaults:
                 # A fresh namespace has every port free: the server moves one over.
                 target = port + 1 if port < 65535 else port - 1
             else:
-                host, target = "127.0.0.1", free_port()
+                (target,) = free_ports(1)
+                host = "127.0.0.1"
             moves[name] = (f"{host}:{target}", f"{host}:{port}")
             proxies.append((name, host, port, target))
         text = relocate(text, moves, config)
