@@ -19,7 +19,8 @@ from unitrade.errors import OutcomeUnknown, RegionUnavailable, UnitradeError
 from unitrade.rpc.client import RegionClient, Unanswered, Unreachable
 from unitrade.services.catalog import CatalogService
 from unitrade.services.catalog_cache import CatalogCache
-from unitrade.services.inventory import InventoryService, Lines
+from unitrade.services.inventory import NO_TERMS, InventoryService, Lines, Terms
+from unitrade.services.sales import SaleService
 from unitrade.topology.rule_view import RuleView
 
 log = logging.getLogger("unitrade.services.remote")
@@ -30,20 +31,30 @@ CENTER_CALL = "center"  # the `call` of an error body when a center stock call f
 CENTER_CALLS: dict[str, tuple[str, bool]] = {
     "reserve": ("stock reservation", True),
     "step": ("reservation step", True),
+    "reinstate": ("reservation of a reconciled order", True),
     "stock": ("stock total", True),
     "stale": ("read of old reservations", False),
     "levels": ("stock read", False),
+    "sale_segment": ("sale token quota", True),
+    "sale_return": ("return of sale tokens", True),
+    "sale": ("sale read", False),
 }
 
 
 class CenterClient:
     def __init__(
-        self, rules: RuleView, region: str, local: InventoryService, client: RegionClient
+        self,
+        rules: RuleView,
+        region: str,
+        local: InventoryService,
+        client: RegionClient,
+        sales: SaleService | None = None,
     ) -> None:
         self.rules = rules
         self.region = region
         self.local = local
         self.client = client
+        self.sales = sales or SaleService(local.store)
 
     async def _call(
         self,
@@ -77,12 +88,51 @@ class CenterClient:
             ) from exc
 
     async def reserve(
-        self, order_id: int, cell: int, lines: Lines, timeout_s: float | None = None
+        self,
+        order_id: int,
+        cell: int,
+        lines: Lines,
+        timeout_s: float | None = None,
+        terms: Terms = NO_TERMS,
     ) -> dict[str, Any]:
-        payload = {"order_id": str(order_id), "cell": cell, "lines": lines}
+        payload: dict[str, Any] = {"order_id": str(order_id), "cell": cell, "lines": lines}
+        if terms != NO_TERMS:
+            # Only when there are terms: a center of an older version takes the call as before.
+            payload["terms"] = {
+                "buyer_id": terms.buyer_id,
+                "sale_id": terms.sale_id,
+                "coupon": terms.coupon,
+                "subtotal_cents": terms.subtotal_cents,
+            }
         result: dict[str, Any] = await self._call(
-            lambda: self.local.reserve(order_id, cell, lines), "reserve", payload, timeout_s
+            lambda: self.local.reserve(order_id, cell, lines, terms), "reserve", payload, timeout_s
         )
+        return result
+
+    async def sale_segment(
+        self, sale_id: str, region: str, holder: str, grant_id: str
+    ) -> dict[str, Any]:
+        """A segment of a sale's token quota for this process (services/sales.py)."""
+        payload = {"sale_id": sale_id, "region": region, "holder": holder, "grant_id": grant_id}
+        result: dict[str, Any] = await self._call(
+            lambda: self.sales.grant(sale_id, region, holder, grant_id), "sale_segment", payload
+        )
+        return result
+
+    async def sale_return(self, sale_id: str, segment_id: int, used: int) -> dict[str, Any]:
+        payload = {"sale_id": sale_id, "segment_id": segment_id, "used": used}
+        result: dict[str, Any] = await self._call(
+            lambda: self.sales.give_back(sale_id, segment_id, used), "sale_return", payload
+        )
+        return result
+
+    async def sale(self, sale_id: str) -> dict[str, Any]:
+        """A sale's definition, read at the center's owner."""
+
+        async def local() -> dict[str, Any]:
+            return (await self.sales.get(sale_id)).body()
+
+        result: dict[str, Any] = await self._call(local, "sale", {"sale_id": sale_id})
         return result
 
     async def step(
