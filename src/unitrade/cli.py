@@ -28,6 +28,7 @@ from unitrade.control.cli import evacuate, operations, switch
 from unitrade.control.failover_cli import failover, quarantine
 from unitrade.outbox_cli import outbox
 from unitrade.replication.diff_cli import diff
+from unitrade.sale_cli import coupon, sale
 from unitrade.supervisor_cli import start, stop, supervisor_notes
 from unitrade.topology.config import (
     CONTROL_NAME,
@@ -64,6 +65,7 @@ def main() -> None:
       unitrade switch --cell u3 --to hz
       unitrade stop --region sh --kill --data /tmp/ut   # a crash drill; `start` undoes it
       unitrade verify --seconds 60      # a cluster of its own under faults, checked
+      unitrade sale create --sku PHONE-1 --stock 5000 --tokens 50000 --end +10m
     """
 
 
@@ -740,6 +742,8 @@ main.add_command(quarantine)
 main.add_command(stop)
 main.add_command(start)
 main.add_command(verify_command)
+main.add_command(sale)
+main.add_command(coupon)
 
 if __name__ == "__main__":
     main(prog_name="unitrade")

@@ -348,6 +348,7 @@ class SaleAccount(Sale):
     unissued_in_segments: int
     unissued_by_region: dict[str, int]
     lost: Annotated[int, Field(description="untaken in segments never given back")]
+    lost_by_region: dict[str, int]
     issued_unknown_segments: int
     segments: dict[str, int]
     segments_counted: int

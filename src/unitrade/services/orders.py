@@ -58,6 +58,7 @@ from unitrade.storage.schema import (
     orders,
     outbox,
     payments,
+    sale_tokens,
 )
 from unitrade.storage.sequences import OrderIdAllocator
 from unitrade.storage.store import CellStore, WriteTx, by_key, key_params, now_ms
@@ -471,10 +472,13 @@ class OrderService:
         lines: Sequence[Mapping[str, Any]],
         payment: Mapping[str, Any] | None,
         key: Mapping[str, Any] | None,
+        token: Mapping[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """Write again an order that only a lost region had (its quarantine; reconcile,
         control/reconcile.py) at this owner of its cell, with its original ID and state: the
-        orders row, its lines, the buyer's index entry, its idempotency key and its payment.
+        orders row, its lines, the buyer's index entry, its idempotency key, its payment
+        and the sale token it bought its unit with (written as used if this cell lacks it:
+        the buyer's count of tokens includes it again, even past the sale's limit).
 
         As `create` reserves first, the stock is held again at the center first
         (`reinstate`, idempotent by order ID; insufficient_stock if the units are gone); a
@@ -516,6 +520,8 @@ class OrderService:
                     )
                 if paid is None:
                     tx.insert(payments, payment)
+            if token is not None and tx.get(sale_tokens, {"token_id": token["token_id"]}) is None:
+                tx.insert(sale_tokens, token)
             tx.insert(orders, order)
             for line in lines:
                 tx.insert(order_lines, line)

@@ -401,20 +401,26 @@ def account(
     in_cells = {seg: sum(by_status.values()) for seg, by_status in issued.items()}
     unissued = lost = 0
     by_region: dict[str, int] = {}
+    lost_by_region: dict[str, int] = {}
     states = {"open": 0, "returned": 0, "expired": 0}
     for segment in segments:
         taken = in_cells.get(segment["segment_id"], 0)
+        region = segment["region"]
         if segment["status"] == "returned":
             states["returned"] += 1
-            lost += max(0, int(segment["used"] or 0) - taken)
+            gone = max(0, int(segment["used"] or 0) - taken)
         elif stamp > segment["expires_ms"] + SEGMENT_GRACE_MS:
             states["expired"] += 1
-            lost += max(0, segment["size"] - taken)
+            gone = max(0, segment["size"] - taken)
         else:
             states["open"] += 1
             left = max(0, segment["size"] - taken)
             unissued += left
-            by_region[segment["region"]] = by_region.get(segment["region"], 0) + left
+            by_region[region] = by_region.get(region, 0) + left
+            continue
+        if gone:
+            lost += gone
+            lost_by_region[region] = lost_by_region.get(region, 0) + gone
     issued_known = sum(n for seg, n in in_cells.items() if seg in known)
     used = sum(by_status.get("used", 0) for by_status in issued.values())
     total_issued = sum(in_cells.values())
@@ -426,6 +432,7 @@ def account(
         "unissued_in_segments": unissued,
         "unissued_by_region": by_region,
         "lost": lost,
+        "lost_by_region": lost_by_region,
         "issued_unknown_segments": total_issued - issued_known,
         "segments": states,
         "segments_counted": len(segments),
