@@ -274,6 +274,10 @@ def test_demo_shows_orders_in_every_cell_forwarding_and_conserved_stock(tmp_path
     assert "orders in every unit cell: yes" in result.stdout
     assert "forwarded to the owner region" in result.stdout
     assert "every copy of every cell identical to its owner's: yes" in result.stdout
+    # A flash sale: its units sold out to token holders, never oversold.
+    assert "no unit oversold: yes; orders placed = units sold: yes" in result.stdout
+    assert "tokens issued" in result.stdout and "units sold 30 of 30" in result.stdout
+    assert "every token accounted for: yes" in result.stdout
     # The last act: a region killed, failed over, brought back and reconciled.
     assert "failover op-" in result.stdout and ": done in" in result.stdout
     assert "orders in the loss report: reapplied" in result.stdout
