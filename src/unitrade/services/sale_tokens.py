@@ -39,6 +39,7 @@ from unitrade.errors import (
     RegionUnavailable,
     SaleLimitReached,
     SaleNotFound,
+    SaleSoldOut,
     SaleTokenRequired,
     SaleTokenUsed,
     UnitradeError,
@@ -68,6 +69,10 @@ UNKNOWN_KEPT_MAX = 10_000  # sale IDs the center said it does not have, remember
 UNKNOWN_KEPT_S = 1.0  # ... this long, so unknown IDs do not each cost a center call
 GIVE_BACK_S = 2.0  # a give-back call waits this long at most
 CLOSED_KEPT_MAX = 10_000  # segments waiting to be given back (past it the oldest are lost)
+# A sale the center said is sold out is answered so here for this long without asking it
+# again: after the quota is gone every buyer still asks, and the center would see them all.
+# (Segments given back later refill the quota: such buyers get tokens after this.)
+SOLD_OUT_KEPT_S = 1.0
 
 _ALL_SALES = select(sales).limit(SALES_KEPT_MAX)
 _BUYER_COUNT = (
@@ -222,6 +227,7 @@ class TokenIssuer:
         self._closed: list[Segment] = []  # no more tokens from these: to be given back
         self._locks: dict[str, asyncio.Lock] = {}
         self._pending_grants: dict[str, str] = {}  # sale -> a grant whose answer was lost
+        self._sold_out: dict[str, float] = {}  # sale -> monotonic time the center said so
         self.issued = 0
         self.refused: dict[str, int] = {}
         self.segments_granted = 0
@@ -301,13 +307,23 @@ class TokenIssuer:
 
     async def _grant(self, sale: Sale) -> Segment:
         """A new segment from the center (at most one call in flight per sale: the lock)."""
+        said = self._sold_out.get(sale.sale_id)
+        asked = time.monotonic()
+        if said is not None and asked - said < SOLD_OUT_KEPT_S:
+            raise SaleSoldOut(
+                f"every token of sale {sale.sale_id} is issued or held by a region",
+                sale_id=sale.sale_id,
+            )
         grant_id = self._pending_grants.get(sale.sale_id) or new_grant_id()
         self._pending_grants[sale.sale_id] = grant_id
-        asked = time.monotonic()
         try:
             granted = await self.center.sale_segment(
                 sale.sale_id, self.region, self.holder, grant_id
             )
+        except SaleSoldOut:
+            del self._pending_grants[sale.sale_id]  # refused: nothing was granted
+            self._sold_out[sale.sale_id] = time.monotonic()
+            raise
         except OutcomeUnknown as lost:
             # The segment may be granted: the next request asks again with the same grant
             # ID, which answers that segment rather than a second one.
