@@ -41,6 +41,23 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
     drop_pg_databases(prefix)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def region_storage(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """A region's storage URL template (`{region}`, `{cell}`) for write_topology: None for
+    the SQLite default, or PostgreSQL databases of this test only."""
+    from tests.support import drop_pg_databases, pg_prefix, require_postgres
+
+    if request.param == "sqlite":
+        yield None
+        return
+    require_postgres()
+    prefix = pg_prefix()
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{prefix}_{{region}}_{{cell}}"
+    finally:
+        drop_pg_databases(prefix)
+
+
 @pytest.fixture(scope="session")
 def etcd_one(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """One etcd member for the session (tests/etcd_support.py); each test keeps to a key

@@ -74,7 +74,7 @@ def test_a_coupon_is_claimed_once_per_buyer_and_at_most_count_times(tmp_path: Pa
 
 
 def test_a_claim_serves_one_order_at_a_time_and_comes_back_on_close_and_refund(
-    tmp_path: Path,
+    tmp_path: Path, region_storage: str | None
 ) -> None:
     async def scenario(runtime: RegionRuntime) -> None:
         await shop(runtime)
@@ -121,7 +121,7 @@ def test_a_claim_serves_one_order_at_a_time_and_comes_back_on_close_and_refund(
         levels = await runtime.inventory.levels(PLAIN)
         assert levels == {"sku": PLAIN, "available": 99, "reserved": 1, "sold": 0}
 
-    in_hz(tmp_path, scenario)
+    in_hz(tmp_path, scenario, region_storage)
 
 
 def test_an_order_never_written_gives_its_coupon_back(tmp_path: Path) -> None:

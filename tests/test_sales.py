@@ -56,12 +56,16 @@ def hz_buyers(runtime: RegionRuntime, n: int, start: int = 1) -> list[int]:
     return found
 
 
-def in_hz(tmp_path: Path, scenario: Callable[[RegionRuntime], Awaitable[T]]) -> T:
+def in_hz(
+    tmp_path: Path,
+    scenario: Callable[[RegionRuntime], Awaitable[T]],
+    storage: str | None = None,
+) -> T:
     """Run `scenario` against hz in this process (the center region, with a lease
-    authority of its own: ports and a secret of this test only)."""
+    authority of its own: ports and a secret of this test only), on SQLite or `storage`."""
 
     async def run() -> T:
-        config, _path = write_topology(tmp_path)
+        config, _path = write_topology(tmp_path, storage)
         runtime = in_process_region(config, "hz", tmp_path / "data")
         await runtime.start()
         try:
@@ -177,7 +181,7 @@ def test_a_holder_that_dies_loses_only_the_untaken_rest_of_its_segment(tmp_path:
 
 
 def test_an_order_of_the_sale_sku_needs_a_token_of_its_buyer_and_uses_it_once(
-    tmp_path: Path,
+    tmp_path: Path, region_storage: str | None
 ) -> None:
     async def scenario(runtime: RegionRuntime) -> None:
         sale_id = await new_sale(runtime, stock=2, tokens=10, per_buyer=2, segment_size=5)
@@ -223,7 +227,7 @@ def test_an_order_of_the_sale_sku_needs_a_token_of_its_buyer_and_uses_it_once(
         with pytest.raises(InvalidRequest, match="sale's SKU"):
             await orders.create(a, [("PLAIN", 1)], None, Offer(second))
 
-    in_hz(tmp_path, scenario)
+    in_hz(tmp_path, scenario, region_storage)
 
 
 def test_the_center_refuses_a_sale_sku_to_an_order_that_names_no_sale(tmp_path: Path) -> None:
@@ -558,7 +562,55 @@ def test_the_center_killed_during_a_sale_sells_no_more_than_its_stock(tmp_path: 
             shown = settled_account(api, sale_id)
             # Every token is issued, back at the center, or lost with the killed process:
             # at most its current segment and one closed but not yet given back.
-            assert shown["issued"] == len(shoppers.of("token", 201))
+            # A token request whose answer the kill cut off may have been issued.
+            answered = len(shoppers.of("token", 201))
+            unknown = [o for o in shoppers.of("token") if o.status in (0, 504)]
+            assert answered <= shown["issued"] <= answered + len(unknown)
             assert set(shown["lost_by_region"]) <= {"hz"}
             assert shown["lost"] <= 2 * seg, shown
             assert shown["remaining"] + shown["issued"] + shown["lost"] == tokens
+
+
+# -- reconcile: a lost region's sale rows --------------------------------------------------
+
+
+def test_reconcile_keeps_a_used_token_with_its_order_and_reports_a_lost_centers_sale() -> None:
+    from unitrade.control.reconcile import SALE_KINDS, Change, group, order_call
+    from unitrade.storage.quarantine import CONFLICT, SUPERSEDED, describe
+    from unitrade.topology.config import CellKind
+
+    def change(cell: str, position: int, table: str, key: Any, image: Any) -> Change:
+        return Change(cell, 5, position, table, "insert", key, image, 1_000 + position)
+
+    order = {
+        "order_id": 7,
+        "buyer_id": 42,
+        "status": "created",
+        "version": 1,
+        "payment_id": None,
+        "idempotency_key": None,
+    }
+    used = {"token_id": "a" * 16, "sale_id": "b" * 12, "buyer_id": 42, "order_id": 7}
+    unused = {"token_id": "c" * 16, "sale_id": "b" * 12, "buyer_id": 43, "order_id": None}
+    segment = {"sale_id": "b" * 12, "segment_id": 3, "size": 100, "region": "sh"}
+    changes = [
+        change("u3", 1, "sale_tokens", {"token_id": "c" * 16}, {**unused, "status": "issued"}),
+        change("u3", 2, "orders", {"order_id": 7}, order),
+        change("u3", 3, "sale_tokens", {"token_id": "a" * 16}, {**used, "status": "used"}),
+        change("center", 4, "sale_segments", {"sale_id": "b" * 12, "segment_id": 3}, segment),
+        change("center", 5, "coupon_claims", {"code": "C", "buyer_id": 42}, {"status": "held"}),
+    ]
+    kinds = {"u3": CellKind.UNIT, "center": CellKind.CENTER}
+    items = {item.name: item for item in group(changes, kinds)}
+    assert set(items) == {"sale token " + "c" * 16, "order 7", "sale " + "b" * 12, "coupon C"}
+    body = order_call(items["order 7"], dry_run=True)
+    assert body is not None and body["token"]["token_id"] == "a" * 16
+    state, note = SALE_KINDS["token"](items["sale token " + "c" * 16])
+    assert state == SUPERSEDED and "not issued again" in note
+    state, note = SALE_KINDS["sale"](items["sale " + "b" * 12])
+    assert state == CONFLICT and "1 segments (100 tokens)" in note
+    state, note = SALE_KINDS["coupon"](items["coupon C"])
+    assert state == CONFLICT and "1 claims" in note
+    assert describe("sale_tokens", "i", {"token_id": "a" * 16}, {**used, "status": "used"}) == (
+        f"sale token {'a' * 16} of sale {'b' * 12} for buyer 42: used by order 7"
+    )
