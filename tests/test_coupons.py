@@ -14,6 +14,7 @@ import pytest
 
 from tests.support import Api, write_topology
 from tests.test_sales import hz_buyers, in_hz, refused
+from tests.test_switchover import unitrade as unitrade_cli
 from unitrade.cluster import LocalCluster
 from unitrade.errors import (
     CouponNotApplicable,
@@ -157,13 +158,13 @@ def test_coupons_claimed_and_used_concurrently_from_all_regions(tmp_path: Path) 
         cluster.start()
         with Api(config) as api:
             api.put_product(PLAIN, stock=10_000, price_cents=1_000)
-            created = api.call(
-                "sh",
-                "POST",
-                "/v1/admin/coupons",
-                body={"code": "RUSH", "count": 15, "discount": "200"},
+            made = unitrade_cli(path, "coupon", "create", "--code", "RUSH", "--count", "15")
+            assert made.returncode == 2 and "--discount" in made.stderr  # required
+            made = unitrade_cli(
+                path, "coupon", "create", "--code", "RUSH", "--count", "15", "--discount", "200"
             )
-            assert created.status_code == 201, created.text
+            assert made.returncode == 0, made.stdout + made.stderr
+            assert "coupon RUSH: 200 cents off, 15 claims" in made.stdout
             buyers = [api.buyer_in(regions[i % 3], 7_000 + i * 1_000) for i in range(40)]
             claims: dict[int, Any] = {}
 
@@ -199,6 +200,13 @@ def test_coupons_claimed_and_used_concurrently_from_all_regions(tmp_path: Path) 
             assert shown["claimed"] == 15
             assert shown["claims"] == {"claimed": 0, "held": 15, "used": 0}
             assert api.levels(PLAIN)["reserved"] == 15
+            shown_cli = unitrade_cli(path, "coupon", "show", "RUSH")
+            assert shown_cli.returncode == 0, shown_cli.stdout + shown_cli.stderr
+            assert "15 of 15 claimed (free 0, held by an order 15, used 0)" in shown_cli.stdout
+            listed = unitrade_cli(path, "coupon", "list")
+            assert listed.returncode == 0 and "RUSH" in listed.stdout
+            missing = unitrade_cli(path, "coupon", "show", "NOPE")
+            assert missing.returncode == 1 and "coupon_not_found" in missing.stderr
 
 
 def run_all(calls: list[Any]) -> None:

@@ -506,6 +506,22 @@ def test_a_sale_with_more_buyers_than_tokens_and_more_tokens_than_stock(tmp_path
             listed = unitrade_cli(path, "sale", "show", sale_id)
             assert listed.returncode == 0, listed.stdout + listed.stderr
             assert "every token accounted for" in listed.stdout
+            listed = unitrade_cli(path, "sale", "list")
+            assert listed.returncode == 0 and sale_id in listed.stdout, listed.stdout
+            again = unitrade_cli(
+                path,
+                "sale",
+                "create",
+                "--sku",
+                SKU,
+                "--stock",
+                "1",
+                "--tokens",
+                "1",
+                "--end",
+                "+1h",
+            )
+            assert again.returncode == 1 and "conflict" in again.stderr, again.stderr
 
 
 @pytest.mark.cluster

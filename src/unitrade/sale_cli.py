@@ -59,6 +59,14 @@ def _when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
 
 
+def _window(start_ms: int, end_ms: int) -> str:
+    """A sale's window in few characters (local time): the end's date only if it differs."""
+    start = datetime.fromtimestamp(start_ms / 1000, UTC).astimezone()
+    end = datetime.fromtimestamp(end_ms / 1000, UTC).astimezone()
+    tail = "%H:%M" if end.date() == start.date() else "%m-%d %H:%M"
+    return f"{start:%m-%d %H:%M}-{end.strftime(tail)}"
+
+
 def admin_call(config: TopologyConfig, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     """Send an admin request to the regions in turn; the first that answers forwards it to
     the center cell's owner. (status, JSON body)."""
@@ -194,19 +202,21 @@ def sale_list(config_path: Path | None, limit: int) -> None:
     status, answer = admin_call(config, "GET", f"/v1/admin/sales?limit={limit}")
     if status != 200:
         _fail(status, answer)
-    table = compact_table("sales", "remaining: tokens not handed to any region yet")
-    for column in ("sale", "sku", "state", "start", "end", "stock", "tokens", "K", "remaining"):
-        table.add_column(column, no_wrap=True)
+    table = compact_table(
+        "sales",
+        "window: local time; left: tokens not handed to any region yet (stock and the "
+        "per-buyer limit: `unitrade sale show`)",
+    )
+    for column in ("sale", "sku", "state", "window", "tokens", "left"):
+        table.add_column(column, no_wrap=column != "sku", overflow="fold")
+    table.columns[1].min_width = 10
     for s in answer["sales"]:
         table.add_row(
             s["sale_id"],
             s["sku"],
             s["state"],
-            _when(s["start_ms"]),
-            _when(s["end_ms"]),
-            str(s["stock"]),
+            _window(s["start_ms"], s["end_ms"]),
             str(s["tokens"]),
-            str(s["per_buyer"]),
             str(s["remaining"]),
         )
     console.print(table)
@@ -357,9 +367,10 @@ def coupon_list(config_path: Path | None, limit: int) -> None:
     status, answer = admin_call(config, "GET", f"/v1/admin/coupons?limit={limit}")
     if status != 200:
         _fail(status, answer)
-    table = compact_table("coupons")
+    table = compact_table("coupons", "until: local time")
     for column in ("code", "discount", "min total", "claimed", "count", "until"):
-        table.add_column(column, no_wrap=True)
+        table.add_column(column, no_wrap=column != "code", overflow="fold")
+    table.columns[0].min_width = 10
     for c in answer["coupons"]:
         table.add_row(
             c["code"],
@@ -367,7 +378,7 @@ def coupon_list(config_path: Path | None, limit: int) -> None:
             str(c["min_total_cents"]),
             str(c["claimed"]),
             str(c["count"]),
-            _when(c["end_ms"]),
+            _when(c["end_ms"])[:16],
         )
     console.print(table)
 
