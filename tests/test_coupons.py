@@ -26,6 +26,7 @@ from unitrade.errors import (
 )
 from unitrade.region import RegionRuntime
 from unitrade.services.coupons import Discount, parse_discount
+from unitrade.services.inventory import Terms
 from unitrade.services.orders import Offer
 
 PLAIN = "MUG"  # 1,000 cents
@@ -140,6 +141,30 @@ def test_an_order_never_written_gives_its_coupon_back(tmp_path: Path) -> None:
         assert (await runtime.inventory.levels(PLAIN))["available"] == 100
         done = await runtime.orders.create(a, [(PLAIN, 1)], None, Offer(coupon="ONCE"))
         assert done.order["total_cents"] == 900
+
+    in_hz(tmp_path, scenario)
+
+
+def test_an_abandoned_reservation_gives_its_coupon_back(tmp_path: Path) -> None:
+    """A region that died between the reservation (which held the coupon) and the order's
+    write: the release of abandoned reservations gives the claim back with the stock."""
+
+    async def scenario(runtime: RegionRuntime) -> None:
+        await shop(runtime)
+        await runtime.coupons.create("LOST", 5, Discount("percent", 10), 0, 3600)
+        (a,) = hz_buyers(runtime, 1)
+        await runtime.coupons.claim("LOST", a)
+        cell = runtime.fence.rule.cells[1].id
+        order_id = await runtime.allocators[cell].next_id()
+        terms = Terms(a, None, "LOST", 1_000)
+        held = await runtime.center.reserve(order_id, cell, [(PLAIN, 1)], None, terms)
+        assert held["discount_cents"] == 100
+        again = await runtime.center.reserve(order_id, cell, [(PLAIN, 1)], None, terms)
+        assert again == held  # idempotent by order ID, with its discount
+        assert (await runtime.coupons.show("LOST", a))["mine"]["status"] == "held"
+        assert await runtime.orders.release_abandoned(runtime.copies[cell], grace_s=0) == 1
+        assert (await runtime.coupons.show("LOST", a))["mine"]["status"] == "claimed"
+        assert (await runtime.inventory.levels(PLAIN))["available"] == 100
 
     in_hz(tmp_path, scenario)
 

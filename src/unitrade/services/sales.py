@@ -20,6 +20,13 @@ untaken tokens are lost, and no more than a segment. Stock is not the tokens' bu
 an order of the sale's SKU reserves its unit here like any order (services/inventory.py),
 conditional on `available >= 1`, so however many tokens were issued, no more than the
 sale's units are sold.
+
+Peers: JD sells a quota rather than stock, deducted atomically in Redis; Alibaba splits a
+promotion's budget into sub-buckets by user ID (about 30k QPS per shard). Here the quota's
+sub-buckets are the segments, taken by whichever process serves the buyers (so a hot
+region takes more of them, and nobody has to guess the split in advance), and the
+deduction that must be atomic per buyer (K) is the buyer's own cell's serialised write,
+which the sale needs no Redis for.
 """
 
 from __future__ import annotations
