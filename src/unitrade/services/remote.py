@@ -29,6 +29,7 @@ CENTER_CALL = "center"  # the `call` of an error body when a center stock call f
 # What each center call does, for messages; and whether it writes.
 CENTER_CALLS: dict[str, tuple[str, bool]] = {
     "reserve": ("stock reservation", True),
+    "reinstate": ("reservation of a reconciled order", True),
     "step": ("reservation step", True),
     "stock": ("stock total", True),
     "stale": ("read of old reservations", False),
