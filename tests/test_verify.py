@@ -203,6 +203,20 @@ def test_a_changelog_row_accepted_outside_the_owner_of_its_epoch_is_a_violation(
     assert result.checked == 3
 
 
+def test_a_changelog_row_written_while_its_cell_was_banned_is_a_violation() -> None:
+    h = Crafted()
+    rules = [
+        RuleVersion(1, 0, {1: "sh", 2: "sh"}),
+        RuleVersion(2, 10, {1: "sh", 2: "sh"}, banned=frozenset({1})),  # switch of cell 1
+        RuleVersion(3, 20, {1: "hz", 2: "sh"}),
+    ]
+    rows = [Row(1, 1, 1, "sh", "orders"), Row(2, 1, 2, "sh", "orders"), Row(1, 2, 3, "hz", "x")]
+    assert check_ownership(h.history, Ending(rules=rules, changelog=rows)).violations == 0
+    rows.append(Row(1, 3, 2, "sh", "payments"))  # the old owner wrote cell 1 under the ban
+    result = check_ownership(h.history, Ending(rules=rules, changelog=rows))
+    assert result.violations == 1 and "which bans the cell" in result.examples[0].message
+
+
 def test_a_write_acknowledged_by_a_failed_over_region_after_its_lease_is_a_violation() -> None:
     h = Crafted()
     h.create("k1")

@@ -45,10 +45,14 @@ from unitrade.gateway.forward import (
 )
 from unitrade.gateway.hold import Holds
 from unitrade.gateway.resend import RESOLVE_S, Lost, Resend, keyed_body, unresolved
+from unitrade.planted import WRITE_BANNED, planted
 from unitrade.topology.order_id import parse_order_id
 from unitrade.topology.rule import Route, RoutingError, Rule, route_buyer, route_cell, route_order
 from unitrade.topology.rule_view import RuleView
 from unitrade.web.tokens import Principal
+
+# unitrade/planted.py: writes to a banned cell are not held (the verifier's test).
+_IGNORE_BANS = planted(WRITE_BANNED)
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,7 @@ class Dispatcher:
             route = route_of(rule)
             if route is not None:
                 passage.state["home_region"] = route.region
-                if write and rule.is_banned(route.cell):
+                if write and rule.is_banned(route.cell) and not _IGNORE_BANS:
                     await self.holds.until_unbanned(route.cell, rule, passage.deadline)
                     continue
             if route is None or route.region == self.region:

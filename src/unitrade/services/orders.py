@@ -39,6 +39,7 @@ from unitrade.errors import (
     UnitradeError,
     UnknownSku,
 )
+from unitrade.planted import DOUBLE_PAYMENT, planted
 from unitrade.services.inventory import LINES_MAX, Lines, normalize_lines
 from unitrade.services.remote import CatalogClient, CenterClient
 from unitrade.storage.copies import CellCopies
@@ -512,6 +513,8 @@ class OrderService:
                 if paid.order_id != order_id:
                     raise Conflict(f"payment {payment_id!r} belongs to another order")
                 return dict(row._mapping), False  # the same payment, again
+            if row.status == "paid" and _PAY_TWICE:
+                return _pay_again(tx, row, payment_id, amount_cents)
             if row.status != "created":
                 raise IllegalTransition(f"order {order_id} is {row.status}; cannot pay")
             if amount_cents != row.total_cents:
@@ -639,6 +642,33 @@ class OrderService:
             else:
                 blocked.add(row.order_id)
         return sent
+
+
+# unitrade/planted.py: a second payment of a paid order is applied (the verifier's test).
+_PAY_TWICE = planted(DOUBLE_PAYMENT)
+
+
+def _pay_again(
+    tx: WriteTx, row: Any, payment_id: str, amount_cents: int
+) -> tuple[dict[str, Any], bool]:
+    """The planted bug: record a second payment of a paid order and answer it as paid."""
+    stamp = now_ms()
+    image = tx.update(
+        orders,
+        {"order_id": row.order_id},
+        {"payment_id": payment_id, "updated_ms": stamp, "version": row.version + 1},
+    )
+    tx.insert(
+        payments,
+        {
+            "payment_id": payment_id,
+            "order_id": row.order_id,
+            "amount_cents": amount_cents,
+            "created_ms": stamp,
+        },
+    )
+    assert image is not None
+    return image, False
 
 
 def _owned_order(tx: WriteTx, buyer_id: int, order_id: int) -> Any:
