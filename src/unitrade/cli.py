@@ -170,7 +170,7 @@ def _print_regions(config: TopologyConfig, data_dir: Path) -> None:
         console.print(f"storage of {region.name}: {url}", soft_wrap=True)
 
 
-@main.command(hidden=True)
+@main.command(short_help="Serve one region in this process (a region's own host).")
 @config_option
 @click.option("--region", required=True, help="The region this process serves.")
 @click.option(
@@ -178,10 +178,25 @@ def _print_regions(config: TopologyConfig, data_dir: Path) -> None:
     "data_dir",
     type=click.Path(path_type=Path),
     default=DATA_DIR_DEFAULT,
-    help="The cluster's data directory (as given to `up`).",
+    show_default=True,
+    help="The data directory: the region keeps DIR/REGION (its persisted rule, its SQLite copies "
+    "when its storage is not a database URL).",
 )
 def serve(config_path: Path | None, region: str, data_dir: Path) -> None:
-    """Serve one region in this process (started by `up`)."""
+    """Serve one region in this process: what `unitrade up` starts per region, and what
+    runs on a region's own machines in production (under systemd or another supervisor;
+    docs/operations.md, "Regions on their own hosts").
+
+    \b
+    It binds the region's `listen` (e.g. 0.0.0.0:8701) and the others reach it at its
+    `advertise` (e.g. 10.1.0.5:8701, or a name): every host of the cluster runs with the
+    same topology file, which holds the secrets, so keep it readable by the service user
+    only. Clocks of all hosts must agree within 30 s (signed calls are refused beyond
+    that); leases do not depend on clocks agreeing.
+
+    \b
+      unitrade serve --region sh --config /etc/unitrade/topology.toml --data /var/lib/unitrade
+    """
     from unitrade.serve import serve_region
 
     config = _load(config_path)
@@ -190,7 +205,7 @@ def serve(config_path: Path | None, region: str, data_dir: Path) -> None:
     serve_region(config, region, data_dir.resolve())
 
 
-@main.command("serve-control", hidden=True)
+@main.command("serve-control", short_help="Serve the control plane in this process.")
 @config_option
 @click.option(
     "--data",
@@ -205,7 +220,13 @@ def serve(config_path: Path | None, region: str, data_dir: Path) -> None:
     "there are several.",
 )
 def serve_control(config_path: Path | None, data_dir: Path, member: str | None) -> None:
-    """Serve the control plane in this process (started by `up`)."""
+    """Serve the control plane in this process: what `unitrade up` starts, and what runs on
+    the control plane's own machine in production (or one member per region on etcd,
+    `--member NAME`). It binds `[control] listen` and is reached at its `advertise`.
+
+    \b
+      unitrade serve-control --config /etc/unitrade/topology.toml --data /var/lib/unitrade
+    """
     from unitrade.control.serve import serve_control as run
 
     config = _load(config_path)

@@ -40,6 +40,11 @@ ETCD_PREFIX = re.compile(r"^/[A-Za-z0-9_./-]{0,99}$")
 ETCD_ENDPOINT = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}/?$")
 
 
+# A listen address on one of these binds every address of the host: nobody can reach it
+# there, so such a server needs an advertise address.
+WILDCARD_HOSTS = ("0.0.0.0", "::")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names every bad field."""
 
@@ -496,10 +501,23 @@ class TopologyConfig(_Strict):
         centers = [r.name for r in self.regions if r.center]
         if len(centers) != 1:
             problems.append(f"regions: exactly one region must be center, found {centers}")
-        listens = [r.listen for r in self.regions] + [m.listen for m in self.control.member_list]
-        if len(set(listens)) != len(listens):
-            problems.append("regions, control: listen addresses must be unique")
         servers = [*self.regions, *self.control.member_list]
+        # Servers on hosts of their own may all bind the same 0.0.0.0:8701; two that share
+        # a listen address must then each be advertised at an address of its own (one
+        # host cannot bind one address twice).
+        listens = [s.listen for s in servers if s.advertise is None]
+        shared = {s.listen for s in servers if s.advertise is not None}
+        if len(set(listens)) != len(listens) or shared & set(listens):
+            problems.append(
+                "regions, control: listen addresses must be unique (servers on hosts of "
+                "their own may share one if each has an advertise address)"
+            )
+        for server in servers:
+            if server.advertise is None and server.host.strip("[]") in WILDCARD_HOSTS:
+                problems.append(
+                    f"listen {server.listen} binds every address of its host: give "
+                    "advertise = HOST:PORT, the address the others reach it at"
+                )
         advertised = [s.advertised for s in servers]
         if len(set(advertised)) != len(advertised):
             problems.append("regions, control: advertise addresses must be unique")
