@@ -53,7 +53,7 @@ class Shape:
         interval = 1.0 / rate_per_s
         timeout = limit.queue_ms_max / 1000 if limit.mode is LimitMode.QUEUE else 0.0
         if limit.mode is not LimitMode.WARM_UP:
-            stored_max = float(limit.burst_size - 1)
+            stored_max = float(limit.burst_for(rate_per_s) - 1)
             return Shape(interval, stored_max, interval, stored_max, 0.0, timeout, False)
         # Guava's SmoothWarmingUp: the area under the cost curve between the threshold and
         # the maximum is the warm-up period.

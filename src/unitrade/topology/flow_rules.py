@@ -95,6 +95,13 @@ class Limit(_Strict):
     def rate_for(self, value: str) -> float:
         return self.overrides.get(value, self.rate_per_s)
 
+    def burst_for(self, rate_per_s: float) -> int:
+        """The burst at `rate_per_s`: the limit's own, or one second's worth of a hot
+        value's override rate."""
+        if rate_per_s == self.rate_per_s:
+            return self.burst_size
+        return max(1, math.ceil(rate_per_s))
+
 
 DEFAULT_LIMITS: dict[str, Limit] = {
     # Generous: a shop sets its own for a sale (docs/operations.md); the defaults only stop
