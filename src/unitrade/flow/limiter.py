@@ -94,10 +94,9 @@ def schedule(state: State, shape: Shape, now: float) -> float | None:
     """Take a permit: how long the request waits for its turn (0: now), or None when its
     turn is further off than the shape allows (nothing taken)."""
     if now > state.next_free:
-        state.stored = min(
-            shape.stored_max, state.stored + (now - state.next_free) / shape.refill_s
-        )
+        state.stored += (now - state.next_free) / shape.refill_s
         state.next_free = now
+    state.stored = min(shape.stored_max, state.stored)  # the limit may have changed
     wait = state.next_free - now
     if wait > shape.timeout_s:
         return None

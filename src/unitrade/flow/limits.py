@@ -16,6 +16,7 @@ kept here for /metrics; the request path pays an integer increment for them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -48,6 +49,10 @@ class RateLimits:
         self.local = {name: Schedules() for name in LIMITS}
         self._shapes: dict[tuple[str, float], Shape] = {}
         self._shapes_version = 0
+        # Per limit, a digest of its settings: a changed limit starts afresh (every key
+        # gets its burst again, a warm-up limit starts cold), here and in Redis, where the
+        # digest is part of the key, so no schedule of the old settings is read.
+        self._digests: dict[str, str] = {}
         self.admitted: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self.queued: Counter[str] = Counter()  # admitted after waiting their turn
@@ -61,6 +66,13 @@ class RateLimits:
         if rules.version != self._shapes_version:
             self._shapes.clear()
             self._shapes_version = rules.version
+            for limit_name, limit in rules.limits.items():
+                digest = hashlib.blake2b(
+                    limit.model_dump_json().encode(), digest_size=4
+                ).hexdigest()
+                if self._digests.get(limit_name, digest) != digest:
+                    self.local[limit_name] = Schedules()
+                self._digests[limit_name] = digest
         shape = self._shapes.get((name, rate))
         if shape is None:
             if len(self._shapes) > 10_000:  # overrides are bounded; this bounds the rest
@@ -95,7 +107,10 @@ class RateLimits:
 
     async def _take(self, checks: list[tuple[str, str, Shape]]) -> tuple[int, float]:
         if self.shared is not None:
-            keys = [(f"{self.prefix}{name}:{value}", shape) for name, value, shape in checks]
+            keys = [
+                (f"{self.prefix}{name}:{self._digests[name]}:{value}", shape)
+                for name, value, shape in checks
+            ]
             try:
                 return await self.shared.take(keys)
             except RedisUnavailable as exc:

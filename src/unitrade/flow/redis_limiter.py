@@ -47,9 +47,10 @@ for i = 1, n do
   local next_free = tonumber(state[1]) or now
   local stored = tonumber(state[2]) or stored_max
   if now > next_free then
-    stored = math.min(stored_max, stored + (now - next_free) / refill)
+    stored = stored + (now - next_free) / refill
     next_free = now
   end
+  stored = math.min(stored_max, stored)
   local wait = next_free - now
   if wait > timeout then
     return {i, tostring(wait)}
