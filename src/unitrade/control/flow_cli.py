@@ -171,8 +171,8 @@ def set_limit(
     clear_overrides: bool,
     **fields: Any,
 ) -> None:
-    """Change a limit live (the fields not given stay; a new --rate without --burst makes
-    the burst one second's worth)."""
+    """Change the limit NAME live (the fields not given stay; a new --rate without --burst
+    makes the burst one second's worth)."""
     body = {k: v for k, v in fields.items() if v is not None}
     if overrides or clear_overrides:
         parsed: dict[str, float] = {}
@@ -197,7 +197,7 @@ def set_limit(
 @config_option
 @click.option("--loop-delay-ms-max", type=int, help="Shed past an event loop this late.")
 @click.option("--in-flight-max", type=int, help="Shed past this many in flight (0: no bound).")
-@click.option("--enable/--disable", "enabled", default=None)
+@click.option("--enable/--disable", "enabled", default=None, help="Turn shedding on or off.")
 @click.pass_context
 def set_overload(ctx: click.Context, /, config_path: Path | None, **fields: Any) -> None:
     """Change overload protection live."""
@@ -219,7 +219,7 @@ def set_overload(ctx: click.Context, /, config_path: Path | None, **fields: Any)
 @click.option("--slow-ms", type=int, help="A call slower than this is slow.")
 @click.option("--open-ms", type=int, help="How long it fails fast before probing.")
 @click.option("--probes", type=int, help="Half-open: calls let through to decide.")
-@click.option("--enable/--disable", "enabled", default=None)
+@click.option("--enable/--disable", "enabled", default=None, help="Turn the breakers on or off.")
 @click.pass_context
 def set_breakers(ctx: click.Context, /, config_path: Path | None, **fields: Any) -> None:
     """Change the circuit breakers' settings live."""
@@ -252,8 +252,9 @@ def _print_switches(answer: dict[str, Any]) -> None:
 def degrade(config_path: Path | None, switch: str | None, state: str | None) -> None:
     """Degradation switches: turn off what is not essential during a sale.
 
-    Without arguments, list them. `unitrade degrade SWITCH on` turns off what SWITCH names
-    in every region (a new rule version, pushed and acknowledged); `off` turns it back.
+    Without arguments, list them. `unitrade degrade SWITCH STATE`: STATE `on` turns off
+    what SWITCH names in every region (a new rule version, pushed and acknowledged); `off`
+    turns it back.
 
     \b
     Switches:
