@@ -543,3 +543,36 @@ def test_the_forwarding_breaker_fails_fast_for_a_region_that_is_down(
     while api.call("sh", "GET", "/v1/cart", buyer).status_code != 200:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+def test_limits_kept_in_redis_on_a_live_cluster(tmp_path: Path) -> None:
+    """[flow] storage = a Redis URL: the regions keep their schedules there (under the
+    key prefix and their own names), and a client sees the same 429."""
+    import redis
+
+    from tests.support import require_redis
+
+    url = require_redis()
+    prefix = f"ut-test-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "topology.toml"
+    flow = f'[flow]\nstorage = "{url}"\nkey_prefix = "{prefix}"\n'
+    path.write_text(topology_toml(free_ports(4)) + flow)
+    client = redis.Redis.from_url(url)
+    try:
+        with LocalCluster(load_config(path), tmp_path / "data", path) as running:
+            running.start()
+            with Api(running.config) as api:
+                Control(api).limit("buyer", rate_per_s=0.1, burst=2)
+                buyer = api.buyer_in("sh", 53_001)
+                codes = [api.call("sh", "GET", "/v1/cart", buyer).status_code for _ in range(2)]
+                assert codes == [200, 200]
+                assert_limited(api.call("sh", "GET", "/v1/cart", buyer), "buyer")
+                keys = {k.decode() for k in client.keys(f"{prefix}:sh:buyer:*")}
+                assert any(k.endswith(f":{buyer}") for k in keys), keys
+                assert health(api, "sh")["flow"]["storage"] == "redis"
+                assert health(api, "sh")["flow"]["storage_errors"] == 0
+    finally:
+        keys = client.keys(f"{prefix}:*")
+        if keys:
+            client.delete(*keys)
+        client.close()

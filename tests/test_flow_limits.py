@@ -5,11 +5,11 @@ Redis shared by two limiters (two processes of one region)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 
 import pytest
 
+from tests.support import require_redis
 from unitrade.errors import RateLimited
 from unitrade.flow.control import ClientAddress, FlowControl
 from unitrade.flow.limiter import Schedules, Shape, fresh_state, schedule
@@ -234,21 +234,6 @@ def test_flow_rules_are_validated_with_real_errors() -> None:
 
 
 # -- Redis ----------------------------------------------------------------------------------
-
-
-def require_redis() -> str:
-    """Redis on 127.0.0.1:6379; skip without it, unless UNITRADE_REQUIRE_BACKENDS=1."""
-    import redis
-
-    url = "redis://127.0.0.1:6379/0"
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-    except redis.RedisError:
-        message = "Redis is not reachable on 127.0.0.1:6379"
-        if os.environ.get("UNITRADE_REQUIRE_BACKENDS") == "1":
-            pytest.fail(message + " and UNITRADE_REQUIRE_BACKENDS=1")
-        pytest.skip(message)
-    return url
 
 
 def test_redis_limits_are_shared_by_every_process_of_a_region() -> None:

@@ -9,6 +9,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from pydantic import ValidationError
+
 from unitrade.control.board import RuleBoard
 from unitrade.control.failover import Failover
 from unitrade.control.failover import precheck as failover_precheck
@@ -227,8 +229,16 @@ class ControlPlane:
             version = rule.version + 1
             try:
                 flow = change(rule.flow, version)
+            except ValidationError as exc:
+                raise InvalidRequest(
+                    "; ".join(
+                        f"{'.'.join(str(p) for p in e['loc']) or 'flow'}: "
+                        + str(e["msg"]).removeprefix("Value error, ")
+                        for e in exc.errors()
+                    )
+                ) from None
             except ValueError as exc:
-                raise InvalidRequest(str(exc).replace("\n", "; ")) from None
+                raise InvalidRequest(str(exc)) from None
             if flow.model_copy(update={"version": rule.flow.version}) == rule.flow:
                 return rule, []
             published = await board.publish(rule.derive(version, flow=flow), reason[:200], None)
