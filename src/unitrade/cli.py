@@ -26,6 +26,7 @@ from unitrade.cli_options import (
 )
 from unitrade.control.cli import evacuate, operations, switch
 from unitrade.control.failover_cli import failover, quarantine
+from unitrade.control.flow_cli import degrade, limits
 from unitrade.outbox_cli import outbox
 from unitrade.replication.diff_cli import diff
 from unitrade.supervisor_cli import start, stop, supervisor_notes
@@ -259,7 +260,9 @@ def status(config_path: Path | None, data_dir: Path) -> None:
     the rule version each component has acknowledged), the cells with their owners under
     the newest rule a live region reports (never the configuration's initial owners), the
     control plane's own probes of every region and cell (up, down or unknown, seconds
-    since the last good probe, the last error), and the replication lag of every stream.
+    since the last good probe, the last error), the replication lag of every stream, and
+    flow control per region (the limits version, switches on, what limits refused and
+    overload shed, breakers not closed).
     The last line names what is down: what does not answer this command, with why when the
     `unitrade up` on --data knows (e.g. `region sh (stopped by operator)`), and what the
     control plane's probes find down.
@@ -289,6 +292,7 @@ def status(config_path: Path | None, data_dir: Path) -> None:
         _print_probes(probes)
     if healths:
         _print_replication(config, healths)
+        _print_flow(config, healths)
     down = ([] if control is not None else [_noted("the control plane", CONTROL_NAME, notes)]) + [
         _noted(f"region {r}", r, notes) for r in config.region_names if r not in healths
     ]
@@ -300,6 +304,44 @@ def status(config_path: Path | None, data_dir: Path) -> None:
     if not healths and control is None:
         console.print(f"nothing answered: {CONFIG_HINT}", soft_wrap=True)
     sys.exit(1)
+
+
+def _print_flow(config: TopologyConfig, healths: dict[str, dict[str, Any]]) -> None:
+    """Flow control per region (`flow` in its /healthz)."""
+    table = compact_table(
+        "flow control",
+        "limits: the rule version the flow rules last changed at; refused: 429 by limit; "
+        "shed: 503 overloaded; breakers: those not closed (call@region)",
+    )
+    for column in ("region", "limits", "switches on", "refused", "shed", "in flight", "breakers"):
+        table.add_column(column, no_wrap=column not in ("switches on", "refused", "breakers"))
+    for region in config.regions:
+        flow = healths.get(region.name, {}).get("flow")
+        if not isinstance(flow, dict):
+            table.add_row(region.name, "-", "-", "-", "-", "-", "-")
+            continue
+        refused = ", ".join(
+            f"{name} {counts['refused']}"
+            for name, counts in flow.get("limits", {}).items()
+            if counts.get("refused")
+        )
+        overload = flow.get("overload", {})
+        shed = sum(int(v) for v in overload.get("shed", {}).values())
+        breakers = ", ".join(
+            f"[red]{b['call']}@{b['region']} {b['state']}[/]"
+            for b in flow.get("breakers", [])
+            if b.get("state") != "closed"
+        )
+        table.add_row(
+            region.name,
+            f"v{flow.get('version', '?')} ({flow.get('storage', '?')})",
+            ", ".join(flow.get("switches", [])) or "none",
+            refused or "0",
+            str(shed),
+            str(overload.get("in_flight", "-")),
+            breakers or "all closed",
+        )
+    console.print(table)
 
 
 def _noted(what: str, name: str, notes: dict[str, str]) -> str:
@@ -761,6 +803,8 @@ main.add_command(quarantine)
 main.add_command(stop)
 main.add_command(start)
 main.add_command(verify_command)
+main.add_command(limits)
+main.add_command(degrade)
 
 if __name__ == "__main__":
     main(prog_name="unitrade")

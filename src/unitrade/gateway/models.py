@@ -233,6 +233,10 @@ class Health(BaseModel):
     )
     replication: list[dict[str, Any]]
     followers: dict[str, Any]
+    flow: dict[str, Any] = Field(
+        description="flow control: the flow rules' version, switches on, what each limit "
+        "admitted, refused and queued, overload (in flight, loop delay, shed), breakers"
+    )
 
 
 class PeerProbeCall(_Body):

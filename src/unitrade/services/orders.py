@@ -19,7 +19,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,6 +172,10 @@ class OrderService:
         self.write_deadline_s = RESERVATION_GRACE_S / 2
         self.reserve_timeout_s = CENTER_RESERVE_S
         self._releasing: set[asyncio.Task[None]] = set()
+        # The business rate limits (flow/control.py admit_order): buyer and SKUs of an
+        # order about to be created; raises RateLimited. Checked after an idempotent
+        # replay, which is never limited (a resend of a lost answer must learn it).
+        self.admit: Callable[[int, list[str]], Awaitable[None]] | None = None
 
     @property
     def region(self) -> str:
@@ -196,6 +200,8 @@ class OrderService:
         replay = await self._replay(store, buyer_id, idempotency_key, fingerprint)
         if replay is not None:
             return replay
+        if self.admit is not None:
+            await self.admit(buyer_id, [sku for sku, _ in lines])
         return await self._create(store, buyer_id, lines, idempotency_key, fingerprint, {})
 
     async def checkout(self, buyer_id: int, idempotency_key: str | None) -> Created:
@@ -208,6 +214,8 @@ class OrderService:
         if not rows:
             raise CartEmpty("the cart is empty")
         cart = {r.sku: r.qty for r in rows}
+        if self.admit is not None:
+            await self.admit(buyer_id, list(cart))
         lines = normalize_lines(list(cart.items()))
         return await self._create(store, buyer_id, lines, idempotency_key, fingerprint, cart)
 

@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from unitrade.topology.flow_rules import FlowConfig
+
 BUCKET_COUNT_DEFAULT = 100
 BUCKET_COUNT_MAX = 10_000
 CELL_ID_MAX = 1023  # the order ID holds 10 bits of cell (order_id.py)
@@ -491,6 +493,9 @@ class TopologyConfig(_Strict):
     control: ControlConfig = ControlConfig()
     retention: RetentionConfig = RetentionConfig()
     secrets: SecretsConfig = SecretsConfig()
+    # Rate limits, overload protection, breakers and degradation switches: their first
+    # values (topology/flow_rules.py); after the first start the control plane's.
+    flow: FlowConfig = FlowConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> TopologyConfig:
