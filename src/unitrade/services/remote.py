@@ -35,7 +35,6 @@ CENTER_CALLS: dict[str, tuple[str, bool]] = {
     "reinstate": ("reservation of a reconciled order", True),
     "step": ("reservation step", True),
     "stock": ("stock total", True),
-    "reinstate": ("reservation reinstatement", True),
     "stale": ("read of old reservations", False),
     "levels": ("stock read", False),
 }
