@@ -20,11 +20,16 @@ import pytest
 from tests.storage_support import make_store
 from tests.support import Api, in_process_region, write_topology
 from tests.switch_support import buyers_of_cell
+from tests.test_reconcile import BUYER_IN_U1, lost_order, old_order_id
 from unitrade.cluster import LocalCluster
+from unitrade.control.reconcile import Change, group
 from unitrade.errors import Conflict
 from unitrade.region import RegionRuntime
 from unitrade.services.payments import PaymentClaims
+from unitrade.services.reconcile import Reconciler
+from unitrade.storage.quarantine import CONFLICT, REAPPLIED, SUPERSEDED, describe
 from unitrade.storage.schema import payment_claims
+from unitrade.topology.config import CellKind
 
 CENTER = 1000
 
@@ -267,3 +272,82 @@ def test_a_pay_the_center_cannot_claim_is_503_and_nothing_is_written(
         assert time.monotonic() < wait, api.levels("PC-B")
         time.sleep(0.2)
     assert api.levels("PC-B") == {"sku": "PC-B", "available": 16, "reserved": 0, "sold": 4}
+
+
+# -- reconcile: a lost region's payments and a lost center's claims ----------------------------
+
+
+def test_held_payment_claims_are_objects_an_operator_can_read() -> None:
+    kinds = {"center": CellKind.CENTER}
+    image = {"payment_id": "P", "order_id": 7, "amount_cents": 100, "created_ms": 1}
+    changes = [
+        Change("center", 5, 1, "payment_claims", "insert", {"payment_id": "P"}, image, 1),
+        Change("center", 5, 2, "payment_claims", "delete", {"payment_id": "Q"}, None, 2),
+    ]
+    claimed, swept = group(changes, kinds)
+    assert (claimed.kind, claimed.name) == ("payment_claim", "payment claim P of order 7")
+    assert (swept.kind, swept.name) == ("local", "payment claim Q (retention)")
+    assert describe("payment_claims", "i", {"payment_id": "P"}, image) == (
+        "payment claim P of order 7"
+    )
+    assert describe("payment_claims", "d", {"payment_id": "Q"}, None) == "payment claim Q deleted"
+
+
+def test_reconcile_claims_payments_again_and_refuses_a_payment_another_order_holds(
+    storage_url: str, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with center_region(tmp_path, storage_url) as runtime:
+            rec = Reconciler(
+                runtime.copies,
+                runtime.orders,
+                runtime.cart,
+                runtime.inventory,
+                runtime.catalog_service,
+                runtime.revocations,
+                runtime.payment_claims,
+            )
+            claims = runtime.payment_claims
+            await runtime.catalog_service.put("A", "a", 100)
+            await runtime.inventory.set_stock("A", 10)
+
+            # A lost center's claim: claimed again for its order; another order's: conflict.
+            would = await rec.payment_claim("pay-l", 41, 200, True)
+            assert would.state == REAPPLIED and await claims.holder("pay-l") is None
+            assert (await rec.payment_claim("pay-l", 41, 200, False)).state == REAPPLIED
+            assert (await claims.holder("pay-l") or {}).get("order_id") == "41"
+            assert (await rec.payment_claim("pay-l", 41, 200, False)).state == SUPERSEDED
+            taken = await rec.payment_claim("pay-l", 42, 200, False)
+            assert taken.state == CONFLICT and "to order 41" in taken.note, taken
+
+            # A lost region's paid order (cell u1) whose payment ID an order of cell u2
+            # holds now: not re-created, in a dry run or not.
+            [buyer] = buyers_of_cell(runtime.config, 2, 1)
+            mine = (await runtime.orders.create(buyer, [("A", 1)], None)).order
+            await runtime.orders.pay(buyer, int(mine["order_id"]), "pay-taken", 100)
+            lost = lost_order(old_order_id(1, 1), "paid", version=2, payment_id="pay-taken")
+            parts = [lost[k] for k in ("order", "lines", "payment", "key")]
+            for dry_run in (True, False):
+                refused = await rec.order(*parts, 0, dry_run)
+                assert refused.state == CONFLICT and "belongs to another order" in refused.note
+            assert await runtime.orders.find(lost["order"]["order_id"]) is None
+            assert (await runtime.inventory.levels("A"))["available"] == 9
+            # One whose payment ID is free: re-created, and its payment ID claimed for it.
+            free = lost_order(old_order_id(1, 2), "paid", version=2, payment_id="pay-free")
+            parts = [free[k] for k in ("order", "lines", "payment", "key")]
+            assert (await rec.order(*parts, 0, False)).state == REAPPLIED
+            holder = await claims.holder("pay-free")
+            assert (holder or {}).get("order_id") == str(free["order"]["order_id"])
+            # A pay made again at the owner (the order is there, created) with a payment ID
+            # another order holds: a conflict, the order stays created.
+            other = (await runtime.orders.create(BUYER_IN_U1, [("A", 1)], None)).order
+            oid = int(other["order_id"])
+            paid = lost_order(oid, "paid", 1, version=2, payment_id="pay-taken")
+            paid["order"]["created_ms"] = other["created_ms"]
+            parts = [paid[k] for k in ("order", "lines", "payment", "key")]
+            for dry_run in (True, False):
+                clash = await rec.order(*parts, 1, dry_run)
+                assert clash.state == CONFLICT and "belongs to another order" in clash.note
+            assert (await runtime.orders.find(oid) or {})["status"] == "created"
+
+    asyncio.run(scenario())
