@@ -23,6 +23,7 @@ from unitrade.services.cart import CartService
 from unitrade.services.catalog import CatalogService
 from unitrade.services.inventory import InventoryService
 from unitrade.services.orders import OrderService
+from unitrade.services.payments import PaymentClaims
 from unitrade.services.remote import CatalogClient, CenterClient
 from unitrade.services.retention import RetentionSweeper
 from unitrade.services.revocations import Revocations
@@ -87,8 +88,14 @@ class RegionRuntime:
         )
         self.catalog_service = CatalogService(self.copies[rule.global_cell])
         self.revocations = Revocations(self.copies[rule.global_cell])
+        self.payment_claims = PaymentClaims(self.copies[rule.center_cell])
         self.center = CenterClient(
-            self.rpc, region, self.inventory, self.client, self.flow.breakers
+            self.rpc,
+            region,
+            self.inventory,
+            self.client,
+            self.flow.breakers,
+            claims=self.payment_claims,
         )
         self.catalog = CatalogClient(
             self.catalog_service,

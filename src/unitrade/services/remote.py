@@ -1,11 +1,12 @@
-"""`center` and `global` route types: inventory and catalog calls go to the owner region of
-the center or global cell; when that is this region they run in-process.
+"""`center` and `global` route types: inventory, payment-claim and catalog calls go to the
+owner region of the center or global cell; when that is this region they run in-process.
 
 A center call that fails names the center region and the call (`region`, `call: center`):
 a buyer of another region must learn which region failed, not only that their order did.
-A write to the center (a stock reservation, a step, a stock total) sent without an answer
-is 504 `outcome_unknown`, never a 503 that says nothing happened; where the caller knows
-better (an order whose reservation is lost is not written, services/orders.py) it says so.
+A write to the center (a stock reservation, a step, a stock total, a payment claim) sent
+without an answer is 504 `outcome_unknown`, never a 503 that says nothing happened; where
+the caller knows better (an order whose reservation is lost is not written, a payment whose
+claim is lost is not written: services/orders.py) it says so.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from unitrade.rpc.client import RegionClient, Unanswered, Unreachable
 from unitrade.services.catalog import CatalogService
 from unitrade.services.catalog_cache import CatalogCache
 from unitrade.services.inventory import InventoryService, Lines
+from unitrade.services.payments import PaymentClaims
 from unitrade.topology.rule_view import RuleView
 
 log = logging.getLogger("unitrade.services.remote")
@@ -35,6 +37,7 @@ CENTER_CALLS: dict[str, tuple[str, bool]] = {
     "reinstate": ("reservation of a reconciled order", True),
     "step": ("reservation step", True),
     "stock": ("stock total", True),
+    "claim": ("payment claim", True),
     "stale": ("read of old reservations", False),
     "levels": ("stock read", False),
 }
@@ -57,10 +60,13 @@ class CenterClient:
         local: InventoryService,
         client: RegionClient,
         breakers: BreakerBoard | None = None,
+        *,
+        claims: PaymentClaims,
     ) -> None:
         self.rules = rules
         self.region = region
         self.local = local
+        self.claims = claims
         self.client = client
         self.breakers = breakers
 
@@ -147,6 +153,30 @@ class CenterClient:
             lambda: self.local.reinstate(order_id, cell, lines, hold, dry_run),
             "reinstate",
             payload,
+        )
+        return result
+
+    async def claim(
+        self,
+        payment_id: str,
+        order_id: int,
+        amount_cents: int,
+        timeout_s: float | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """Claim a payment ID for an order at the center (services/payments.py); conflict
+        if another order holds it."""
+        payload = {
+            "payment_id": payment_id,
+            "order_id": str(order_id),
+            "amount_cents": amount_cents,
+            "dry_run": dry_run,
+        }
+        result: dict[str, Any] = await self._call(
+            lambda: self.claims.claim(payment_id, order_id, amount_cents, dry_run),
+            "claim",
+            payload,
+            timeout_s,
         )
         return result
 

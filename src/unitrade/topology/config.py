@@ -396,6 +396,11 @@ class RetentionConfig(_Strict):
     # for a reservation the sweep deleted. A reservation is therefore also kept until it
     # is older than this plus a margin for clocks (services/retention.py).
     reserve_window_s: Annotated[int, Field(ge=5, le=3_600)] = 60
+    # Payment claims at the center (services/payments.py) are deleted once this old: a
+    # payment ID pays one order across the cluster within this window (and one order of
+    # its unit cell for ever). At least an hour, far longer than a pay takes from its
+    # claim to its write, and than any resend of it.
+    payment_claims_s: Annotated[int, Field(ge=3_600, le=3650 * 86_400)] = 30 * 86_400
     # Quarantined changes (storage/quarantine.py) that reconcile has decided (reapplied,
     # conflict, superseded) are deleted from a copy's quarantine once this old; held ones
     # are kept until they are decided.
