@@ -5,7 +5,8 @@ metrics: replication lag per stream (positions and ms), how long since its owner
 and whether it is stale, applied rows, stream errors and rebuilds, each cell copy's
 changelog position, rows kept and trim point, requests forwarded and the lost answers of
 forwarded writes, the rule version each component has acknowledged, writes held while
-a cell was banned, and the sale tokens and segments this process issued and holds.
+a cell was banned, flow control (`unitrade_flow_*`, flow/metrics.py), and the sale tokens
+and segments this process issued and holds.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
+from unitrade.flow.metrics import flow_families
 from unitrade.gateway.routing import Dispatcher
 from unitrade.region import RegionRuntime
 
@@ -178,6 +180,7 @@ class RegionCollector(Collector):
         yield from (acked, held, held_total, refused, fallbacks)
         yield from (rebootstraps, kept, trimmed, trimmed_rows)
         yield from self._retention(region)
+        yield from flow_families(self.runtime.flow)
         yield from self._sales(region)
 
     def _lost_answers(self, region: str) -> Iterator[CounterMetricFamily]:

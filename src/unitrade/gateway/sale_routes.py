@@ -124,6 +124,7 @@ def mount_sales(api: PublicApi, runtime: RegionRuntime) -> None:
         "POST",
         "/v1/admin/sales",
         home=center_owner_for_admin,
+        switch="admin_writes",
         status_code=201,
         answer=models.SaleQuota,
         errors=(400, 401, 403, 404, 409, 413, 422, 503, 504),
@@ -134,6 +135,7 @@ def mount_sales(api: PublicApi, runtime: RegionRuntime) -> None:
         """A flash sale of one SKU of the catalog: its units become the SKU's available
         stock; one sale of a SKU at a time (`conflict` names the other)."""
         admin(ctx)
+        await runtime.flow.admit_admin_write()
         found = await runtime.catalog.get_cached([body.sku])
         if body.sku not in found:
             raise UnknownSku(f"unknown SKU {body.sku!r}: put the product first", sku=body.sku)
@@ -179,6 +181,7 @@ def mount_sales(api: PublicApi, runtime: RegionRuntime) -> None:
         "POST",
         "/v1/admin/coupons",
         home=center_owner_for_admin,
+        switch="admin_writes",
         status_code=201,
         answer=models.Coupon,
         errors=(400, 401, 403, 409, 413, 422, 503, 504),
@@ -188,6 +191,7 @@ def mount_sales(api: PublicApi, runtime: RegionRuntime) -> None:
     async def create_coupon(ctx: Ctx, body: models.CreateCoupon) -> Response:
         """A coupon code with `count` claims; the same definition again answers it."""
         admin(ctx)
+        await runtime.flow.admit_admin_write()
         coupon, new = await runtime.coupons.create(
             body.code, body.count, parse_discount(body.discount), body.min_total_cents, body.valid_s
         )

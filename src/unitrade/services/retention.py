@@ -21,6 +21,9 @@ wrong_region) is skipped; its next owner sweeps it.
   reserve can never recreate a reservation (and hold stock) after its tombstone is gone. A
   late commit, refund or release of a deleted reservation moves no stock: commit and refund
   answer not_found, release leaves a new empty tombstone.
+- `payment_claims` (center cell): once `payment_claims_s` old. A payment ID is then unique
+  across the cluster within that window only (within its unit cell, whose `payments` rows
+  are kept, for ever): a pay of a claim's own order after that is answered from the order.
 
 The sweep also deletes the health checker's synthetic orders and their reservations
 (services/probe_data.py), and counts what each owned copy keeps (one COUNT per table and
@@ -66,6 +69,7 @@ from unitrade.storage.schema import (
     coupons,
     idempotency_keys,
     outbox,
+    payment_claims,
     reservations,
     revoked_tokens,
     sale_segments,
@@ -128,6 +132,12 @@ EXPIRIES = (
             reservations.c.created_ms < bindparam("created_before_ms"),
         ],
         "updated_ms",
+    ),
+    Expiry(
+        payment_claims,
+        CellKind.CENTER,
+        lambda: [payment_claims.c.created_ms < bindparam("before_ms")],
+        "created_ms",
     ),
     Expiry(
         sale_tokens,
@@ -221,6 +231,7 @@ def cutoffs(settings: RetentionConfig, now: int) -> dict[str, dict[str, int]]:
         sales.name: {"before_ms": now - settings.sales_ended_s * 1000},
         coupon_claims.name: {"before_ms": now - settings.coupons_ended_s * 1000},
         coupons.name: {"before_ms": now - settings.coupons_ended_s * 1000},
+        payment_claims.name: {"before_ms": now - settings.payment_claims_s * 1000},
         PROBE_ORDERS: {"before_ms": now - settings.probe_orders_s * 1000},
         # A probe reservation is done with at once, but a late reserve could still bring
         # it back until the same guard as every reservation's has passed.

@@ -183,7 +183,7 @@ Index("ix_sale_tokens_buyer", sale_tokens.c.buyer_id, sale_tokens.c.sale_id)
 Index("ix_sale_tokens_segment", sale_tokens.c.sale_id, sale_tokens.c.segment_id)
 Index("ix_sale_tokens_end", sale_tokens.c.sale_end_ms)
 
-# Center cell: inventory ----------------------------------------------------------------
+# Center cell: inventory and payment claims ------------------------------------------
 
 center = MetaData()
 
@@ -208,6 +208,19 @@ reservations = Table(
     Column("updated_ms", BigInteger, nullable=False),
 )
 Index("ix_reservations_status", reservations.c.status, reservations.c.created_ms)
+
+# Which order each payment ID pays, cluster-wide (services/payments.py): a pay claims its
+# payment ID here before the payment is written in the order's unit cell, whose `payments`
+# table sees that cell only. Deleted once `[retention] payment_claims_s` old.
+payment_claims = Table(
+    "payment_claims",
+    center,
+    Column("payment_id", String(64), primary_key=True),
+    Column("order_id", BigInteger, nullable=False),
+    Column("amount_cents", BigInteger, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+)
+Index("ix_payment_claims_created", payment_claims.c.created_ms)
 
 # Flash sales (services/sales.py): the definition, the token quota not yet handed to a
 # region (`remaining`), and the segments handed out. A segment's tokens are issued by the
