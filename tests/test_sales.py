@@ -328,6 +328,10 @@ class Outcome:
     body: dict[str, Any]
 
 
+RETRIES_MAX = 40
+RETRY_PAUSE_S = 0.25
+
+
 class SaleShoppers:
     """Buyers who each ask for a sale token and order the sale's SKU with every token they
     get, then pay, through random gateways, from `threads` threads; every answer is
@@ -374,14 +378,27 @@ class SaleShoppers:
             self.outcomes.append(outcome)
         return outcome
 
+    def patiently(self, kind: str, buyer: int, method: str, path: str, body: Any = None) -> Outcome:
+        """A call sent again, as a client would, while it is refused for now (503, or no
+        answer: a region down, a breaker open), at most RETRIES_MAX times."""
+        for _ in range(RETRIES_MAX):
+            outcome = self.call(kind, buyer, method, path, body)
+            if (outcome.status not in (0, 503)) or self.stopping.is_set():
+                return outcome
+            time.sleep(RETRY_PAUSE_S)
+        return outcome
+
     def shop(self, buyer: int) -> None:
         for _ in range(self.tokens_each):
             if self.stopping.is_set():
                 return
-            token = self.call("token", buyer, "POST", f"/v1/sales/{self.sale_id}/tokens")
+            path = f"/v1/sales/{self.sale_id}/tokens"
+            token = self.patiently("token", buyer, "POST", path)
             if token.status != 201:
                 continue
             body = {"items": [{"sku": SKU, "qty": 1}], "sale_token": token.body["token"]}
+            # Not sent again: an order whose answer was lost may stand (and its token is
+            # used), and a 503 order is simply not placed.
             order = self.call("order", buyer, "POST", "/v1/orders", body)
             if order.status != 201:
                 continue
