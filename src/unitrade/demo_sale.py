@@ -24,6 +24,7 @@ SALE_TOKENS = 120  # 4x the units: the stock service sees at most this many orde
 SALE_BUYERS = 200
 SALE_SEGMENT = 20
 CONCURRENCY = 32
+RETRIES_MAX = 10
 
 
 async def act(
@@ -66,7 +67,17 @@ async def act(
         headers = {"authorization": "Bearer " + issue_token(config.token_keys, buyer_id=buyer_id)}
 
         async def call(method: str, path: str, body: Any = None) -> httpx.Response:
-            return await http.request(method, rng.choice(urls) + path, json=body, headers=headers)
+            """As a client would: a request refused for now (429, or 503: nothing was
+            written) is sent again after its Retry-After, a few times."""
+            for _ in range(RETRIES_MAX):
+                answer = await http.request(
+                    method, rng.choice(urls) + path, json=body, headers=headers
+                )
+                if answer.status_code not in (429, 503):
+                    return answer
+                seen[f"retried after {answer.json().get('error', answer.status_code)}"] += 1
+                await asyncio.sleep(min(float(answer.headers.get("retry-after", 1)), 1.0))
+            return answer
 
         async with semaphore:
             token = await call("POST", f"/v1/sales/{sale_id}/tokens")
@@ -91,7 +102,10 @@ async def act(
     shown = (await http.get(f"{urls[0]}/v1/admin/sales/{sale_id}", headers=admin)).json()
     levels = shown["levels"]
     done = ("token issued", "order placed", "paid")
-    refused = ", ".join(f"{k} {n}" for k, n in sorted(seen.items()) if k not in done) or "none"
+    refused = ", ".join(
+        f"{k} {n}" for k, n in sorted(seen.items()) if k not in done and "retried" not in k
+    )
+    retried = ", ".join(f"{k} {n}" for k, n in sorted(seen.items()) if "retried" in k)
     console.print(
         f"in {took_s:.1f} s: tokens issued {seen['token issued']} (of {SALE_TOKENS}); "
         f"orders placed {seen['order placed']}, paid {seen['paid']}; units sold "
@@ -99,7 +113,9 @@ async def act(
         f"{levels['available']})",
         soft_wrap=True,
     )
-    console.print(f"refused: {refused}", soft_wrap=True)
+    console.print(f"refused: {refused or 'none'}", soft_wrap=True)
+    if retried:
+        console.print(f"sent again (flow control refused them for now): {retried}", soft_wrap=True)
     held = ", ".join(f"{r} {n}" for r, n in sorted(shown["unissued_by_region"].items()))
     console.print(
         f"tokens: remaining at the center {shown['remaining']}, issued {shown['issued']} "

@@ -423,7 +423,8 @@ def account(
             states["open"] += 1
             left = max(0, segment["size"] - taken)
             unissued += left
-            by_region[region] = by_region.get(region, 0) + left
+            if left:
+                by_region[region] = by_region.get(region, 0) + left
             continue
         if gone:
             lost += gone
