@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: free ports, topology files, PostgreSQL, HTTP clients."""
+"""Helpers shared by the tests: free ports, topology files, PostgreSQL, MySQL/MariaDB, HTTP
+clients."""
 
 from __future__ import annotations
 
@@ -124,6 +125,46 @@ def drop_pg_databases(prefix: str) -> None:
         ).fetchall()
         for (name,) in names:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+MYSQL_BASE = "mysql://root@127.0.0.1:3306"
+
+
+def mysql_available() -> bool:
+    try:
+        import pymysql
+
+        pymysql.connect(host="127.0.0.1", port=3306, user="root", connect_timeout=3).close()
+        return True
+    except Exception:
+        return False
+
+
+def require_mysql() -> None:
+    """Skip without MySQL/MariaDB, unless UNITRADE_REQUIRE_BACKENDS=1 (CI), where it fails."""
+    if mysql_available():
+        return
+    message = "MySQL/MariaDB is not reachable on 127.0.0.1:3306 as root"
+    if os.environ.get("UNITRADE_REQUIRE_BACKENDS") == "1":
+        pytest.fail(message + " and UNITRADE_REQUIRE_BACKENDS=1")
+    pytest.skip(message)
+
+
+def mysql_prefix() -> str:
+    return f"ut_test_{uuid.uuid4().hex[:8]}"
+
+
+def drop_mysql_databases(prefix: str) -> None:
+    import pymysql
+
+    with pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True) as conn:
+        cursor = conn.cursor()
+        cursor.execute(
+            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE %s",
+            (prefix + "%",),
+        )
+        for (name,) in cursor.fetchall():
+            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 class Api:
