@@ -14,7 +14,17 @@ import httpx
 import pytest
 
 from tests.replication_support import current_owners, wait_converged
-from tests.support import Api, drop_pg_databases, pg_prefix, require_postgres, write_topology
+from tests.support import (
+    MYSQL_BASE,
+    Api,
+    drop_mysql_databases,
+    drop_pg_databases,
+    mysql_prefix,
+    pg_prefix,
+    require_mysql,
+    require_postgres,
+    write_topology,
+)
 from tests.switch_support import Control, Load, buyers_of_cell
 from unitrade.cluster import LocalCluster
 from unitrade.topology.config import CONTROL_NAME, TopologyConfig
@@ -48,12 +58,17 @@ def wait_rule_everywhere(config: TopologyConfig, version: int, timeout_s: float 
 
 
 def start_cluster(tmp_path: Path, storage: str) -> Iterator[tuple[LocalCluster, Path]]:
-    """A cluster with cell copies and the control store on SQLite or on PostgreSQL."""
-    prefix = None
+    """A cluster with cell copies and the control store on SQLite, on PostgreSQL or on
+    MySQL/MariaDB."""
+    prefix, drop = None, drop_pg_databases
     if storage == "postgresql":
         require_postgres()
         prefix = pg_prefix()
         base = "postgresql://postgres@127.0.0.1:5432"
+    elif storage == "mysql":
+        require_mysql()
+        prefix, drop, base = mysql_prefix(), drop_mysql_databases, MYSQL_BASE
+    if prefix is not None:
         config, path = write_topology(
             tmp_path, f"{base}/{prefix}_{{region}}_{{cell}}", f"{base}/{prefix}_control"
         )
@@ -65,7 +80,7 @@ def start_cluster(tmp_path: Path, storage: str) -> Iterator[tuple[LocalCluster, 
             yield cluster, path
     finally:
         if prefix is not None:
-            drop_pg_databases(prefix)
+            drop(prefix)
 
 
 @pytest.fixture
@@ -73,11 +88,11 @@ def running(tmp_path: Path) -> Iterator[tuple[LocalCluster, Path]]:
     yield from start_cluster(tmp_path, "sqlite")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
 def running_on(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[tuple[LocalCluster, Path]]:
-    """The same tests on the embedded default and on PostgreSQL."""
+    """The same tests on the embedded default, on PostgreSQL and on MySQL/MariaDB."""
     yield from start_cluster(tmp_path, request.param)
 
 
