@@ -8,6 +8,7 @@ import secrets
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +46,7 @@ def new_secret() -> str:
 
 def topology_toml(
     ports: list[int],
-    storage: str | None = None,
+    storage: str | Mapping[str, str] | None = None,
     control_storage: str | None = None,
     secret: str | None = None,
     control: str = "",
@@ -61,8 +62,9 @@ def topology_toml(
         lines += [f"[regions.{region.name}]", f'listen = "127.0.0.1:{port}"']
         if region.center:
             lines.append("center = true")
-        if storage is not None:
-            lines.append(f'storage = "{storage}"')
+        url = storage.get(region.name) if isinstance(storage, Mapping) else storage
+        if url is not None:
+            lines.append(f'storage = "{url}"')
     if len(ports) > len(default.regions):
         lines += ["[control]", f'listen = "127.0.0.1:{ports[len(default.regions)]}"']
         if control_storage is not None:
@@ -79,7 +81,9 @@ def topology_toml(
 
 
 def write_topology(
-    directory: Path, storage: str | None = None, control_storage: str | None = None
+    directory: Path,
+    storage: str | Mapping[str, str] | None = None,
+    control_storage: str | None = None,
 ) -> tuple[TopologyConfig, Path]:
     path = directory / "topology.toml"
     path.write_text(topology_toml(free_ports(4), storage, control_storage))
