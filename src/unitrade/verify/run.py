@@ -26,7 +26,7 @@ from unitrade.verify.changelog import read_changelogs
 from unitrade.verify.checks import Ending, Result, RuleVersion, check_all
 from unitrade.verify.faults import NETWORK_FAULTS, Nemesis, NetworkFaults, schedule
 from unitrade.verify.history import History
-from unitrade.verify.setup import drop_databases, pg_prefix, write_topology
+from unitrade.verify.setup import BASES, drop_databases, pg_prefix, write_topology
 from unitrade.verify.workload import (
     POLLER,
     REQUEST_TIMEOUT_S,
@@ -95,13 +95,13 @@ def verify(
     or slow among the faults and no `network` given, the run makes its own
     (verify/network.py): regions in network namespaces where it can, else a TCP proxy
     between them; on PostgreSQL always the proxy (the database is on the machine's
-    loopback, which a namespace does not reach)."""
+    loopback, which a namespace does not reach), and so on MariaDB."""
     out = options.out.resolve()
     check_out(out)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    prefix = pg_prefix() if options.storage == "postgres" else None
+    prefix = pg_prefix() if options.storage in BASES else None
     config, path = write_topology(out, options.storage, prefix)
     plan = schedule(config, list(options.faults), options.seconds, options.seed)
     console.print(f"seed {options.seed}: {len(plan)} faults scheduled")
@@ -112,7 +112,7 @@ def verify(
     if network is None and set(options.faults) & set(NETWORK_FAULTS):
         from unitrade.verify.network import PROXY, NetworkFaults, server_names
 
-        mode = PROXY if options.storage == "postgres" else None
+        mode = PROXY if options.storage in BASES else None
         made_network = NetworkFaults(server_names(config), mode=mode)
         network = made_network
         cluster, path = made_network.cluster(path.read_text(), out)
@@ -137,7 +137,7 @@ def verify(
         if made_network is not None:
             made_network.close()
         if prefix is not None:
-            drop_databases(prefix)
+            drop_databases(options.storage, prefix)
     results = check_all(history, ending)
     elle.write(out, history)
     document = reporting.build(options, plan, nemesis.applied, history, ending, results)
