@@ -30,7 +30,7 @@ READ_POOL_SIZE_MAX = 32
 # PostgreSQL. Sync work (the control store, creating databases) uses PyMySQL.
 MYSQL_SCHEMES = ("mysql", "mariadb")
 MYSQL_ASYNC_DRIVERS = ("asyncmy", "aiomysql")
-MYSQL_SYNC_DRIVERS = ("pymysql",)
+MYSQL_SYNC_DRIVERS = ("pymysql", "mysqldb")  # mysqldb (mysqlclient): the benchmark's only
 MYSQL_DRIVER_DEFAULT = "asyncmy"
 MYSQL_LOCK_WAIT_S = 10  # a writer waits this long for a cell's lock held by another process
 # Every session: strict (a value that does not fit is an error, never silently cut, as on
@@ -54,7 +54,9 @@ def sync_url(url: str) -> str:
     if parsed.drivername == "sqlite+aiosqlite":
         return str(parsed.set(drivername="sqlite"))
     if _is_mysql(parsed):
-        return parsed.set(drivername="mysql+pymysql").render_as_string(hide_password=False)
+        driver = _driver(parsed)
+        driver = driver if driver in MYSQL_SYNC_DRIVERS else "pymysql"
+        return parsed.set(drivername=f"mysql+{driver}").render_as_string(hide_password=False)
     return url
 
 
@@ -63,10 +65,15 @@ def async_url(url: str) -> str:
     aiomysql); `mysql+pymysql://` has none: such a copy runs on threads."""
     parsed = make_url(url)
     assert _is_mysql(parsed) and is_async(url), url
-    driver = parsed.get_driver_name()
+    driver = _driver(parsed)
     if driver not in MYSQL_ASYNC_DRIVERS:
         driver = MYSQL_DRIVER_DEFAULT
     return parsed.set(drivername=f"mysql+{driver}").render_as_string(hide_password=False)
+
+
+def _driver(parsed: URL) -> str:
+    """The driver a URL names ("" for none: not SQLAlchemy's default, mysqldb)."""
+    return parsed.drivername.partition("+")[2]
 
 
 def _is_mysql(parsed: URL) -> bool:
@@ -77,7 +84,7 @@ def is_async(url: str) -> bool:
     """Whether a cell copy's transactions run on the event loop through an asyncio driver:
     MySQL/MariaDB, unless the URL names a sync driver."""
     parsed = make_url(url)
-    return _is_mysql(parsed) and parsed.get_driver_name() not in MYSQL_SYNC_DRIVERS
+    return _is_mysql(parsed) and _driver(parsed) not in MYSQL_SYNC_DRIVERS
 
 
 def backend_of(url: str) -> str:
