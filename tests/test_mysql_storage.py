@@ -111,3 +111,33 @@ def test_a_database_that_folds_case_is_refused(mysql_url: str) -> None:
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_connections_the_server_dropped_are_replaced_without_an_error(mysql_url: str) -> None:
+    """The server restarts or cuts idle connections: the next write and read find their
+    connection dead before doing anything, and run on a new one."""
+
+    async def scenario() -> None:
+        store = make_store(mysql_url, 1)
+        await store.open()
+        try:
+            await store.write(lambda tx: tx.insert(carts, {**KEY, "qty": 1, "updated_ms": 0}))
+            assert len(await store.read(lambda c: c.execute(select(carts)).all())) == 1
+            name = store.url.rsplit("/", 1)[1]
+            with pymysql.connect(host="127.0.0.1", user="root", autocommit=True) as admin:
+                cursor = admin.cursor()
+                cursor.execute(
+                    "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s", (name,)
+                )
+                killed = [row[0] for row in cursor.fetchall()]
+                for connection_id in killed:
+                    cursor.execute(f"KILL {int(connection_id)}")
+            assert len(killed) >= 2, "the writer's and a reader's connections"
+            await store.write(lambda tx: tx.update(carts, KEY, {"qty": 2}))
+            rows = await store.read(lambda c: c.execute(select(carts)).all())
+            assert [r.qty for r in rows] == [2]
+            assert await store.last_position() == 2
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())

@@ -169,17 +169,25 @@ def create_async_cell_engine(
     blocking call: run it off the loop, as CellStore.open does)."""
     assert 1 <= readers <= READ_POOL_SIZE_MAX
     ensure_mysql_database(url)
-    engine = create_async_engine(async_url(url), **_mysql_pool(1 if writer else readers))
+    # Each round trip counts (a write is a dozen of them): no ping before each use and no
+    # ROLLBACK when a connection goes back to the pool. Every use is a transaction that
+    # commits or rolls back (`begin()`), and the store retries, once, a transaction whose
+    # connection turns out dead before it did anything (storage/store.py).
+    engine = create_async_engine(
+        async_url(url),
+        **_mysql_pool(1 if writer else readers, pre_ping=False),
+        pool_reset_on_return=None,
+    )
     _mysql_events(engine.sync_engine)
     return engine
 
 
-def _mysql_pool(size: int) -> dict[str, Any]:
+def _mysql_pool(size: int, pre_ping: bool = True) -> dict[str, Any]:
     return {
         "pool_size": size,
         "max_overflow": 0,
         "pool_timeout": POOL_TIMEOUT_S,
-        "pool_pre_ping": True,
+        "pool_pre_ping": pre_ping,
         "pool_recycle": MYSQL_POOL_RECYCLE_S,
         # Every write of a cell copy takes the cell_meta row lock first, so writers are
         # serialised and REPEATABLE READ's snapshot would add nothing but next-key locks;

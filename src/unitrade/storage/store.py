@@ -37,6 +37,7 @@ from sqlalchemy import (
     Table,
     bindparam,
     delete,
+    func,
     insert,
     inspect,
     select,
@@ -46,7 +47,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import ClauseElement, Delete, Executable, Insert, Select, Update
 
 from unitrade.errors import Overloaded, ReadTimeout, RegionUnavailable, WrongRegion
@@ -188,6 +189,14 @@ _BUMP = (
     .values(last_position=cell_meta.c.last_position + bindparam("n"))
 )
 _BUMP_POSITION = _BUMP.returning(cell_meta.c.last_position)
+# MySQL's way to read back what an update wrote without RETURNING or a second statement:
+# LAST_INSERT_ID(expr) sets the connection's insert ID, which comes back in the update's OK
+# packet (the cursor's lastrowid). The row stays locked by the update until commit.
+_BUMP_LAST_INSERT_ID = (
+    update(cell_meta)
+    .where(cell_meta.c.cell_id == bindparam("k_cell_id"))
+    .values(last_position=func.last_insert_id(cell_meta.c.last_position + bindparam("n")))
+)
 
 
 _CHANGES_AFTER = (
@@ -397,13 +406,15 @@ class WriteTx:
         n = len(self.captured)
         if n == 0:
             return 0
+        params = {"k_cell_id": cell_id, "n": n}
         if self.returning:
-            (bumped,) = self._rows(_BUMP_POSITION, {"k_cell_id": cell_id, "n": n})
+            (bumped,) = self._rows(_BUMP_POSITION, params)
+            last = bumped[0]
         else:
-            bumped_rows = self._count(_BUMP, {"k_cell_id": cell_id, "n": n})
-            assert bumped_rows == 1, "a cell copy has one cell_meta row"
-            (bumped,) = self._rows(_POSITION, {"k_cell_id": cell_id})
-        last = bumped[0]
+            assert self.conn is not None
+            result = self.conn.execute(_BUMP_LAST_INSERT_ID, params)
+            assert result.rowcount == 1, "a cell copy has one cell_meta row"
+            last = result.lastrowid
         stamp = now_ms()
         rows = [
             {**change, "position": last - n + i + 1, "created_ms": stamp}
@@ -485,6 +496,7 @@ class CellStore:
         self._async_writer: AsyncEngine | None = None
         self._async_reader: AsyncEngine | None = None
         self._writer_turn = asyncio.Lock()
+        self._writer_connection: AsyncConnection | None = None  # held: no checkout per write
         self._reader_slots = asyncio.Semaphore(readers)
         self._write_slots = asyncio.Semaphore(PENDING_WRITES_MAX)
         self.pending_reads_max = PENDING_READS_MAX
@@ -562,6 +574,9 @@ class CellStore:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._write_thread, self._checkpoint_sync)
         await loop.run_in_executor(self._write_thread, self._close_sync)
+        if self._writer_connection is not None:
+            await self._writer_connection.close()
+            self._writer_connection = None
         for engine in (self._async_writer, self._async_reader):
             if engine is not None:
                 await engine.dispose()
@@ -630,8 +645,16 @@ class CellStore:
 
         async def run() -> T:
             try:
-                async with reader.begin() as conn:
-                    return await conn.run_sync(work)
+                for attempt in range(2):
+                    try:
+                        async with reader.begin() as conn:
+                            return await conn.run_sync(work)
+                    except DBAPIError as error:
+                        # A pooled connection found dead (the server restarted): the pool
+                        # drops it, and a read is safe to run once more.
+                        if not error.connection_invalidated or attempt > 0:
+                            raise
+                raise AssertionError("unreachable")
             finally:
                 self._reader_slots.release()
                 self._read_done(None)
@@ -793,15 +816,33 @@ class CellStore:
         taken first, serialises them with every other process's."""
         writer, cell_id = self._async_writer, self.cell.id
         assert writer is not None, "CellStore.open() first"
+        locked = False
 
         def run(conn: Connection) -> tuple[T, int]:
+            nonlocal locked
             conn.execute(_LOCK_CELL, {"k_cell_id": cell_id}).scalar_one()
+            locked = True
             return body(WriteTx(conn, epoch=epoch, origin=self.region))
 
         async with self._writer_turn:
-            with _lock_busy(cell_id):
-                async with writer.begin() as conn:
-                    return await conn.run_sync(run)
+            for attempt in range(2):
+                if self._writer_connection is None:
+                    self._writer_connection = await writer.connect()
+                conn = self._writer_connection
+                try:
+                    with _lock_busy(cell_id):
+                        async with conn.begin():
+                            return await conn.run_sync(run)
+                except DBAPIError as error:
+                    if not (error.connection_invalidated or conn.invalidated):
+                        raise
+                    self._writer_connection = None
+                    await conn.close()
+                    # Dead before its first statement (the server restarted, an idle
+                    # connection was cut): nothing was done, so once more on a new one.
+                    if locked or attempt > 0:
+                        raise
+        raise AssertionError("unreachable")
 
     def restored(self, position: int, trimmed_position: int = 0) -> None:
         """Note the position a snapshot brought this copy to, and the changelog it copied
