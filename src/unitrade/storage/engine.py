@@ -268,7 +268,8 @@ def _mysql_admin(url: str) -> tuple[Any, str]:
     if not MYSQL_DATABASE_NAME.match(name):
         # From the topology file: checked for real, an assert would vanish under `python -O`.
         raise ValueError(
-            f"storage URL {url!r} must name a database of 1-64 letters, digits, _, $ or -: "
+            f"storage URL {parsed.render_as_string(hide_password=True)!r} must name a "
+            "database of 1-64 letters, digits, _, $ or -: "
             "mysql://user:password@host:port/<database>"
         )
     conn = pymysql.connect(

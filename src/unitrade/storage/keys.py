@@ -54,7 +54,9 @@ class KeyCompare(ColumnElement[bool]):
         strict = []  # the key differs first at column i
         for i, (column, bound) in enumerate(zip(self.columns, self.bounds, strict=True)):
             equal = [c == b for c, b in zip(self.columns[:i], self.bounds[:i], strict=True)]
-            strict.append(and_(*equal, column > bound if self.comparison == AFTER else column < bound))
+            strict.append(
+                and_(*equal, column > bound if self.comparison == AFTER else column < bound)
+            )
         if self.comparison == UP_TO:
             strict.append(and_(*(c == b for c, b in zip(self.columns, self.bounds, strict=True))))
         first, first_bound = self.columns[0], self.bounds[0]
