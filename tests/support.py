@@ -65,6 +65,11 @@ def topology_toml(
         url = storage.get(region.name) if isinstance(storage, Mapping) else storage
         if url is not None:
             lines.append(f'storage = "{url}"')
+        if url is not None and not url.startswith("sqlite"):
+            # 8 cells x (1 writer + 2 readers) x 3 regions = 72 connections at most: within
+            # PostgreSQL's default max_connections (100) and MariaDB's (151), which the
+            # tests share with each other.
+            lines.append("storage_readers = 2")
     if len(ports) > len(default.regions):
         lines += ["[control]", f'listen = "127.0.0.1:{ports[len(default.regions)]}"']
         if control_storage is not None:

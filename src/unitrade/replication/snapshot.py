@@ -118,8 +118,9 @@ class ChangelogRun:
 
 
 def _load(table: Table, rows: list[dict[str, Any]], tx: WriteTx) -> None:
-    for row in rows:
-        tx.put_row(table, row)
+    # One statement for the chunk (an executemany; a multi-row INSERT on MySQL), not one
+    # round trip per row.
+    tx.put_rows(table, rows)
 
 
 async def owner_position(client: RegionClient, owner: str, cell: int) -> int:
