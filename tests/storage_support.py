@@ -1,4 +1,4 @@
-"""Cell stores for storage-level tests on SQLite or PostgreSQL."""
+"""Cell stores for storage-level tests on SQLite, PostgreSQL or MySQL/MariaDB."""
 
 from __future__ import annotations
 
