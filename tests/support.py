@@ -119,6 +119,24 @@ def require_postgres() -> None:
     pytest.skip(message)
 
 
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def require_redis() -> str:
+    """Redis on 127.0.0.1:6379 (its URL); skip without it, unless UNITRADE_REQUIRE_BACKENDS=1
+    (CI), where it fails. Each test uses a key prefix of its own."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+    except redis.RedisError:
+        message = "Redis is not reachable on 127.0.0.1:6379"
+        if os.environ.get("UNITRADE_REQUIRE_BACKENDS") == "1":
+            pytest.fail(message + " and UNITRADE_REQUIRE_BACKENDS=1")
+        pytest.skip(message)
+    return REDIS_URL
+
+
 def pg_prefix() -> str:
     return f"ut_test_{uuid.uuid4().hex[:8]}"
 

@@ -89,6 +89,15 @@ def _raw() -> dict:  # type: ignore[type-arg]
             lambda r: [r["regions"][n].update(advertise="10.0.0.1:80") for n in ("sh", "bj")],
             "advertise addresses must be unique",
         ),
+        (lambda r: r["regions"]["sh"].update(listen="0.0.0.0:8701"), "binds every address"),
+        (lambda r: r["regions"]["sh"].update(listen="[::]:8701"), "binds every address"),
+        (
+            lambda r: [
+                r["regions"]["sh"].update(listen="0.0.0.0:8701", advertise="10.0.0.2:8701"),
+                r["regions"]["bj"].update(listen="0.0.0.0:8701"),
+            ],
+            "listen addresses must be unique",
+        ),
     ],
 )
 def test_validation_errors_name_the_field_and_the_problem(mutate, expected) -> None:  # type: ignore[no-untyped-def]
@@ -180,3 +189,30 @@ def test_a_server_is_reached_at_its_advertised_address_and_binds_its_listen() ->
     assert config.region("hz").base_url == "http://127.0.0.1:9001"  # default: listen
     assert config.control.base_url == "http://10.1.2.3:8700"
     assert config.control.member_list[0].port == 9004
+
+
+def test_regions_on_hosts_of_their_own_may_bind_the_same_address_when_advertised() -> None:
+    """One host per region: each binds 0.0.0.0:8701 and is reached at its own address."""
+    raw = _raw()
+    for n, name in enumerate(("hz", "sh", "bj"), 1):
+        raw["regions"][name].update(listen="0.0.0.0:8701", advertise=f"10.0.0.{n}:8701")
+    config = parse_config(raw)
+    assert [r.base_url for r in config.regions] == [
+        "http://10.0.0.1:8701",
+        "http://10.0.0.2:8701",
+        "http://10.0.0.3:8701",
+    ]
+    assert {(r.host, r.port) for r in config.regions} == {("0.0.0.0", 8701)}
+
+
+def test_the_example_topology_of_a_production_deployment_is_valid(tmp_path: Path) -> None:
+    """docs/deploy/topology.example.toml, with its placeholders filled, is a valid topology
+    of regions on hosts of their own (the docs must not drift from the code)."""
+    example = Path(__file__).parent.parent / "docs" / "deploy" / "topology.example.toml"
+    text = example.read_text().replace("REPLACE: openssl rand -hex 32", "f" * 64)
+    path = tmp_path / "topology.toml"
+    path.write_text(text.replace("REPLACE", "password"))
+    config = load_config(path)
+    assert config.secrets.production and not config.development_secrets()
+    assert {r.listen for r in config.regions} == {"0.0.0.0:8701"}
+    assert len({r.base_url for r in config.regions}) == 3

@@ -201,14 +201,11 @@ def test_center_frozen_during_order_creation_no_503_for_a_written_order(
             pool.submit(api.order, region, buyer, [("FZ-C", 1)], idempotency_key=f"fz-c-{i}")
             for i, (region, buyer) in enumerate(calls)
         ]
-        # A payment needs no answer from the center: its commit waits in the outbox.
-        paid = api.call(
-            "bj",
-            "POST",
-            f"/v1/orders/{existing['order_id']}/pay",
-            payer,
-            {"payment_id": "fz-pay", "amount_cents": existing["total_cents"]},
-        )
+        # A payment claims its payment ID at the center first (services/payments.py): no
+        # answer, so the payment is not written (503), and the same payment ID pays later.
+        pay = {"payment_id": "fz-pay", "amount_cents": existing["total_cents"]}
+        pay_target = f"/v1/orders/{existing['order_id']}/pay"
+        unpaid = api.call("bj", "POST", pay_target, payer, pay)
         answers = [future.result(timeout=WAIT_S) for future in pending]
 
         # sh's streams from hz: stale in /healthz, /metrics and `unitrade status`.
@@ -226,6 +223,17 @@ def test_center_frozen_during_order_creation_no_503_for_a_written_order(
         stale_rows = [line for line in section.splitlines() if " stale " in line]
     assert status.returncode == 1  # hz does not answer its /healthz
     assert any(row.split()[1:3] == ["hz", "sh"] for row in stale_rows), status.stdout
+    assert unpaid.status_code == 503, unpaid.text
+    assert (unpaid.json()["region"], unpaid.json()["call"]) == ("hz", "center")
+    assert "no answer" in unpaid.json()["message"]
+    assert "was not applied" in unpaid.json()["message"]
+    assert [o["status"] for o in orders_of(api, payer)] == ["created"]
+
+    def pay_again() -> httpx.Response | None:
+        response = api.call("bj", "POST", pay_target, payer, pay)
+        return None if response.status_code == 503 else response
+
+    paid = wait_for("the payment once hz answers (its write lease back)", pay_again)
     assert paid.status_code == 200 and paid.json()["status"] == "paid", paid.text
 
     created = 0

@@ -104,6 +104,7 @@ class _Refusing(Forwarder):
         body: bytes,
         owner: str,
         timeout_s: float | None = None,
+        guarded: bool = True,
     ) -> Reply:
         self.sent += 1
         refusal = b'{"error": "wrong_region", "message": "not the owner", "owner": "bj"}'

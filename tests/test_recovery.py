@@ -76,7 +76,7 @@ def test_an_order_written_too_late_is_not_written_and_its_stock_returns(tmp_path
 
 
 @pytest.mark.cluster
-def test_center_killed_then_restarted_loses_no_payment(tmp_path: Path) -> None:
+def test_center_killed_then_restarted_loses_no_acknowledged_change(tmp_path: Path) -> None:
     config, path = write_topology(tmp_path)
     with LocalCluster(config, tmp_path / "data", path) as cluster:
         cluster.start()
@@ -92,19 +92,26 @@ def test_center_killed_then_restarted_loses_no_payment(tmp_path: Path) -> None:
             assert refused.status_code == 503
             assert refused.json()["error"] == "region_unavailable"
             assert "retry-after" in refused.headers
-            paid = api.call(
-                "sh",
-                "POST",
-                f"/v1/orders/{order['order_id']}/pay",
-                buyer,
-                {"payment_id": "pay-k", "amount_cents": 200},
-            )
-            assert paid.status_code == 200 and paid.json()["status"] == "paid"  # acknowledged
+            pay = {"payment_id": "pay-k", "amount_cents": 200}
+            target = f"/v1/orders/{order['order_id']}/pay"
+            # A payment needs its claim at the center (services/payments.py): refused,
+            # nothing written.
+            unpaid = api.call("sh", "POST", target, buyer, pay)
+            assert unpaid.status_code == 503, unpaid.text
+            assert unpaid.json()["error"] == "region_unavailable"
+            assert "was not applied" in unpaid.json()["message"]
+            read = api.call("sh", "GET", f"/v1/orders/{order['order_id']}", buyer)
+            assert read.json()["status"] == "created"
+            # A close is acknowledged: its release waits in the outbox.
             closed = api.call("bj", "POST", f"/v1/orders/{before['order_id']}/close", buyer)
             assert closed.status_code == 200 and closed.json()["status"] == "closed"
 
             cluster.start(["hz"])
             deadline = time.monotonic() + 30
+            while (paid := api.call("sh", "POST", target, buyer, pay)).status_code == 503:
+                assert time.monotonic() < deadline, paid.text  # the center's lease, say
+                time.sleep(0.2)
+            assert paid.status_code == 200 and paid.json()["status"] == "paid", paid.text
             while time.monotonic() < deadline:
                 if api.levels("K") == {"sku": "K", "available": 8, "reserved": 0, "sold": 2}:
                     break

@@ -19,7 +19,13 @@ from unitrade.errors import NotFound, OrderTimedOut
 from unitrade.services.inventory import InventoryService
 from unitrade.services.orders import OUTBOX_ATTEMPTS_MAX, failed_outbox, retry_outbox
 from unitrade.services.retention import RetentionSweeper
-from unitrade.storage.schema import changelog, idempotency_keys, outbox, reservations
+from unitrade.storage.schema import (
+    changelog,
+    idempotency_keys,
+    outbox,
+    payment_claims,
+    reservations,
+)
 from unitrade.storage.store import CellStore, WriteTx, now_ms
 from unitrade.topology.config import RetentionConfig, default_config
 from unitrade.topology.order_id import encode_order_id, unix_to_id_time
@@ -31,6 +37,7 @@ SETTINGS = RetentionConfig(
     idempotency_keys_s=60,
     reservations_finished_s=10,
     reserve_window_s=5,
+    payment_claims_s=3_600,
     sweep_batch_rows=10,
 )
 
@@ -156,9 +163,23 @@ def test_center_sweep_keeps_live_and_recent_reservations(storage_url: str) -> No
                 reservation_row(6, "released", 11, 11),
             ]
             await insert(store, reservations, rows)
-            deleted = await sweeper(store).sweep_cell(store)
-            assert deleted == {"probe_reservations": 0, "reservations": 3}
+            # Payment claims go once payment_claims_s old, whatever their order did.
+            claims = [
+                {
+                    "payment_id": f"p{age_s}",
+                    "order_id": age_s,
+                    "amount_cents": 1,
+                    "created_ms": now_ms() - age_s * 1000,
+                }
+                for age_s in (3_590, 3_610, 7_200)
+            ]
+            await insert(store, payment_claims, claims)
+            sweep = sweeper(store)
+            deleted = await sweep.sweep_cell(store)
+            assert deleted == {"probe_reservations": 0, "reservations": 3, "payment_claims": 2}
             assert await keys_of(store, reservations.c.order_id) == {4, 5, 6}
+            assert await keys_of(store, payment_claims.c.payment_id) == {"p3590"}
+            assert sweep.kept_rows[(CENTER, "payment_claims")] == 1
         finally:
             await store.close()
 

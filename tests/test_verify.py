@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from tests.support import write_topology
+from tests.test_supervise import Up, healthy, wait_for
 from unitrade.topology.config import default_config
 from unitrade.verify import elle
 from unitrade.verify.checks import (
@@ -203,6 +205,20 @@ def test_a_changelog_row_accepted_outside_the_owner_of_its_epoch_is_a_violation(
     assert result.checked == 3
 
 
+def test_a_changelog_row_written_while_its_cell_was_banned_is_a_violation() -> None:
+    h = Crafted()
+    rules = [
+        RuleVersion(1, 0, {1: "sh", 2: "sh"}),
+        RuleVersion(2, 10, {1: "sh", 2: "sh"}, banned=frozenset({1})),  # switch of cell 1
+        RuleVersion(3, 20, {1: "hz", 2: "sh"}),
+    ]
+    rows = [Row(1, 1, 1, "sh", "orders"), Row(2, 1, 2, "sh", "orders"), Row(1, 2, 3, "hz", "x")]
+    assert check_ownership(h.history, Ending(rules=rules, changelog=rows)).violations == 0
+    rows.append(Row(1, 3, 2, "sh", "payments"))  # the old owner wrote cell 1 under the ban
+    result = check_ownership(h.history, Ending(rules=rules, changelog=rows))
+    assert result.violations == 1 and "which bans the cell" in result.examples[0].message
+
+
 def test_a_write_acknowledged_by_a_failed_over_region_after_its_lease_is_a_violation() -> None:
     h = Crafted()
     h.create("k1")
@@ -359,3 +375,98 @@ def test_a_planted_bug_that_drops_acknowledged_orders_is_caught(
     failed = {i["invariant"]: i for i in report["invariants"] if i["violations"]}
     assert "orders" in failed, report["invariants"]
     assert failed["orders"]["examples"], failed["orders"]
+
+
+def test_a_planted_bug_that_applies_a_second_payment_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The regions apply a second payment of a paid order and answer 200 (planted.py:
+    double_payment): the workload's second payments, which must be refused, are not, and
+    the payments invariant reports orders paid twice."""
+    monkeypatch.setenv("UNITRADE_PLANTED_BUG", "double_payment")
+    out = tmp_path / "verify"
+    args = ["--seconds", "12", "--rate", "60", "--faults", "", "--seed", "9", "--out", str(out)]
+    result = CliRunner().invoke(verify_command, args)
+    assert result.exit_code == 1, result.output
+    report = json.loads((out / "report.json").read_text())
+    failed = {i["invariant"]: i for i in report["invariants"] if i["violations"]}
+    assert "payments" in failed, report["invariants"]
+    assert any("paid twice" in e["message"] for e in failed["payments"]["examples"]), failed
+
+
+def test_a_planted_bug_that_writes_a_banned_cell_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fence and the gateway's hold ignore bans (planted.py: write_banned), and each
+    switch keeps its cells banned 1.5 s (the control plane pauses at catch_up): the old
+    owner goes on writing under the ban, and the ownership invariant names the changelog
+    rows written under a rule version that bans their cell. Without the bug the same run
+    holds those writes until the switch ends (the CI run proves that)."""
+    monkeypatch.setenv("UNITRADE_PLANTED_BUG", "write_banned")
+    monkeypatch.setenv("UNITRADE_CONTROL_PAUSE", "catch_up:1.5")
+    out = tmp_path / "verify"
+    args = ["--seconds", "14", "--rate", "80", "--faults", "switch", "--seed", "4"]
+    result = CliRunner().invoke(verify_command, [*args, "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [f["outcome"] for f in report["faults"]] == ["done", "done"], report["faults"]
+    failed = {i["invariant"]: i for i in report["invariants"] if i["violations"]}
+    assert "ownership" in failed, report["invariants"]
+    messages = [e["message"] for e in failed["ownership"]["examples"]]
+    assert any("which bans the cell" in m for m in messages), messages
+
+
+def test_attaching_refuses_what_it_cannot_do_before_anything_starts(tmp_path: Path) -> None:
+    _config, path = write_topology(tmp_path)
+    runner = CliRunner()
+    out = str(tmp_path / "out")
+    cases = [
+        (["--faults", "partition"], "network faults need the servers behind a network"),
+        (["--faults", "kill,switch"], "give its --data"),
+        (["--faults", "pause", "--data", str(tmp_path / "none")], "no `unitrade up` supervises"),
+    ]
+    for extra, message in cases:
+        result = runner.invoke(verify_command, ["--attach", "--config", str(path), *extra])
+        assert result.exit_code == 2 and message in result.output, result.output
+    alone = runner.invoke(verify_command, ["--config", str(path), "--out", out])
+    assert alone.exit_code == 2 and "add --attach" in alone.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.cluster
+def test_a_run_attached_to_a_supervised_cluster_passes_and_leaves_it_running(
+    tmp_path: Path,
+) -> None:
+    """`unitrade up` runs a cluster; verify --attach takes traffic through it while it kills,
+    pauses and switches through that `up` (its supervisor never races the nemesis), checks,
+    and leaves every process of the cluster running; its products and buyers are its own."""
+    config, path = write_topology(tmp_path)
+    data = tmp_path / "data"
+    up = Up(path, data)
+    try:
+        wait_for(lambda: "cluster up" in up.text(), "unitrade up started")
+        out = tmp_path / "verify"
+        args = ["--attach", "--config", str(path), "--data", str(data), "--out", str(out)]
+        args += ["--seconds", "20", "--faults", "kill,pause,switch", "--seed", "12"]
+        result = CliRunner().invoke(verify_command, args)
+        report = json.loads((out / "report.json").read_text())
+        assert result.exit_code == 0, result.output + json.dumps(report["invariants"], indent=1)
+        assert {f["kind"] for f in report["faults"] if f["outcome"] == "done"} == {
+            "kill",
+            "pause",
+            "switch",
+        }, report["faults"]
+        for invariant in report["invariants"]:
+            assert invariant["checked"] > 0, invariant
+        history = load(out / "history.jsonl")
+        skus = {e.value["sku"] for e in history.events if e.f == "stock-set"}
+        assert len(skus) == 3 and all(s.startswith("VF-") and s.count("-") == 2 for s in skus)
+        buyers = {e.value["buyer"] for e in history.events if e.f == "create"}
+        assert buyers and min(buyers) >= 2**61
+        assert not (out / "data").exists()  # the cluster's data is the cluster's, not the run's
+        for name in ("hz", "sh", "bj", "control"):
+            assert healthy(config, name), name
+        states = {n: p["state"] for n, p in up.state()["processes"].items()}
+        assert set(states.values()) == {"running"}, states
+    finally:
+        up.close()

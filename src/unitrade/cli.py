@@ -26,6 +26,7 @@ from unitrade.cli_options import (
 )
 from unitrade.control.cli import evacuate, operations, switch
 from unitrade.control.failover_cli import failover, quarantine
+from unitrade.control.flow_cli import degrade, limits
 from unitrade.outbox_cli import outbox
 from unitrade.replication.diff_cli import diff
 from unitrade.supervisor_cli import start, stop, supervisor_notes
@@ -170,7 +171,7 @@ def _print_regions(config: TopologyConfig, data_dir: Path) -> None:
         console.print(f"storage of {region.name}: {url}", soft_wrap=True)
 
 
-@main.command(hidden=True)
+@main.command(short_help="Serve one region in this process (a region's own host).")
 @config_option
 @click.option("--region", required=True, help="The region this process serves.")
 @click.option(
@@ -178,10 +179,25 @@ def _print_regions(config: TopologyConfig, data_dir: Path) -> None:
     "data_dir",
     type=click.Path(path_type=Path),
     default=DATA_DIR_DEFAULT,
-    help="The cluster's data directory (as given to `up`).",
+    show_default=True,
+    help="The data directory: the region keeps DIR/REGION (its persisted rule, its SQLite copies "
+    "when its storage is not a database URL).",
 )
 def serve(config_path: Path | None, region: str, data_dir: Path) -> None:
-    """Serve one region in this process (started by `up`)."""
+    """Serve one region in this process: what `unitrade up` starts per region, and what
+    runs on a region's own machines in production (under systemd or another supervisor;
+    docs/operations.md, "Regions on their own hosts").
+
+    \b
+    It binds the region's `listen` (e.g. 0.0.0.0:8701) and the others reach it at its
+    `advertise` (e.g. 10.1.0.5:8701, or a name): every host of the cluster runs with the
+    same topology file, which holds the secrets, so keep it readable by the service user
+    only. Clocks of all hosts must agree within 30 s (signed calls are refused beyond
+    that); leases do not depend on clocks agreeing.
+
+    \b
+      unitrade serve --region sh --config /etc/unitrade/topology.toml --data /var/lib/unitrade
+    """
     from unitrade.serve import serve_region
 
     config = _load(config_path)
@@ -190,7 +206,7 @@ def serve(config_path: Path | None, region: str, data_dir: Path) -> None:
     serve_region(config, region, data_dir.resolve())
 
 
-@main.command("serve-control", hidden=True)
+@main.command("serve-control", short_help="Serve the control plane in this process.")
 @config_option
 @click.option(
     "--data",
@@ -205,7 +221,13 @@ def serve(config_path: Path | None, region: str, data_dir: Path) -> None:
     "there are several.",
 )
 def serve_control(config_path: Path | None, data_dir: Path, member: str | None) -> None:
-    """Serve the control plane in this process (started by `up`)."""
+    """Serve the control plane in this process: what `unitrade up` starts, and what runs on
+    the control plane's own machine in production (or one member per region on etcd,
+    `--member NAME`). It binds `[control] listen` and is reached at its `advertise`.
+
+    \b
+      unitrade serve-control --config /etc/unitrade/topology.toml --data /var/lib/unitrade
+    """
     from unitrade.control.serve import serve_control as run
 
     config = _load(config_path)
@@ -238,7 +260,9 @@ def status(config_path: Path | None, data_dir: Path) -> None:
     the rule version each component has acknowledged), the cells with their owners under
     the newest rule a live region reports (never the configuration's initial owners), the
     control plane's own probes of every region and cell (up, down or unknown, seconds
-    since the last good probe, the last error), and the replication lag of every stream.
+    since the last good probe, the last error), the replication lag of every stream, and
+    flow control per region (the limits version, switches on, what limits refused and
+    overload shed, breakers not closed).
     The last line names what is down: what does not answer this command, with why when the
     `unitrade up` on --data knows (e.g. `region sh (stopped by operator)`), and what the
     control plane's probes find down.
@@ -268,6 +292,7 @@ def status(config_path: Path | None, data_dir: Path) -> None:
         _print_probes(probes)
     if healths:
         _print_replication(config, healths)
+        _print_flow(config, healths)
     down = ([] if control is not None else [_noted("the control plane", CONTROL_NAME, notes)]) + [
         _noted(f"region {r}", r, notes) for r in config.region_names if r not in healths
     ]
@@ -279,6 +304,44 @@ def status(config_path: Path | None, data_dir: Path) -> None:
     if not healths and control is None:
         console.print(f"nothing answered: {CONFIG_HINT}", soft_wrap=True)
     sys.exit(1)
+
+
+def _print_flow(config: TopologyConfig, healths: dict[str, dict[str, Any]]) -> None:
+    """Flow control per region (`flow` in its /healthz)."""
+    table = compact_table(
+        "flow control",
+        "limits: the rule version the flow rules last changed at; refused: 429 by limit; "
+        "shed: 503 overloaded; breakers: those not closed (call@region)",
+    )
+    for column in ("region", "limits", "switches on", "refused", "shed", "in flight", "breakers"):
+        table.add_column(column, no_wrap=column not in ("switches on", "refused", "breakers"))
+    for region in config.regions:
+        flow = healths.get(region.name, {}).get("flow")
+        if not isinstance(flow, dict):
+            table.add_row(region.name, "-", "-", "-", "-", "-", "-")
+            continue
+        refused = ", ".join(
+            f"{name} {counts['refused']}"
+            for name, counts in flow.get("limits", {}).items()
+            if counts.get("refused")
+        )
+        overload = flow.get("overload", {})
+        shed = sum(int(v) for v in overload.get("shed", {}).values())
+        breakers = ", ".join(
+            f"[red]{b['call']}@{b['region']} {b['state']}[/]"
+            for b in flow.get("breakers", [])
+            if b.get("state") != "closed"
+        )
+        table.add_row(
+            region.name,
+            f"v{flow.get('version', '?')} ({flow.get('storage', '?')})",
+            ", ".join(flow.get("switches", [])) or "none",
+            refused or "0",
+            str(shed),
+            str(overload.get("in_flight", "-")),
+            breakers or "all closed",
+        )
+    console.print(table)
 
 
 def _noted(what: str, name: str, notes: dict[str, str]) -> str:
@@ -740,6 +803,8 @@ main.add_command(quarantine)
 main.add_command(stop)
 main.add_command(start)
 main.add_command(verify_command)
+main.add_command(limits)
+main.add_command(degrade)
 
 if __name__ == "__main__":
     main(prog_name="unitrade")

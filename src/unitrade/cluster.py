@@ -136,6 +136,11 @@ class LocalCluster:
     def base_url(self, name: str) -> str:
         return self._listening(name).base_url
 
+    def pid(self, name: str) -> int | None:
+        """The pid of a running process of the cluster (a region or the control plane)."""
+        process = self.processes.get(name)
+        return process.pid if process is not None and process.poll() is None else None
+
     def start_control(self, env: dict[str, str] | None = None, name: str | None = None) -> None:
         """The control plane (with members: `name`, else every member that is not running);
         `env` adds environment variables (fault injection in tests). Supervision starts it

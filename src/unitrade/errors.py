@@ -156,6 +156,41 @@ class Overloaded(UnitradeError):
     retry_after_s: ClassVar[int] = 1
 
 
+class RateLimited(UnitradeError):
+    """A rate limit refused the request before any of it was done (unitrade.flow): `limit`
+    names which (ip, buyer, region, order_buyer, order_sku, admin_writes). Retry after
+    Retry-After seconds."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int = 1, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
+
+
+class CircuitOpen(UnitradeError):
+    """A circuit breaker on calls to another region is open (unitrade.flow.breaker): the
+    call failed fast, before anything was sent, so nothing was applied. `region` and `call`
+    name the breaker. Retry after Retry-After seconds."""
+
+    code = "circuit_open"
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: int = 1, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
+
+
+class Degraded(UnitradeError):
+    """A degradation switch has turned this off for now (`switch` names it; `unitrade
+    degrade` lists them). Nothing was applied."""
+
+    code = "degraded"
+    status = 503
+    retry_after_s: ClassVar[int] = 30
+
+
 class ReadTimeout(UnitradeError):
     """A read waited too long for a reader of the cell copy and never ran. Safe to retry."""
 
@@ -255,6 +290,9 @@ ERRORS_BY_CODE: dict[str, type[UnitradeError]] = {
         EtcdUnavailable,
         OutcomeUnknown,
         Overloaded,
+        RateLimited,
+        CircuitOpen,
+        Degraded,
         ReadTimeout,
         OrderTimedOut,
         ClockBehind,

@@ -16,12 +16,14 @@ from unitrade.control.agent import RuleAgent
 from unitrade.control.etcd_lease import region_lease_source
 from unitrade.control.lease import LeaseHolder, LeaseSource
 from unitrade.errors import WriteBanned, WrongRegion
+from unitrade.flow.control import FlowControl
 from unitrade.replication.replicator import Replicator
 from unitrade.rpc.client import RegionClient
 from unitrade.services.cart import CartService
 from unitrade.services.catalog import CatalogService
 from unitrade.services.inventory import InventoryService
 from unitrade.services.orders import OrderService
+from unitrade.services.payments import PaymentClaims
 from unitrade.services.remote import CatalogClient, CenterClient
 from unitrade.services.retention import RetentionSweeper
 from unitrade.services.revocations import Revocations
@@ -78,17 +80,33 @@ class RegionRuntime:
         self._install_lock = asyncio.Lock()
         self.copies = CellCopies(config, region, data_dir, self.fence)
         self.client = RegionClient(config, region)
+        # Rate limits, overload protection, breakers, switches: the flow rules of the
+        # gateway's rule (topology/flow_rules.py), in force as soon as the gateway holds it.
+        self.flow = FlowControl(region, config.flow, lambda: self.gateway.rule.flow)
         self.inventory = InventoryService(
             self.copies[rule.center_cell], config.retention.reserve_window_s
         )
         self.catalog_service = CatalogService(self.copies[rule.global_cell])
         self.revocations = Revocations(self.copies[rule.global_cell])
-        self.center = CenterClient(self.rpc, region, self.inventory, self.client)
+        self.payment_claims = PaymentClaims(self.copies[rule.center_cell])
+        self.center = CenterClient(
+            self.rpc,
+            region,
+            self.inventory,
+            self.client,
+            self.flow.breakers,
+            claims=self.payment_claims,
+        )
         self.catalog = CatalogClient(
-            self.catalog_service, rules=self.rpc, region=region, client=self.client
+            self.catalog_service,
+            rules=self.rpc,
+            region=region,
+            client=self.client,
+            breakers=self.flow.breakers,
         )
         self.allocators = {cell: OrderIdAllocator(self.copies[cell]) for cell in rule.unit_cells()}
         self.orders = OrderService(self.copies, self.center, self.catalog, self.allocators)
+        self.orders.admit = self.flow.admit_order  # business limits, where orders are served
         self.cart = CartService(self.copies, self.catalog)
         self.retention = RetentionSweeper(self.copies, config.retention, self.owned_cells)
         self.replicator = Replicator(self.copies, self.client, [self._applied])
@@ -149,18 +167,24 @@ class RegionRuntime:
                 )
             finally:
                 # Even when the fence's drain outlasts its timeout, the rule is in force:
-                # streams must follow a moved cell's new owner now.
-                self.replicator.wake()
+                # streams must follow a moved cell's new owner now. A rule that changed
+                # only the flow rules (limits, switches) leaves the streams alone.
+                if rule.routing_changed(previous):
+                    self.replicator.wake()
             # A cell this region now owns takes no more applies from its old owner: wait
             # for one still in flight, so that the copy's position is final (a failover
             # reads it as the promotion position).
-            await self.replicator.quiesce(rule.cells_owned_by(self.name))
+            if rule.routing_changed(previous):
+                await self.replicator.quiesce(rule.cells_owned_by(self.name))
             log.info(
-                "rule version %s in force (moved cells %s, banned %s, owns %s)",
+                "rule version %s in force (moved cells %s, banned %s, owns %s, flow rules of "
+                "version %s, switches on %s)",
                 rule.version,
                 moved,
                 sorted(rule.banned),
                 self.owned_cells(),
+                rule.flow.version,
+                rule.flow.switches,
             )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -177,6 +201,7 @@ class RegionRuntime:
             log.warning("no write lease yet: writes are refused until one is granted")
         self.replicator.start()
         self.agent.start()
+        self.flow.start()
         self._tasks.append(asyncio.create_task(self._drain_outbox_forever()))
         self._tasks.append(asyncio.create_task(self.retention.run_forever()))
         log.info(
@@ -187,6 +212,7 @@ class RegionRuntime:
         )
 
     async def stop(self) -> None:
+        await self.flow.stop()
         await self.lease.stop()
         await self.agent.stop()
         await self.replicator.stop()

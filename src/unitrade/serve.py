@@ -7,6 +7,7 @@ from pathlib import Path
 
 import uvicorn
 
+from unitrade import planted
 from unitrade.gateway.app import build_app
 from unitrade.region import RegionRuntime
 from unitrade.topology.config import TopologyConfig, check_production
@@ -18,8 +19,14 @@ def serve_region(config: TopologyConfig, region: str, data_dir: Path) -> None:
         format=f"%(asctime)s {region} %(levelname)s %(name)s: %(message)s",
     )
     warning = check_production(config)
+    log = logging.getLogger("unitrade.region")
     if warning is not None:
-        logging.getLogger("unitrade.region").warning(warning)
+        log.warning(warning)
+    bug = planted.announcement()
+    if bug is not None:
+        if config.secrets.production and planted.PLANTED in planted.KNOWN:
+            raise SystemExit(f"refusing to start in production: {bug}")
+        log.warning(bug)
     region_config = config.region(region)
     runtime = RegionRuntime(config, region, data_dir)
     server = uvicorn.Server(

@@ -34,6 +34,10 @@ class NoSupervisor(click.ClickException):
     """No `unitrade up` supervises the data directory: exit status 1."""
 
 
+class DrillError(click.ClickException):
+    """A stop or start that did not come about in time: exit status 1."""
+
+
 data_option = click.option(
     "--data",
     "data_dir",
@@ -94,32 +98,8 @@ def stop(region: str | None, control: bool, kill: bool, data_dir: Path, timeout_
       unitrade stop --control --data /tmp/ut    # the control plane
     """
     files = SupervisorFiles(data_dir.resolve())
-    document = _live(files)
-    name = _target(document, region, control)
-    what = label(name)
-    entry = document["processes"][name]
-    if entry["state"] == State.HELD:
-        console.print(f"{what} is already stopped by the operator")
-        return
-    started = time.monotonic()
-    files.hold(name, KILL if kill else TERM)
-    deadline = started + timeout_s
-    while True:
-        document = _live(files)
-        entry = document["processes"][name]
-        if entry["state"] == State.HELD and not pid_alive(int(entry["pid"])):
-            break
-        if time.monotonic() > deadline:
-            raise click.ClickException(
-                f"{what} is not down after {timeout_s:g} s (state: {entry['state']}); "
-                f"see {files.log_path}"
-            )
-        time.sleep(POLL_S)
-    console.print(
-        f"{what} is down ({describe_exit(entry['exit_code'])}) after "
-        f"{time.monotonic() - started:.1f} s, and kept down: "
-        f"`unitrade start {option(name)}` starts it again"
-    )
+    name = _target(_live(files), region, control)
+    console.print(hold_down(files, name, kill, timeout_s))
 
 
 @click.command(short_help="Start a region (or --control) stopped or left down again.")
@@ -147,8 +127,46 @@ def start(region: str | None, control: bool, data_dir: Path, timeout_s: float) -
       unitrade start --control --data /tmp/ut
     """
     files = SupervisorFiles(data_dir.resolve())
+    name = _target(_live(files), region, control)
+    console.print(bring_up(files, name, timeout_s))
+
+
+def hold_down(files: SupervisorFiles, name: str, kill: bool, timeout_s: float) -> str:
+    """Have the `unitrade up` on files' data directory stop NAME (SIGTERM, or SIGKILL with
+    `kill`) and keep it down; wait until it has exited. Returns what happened; raises
+    NoSupervisor or DrillError. Also the verifier's way to kill a region of a cluster it
+    attached to (verify/attached.py)."""
     document = _live(files)
-    name = _target(document, region, control)
+    what = label(name)
+    entry = document["processes"][name]
+    if entry["state"] == State.HELD:
+        return f"{what} is already stopped by the operator"
+    started = time.monotonic()
+    files.hold(name, KILL if kill else TERM)
+    deadline = started + timeout_s
+    while True:
+        document = _live(files)
+        entry = document["processes"][name]
+        if entry["state"] == State.HELD and not pid_alive(int(entry["pid"])):
+            break
+        if time.monotonic() > deadline:
+            raise DrillError(
+                f"{what} is not down after {timeout_s:g} s (state: {entry['state']}); "
+                f"see {files.log_path}"
+            )
+        time.sleep(POLL_S)
+    return (
+        f"{what} is down ({describe_exit(entry['exit_code'])}) after "
+        f"{time.monotonic() - started:.1f} s, and kept down: "
+        f"`unitrade start {option(name)}` starts it again"
+    )
+
+
+def bring_up(files: SupervisorFiles, name: str, timeout_s: float) -> str:
+    """Have the `unitrade up` on files' data directory start NAME again (held down, or
+    given up on); wait until it answers /healthz. Returns what happened; raises
+    NoSupervisor or DrillError."""
+    document = _live(files)
     what = label(name)
     config = load(Path(document["config"]) if document.get("config") else None)
     url = str(document["processes"][name]["url"]) + "/healthz"
@@ -157,8 +175,7 @@ def start(region: str | None, control: bool, data_dir: Path, timeout_s: float) -
     with httpx.Client(timeout=2.0, verify=config.http_verify) as client:
         entry = document["processes"][name]
         if entry["state"] == State.RUNNING and _healthy(client, url):
-            console.print(f"{what} is already running (pid {entry['pid']})")
-            return
+            return f"{what} is already running (pid {entry['pid']})"
         if entry["state"] != State.RUNNING:
             files.request_start(name)
         taken_at: float | None = None  # wall clock: when the request was seen consumed
@@ -172,23 +189,21 @@ def start(region: str | None, control: bool, data_dir: Path, timeout_s: float) -
             entry = document["processes"][name]
             fresh = taken_at is not None and files.state_path.stat().st_mtime > taken_at
             if taken and fresh and entry["state"] == State.FAILED:
-                raise click.ClickException(
+                raise DrillError(
                     f"{what} failed to start: {describe_exit(entry['exit_code'])}, restarted "
                     f"{entry['restarts']} times; see {files.data_dir}/logs/{name}.log"
                 )
             if taken and fresh and entry["state"] in (State.HELD, State.STOPPING):
-                raise click.ClickException(f"{what} was stopped again meanwhile")
+                raise DrillError(f"{what} was stopped again meanwhile")
             if taken and entry["state"] == State.RUNNING and _healthy(client, url):
                 break
             if time.monotonic() > deadline:
-                raise click.ClickException(
+                raise DrillError(
                     f"{what} is not healthy after {timeout_s:g} s (state: {entry['state']}); "
                     f"see {files.data_dir}/logs/{name}.log"
                 )
             time.sleep(POLL_S)
-    console.print(
-        f"{what} is up (pid {entry['pid']}), healthy after {time.monotonic() - started:.1f} s"
-    )
+    return f"{what} is up (pid {entry['pid']}), healthy after {time.monotonic() - started:.1f} s"
 
 
 def _live(files: SupervisorFiles) -> dict[str, Any]:

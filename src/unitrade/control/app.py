@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, TypeVar
 
@@ -26,6 +26,7 @@ from unitrade.control.store import OPERATIONS_LIST_MAX
 from unitrade.errors import Forbidden, InvalidRequest, NotFound, SwitchRefused, Unauthorized
 from unitrade.rpc.signing import Verifier
 from unitrade.topology.config import CONTROL_NAME, TopologyConfig
+from unitrade.topology.flow_rules import LIMITS, SWITCHES, FlowRules, LimitMode
 from unitrade.web.responses import (
     BEARER,
     error_responses,
@@ -72,6 +73,42 @@ class WatchCall(_Body):
 class LeaseCall(_Body):
     region: Annotated[str, Field(max_length=16)]
     rule_version: Annotated[int, Field(ge=0)]
+
+
+class LimitChange(_Body):
+    """The fields of a limit to change (topology/flow_rules.py Limit); the rest stay."""
+
+    enabled: bool | None = None
+    rate_per_s: Annotated[float, Field(gt=0)] | None = None
+    burst: Annotated[int, Field(ge=1)] | None = None
+    mode: LimitMode | None = None
+    warm_up_s: Annotated[float, Field(gt=0)] | None = None
+    cold_factor: Annotated[float, Field(ge=1)] | None = None
+    queue_ms_max: Annotated[int, Field(ge=1)] | None = None
+    queue_max: Annotated[int, Field(ge=1)] | None = None
+    concurrency_max: Annotated[int, Field(ge=0)] | None = None
+    overrides: Annotated[dict[str, float], Field(max_length=1_000)] | None = None
+
+
+class SwitchChange(_Body):
+    on: bool
+
+
+class OverloadChange(_Body):
+    enabled: bool | None = None
+    loop_delay_ms_max: Annotated[int, Field(ge=1)] | None = None
+    in_flight_max: Annotated[int, Field(ge=0)] | None = None
+
+
+class BreakersChange(_Body):
+    enabled: bool | None = None
+    window_ms: Annotated[int, Field(ge=100)] | None = None
+    calls_min: Annotated[int, Field(ge=1)] | None = None
+    error_ratio_max: Annotated[float, Field(gt=0, le=1)] | None = None
+    slow_ratio_max: Annotated[float, Field(gt=0, le=1)] | None = None
+    slow_ms: Annotated[int, Field(ge=1)] | None = None
+    open_ms: Annotated[int, Field(ge=10)] | None = None
+    probes: Annotated[int, Field(ge=1)] | None = None
 
 
 CallT = TypeVar("CallT", bound=_Body)
@@ -260,6 +297,95 @@ def build_control_app(
     async def abort(operation_id: Annotated[str, Path(max_length=40)]) -> Response:
         op = await plane.abort(operation_id)
         return json_response(op.body(), status=202)
+
+    # -- flow rules: limits, switches, overload, breakers ----------------------------------
+
+    def flow_body(flow: FlowRules) -> dict[str, object]:
+        return {
+            "rule_version": board().rule.version,
+            "flow": flow.body(),
+            "limits": LIMITS,
+            "switches": {
+                name: {"on": flow.switch_on(name), "turns_off": text}
+                for name, text in SWITCHES.items()
+            },
+        }
+
+    async def changed(change: Callable[[FlowRules, int], FlowRules], reason: str) -> Response:
+        rule, missing = await plane.change_flow(change, reason)
+        connected = board().connected()
+        return json_response(
+            {
+                **flow_body(rule.flow),
+                "acknowledged": sorted(r for r in connected if r not in missing),
+                "not_acknowledged": sorted(missing),
+            }
+        )
+
+    @app.get("/v1/flow", tags=["flow"], dependencies=admin_only, responses=ADMIN_ERRORS)
+    async def flow() -> Response:
+        """The flow rules in force: every limit, the degradation switches (on or off, and
+        what each turns off), overload protection and the circuit breakers."""
+        return json_response(flow_body(board().rule.flow))
+
+    @app.put(
+        "/v1/flow/limits/{name}",
+        tags=["flow"],
+        dependencies=admin_only,
+        responses=OPERATION_ERRORS,
+    )
+    async def set_limit(name: Annotated[str, Path(max_length=32)], body: LimitChange) -> Response:
+        """Change a rate limit live: a new rule version, pushed to every region and
+        acknowledged; the answer names the regions that acknowledged it."""
+        if name not in LIMITS:
+            raise NotFound(f"no limit {name!r}; the limits are {sorted(LIMITS)}")
+        changes = body.model_dump(exclude_unset=True)
+        if not changes:
+            raise InvalidRequest("nothing to change")
+        text = ", ".join(f"{k}={v}" for k, v in changes.items())
+        return await changed(
+            lambda flow, version: flow.with_limit(name, changes, version),
+            f"limit {name}: {text}",
+        )
+
+    @app.put(
+        "/v1/flow/switches/{name}",
+        tags=["flow"],
+        dependencies=admin_only,
+        responses=OPERATION_ERRORS,
+    )
+    async def set_switch(name: Annotated[str, Path(max_length=32)], body: SwitchChange) -> Response:
+        """Turn a degradation switch on (what it names is turned off) or off."""
+        if name not in SWITCHES:
+            raise NotFound(f"no switch {name!r}; the switches are {sorted(SWITCHES)}")
+        return await changed(
+            lambda flow, version: flow.with_switch(name, body.on, version),
+            f"switch {name} {'on' if body.on else 'off'}",
+        )
+
+    async def set_section(section: str, body: _Body) -> Response:
+        changes = body.model_dump(exclude_unset=True)
+        if not changes:
+            raise InvalidRequest("nothing to change")
+        text = ", ".join(f"{k}={v}" for k, v in changes.items())
+        return await changed(
+            lambda flow, version: flow.with_section(section, changes, version),
+            f"{section}: {text}",
+        )
+
+    @app.put(
+        "/v1/flow/overload", tags=["flow"], dependencies=admin_only, responses=OPERATION_ERRORS
+    )
+    async def set_overload(body: OverloadChange) -> Response:
+        """Change overload protection live."""
+        return await set_section("overload", body)
+
+    @app.put(
+        "/v1/flow/breakers", tags=["flow"], dependencies=admin_only, responses=OPERATION_ERRORS
+    )
+    async def set_breakers(body: BreakersChange) -> Response:
+        """Change the circuit breakers' settings live."""
+        return await set_section("breakers", body)
 
     async def signed_call(request: Request, model: type[CallT]) -> tuple[str, CallT]:
         """A region's signed call: its name (the signer) and its validated body."""

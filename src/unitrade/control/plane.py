@@ -7,6 +7,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+
+from pydantic import ValidationError
 
 from unitrade.control.board import RuleBoard
 from unitrade.control.failover import Failover
@@ -16,7 +19,9 @@ from unitrade.control.lease import ControlPlaneLeases, LeaseAuthority
 from unitrade.control.store import ControlStore, Operation
 from unitrade.control.switchover import FORWARD_ONLY, Control, Switchover, precheck
 from unitrade.errors import (
+    Conflict,
     FailoverRefused,
+    InvalidRequest,
     NotFound,
     OperationRunning,
     PastPointOfNoReturn,
@@ -25,7 +30,8 @@ from unitrade.errors import (
 from unitrade.rpc.client import RegionClient
 from unitrade.storage.store import now_ms
 from unitrade.topology.config import CONTROL_NAME, TopologyConfig
-from unitrade.topology.rule import initial_rule
+from unitrade.topology.flow_rules import FlowRules
+from unitrade.topology.rule import Rule, initial_rule
 
 log = logging.getLogger("unitrade.control")
 OPERATION_BATCHES_PER_SWEEP_MAX = 100
@@ -192,6 +198,55 @@ class ControlPlane:
             )
             self._launch(op)
         return op
+
+    async def change_flow(
+        self, change: Callable[[FlowRules, int], FlowRules], reason: str
+    ) -> tuple[Rule, list[str]]:
+        """Publish the rule with its flow rules changed by `change(flow, version)` (limits,
+        switches, overload, breakers): the next rule version, pushed to every region like
+        an owner change. The rule, and the connected regions that did not acknowledge it
+        within ack_timeout_ms (empty: all did). An unchanged flow publishes nothing.
+
+        It keeps the one-operation-at-a-time discipline: refused (operation_running) while
+        a switch or failover runs, which publish rules of their own between steps (a
+        failover's lease block names the version its ban is about to take). Only the
+        publish holds the slot, not the wait for acknowledgements, so that a change never
+        keeps an automatic failover waiting."""
+        if self._slot.locked() or self.running is not None:
+            raise OperationRunning(
+                "a flow change waits for the running operation: "
+                + (self.running.op.id if self.running is not None else "a pre-check")
+            )
+        board = self.ctx.board
+        async with self._slot:
+            ahead = board.ahead()
+            if ahead:
+                raise Conflict(
+                    f"the control store is behind: regions hold newer rules {ahead} than its "
+                    f"version {board.rule.version}; restore the control store first"
+                )
+            rule = board.rule
+            version = rule.version + 1
+            try:
+                flow = change(rule.flow, version)
+            except ValidationError as exc:
+                raise InvalidRequest(
+                    "; ".join(
+                        f"{'.'.join(str(p) for p in e['loc']) or 'flow'}: "
+                        + str(e["msg"]).removeprefix("Value error, ")
+                        for e in exc.errors()
+                    )
+                ) from None
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
+            if flow.model_copy(update={"version": rule.flow.version}) == rule.flow:
+                return rule, []
+            published = await board.publish(rule.derive(version, flow=flow), reason[:200], None)
+        log.info("flow rules changed at rule version %s: %s", published.version, reason)
+        missing = await board.wait_acks(
+            published.version, board.connected(), self.config.control.ack_timeout_ms / 1000
+        )
+        return published, missing
 
     async def region_down(self, region: str) -> None:
         """The health checker's call when a region turns down: with `[control]

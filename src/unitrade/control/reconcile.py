@@ -4,14 +4,15 @@ what conflicts.
 
 The CLI reads the region's held entries (`/internal/quarantine/list`, with their row
 images), reduces them per cell to business objects (an order with its lines, payment,
-buyer index entry, idempotency key and outbox steps; a cart line; a reservation; a SKU's
-stock; a product; a revoked token), each to its final images, and sends each object to
-the current owner of its cell (`/internal/reconcile/...`), which decides and re-applies
-through its services (services/reconcile.py). Then it marks the object's entries in the
-region's quarantine with the decision (`/internal/quarantine/mark`: reapplied, conflict
-or superseded, with a note). Objects go global cell first (products an order or a cart
-names), then unit cells, then the center cell: whether a lost center's reservation must
-hold stock depends on its order, which the unit cells' pass may just have re-created.
+buyer index entry, idempotency key and outbox steps; a cart line; a reservation; a payment
+claim; a SKU's stock; a product; a revoked token), each to its final images, and sends each
+object to the current owner of its cell (`/internal/reconcile/...`), which decides and
+re-applies through its services (services/reconcile.py). Then it marks the object's
+entries in the region's quarantine with the decision (`/internal/quarantine/mark`:
+reapplied, conflict or superseded, with a note). Objects go global cell first (products an
+order or a cart names), then unit cells, then the center cell: whether a lost center's
+reservation must hold stock depends on its order, which the unit cells' pass may just have
+re-created (and re-claimed its payment ID for).
 
 Bookkeeping the owner keeps by itself is decided here without a call: order-ID
 allocation (`id_sequences`), outbox steps of an order the lost region did not otherwise
@@ -35,6 +36,7 @@ from unitrade.gateway.reconcile_routes import (
     CART_PATH,
     ORDER_PATH,
     ORDER_STATUS_PATH,
+    PAYMENT_CLAIM_PATH,
     PRODUCT_PATH,
     RESERVATION_PATH,
     REVOCATION_PATH,
@@ -96,7 +98,8 @@ class Item:
     """One business object of a cell's held entries, and what became of it."""
 
     cell: str
-    kind: str  # order | cart | reservation | stock | product | revocation | local
+    # order | cart | reservation | payment_claim | stock | product | revocation | local
+    kind: str
     name: str  # what an operator reads
     changes: list[Change] = field(default_factory=list)
     state: str = HELD
@@ -140,6 +143,13 @@ def _object_of(change: Change, kind: CellKind) -> tuple[str, str]:
             return "reservation", f"stock reservation of order {key['order_id']}"
         if change.table == "inventory":
             return "stock", f"stock of {key['sku']}"
+        if change.table == "payment_claims" and image is not None:
+            return (
+                "payment_claim",
+                f"payment claim {key['payment_id']} of order {image['order_id']}",
+            )
+        if change.table == "payment_claims":
+            return "local", f"payment claim {key['payment_id']} (retention)"
     if kind == CellKind.GLOBAL:
         if change.table == "products":
             return "product", f"product {key['sku']}"
@@ -365,6 +375,17 @@ class Reconcile:
             item.decide(answer["state"], answer["note"])
         elif item.kind == "reservation":
             self.reservation(item)
+        elif item.kind == "payment_claim":
+            image = item.changes[-1].image
+            assert image is not None  # a delete is "local" (retention)
+            body = {
+                "payment_id": str(image["payment_id"]),
+                "order_id": str(image["order_id"]),
+                "amount_cents": int(image["amount_cents"]),
+                "dry_run": self.dry_run,
+            }
+            answer = self.call(item.cell, PAYMENT_CLAIM_PATH, body)
+            item.decide(answer["state"], answer["note"])
         elif item.kind == "stock":
             body = stock_call(item)
             if body is not None:

@@ -85,6 +85,7 @@ class PublicApi:
         public: bool = False,
         direct_body: type[BaseModel] | None = None,
         resend: Resend | None = None,
+        switch: str | None = None,
         answer: type[BaseModel],
         errors: tuple[int, ...],
         status_code: int = 200,
@@ -94,18 +95,21 @@ class PublicApi:
         served at the owner region of the cell it names; `public` reads need no token;
         `direct_body` also serves the endpoint at the edge, past FastAPI (the handler's
         only parameter then is `body`). `resend` says how a forwarded write whose answer
-        was lost may be sent again (gateway/resend.py). `answer` documents the
+        was lost may be sent again (gateway/resend.py); `switch` names the degradation
+        switch that turns the endpoint off (503 degraded). `answer` documents the
         `status_code` body and `errors` the error statuses the endpoint can answer; neither
         is validated on the way out (the handlers answer with json_response)."""
+        # Any request may be refused at the edge by a rate limit (429) or shed by
+        # overload protection (503) before it is routed (gateway/edge.py).
         responses: dict[int | str, dict[str, Any]] = {
             status_code: {"model": answer},
-            **error_responses(*errors),
+            **error_responses(*sorted({*errors, 429, 503})),
         }
         if not public:
             route.setdefault("dependencies", []).append(Security(BEARER))
 
         def register(handler: Handler) -> Handler:
-            served = self._served(handler, home, public, resend)
+            served = self._served(handler, home, public, resend, switch)
             self.router.add_api_route(
                 path,
                 served,
@@ -116,7 +120,7 @@ class PublicApi:
                 **route,
             )
             if home is not None:
-                self.table.add(Endpoint(method, path, home, resend))
+                self.table.add(Endpoint(method, path, home, resend, switch))
             if direct_body is not None:
                 self.direct[(method, path)] = self._direct(served, direct_body)
             return handler
@@ -124,7 +128,12 @@ class PublicApi:
         return register
 
     def _served(
-        self, handler: Handler, home: Home | None, public: bool, resend: Resend | None
+        self,
+        handler: Handler,
+        home: Home | None,
+        public: bool,
+        resend: Resend | None,
+        switch: str | None,
     ) -> Handler:
         async def served(request: Request, who: Caller, **params: Any) -> Response:
             ctx = Ctx(request, who)
@@ -142,6 +151,7 @@ class PublicApi:
                 state.get("deadline") or self.dispatcher.holds.deadline(),
                 state,
                 resend,
+                switch,
                 key=state.get("idempotency_key"),
                 lost=state.get("lost"),
             )

@@ -36,7 +36,7 @@ from unitrade.web.tokens import token_reader
 def build_dispatcher(runtime: RegionRuntime) -> Dispatcher:
     control = runtime.config.control
     holds = Holds(runtime.gateway, control.hold_ms, control.hold_requests_max)
-    forwarder = Forwarder(runtime.gateway, runtime.name, runtime.client)
+    forwarder = Forwarder(runtime.gateway, runtime.name, runtime.client, runtime.flow.breakers)
     return Dispatcher(runtime.name, runtime.gateway, holds, forwarder)
 
 
@@ -86,6 +86,7 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
         endpoints=table,
         dispatcher=dispatcher,
         direct=direct,
+        flow=runtime.flow,
     )
     install_error_handlers(app)
     return app

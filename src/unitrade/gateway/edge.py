@@ -1,5 +1,6 @@
-"""The edge of every request and response: body size limit, region signatures, routing
-before the framework, `X-Unitrade-*` headers.
+"""The edge of every request and response: body size limit, region signatures, flow
+control (overload shedding and the ip, buyer and region rate limits, before any
+forwarding), routing before the framework, `X-Unitrade-*` headers.
 
 Every error leaves as `{error, message}` with a 4xx/5xx status; nothing leaves as a bare
 framework error page.
@@ -16,8 +17,10 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from unitrade.errors import UnitradeError
+from unitrade.flow.control import Admission, FlowControl
 from unitrade.gateway.routing import Caller, Dispatcher, EndpointTable, Passage
 from unitrade.rpc.signing import SIG_HEADER, Verifier
+from unitrade.topology.probes import PROBE_SKU, is_probe_buyer
 from unitrade.topology.rule import Route, Rule
 from unitrade.web.responses import error_body_response, error_response
 from unitrade.web.tokens import Principal
@@ -28,6 +31,11 @@ BODY_BYTES_MAX = 64 * 1024
 REGION_HEADER = "x-unitrade-region"
 SERVED_BY_HEADER = "x-unitrade-served-by"
 REPLAYED_HEADER = "idempotent-replayed"
+# Never limited nor shed (flow control): health probes, metrics, and the internal API
+# (replication, rule watch and leases, center and catalog RPC, diff, reconcile), which
+# answers signed callers only.
+UNLIMITED_PATHS = ("/healthz", "/metrics")
+INTERNAL_PREFIX = "/internal/"
 
 # A handler the edge calls itself, past FastAPI's routing and dependency machinery: for the
 # routes that carry the load (order creation, region-to-region calls), where that machinery
@@ -51,6 +59,7 @@ class EdgeMiddleware:
         endpoints: EndpointTable,
         dispatcher: Dispatcher,
         direct: dict[tuple[str, str], DirectHandler],
+        flow: FlowControl | None = None,
         body_bytes_max: int = BODY_BYTES_MAX,
     ) -> None:
         self.app = app
@@ -60,6 +69,7 @@ class EdgeMiddleware:
         self.endpoints = endpoints
         self.dispatcher = dispatcher
         self.direct = direct  # (method, path) -> handler
+        self.flow = flow
         self.body_bytes_max = body_bytes_max
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -110,8 +120,16 @@ class EdgeMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        admission: Admission | None = None
         try:
-            response, served = await self._route(scope, state, served)
+            self._identify(scope, state, headers, served)
+            try:
+                admission = await self._admit(scope, state, headers)
+            except UnitradeError as error:
+                await error_response(error)(scope, replay, stamped)
+                return
+            response, served = await self._route(scope, state, headers, served)
             if response is None:
                 await self._serve_here(scope, replay, stamped)
             else:
@@ -124,23 +142,24 @@ class EdgeMiddleware:
                 500, "internal", "internal error; the request was not applied"
             )
             await response(scope, receive, stamped)
+        finally:
+            if admission is not None:
+                admission.done()
 
-    async def _route(
-        self, scope: Scope, state: dict[str, Any], body: bytes
-    ) -> tuple[Response | None, bytes]:
-        """The answer of another region for a request it owns, or None to serve it here;
-        and the body to serve it with."""
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+    def _identify(
+        self, scope: Scope, state: dict[str, Any], headers: dict[str, str], body: bytes
+    ) -> None:
+        """Who sent the request: a region (a valid signature: `forwarded_from`), else a
+        client with a principal if its token is valid; and when its hold ends."""
         method: str = scope["method"]
-        path: str = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
-        target = path + (f"?{query}" if query else "")
+        target = scope["path"] + (f"?{query}" if query else "")
+        state["target"] = target
         origin = None
         if SIG_HEADER in headers:
             origin = self.verifier.verify(headers, method, target, body)
         state["forwarded_from"] = origin
-        deadline = self.dispatcher.holds.deadline()
-        state["deadline"] = deadline
+        state["deadline"] = self.dispatcher.holds.deadline()
         principal = None
         if origin is None:
             try:
@@ -148,6 +167,39 @@ class EdgeMiddleware:
             except UnitradeError:
                 principal = None  # the handler answers 401 where a token is needed
         state["principal"] = principal
+
+    async def _admit(
+        self, scope: Scope, state: dict[str, Any], headers: dict[str, str]
+    ) -> Admission | None:
+        """Flow control before anything else is done: shed when overloaded, then the ip,
+        buyer and region limits (a client's request; a region's forwarded one is only
+        shed). Health probes, metrics, the internal API and the health checker's probe
+        orders are never limited nor shed."""
+        path: str = scope["path"]
+        flow = self.flow
+        if flow is None or path in UNLIMITED_PATHS or path.startswith(INTERNAL_PREFIX):
+            return None
+        if state["forwarded_from"] is not None:
+            return flow.admit_forwarded()
+        principal: Principal | None = state["principal"]
+        buyer = principal.buyer_id if principal is not None else None
+        if (buyer is not None and is_probe_buyer(buyer)) or PROBE_SKU in path:
+            return None
+        client = scope.get("client")
+        ip = flow.address.of(client[0] if client else None, headers)
+        return await flow.admit_client(ip, buyer)
+
+    async def _route(
+        self, scope: Scope, state: dict[str, Any], headers: dict[str, str], body: bytes
+    ) -> tuple[Response | None, bytes]:
+        """The answer of another region for a request it owns, or None to serve it here;
+        and the body to serve it with."""
+        method: str = scope["method"]
+        path: str = scope["path"]
+        query = scope.get("query_string", b"").decode("latin-1")
+        target: str = state["target"]
+        deadline: float = state["deadline"]
+        principal: Principal | None = state["principal"]
         matched = self.endpoints.match(method, path) if principal is not None else None
         if matched is None:
             return None, body
@@ -159,7 +211,9 @@ class EdgeMiddleware:
         def route_of(rule: Rule) -> Route | None:
             return home(rule, who, params, query)
 
-        passage = Passage(method, target, headers, body, who, deadline, state, endpoint.resend)
+        passage = Passage(
+            method, target, headers, body, who, deadline, state, endpoint.resend, endpoint.switch
+        )
         try:
             response = await self.dispatcher.run(passage, route_of, None)
         except UnitradeError as error:

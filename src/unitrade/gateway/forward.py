@@ -7,13 +7,14 @@ send it again, is decided by gateway/routing.py.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 import aiohttp
 import orjson
 from starlette.responses import Response
 
 from unitrade.errors import OutcomeUnknown, RegionUnavailable
+from unitrade.flow.breaker import BreakerBoard
 from unitrade.rpc.client import RegionClient, Reply, never_sent
 from unitrade.topology.rule_view import RuleView
 
@@ -38,11 +39,29 @@ FORWARD_CALL = "forward"
 RETRYABLE = {421: "wrong_region", 503: "write_banned"}
 
 
+def _failed_hop(_exc: BaseException) -> bool:
+    return True  # send raises only when the owner gave no answer
+
+
+def _failed_reply(reply: Reply) -> bool:
+    """An answer that counts against the forwarding breaker: the owner failed to serve
+    (500). Its typed refusals, 503s included (a ban, its own overload or breakers), are
+    answers of a region that works."""
+    return reply.status == 500
+
+
 class Forwarder:
-    def __init__(self, view: RuleView, region: str, client: RegionClient) -> None:
+    def __init__(
+        self,
+        view: RuleView,
+        region: str,
+        client: RegionClient,
+        breakers: BreakerBoard | None = None,
+    ) -> None:
         self.view = view
         self.region = region
         self.client = client
+        self.breakers = breakers
         self.forwarded = 0  # requests this region sent on to an owner
         self.retried = 0  # forwarded requests sent again after a rule change
         # Lost answers (gateway/resend.py): forwarded writes that left and got no answer,
@@ -61,10 +80,31 @@ class Forwarder:
         body: bytes,
         owner: str,
         timeout_s: float | None = None,
+        guarded: bool = True,
     ) -> Reply:
-        """One hop to `owner` (one more try if the connection was never made).
-        RegionUnavailable when nothing reached the owner; OutcomeUnknown when a write
-        may have (gateway/routing.py resends it where that is safe)."""
+        """One hop to `owner` (one more try if the connection was never made), through
+        the breaker of forwarding to it unless `guarded` is False: CircuitOpen (503, before
+        anything is sent) while it is open. RegionUnavailable when nothing reached the
+        owner; OutcomeUnknown when a write may have (gateway/routing.py resends it where
+        that is safe)."""
+
+        def hop() -> Awaitable[Reply]:
+            return self._send(method, target, headers, body, owner, timeout_s)
+
+        if self.breakers is None or not guarded:
+            return await hop()
+        breaker = self.breakers.get(owner, FORWARD_CALL)
+        return await breaker.run(hop, _failed_hop, _failed_reply)
+
+    async def _send(
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        owner: str,
+        timeout_s: float | None,
+    ) -> Reply:
         passed = {h: headers[h] for h in PASSED_REQUEST_HEADERS if h in headers}
         passed[RULE_VERSION_HEADER] = str(self.view.rule.version)
         try:

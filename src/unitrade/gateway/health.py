@@ -55,6 +55,7 @@ def health_router(runtime: RegionRuntime, dispatcher: Dispatcher) -> APIRouter:
                 },
                 "replication": runtime.replicator.status(),
                 "followers": runtime.replicator.followers.body(names),
+                "flow": runtime.flow.status(),
             }
         )
 

@@ -1,6 +1,6 @@
-"""The internal API a region serves for the cells it owns: center services (inventory) and
-catalog reads at the global cell's owner. Signed region-to-region calls only (not in the
-OpenAPI document)."""
+"""The internal API a region serves for the cells it owns: center services (inventory,
+payment claims) and catalog reads at the global cell's owner. Signed region-to-region calls
+only (not in the OpenAPI document)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
         lines = [(s, q) for s, q in b.lines]
         return await inventory.reinstate(int(b.order_id), b.cell, lines, b.hold, b.dry_run)
 
+    async def claim(b: models.ClaimCall) -> Any:
+        order_id = int(b.order_id)
+        return await runtime.payment_claims.claim(b.payment_id, order_id, b.amount_cents, b.dry_run)
+
     async def stock(b: models.StockCall) -> Any:
         return await inventory.set_stock(b.sku, b.total)
 
@@ -75,6 +79,7 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
             "/internal/center/reinstate",
             internal_endpoint(models.ReinstateCall, reinstate, before=center),
         ),
+        ("/internal/center/claim", internal_endpoint(models.ClaimCall, claim, before=center)),
         ("/internal/center/stock", internal_endpoint(models.StockCall, stock, before=center)),
         ("/internal/center/stale", internal_endpoint(models.StaleCall, stale, before=center)),
         ("/internal/center/levels", internal_endpoint(models.SkuCall, levels, before=center)),

@@ -4,8 +4,8 @@ A collector reads the region's state when scraped, so the request path pays noth
 metrics: replication lag per stream (positions and ms), how long since its owner answered
 and whether it is stale, applied rows, stream errors and rebuilds, each cell copy's
 changelog position, rows kept and trim point, requests forwarded and the lost answers of
-forwarded writes, the rule version each component has acknowledged, and writes held while
-a cell was banned.
+forwarded writes, the rule version each component has acknowledged, writes held while
+a cell was banned, and flow control (`unitrade_flow_*`, flow/metrics.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
+from unitrade.flow.metrics import flow_families
 from unitrade.gateway.routing import Dispatcher
 from unitrade.region import RegionRuntime
 
@@ -178,6 +179,7 @@ class RegionCollector(Collector):
         yield from (acked, held, held_total, refused, fallbacks)
         yield from (rebootstraps, kept, trimmed, trimmed_rows)
         yield from self._retention(region)
+        yield from flow_families(self.runtime.flow)
 
     def _lost_answers(self, region: str) -> Iterator[CounterMetricFamily]:
         """Forwarded writes whose answer was lost, and what became of them

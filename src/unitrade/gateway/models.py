@@ -103,6 +103,15 @@ class StepCall(_Body):
     lines: Annotated[list[tuple[Sku, Qty]] | None, Field(max_length=ITEMS_MAX)] = None
 
 
+class ClaimCall(_Body):
+    """A payment ID claimed for an order at the center (services/payments.py)."""
+
+    payment_id: Annotated[str, Field(pattern=PAYMENT_ID_PATTERN)]
+    order_id: Annotated[str, Field(pattern=r"^[0-9]{1,19}$")]
+    amount_cents: Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)]
+    dry_run: bool = False
+
+
 class StockCall(_Body):
     sku: Sku
     total: Annotated[int, Field(ge=0, le=STOCK_MAX)]
@@ -233,6 +242,10 @@ class Health(BaseModel):
     )
     replication: list[dict[str, Any]]
     followers: dict[str, Any]
+    flow: dict[str, Any] = Field(
+        description="flow control: the flow rules' version, switches on, what each limit "
+        "admitted, refused and queued, overload (in flight, loop delay, shed), breakers"
+    )
 
 
 class PeerProbeCall(_Body):

@@ -19,11 +19,13 @@ from unitrade.gateway.routing import (
     buyer_home,
     global_owner_for_admin,
     order_home,
+    order_list_home,
     order_read_home,
 )
 from unitrade.region import RegionRuntime
 from unitrade.services.orders import CURSOR_PATTERN
 from unitrade.topology.order_id import parse_order_id
+from unitrade.topology.probes import PROBE_SKU
 from unitrade.topology.rule import RoutingError, route_buyer, route_cell, route_order
 from unitrade.web.responses import json_response
 from unitrade.web.tokens import read_claims
@@ -66,7 +68,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
     @api.endpoint(
         "GET",
         "/v1/orders",
-        home=buyer_home,
+        home=order_list_home,  # the switch order_list_owner_reads serves it from here
         answer=models.OrderPage,
         errors=(401, 403, 422, 503),
         tags=["orders"],
@@ -156,6 +158,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "PUT",
         "/v1/cart/items/{sku}",
         home=buyer_home,
+        switch="cart_writes",
         answer=models.Cart,
         errors=(400, 401, 403, 404, 409, 413, 422, 503, 504),
         tags=["cart"],
@@ -167,6 +170,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "DELETE",
         "/v1/cart/items/{sku}",
         home=buyer_home,
+        switch="cart_writes",
         answer=models.Cart,
         errors=(401, 403, 404, 422, 503, 504),
         tags=["cart"],
@@ -261,6 +265,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         "PUT",
         "/v1/admin/products/{sku}",
         home=global_owner_for_admin,
+        switch="admin_writes",
         answer=models.ProductWritten,
         errors=(400, 401, 403, 404, 409, 413, 422, 503, 504),
         tags=["admin"],
@@ -268,6 +273,8 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
     async def put_product(ctx: Ctx, sku: SkuPath, body: models.PutProduct) -> Response:
         if not ctx.who.admin:
             raise Forbidden("this endpoint needs the admin token")
+        if sku != PROBE_SKU:  # the health checker's probe stock is never limited
+            await runtime.flow.admit_admin_write()
         # Stock first: it is the step that can be refused (below reserved + sold); both
         # steps set absolute values, so retrying the whole request is safe.
         levels = await runtime.center.set_stock(sku, body.stock)
@@ -287,6 +294,7 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
         written in the global cell and replicated; it is kept until the token expires)."""
         if not ctx.who.admin:
             raise Forbidden("this endpoint needs the admin token")
+        await runtime.flow.admit_admin_write()
         try:
             claims = read_claims(runtime.config.token_keys, body.token, expired_ok=True)
         except UnitradeError as exc:

@@ -26,6 +26,7 @@ ORDER_PATH = "/internal/reconcile/order"
 ORDER_STATUS_PATH = "/internal/reconcile/order_status"
 CART_PATH = "/internal/reconcile/cart"
 RESERVATION_PATH = "/internal/reconcile/reservation"
+PAYMENT_CLAIM_PATH = "/internal/reconcile/payment_claim"
 STOCK_PATH = "/internal/reconcile/stock"
 PRODUCT_PATH = "/internal/reconcile/product"
 REVOCATION_PATH = "/internal/reconcile/revocation"
@@ -132,6 +133,15 @@ class ReservationCall(_Body):
     dry_run: bool = False
 
 
+class PaymentClaimCall(_Body):
+    """A `payment_claims` row of a lost center (storage/schema.py)."""
+
+    payment_id: Annotated[str, Field(pattern=PAYMENT_ID_PATTERN)]
+    order_id: OrderIdText
+    amount_cents: Cents
+    dry_run: bool = False
+
+
 class StockCall(_Body):
     sku: Sku
     totals: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=TOTALS_MAX)]
@@ -180,6 +190,7 @@ def reconcile_routes(runtime: RegionRuntime) -> list[Route]:
         runtime.inventory,
         runtime.catalog_service,
         runtime.revocations,
+        runtime.payment_claims,
     )
 
     async def order(b: OrderCall) -> Any:
@@ -209,6 +220,11 @@ def reconcile_routes(runtime: RegionRuntime) -> list[Route]:
         outcome = await reconciler.reservation(order_id, lines, b.order_status, b.dry_run)
         return outcome.body()
 
+    async def payment_claim(b: PaymentClaimCall) -> Any:
+        order_id = _order_id(b.order_id)
+        outcome = await reconciler.payment_claim(b.payment_id, order_id, b.amount_cents, b.dry_run)
+        return outcome.body()
+
     async def stock(b: StockCall) -> Any:
         return (await reconciler.stock(b.sku, b.totals)).body()
 
@@ -224,6 +240,7 @@ def reconcile_routes(runtime: RegionRuntime) -> list[Route]:
         (ORDER_STATUS_PATH, internal_endpoint(OrderStatusCall, order_status)),
         (CART_PATH, internal_endpoint(CartCall, cart)),
         (RESERVATION_PATH, internal_endpoint(ReservationCall, reservation)),
+        (PAYMENT_CLAIM_PATH, internal_endpoint(PaymentClaimCall, payment_claim)),
         (STOCK_PATH, internal_endpoint(StockCall, stock)),
         (PRODUCT_PATH, internal_endpoint(ProductCall, product)),
         (REVOCATION_PATH, internal_endpoint(RevocationCall, revocation)),

@@ -87,7 +87,10 @@ class RegionClient:
                     total=self.request_timeout_s, sock_connect=CONNECT_TIMEOUT_S
                 ),
                 auto_decompress=False,
-                skip_auto_headers=("User-Agent",),
+                # No Content-Type of aiohttp's own: the signature covers content-type, and
+                # one added after signing (application/octet-stream for a GET's empty
+                # body) made every forwarded GET look unsigned to its owner.
+                skip_auto_headers=("User-Agent", "Content-Type"),
             )
         return self._session
 

@@ -11,6 +11,10 @@ checkout the emptied cart) is written in one transaction of the buyer's cell. If
 transaction fails the reservation is released. Center steps that follow a state change
 (commit on pay, release on close, return on refund) are written to the cell's outbox in the
 same transaction as the change and sent at once; the outbox drainer retries what failed.
+
+A pay claims its payment ID at the center (services/payments.py) before it writes the
+payment in the order's cell: a unit cell's `payments` table sees that cell only, and a
+payment ID must pay one order across the cluster.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +43,7 @@ from unitrade.errors import (
     UnitradeError,
     UnknownSku,
 )
+from unitrade.planted import DOUBLE_PAYMENT, planted
 from unitrade.services.inventory import LINES_MAX, Lines, normalize_lines
 from unitrade.services.remote import CatalogClient, CenterClient
 from unitrade.storage.copies import CellCopies
@@ -72,6 +77,9 @@ ABANDONED_BATCH_MAX = 200
 # (rpc/client.py, 10 s), else the buyer is told about the region that forwarded it rather
 # than about the center (gateway/resend.py resolves that, but costs a resend).
 CENTER_RESERVE_S = 5.0
+# How long a pay waits for the center's answer to its payment claim, every attempt
+# included, for the same reason.
+CENTER_CLAIM_S = 5.0
 # How long a state change waits for its center step before leaving it to the outbox
 # drainer: the change is committed whatever the center does.
 OUTBOX_SEND_S = 2.0
@@ -170,7 +178,12 @@ class OrderService:
         self.allocators = allocators
         self.write_deadline_s = RESERVATION_GRACE_S / 2
         self.reserve_timeout_s = CENTER_RESERVE_S
+        self.claim_timeout_s = CENTER_CLAIM_S
         self._releasing: set[asyncio.Task[None]] = set()
+        # The business rate limits (flow/control.py admit_order): buyer and SKUs of an
+        # order about to be created; raises RateLimited. Checked after an idempotent
+        # replay, which is never limited (a resend of a lost answer must learn it).
+        self.admit: Callable[[int, list[str]], Awaitable[None]] | None = None
 
     @property
     def region(self) -> str:
@@ -195,6 +208,8 @@ class OrderService:
         replay = await self._replay(store, buyer_id, idempotency_key, fingerprint)
         if replay is not None:
             return replay
+        if self.admit is not None:
+            await self.admit(buyer_id, [sku for sku, _ in lines])
         return await self._create(store, buyer_id, lines, idempotency_key, fingerprint, {})
 
     async def checkout(self, buyer_id: int, idempotency_key: str | None) -> Created:
@@ -207,6 +222,8 @@ class OrderService:
         if not rows:
             raise CartEmpty("the cart is empty")
         cart = {r.sku: r.qty for r in rows}
+        if self.admit is not None:
+            await self.admit(buyer_id, list(cart))
         lines = normalize_lines(list(cart.items()))
         return await self._create(store, buyer_id, lines, idempotency_key, fingerprint, cart)
 
@@ -393,11 +410,13 @@ class OrderService:
         control/reconcile.py) at this owner of its cell, with its original ID and state: the
         orders row, its lines, the buyer's index entry, its idempotency key and its payment.
 
-        As `create` reserves first, the stock is held again at the center first
-        (`reinstate`, idempotent by order ID; insufficient_stock if the units are gone); a
-        paid order's commit goes through the outbox as a payment's does; if the write
-        fails, the reservation is released. The order's row, None if it exists here already
-        (nothing is written: re-creating is idempotent by order ID)."""
+        As `pay` claims first, its payment ID is claimed again at the center first
+        (`conflict` if another order holds it); as `create` reserves first, the stock is
+        held again at the center next (`reinstate`, idempotent by order ID;
+        insufficient_stock if the units are gone); a paid order's commit goes through the
+        outbox as a payment's does; if the write fails, the reservation is released. The
+        order's row, None if it exists here already (nothing is written: re-creating is
+        idempotent by order ID)."""
         order_id = int(order["order_id"])
         store = self._order_store(order_id)
         cell = store.cell.id
@@ -405,6 +424,9 @@ class OrderService:
         status = str(order["status"])
         items = [(str(line["sku"]), int(line["qty"])) for line in lines]
         hold = status in ("created", "paid")
+        if order["payment_id"]:
+            amount = payment["amount_cents"] if payment is not None else order["total_cents"]
+            await self.center.claim(str(order["payment_id"]), order_id, int(amount))
         held = await self.center.reinstate(order_id, cell, items, hold)
         commit = status == "paid" and held["status"] == "reserved"
         deadline = time.monotonic() + self.write_deadline_s
@@ -503,7 +525,21 @@ class OrderService:
     async def pay(
         self, buyer_id: int, order_id: int, payment_id: str, amount_cents: int
     ) -> dict[str, Any]:
+        """Pay an order with a payment ID that pays no other order anywhere: the order is
+        read and judged here first (the same payment again is answered without a center
+        call; a wrong state or amount is refused before any claim), then the payment ID is
+        claimed at the center (services/payments.py), then the payment is written in the
+        order's cell, which judges everything again."""
         store = self._order_store(order_id)
+        self.copies.fence.check(store.cell.id)  # wrong_region / write_banned before any work
+        found = await self.find(order_id)
+        if found is None or found["buyer_id"] != buyer_id:
+            raise NotFound(f"no order {order_id}")  # another buyer's order looks missing
+        if found["payment_id"] == payment_id:
+            return order_body(found, self.region)  # the same payment, again
+        if not (found["status"] == "paid" and _PAY_TWICE):
+            _check_payable(found, amount_cents)
+        await self._claim(payment_id, order_id, amount_cents)
 
         def work(tx: WriteTx) -> tuple[dict[str, Any], bool]:
             row = _owned_order(tx, buyer_id, order_id)
@@ -512,13 +548,9 @@ class OrderService:
                 if paid.order_id != order_id:
                     raise Conflict(f"payment {payment_id!r} belongs to another order")
                 return dict(row._mapping), False  # the same payment, again
-            if row.status != "created":
-                raise IllegalTransition(f"order {order_id} is {row.status}; cannot pay")
-            if amount_cents != row.total_cents:
-                raise AmountMismatch(
-                    f"amount {amount_cents} does not match the order total {row.total_cents}",
-                    total_cents=row.total_cents,
-                )
+            if row.status == "paid" and _PAY_TWICE:
+                return _pay_again(tx, row, payment_id, amount_cents)
+            _check_payable(row._mapping, amount_cents)
             stamp = now_ms()
             image = tx.update(
                 orders,
@@ -547,6 +579,23 @@ class OrderService:
         if changed:
             await self.send_outbox(store, order_id, "commit", OUTBOX_SEND_S)
         return order_body(image, self.region)
+
+    async def _claim(self, payment_id: str, order_id: int, amount_cents: int) -> None:
+        """Claim the payment ID at the center within `claim_timeout_s`. A claim that got no
+        answer may stand at the center, but the payment is not written (that comes after):
+        the buyer may be told so, and a retry with the same payment ID finds the claim
+        (idempotent for the same order)."""
+        try:
+            await self.center.claim(payment_id, order_id, amount_cents, self.claim_timeout_s)
+        except (OutcomeUnknown, RegionUnavailable) as lost:
+            center = lost.details.get("region", "?")
+            how = "unreachable" if isinstance(lost, RegionUnavailable) else "no answer"
+            raise RegionUnavailable(
+                f"center call (payment claim) to center region {center}: {how}; payment "
+                f"{payment_id!r} was not applied to order {order_id}: retry with the same "
+                "payment ID",
+                **lost.details,
+            ) from lost
 
     async def transition(self, buyer_id: int, order_id: int, name: str) -> dict[str, Any]:
         start, end, step = TRANSITIONS[name]
@@ -639,6 +688,44 @@ class OrderService:
             else:
                 blocked.add(row.order_id)
         return sent
+
+
+# unitrade/planted.py: a second payment of a paid order is applied (the verifier's test).
+_PAY_TWICE = planted(DOUBLE_PAYMENT)
+
+
+def _pay_again(
+    tx: WriteTx, row: Any, payment_id: str, amount_cents: int
+) -> tuple[dict[str, Any], bool]:
+    """The planted bug: record a second payment of a paid order and answer it as paid."""
+    stamp = now_ms()
+    image = tx.update(
+        orders,
+        {"order_id": row.order_id},
+        {"payment_id": payment_id, "updated_ms": stamp, "version": row.version + 1},
+    )
+    tx.insert(
+        payments,
+        {
+            "payment_id": payment_id,
+            "order_id": row.order_id,
+            "amount_cents": amount_cents,
+            "created_ms": stamp,
+        },
+    )
+    assert image is not None
+    return image, False
+
+
+def _check_payable(order: Mapping[str, Any], amount_cents: int) -> None:
+    """Refuse to pay an order that is not `created`, or with an amount not its total."""
+    if order["status"] != "created":
+        raise IllegalTransition(f"order {order['order_id']} is {order['status']}; cannot pay")
+    if amount_cents != order["total_cents"]:
+        raise AmountMismatch(
+            f"amount {amount_cents} does not match the order total {order['total_cents']}",
+            total_cents=order["total_cents"],
+        )
 
 
 def _owned_order(tx: WriteTx, buyer_id: int, order_id: int) -> Any:

@@ -5,7 +5,8 @@ and re-applied through the services' normal write paths (fenced, captured, repli
 final images of each object and calls the owner of its cell; this module decides:
 
 - **reapplied**: written here now (an order re-created, a transition made again, a cart
-  line, a product, a revocation, a reservation's stock held again);
+  line, a product, a revocation, a reservation's stock held again, a payment ID claimed
+  again);
 - **conflict**: the owner changed the object too, or the stock ran out: left for an
   operator, with a note naming why;
 - **superseded**: nothing to do (the owner has it already, or it is bookkeeping the owner
@@ -40,6 +41,7 @@ from unitrade.services.cart import CartService
 from unitrade.services.catalog import CatalogService
 from unitrade.services.inventory import InventoryService, reinstate_plan
 from unitrade.services.orders import OrderService
+from unitrade.services.payments import PaymentClaims
 from unitrade.services.revocations import Revocations
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.quarantine import CONFLICT, REAPPLIED, SUPERSEDED
@@ -109,6 +111,7 @@ class Reconciler:
         inventory: InventoryService,
         catalog: CatalogService,
         revocations: Revocations,
+        claims: PaymentClaims | None = None,
     ) -> None:
         self.copies = copies
         self.orders = orders
@@ -116,6 +119,8 @@ class Reconciler:
         self.inventory = inventory
         self.catalog = catalog
         self.revocations = revocations
+        # The center's payment claims live in the same copy as its inventory.
+        self.claims = claims or PaymentClaims(inventory.store)
 
     def owned(self, cell: int) -> CellStore:
         """This region's copy of `cell`, which it must own: reconcile decides at the owner."""
@@ -222,6 +227,11 @@ class Reconciler:
             if dry_run:
                 items = [(str(line["sku"]), int(line["qty"])) for line in lines]
                 hold = status in HELD_BY
+                if order["payment_id"]:
+                    amount = int(order["total_cents"])
+                    await self.orders.center.claim(
+                        str(order["payment_id"]), order_id, amount, None, True
+                    )
                 await self.orders.center.reinstate(order_id, store.cell.id, items, hold, True)
                 return Outcome(REAPPLIED, f"order {order_id} would be re-created {status}", status)
             written = await self.orders.recreate(order, lines, payment, key)
@@ -260,6 +270,11 @@ class Reconciler:
                 )
         steps = " then ".join(path)
         if dry_run:
+            if "pay" in path:
+                try:
+                    await self.orders.center.claim(str(payment_id), order_id, amount, None, True)
+                except BUSINESS_REFUSALS as exc:
+                    return _conflict(_refused(f"order {order_id}: pay would be refused", exc), now)
             return Outcome(REAPPLIED, f"order {order_id}: {steps} would make it {final}", final)
         for step in path:
             try:
@@ -348,6 +363,33 @@ class Reconciler:
             f"(was {status or 'missing'})",
             order_status,
         )
+
+    async def payment_claim(
+        self, payment_id: str, order_id: int, amount_cents: int, dry_run: bool
+    ) -> Outcome:
+        """A payment claim the lost center wrote: claimed again at the new center for the
+        same order. Whether the order is paid with it is the unit cells' business (their
+        pass comes first and claims for every payment it re-applies); the claim only keeps
+        the payment ID from paying another order, which is what the lost center promised.
+        Another order holding it at the new center is a conflict: both may have been paid
+        with it while the center was lost."""
+        self.owned(self.copies.fence.rule.center_cell)
+        what = f"payment claim {payment_id!r} of order {order_id}"
+        have = await self.claims.holder(payment_id)
+        if have is not None and int(have["order_id"]) == order_id:
+            return Outcome(SUPERSEDED, f"{what}: the new center has it already")
+        if have is not None:
+            return _conflict(
+                f"{what}: the new center gives payment {payment_id!r} to order "
+                f"{have['order_id']}; if both orders were paid with it, refund one"
+            )
+        if dry_run:
+            return Outcome(REAPPLIED, f"{what} would be claimed again at the new center")
+        try:
+            await self.claims.claim(payment_id, order_id, amount_cents)
+        except Conflict as exc:  # claimed meanwhile
+            return _conflict(_refused(what, exc))
+        return Outcome(REAPPLIED, f"{what} claimed again at the new center")
 
     async def stock(self, sku: str, totals: Sequence[int]) -> Outcome:
         """The lost center's inventory rows of one SKU, as the total (available + reserved +

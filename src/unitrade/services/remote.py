@@ -1,11 +1,12 @@
-"""`center` and `global` route types: inventory and catalog calls go to the owner region of
-the center or global cell; when that is this region they run in-process.
+"""`center` and `global` route types: inventory, payment-claim and catalog calls go to the
+owner region of the center or global cell; when that is this region they run in-process.
 
 A center call that fails names the center region and the call (`region`, `call: center`):
 a buyer of another region must learn which region failed, not only that their order did.
-A write to the center (a stock reservation, a step, a stock total) sent without an answer
-is 504 `outcome_unknown`, never a 503 that says nothing happened; where the caller knows
-better (an order whose reservation is lost is not written, services/orders.py) it says so.
+A write to the center (a stock reservation, a step, a stock total, a payment claim) sent
+without an answer is 504 `outcome_unknown`, never a 503 that says nothing happened; where
+the caller knows better (an order whose reservation is lost is not written, a payment whose
+claim is lost is not written: services/orders.py) it says so.
 """
 
 from __future__ import annotations
@@ -15,35 +16,59 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from unitrade.errors import OutcomeUnknown, RegionUnavailable, UnitradeError
+from unitrade.errors import OutcomeUnknown, RegionUnavailable, UnitradeError, WriteBanned
+from unitrade.flow.breaker import BreakerBoard
 from unitrade.rpc.client import RegionClient, Unanswered, Unreachable
 from unitrade.services.catalog import CatalogService
 from unitrade.services.catalog_cache import CatalogCache
 from unitrade.services.inventory import InventoryService, Lines
+from unitrade.services.payments import PaymentClaims
 from unitrade.topology.rule_view import RuleView
 
 log = logging.getLogger("unitrade.services.remote")
 
 PRODUCTS_TARGET = "/internal/catalog/products"
 CENTER_CALL = "center"  # the `call` of an error body when a center stock call failed
+CATALOG_CALL = "catalog"  # the breaker of reads of the global cell's owner
+CATALOG_OWNER_READS = "catalog_owner_reads"  # the switch that turns those reads off
 # What each center call does, for messages; and whether it writes.
 CENTER_CALLS: dict[str, tuple[str, bool]] = {
     "reserve": ("stock reservation", True),
+    "reinstate": ("reservation of a reconciled order", True),
     "step": ("reservation step", True),
     "stock": ("stock total", True),
+    "claim": ("payment claim", True),
     "stale": ("read of old reservations", False),
     "levels": ("stock read", False),
 }
 
 
+def failed_call(exc: BaseException) -> bool:
+    """Whether a remote call's error counts against its breaker (flow/breaker.py): no
+    answer, or an answer that says the region could not serve the call. A refusal of the
+    request itself (4xx) and a cell banned for a switch are answers of a healthy region."""
+    if isinstance(exc, UnitradeError):
+        return exc.status >= 500 and not isinstance(exc, WriteBanned)
+    return True
+
+
 class CenterClient:
     def __init__(
-        self, rules: RuleView, region: str, local: InventoryService, client: RegionClient
+        self,
+        rules: RuleView,
+        region: str,
+        local: InventoryService,
+        client: RegionClient,
+        breakers: BreakerBoard | None = None,
+        *,
+        claims: PaymentClaims,
     ) -> None:
         self.rules = rules
         self.region = region
         self.local = local
+        self.claims = claims
         self.client = client
+        self.breakers = breakers
 
     async def _call(
         self,
@@ -62,9 +87,7 @@ class CenterClient:
         what, writes = CENTER_CALLS[path]
         call = f"center stock call ({what}) to center region {owner}"
         try:
-            return await self.client.call(
-                owner, "POST", f"/internal/center/{path}", payload, timeout_s=timeout_s
-            )
+            return await self._send(owner, path, payload, timeout_s)
         except Unanswered as exc:
             if writes:
                 raise OutcomeUnknown(
@@ -75,6 +98,21 @@ class CenterClient:
             raise RegionUnavailable(
                 f"{call}: unreachable, nothing was sent", region=owner, call=CENTER_CALL
             ) from exc
+
+    async def _send(
+        self, owner: str, path: str, payload: dict[str, Any], timeout_s: float | None
+    ) -> Any:
+        """The signed call, through the center's breaker: while it is open the call fails
+        fast with 503 circuit_open, before anything is sent."""
+
+        def send() -> Awaitable[Any]:
+            return self.client.call(
+                owner, "POST", f"/internal/center/{path}", payload, timeout_s=timeout_s
+            )
+
+        if self.breakers is None:
+            return await send()
+        return await self.breakers.get(owner, CENTER_CALL).run(send, failed_call)
 
     async def reserve(
         self, order_id: int, cell: int, lines: Lines, timeout_s: float | None = None
@@ -115,6 +153,30 @@ class CenterClient:
             lambda: self.local.reinstate(order_id, cell, lines, hold, dry_run),
             "reinstate",
             payload,
+        )
+        return result
+
+    async def claim(
+        self,
+        payment_id: str,
+        order_id: int,
+        amount_cents: int,
+        timeout_s: float | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """Claim a payment ID for an order at the center (services/payments.py); conflict
+        if another order holds it."""
+        payload = {
+            "payment_id": payment_id,
+            "order_id": str(order_id),
+            "amount_cents": amount_cents,
+            "dry_run": dry_run,
+        }
+        result: dict[str, Any] = await self._call(
+            lambda: self.claims.claim(payment_id, order_id, amount_cents, dry_run),
+            "claim",
+            payload,
+            timeout_s,
         )
         return result
 
@@ -159,8 +221,10 @@ class CatalogClient:
         rules: RuleView | None = None,
         region: str = "",
         client: RegionClient | None = None,
+        breakers: BreakerBoard | None = None,
     ) -> None:
         self.local = local
+        self.breakers = breakers
         self.cache = cache or CatalogCache()
         self.rules = rules
         self.region = region
@@ -182,19 +246,28 @@ class CatalogClient:
 
     async def _from_owner(self, skus: list[str]) -> dict[str, dict[str, Any]]:
         """The products the global cell's owner has of `skus` (none if this region is the
-        owner, or the owner does not answer in time: the SKUs are then unknown here)."""
+        owner, the owner does not answer in time or its breaker is open, or the switch
+        catalog_owner_reads is on: the SKUs are then unknown here)."""
         if self.rules is None or self.client is None:
             return {}
         rule = self.rules.rule
         owner = rule.owner_of(rule.global_cell)
-        if owner == self.region:
+        if owner == self.region or rule.flow.switch_on(CATALOG_OWNER_READS):
             return {}
         self.fallbacks += len(skus)
-        try:
+        client = self.client
+
+        async def read() -> Any:
             async with asyncio.timeout(self.FALLBACK_TIMEOUT_S):
-                got = await self.client.call(
+                return await client.call(
                     owner, "POST", PRODUCTS_TARGET, {"skus": skus}, idempotent=False
                 )
+
+        try:
+            if self.breakers is None:
+                got = await read()
+            else:
+                got = await self.breakers.get(owner, CATALOG_CALL).run(read, failed_call)
         except (UnitradeError, TimeoutError) as exc:
             log.warning("catalog: %s not here and not from %s: %s", skus[:3], owner, exc)
             return {}

@@ -17,6 +17,9 @@ wrong_region) is skipped; its next owner sweeps it.
   reserve can never recreate a reservation (and hold stock) after its tombstone is gone. A
   late commit, refund or release of a deleted reservation moves no stock: commit and refund
   answer not_found, release leaves a new empty tombstone.
+- `payment_claims` (center cell): once `payment_claims_s` old. A payment ID is then unique
+  across the cluster within that window only (within its unit cell, whose `payments` rows
+  are kept, for ever): a pay of a claim's own order after that is answered from the order.
 
 The sweep also deletes the health checker's synthetic orders and their reservations
 (services/probe_data.py), and counts what each owned copy keeps (one COUNT per table and
@@ -47,7 +50,13 @@ from unitrade.services.probe_data import (
     delete_probe_reservations,
 )
 from unitrade.storage.copies import CellCopies
-from unitrade.storage.schema import idempotency_keys, outbox, reservations, revoked_tokens
+from unitrade.storage.schema import (
+    idempotency_keys,
+    outbox,
+    payment_claims,
+    reservations,
+    revoked_tokens,
+)
 from unitrade.storage.sequences import AHEAD_S_MAX
 from unitrade.storage.store import ROWS_PER_WRITE_MAX, CellStore, WriteTx, now_ms
 from unitrade.topology.config import CellKind, RetentionConfig
@@ -105,6 +114,12 @@ EXPIRIES = (
         ],
         "updated_ms",
     ),
+    Expiry(
+        payment_claims,
+        CellKind.CENTER,
+        lambda: [payment_claims.c.created_ms < bindparam("before_ms")],
+        "created_ms",
+    ),
 )
 SWEPT_TABLES = {kind: [e.table.name for e in EXPIRIES if e.kind == kind] for kind in CellKind}
 _FAILED_OUTBOX = select(func.count()).select_from(outbox).where(outbox.c.status == "failed")
@@ -147,6 +162,7 @@ def cutoffs(settings: RetentionConfig, now: int) -> dict[str, dict[str, int]]:
             "before_ms": now - settings.reservations_finished_s * 1000,
             "created_before_ms": now - reserve_guard_s * 1000,
         },
+        payment_claims.name: {"before_ms": now - settings.payment_claims_s * 1000},
         PROBE_ORDERS: {"before_ms": now - settings.probe_orders_s * 1000},
         # A probe reservation is done with at once, but a late reserve could still bring
         # it back until the same guard as every reservation's has passed.

@@ -279,6 +279,10 @@ def describe(table: str, op: str, key: Mapping[str, Any], image: Mapping[str, An
         return f"stock reservation of order {key.get('order_id')}" + (
             " deleted" if gone else f": {row.get('status')} {row.get('lines')}"
         )
+    if table == "payment_claims":
+        return f"payment claim {key.get('payment_id')}" + (
+            " deleted" if gone else f" of order {row.get('order_id')}"
+        )
     if table == "products":
         return f"product {key.get('sku')}" + (
             " deleted" if gone else f": {row.get('title')!r} at {row.get('price_cents')} cents"

@@ -168,7 +168,7 @@ outbox = Table(
 )
 Index("ix_outbox_status", outbox.c.status, outbox.c.created_ms)
 
-# Center cell: inventory ----------------------------------------------------------------
+# Center cell: inventory and payment claims ------------------------------------------
 
 center = MetaData()
 
@@ -193,6 +193,19 @@ reservations = Table(
     Column("updated_ms", BigInteger, nullable=False),
 )
 Index("ix_reservations_status", reservations.c.status, reservations.c.created_ms)
+
+# Which order each payment ID pays, cluster-wide (services/payments.py): a pay claims its
+# payment ID here before the payment is written in the order's unit cell, whose `payments`
+# table sees that cell only. Deleted once `[retention] payment_claims_s` old.
+payment_claims = Table(
+    "payment_claims",
+    center,
+    Column("payment_id", String(64), primary_key=True),
+    Column("order_id", BigInteger, nullable=False),
+    Column("amount_cents", BigInteger, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+)
+Index("ix_payment_claims_created", payment_claims.c.created_ms)
 
 # Global cell: master data --------------------------------------------------------------
 

@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from unitrade.topology.flow_rules import FlowConfig
+
 BUCKET_COUNT_DEFAULT = 100
 BUCKET_COUNT_MAX = 10_000
 CELL_ID_MAX = 1023  # the order ID holds 10 bits of cell (order_id.py)
@@ -38,6 +40,11 @@ CONTROL_NAME = "control"  # how signed requests from the control plane name thei
 ETCD_PREFIX_DEFAULT = "/unitrade/"
 ETCD_PREFIX = re.compile(r"^/[A-Za-z0-9_./-]{0,99}$")
 ETCD_ENDPOINT = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}/?$")
+
+
+# A listen address on one of these binds every address of the host: nobody can reach it
+# there, so such a server needs an advertise address.
+WILDCARD_HOSTS = ("0.0.0.0", "::")
 
 
 class ConfigError(ValueError):
@@ -405,6 +412,11 @@ class RetentionConfig(_Strict):
     # for a reservation the sweep deleted. A reservation is therefore also kept until it
     # is older than this plus a margin for clocks (services/retention.py).
     reserve_window_s: Annotated[int, Field(ge=5, le=3_600)] = 60
+    # Payment claims at the center (services/payments.py) are deleted once this old: a
+    # payment ID pays one order across the cluster within this window (and one order of
+    # its unit cell for ever). At least an hour, far longer than a pay takes from its
+    # claim to its write, and than any resend of it.
+    payment_claims_s: Annotated[int, Field(ge=3_600, le=3650 * 86_400)] = 30 * 86_400
     # Quarantined changes (storage/quarantine.py) that reconcile has decided (reapplied,
     # conflict, superseded) are deleted from a copy's quarantine once this old; held ones
     # are kept until they are decided.
@@ -502,6 +514,9 @@ class TopologyConfig(_Strict):
     control: ControlConfig = ControlConfig()
     retention: RetentionConfig = RetentionConfig()
     secrets: SecretsConfig = SecretsConfig()
+    # Rate limits, overload protection, breakers and degradation switches: their first
+    # values (topology/flow_rules.py); after the first start the control plane's.
+    flow: FlowConfig = FlowConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> TopologyConfig:
@@ -512,10 +527,23 @@ class TopologyConfig(_Strict):
         centers = [r.name for r in self.regions if r.center]
         if len(centers) != 1:
             problems.append(f"regions: exactly one region must be center, found {centers}")
-        listens = [r.listen for r in self.regions] + [m.listen for m in self.control.member_list]
-        if len(set(listens)) != len(listens):
-            problems.append("regions, control: listen addresses must be unique")
         servers = [*self.regions, *self.control.member_list]
+        # Servers on hosts of their own may all bind the same 0.0.0.0:8701; two that share
+        # a listen address must then each be advertised at an address of its own (one
+        # host cannot bind one address twice).
+        listens = [s.listen for s in servers if s.advertise is None]
+        shared = {s.listen for s in servers if s.advertise is not None}
+        if len(set(listens)) != len(listens) or shared & set(listens):
+            problems.append(
+                "regions, control: listen addresses must be unique (servers on hosts of "
+                "their own may share one if each has an advertise address)"
+            )
+        for server in servers:
+            if server.advertise is None and server.host.strip("[]") in WILDCARD_HOSTS:
+                problems.append(
+                    f"listen {server.listen} binds every address of its host: give "
+                    "advertise = HOST:PORT, the address the others reach it at"
+                )
         advertised = [s.advertised for s in servers]
         if len(set(advertised)) != len(advertised):
             problems.append("regions, control: advertise addresses must be unique")

@@ -16,7 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pydantic import ValidationError
+
 from unitrade.topology.config import CellKind, TopologyConfig
+from unitrade.topology.flow_rules import FlowRules
 from unitrade.topology.order_id import decode_order_id
 
 BUYER_ID_MAX = 2**63 - 1
@@ -79,6 +82,9 @@ class Rule:
     banned: frozenset[int] = field(default_factory=frozenset)
     # cell -> its failovers, oldest first (at most PROMOTIONS_PER_CELL_MAX)
     promotions: Mapping[int, tuple[Promotion, ...]] = field(default_factory=dict)
+    # Rate limits, overload protection, breakers, degradation switches (flow_rules.py):
+    # changed live through the control plane like owners, one version at a time.
+    flow: FlowRules = field(default_factory=FlowRules)
 
     def __post_init__(self) -> None:
         # Real checks, not asserts: rules arrive from the wire, from files and from the
@@ -123,9 +129,11 @@ class Rule:
         owners: Mapping[int, str] | None = None,
         banned: Iterable[int] | None = None,
         promoted: Mapping[int, Promotion] | None = None,
+        flow: FlowRules | None = None,
     ) -> Rule:
-        """The next rule: same cells and buckets, with new owners and/or bans, and new
-        promotion records (failovers) appended to the cells' histories."""
+        """The next rule: same cells and buckets, with new owners and/or bans, new
+        promotion records (failovers) appended to the cells' histories, and/or new flow
+        rules."""
         if version <= self.version:
             raise RoutingError(f"rule versions only grow: {version} after {self.version}")
         new_owners = {**self.owners, **(owners or {})}
@@ -143,6 +151,7 @@ class Rule:
             owners=new_owners,
             banned=self.banned if banned is None else frozenset(banned),
             promotions=promotions,
+            flow=self.flow if flow is None else flow,
         )
 
     def promotions_of(self, cell: int) -> tuple[Promotion, ...]:
@@ -160,6 +169,11 @@ class Rule:
             if self.owners[c] != other.owners.get(c) or self.is_banned(c) != other.is_banned(c)
         )
 
+    def routing_changed(self, other: Rule) -> bool:
+        """Whether anything but the flow rules differs from `other` (owners, bans,
+        promotions): what replication must follow."""
+        return bool(self.moved_cells(other)) or self.promotions != other.promotions
+
     def body(self) -> dict[str, Any]:
         """The JSON form pushed to regions and kept in the rule history."""
         return {
@@ -176,6 +190,7 @@ class Rule:
                 for c, history in sorted(self.promotions.items())
                 if history
             },
+            "flow": self.flow.body(),
         }
 
 
@@ -198,9 +213,16 @@ def rule_from_body(body: Mapping[str, Any]) -> Rule:
                 _integer(c): tuple(_promotion(p) for p in history)
                 for c, history in body.get("promotions", {}).items()
             },
+            # A rule written before flow rules existed has the defaults.
+            flow=FlowRules.model_validate(body["flow"]) if "flow" in body else FlowRules(),
         )
     except RoutingError:
         raise
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"flow.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise RoutingError(f"not a valid rule: {problems}") from exc
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RoutingError(f"not a valid rule: {type(exc).__name__}: {exc}") from exc
 
@@ -268,6 +290,8 @@ def rule_problems(rule: Rule) -> list[str]:
         for promotion in history:
             if promotion.version > rule.version or promotion.position < 0:
                 problems.append(f"cell {promoted}: promotion {promotion.body()} is not valid")
+    if not isinstance(rule.flow, FlowRules) or rule.flow.version > rule.version:
+        problems.append("flow rules must be of a version no newer than the rule")
     return problems
 
 
@@ -330,4 +354,5 @@ def initial_rule(config: TopologyConfig) -> Rule:
         bucket_cells=tuple(bucket_cells),
         cells={c.id: CellInfo(c.id, c.name, c.kind, c.partition) for c in config.cells},
         owners={c.id: c.owner for c in config.cells},
+        flow=config.flow.rules(1),
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import httpx
+
 from unitrade.replication.diff_cli import DiffError, cluster_regions
 from unitrade.replication.routes import PULL_PATH
 from unitrade.topology.config import CONTROL_NAME, TopologyConfig
@@ -21,7 +23,27 @@ class Changelogs:
     unread: list[str] = field(default_factory=list)  # cells not read, with why
 
 
-def read_changelogs(config: TopologyConfig) -> Changelogs:
+def owner_positions(config: TopologyConfig) -> dict[int, int]:
+    """Each cell's changelog position at its owner now (cells whose owner does not answer
+    are left out): where a run attached to a running cluster starts reading."""
+    positions: dict[int, int] = {}
+    with cluster_regions(config) as regions:
+        owners, _answering = regions.survey()
+        for cell in config.cells:
+            owner = owners.get(cell.name)
+            if owner is None:
+                continue
+            try:
+                url = config.region(owner).base_url + "/healthz"
+                health = regions.http.get(url).json()
+                positions[cell.id] = int(health["positions"][cell.name])
+            except (httpx.HTTPError, KeyError, TypeError, ValueError):
+                continue
+    return positions
+
+
+def read_changelogs(config: TopologyConfig, since: dict[int, int] | None = None) -> Changelogs:
+    """Every cell's changelog at its owner, after `since[cell]` (0 when absent)."""
     found = Changelogs()
     with cluster_regions(config) as regions:
         owners, _answering = regions.survey()
@@ -30,7 +52,7 @@ def read_changelogs(config: TopologyConfig) -> Changelogs:
             if owner is None:
                 found.unread.append(f"{cell.name}: no owner known")
                 continue
-            after = 0
+            after = (since or {}).get(cell.id, 0)
             try:
                 while after < ROWS_MAX:
                     body = {"cell": cell.id, "after": after, "limit": PAGE_ROWS, "wait_ms": 0}

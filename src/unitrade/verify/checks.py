@@ -55,6 +55,7 @@ class RuleVersion:
     version: int
     created_ms: int
     owners: dict[int, str]  # cell id -> owner region
+    banned: frozenset[int] = frozenset()  # cells no region may write under this version
 
 
 @dataclass(frozen=True)
@@ -364,7 +365,8 @@ def check_ownership(history: History, ending: Ending) -> Result:
 
 def check_changelog(ending: Ending, result: Result) -> None:
     """Every changelog row's origin is the owner of its cell under the rule version that
-    is its epoch."""
+    is its epoch, and that version does not ban the cell (a write admitted while its cell
+    was banned for a switch is one the switch's catch-up may not have waited for)."""
     by_version = {rule.version: rule for rule in ending.rules}
     unknown = 0
     for row in ending.changelog:
@@ -373,7 +375,14 @@ def check_changelog(ending: Ending, result: Result) -> None:
             unknown += 1
             continue
         result.checked += 1
-        if rule.owners[row.cell] != row.origin:
+        if row.cell in rule.banned:
+            result.violate(
+                Violation(
+                    f"cell {row.cell} position {row.position} ({row.table}) written by "
+                    f"{row.origin} under rule version {row.epoch}, which bans the cell"
+                )
+            )
+        elif rule.owners[row.cell] != row.origin:
             result.violate(
                 Violation(
                     f"cell {row.cell} position {row.position} ({row.table}) written by "

@@ -8,8 +8,10 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from unitrade.cli_options import DATA_ENVVAR, config_option, load
+from unitrade.verify.attached import AttachError, attach_problems
 from unitrade.verify.faults import ALL_FAULTS, FaultError, parse_faults
-from unitrade.verify.run import Options, OutError, check_out, verify
+from unitrade.verify.run import Attach, Options, OutError, check_out, verify
 
 DEFAULT_FAULTS = "kill,pause,switch,failover,control-kill"
 
@@ -62,7 +64,25 @@ DEFAULT_FAULTS = "kill,pause,switch,failover,control-kill"
     "topology and the data and logs of the cluster (emptied first: only a new or empty "
     "directory, or a previous run's).",
 )
-@click.option("--attach", is_flag=True, help="Attach to a running cluster: not built yet.")
+@click.option(
+    "--attach",
+    is_flag=True,
+    help="Verify the running cluster of --config instead of one of the run's own. It "
+    "adds products of its own (VF-*-tag) and orders by buyers from 2^61 up; with --data "
+    "(the `unitrade up` supervising it) it also kills, pauses and fails over its regions: "
+    "for a staging cluster, never a shop's live one.",
+)
+@config_option
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    envvar=DATA_ENVVAR,
+    show_envvar=True,
+    help="With --attach: the data directory of the `unitrade up` that supervises the "
+    "cluster (kill, pause, failover and control-kill go through it).",
+)
 def verify_command(
     seconds: float,
     rate: float,
@@ -71,6 +91,8 @@ def verify_command(
     storage: str,
     out: Path,
     attach: bool,
+    config_path: Path | None,
+    data_dir: Path | None,
 ) -> None:
     """Run a cluster of its own under randomized faults while it takes traffic, record
     every operation, and check the invariants on the history.
@@ -91,15 +113,29 @@ def verify_command(
     to a region's links).
 
     \b
+    With --attach it runs the workloads and the faults against a running cluster (the
+    topology of --config; the processes of the `unitrade up` on --data) and leaves it
+    running; partition and slow need a network of the run's own and are refused.
+
+    \b
       unitrade verify --seconds 60 --faults kill,pause,switch --seed 7 --out /tmp/v
+      unitrade verify --attach --config prod-like.toml --data /srv/ut --faults switch,kill
     """
     console = Console()
-    if attach:
-        raise click.UsageError("--attach is not built yet: verify runs a cluster of its own")
     try:
         fault_list = parse_faults(faults)
     except FaultError as exc:
         raise click.UsageError(str(exc)) from exc
+    target: Attach | None = None
+    if attach:
+        config = load(config_path)
+        where = data_dir.resolve() if data_dir is not None else None
+        problem = attach_problems(config, where, fault_list)
+        if problem:
+            raise click.UsageError(problem)
+        target = Attach(config, config_path, where)
+    elif config_path is not None or data_dir is not None:
+        raise click.UsageError("--config and --data name a cluster to attach to: add --attach")
     try:
         check_out(out.resolve())
     except OutError as exc:
@@ -108,6 +144,9 @@ def verify_command(
         import random
 
         seed = random.randrange(1, 2**31)
-    options = Options(seconds, rate, tuple(fault_list), seed, storage, out)
-    outcome = verify(options, console)
+    options = Options(seconds, rate, tuple(fault_list), seed, storage, out, target)
+    try:
+        outcome = verify(options, console)
+    except AttachError as exc:
+        raise click.ClickException(f"verify --attach: {exc}") from exc
     sys.exit(0 if outcome.passed else 1)

@@ -4,6 +4,7 @@ processes, each recorded in the history with its start and end."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import random
@@ -15,8 +16,8 @@ from typing import Any, Protocol
 
 import httpx
 
-from unitrade.cluster import LocalCluster
 from unitrade.topology.config import CellKind, TopologyConfig
+from unitrade.verify.attached import Processes
 from unitrade.verify.history import FAIL, OK, History
 from unitrade.verify.workload import NEMESIS
 from unitrade.web.tokens import issue_token
@@ -44,6 +45,8 @@ class NetworkFaults(Protocol):
     def slow(self, region: str, delay_ms: int) -> None: ...
 
     def restore(self, region: str) -> None: ...
+
+    def cut(self, region: str) -> int: ...
 
 
 class FaultError(ValueError):
@@ -156,7 +159,7 @@ class Nemesis:
 
     def __init__(
         self,
-        cluster: LocalCluster,
+        cluster: Processes,
         history: History,
         plan: list[Fault],
         network: NetworkFaults | None = None,
@@ -168,7 +171,7 @@ class Nemesis:
         self.plan = plan
         self.applied: list[Applied] = []
         self.failed_over: list[str] = []  # regions failed over: reconcile them at the end
-        self.paused: set[str] = set()
+        self.paused: dict[str, int] = {}  # name -> pid, stopped by SIGSTOP
         self._stop = threading.Event()
         token = issue_token(self.config.token_keys, admin=True)
         self.http = httpx.Client(
@@ -214,24 +217,25 @@ class Nemesis:
         name = self.cluster.control_names()[0]
         self.cluster.kill_region(name)
         self._hold(fault.hold_s)
-        self.cluster.start_control(name=name)
+        self.cluster.start_region(name)
         self.cluster.wait_healthy([name], HEALTHY_WAIT_S)
 
     def _pause(self, fault: Fault, applied: Applied) -> None:
-        pid = self.cluster.processes[fault.target].pid
+        pid = self.cluster.pid(fault.target)
+        if pid is None:
+            raise FaultError(f"pause: {fault.target} is not running")
         os.kill(pid, signal.SIGSTOP)
-        self.paused.add(fault.target)
+        self.paused[fault.target] = pid
         try:
             self._hold(fault.hold_s)
         finally:
             os.kill(pid, signal.SIGCONT)
-            self.paused.discard(fault.target)
+            self.paused.pop(fault.target, None)
 
     def resume_all(self) -> None:
-        for name in list(self.paused):
-            process = self.cluster.processes.get(name)
-            if process is not None and process.poll() is None:
-                os.kill(process.pid, signal.SIGCONT)
+        for pid in list(self.paused.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         self.paused.clear()
 
     def _partition(self, fault: Fault, applied: Applied) -> None:
@@ -251,7 +255,11 @@ class Nemesis:
         region, delay = fault.target.split("|")
         self.network.slow(region, int(delay.removesuffix("ms")))
         try:
-            self._hold(fault.hold_s)
+            # A lossy link as well as a slow one: halfway through, every connection the
+            # region is an end of is reset (requests in flight then have unknown outcomes).
+            self._hold(fault.hold_s / 2)
+            applied.detail["connections_cut"] = self.network.cut(region)
+            self._hold(fault.hold_s / 2)
         finally:
             self.network.restore(region)
 

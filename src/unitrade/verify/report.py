@@ -29,7 +29,7 @@ def build(
     operations = [(i, c) for i, c in history.pairs() if i.f not in ("fault", "final")]
     return {
         "seed": options.seed,
-        "options": {**asdict(options), "out": str(options.out)},
+        "options": {**asdict(options), "out": str(options.out), "attach": _attach(options)},
         "passed": all(r.violations == 0 for r in results),
         "invariants": [r.to_json() for r in results],
         "schedule": [f.to_json() for f in plan],
@@ -91,3 +91,15 @@ def show(console: Console, document: dict[str, Any], results: list[Result]) -> N
     )
     verdict = "[green]PASSED[/]" if document["passed"] else "[red]FAILED[/]"
     console.print(f"{verdict}  seed {document['seed']} (run again with --seed {document['seed']})")
+
+
+def _attach(options: Options) -> dict[str, Any] | None:
+    """The cluster a run attached to, by its files (None: the run's own cluster)."""
+    attach = options.attach
+    if attach is None:
+        return None
+    return {
+        "config": None if attach.config_path is None else str(attach.config_path),
+        "data": None if attach.data_dir is None else str(attach.data_dir),
+        "regions": attach.config.region_names,
+    }

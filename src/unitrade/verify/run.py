@@ -20,9 +20,11 @@ from rich.console import Console
 from unitrade.cluster import LocalCluster
 from unitrade.control.reconcile import Reconcile
 from unitrade.replication.diff_cli import cluster_regions, run_diff
+from unitrade.topology.config import TopologyConfig
 from unitrade.verify import elle
 from unitrade.verify import report as reporting
-from unitrade.verify.changelog import read_changelogs
+from unitrade.verify.attached import AttachedCluster, AttachError, Processes, attach_problems
+from unitrade.verify.changelog import owner_positions, read_changelogs
 from unitrade.verify.checks import Ending, Result, RuleVersion, check_all
 from unitrade.verify.faults import NETWORK_FAULTS, Nemesis, NetworkFaults, schedule
 from unitrade.verify.history import History
@@ -30,8 +32,10 @@ from unitrade.verify.setup import BASES, drop_databases, pg_prefix, write_topolo
 from unitrade.verify.workload import (
     POLLER,
     REQUEST_TIMEOUT_S,
+    SKUS,
     Buyer,
     Client,
+    attached_skus,
     buyers_of_every_cell,
     final_reads,
     seed_stock,
@@ -48,6 +52,17 @@ WORKERS = 8
 ORDER_ID = re.compile(r"\b(\d{6,19})\b")
 
 
+@dataclass(frozen=True)
+class Attach:
+    """A running cluster to verify instead of one of the run's own: its topology and,
+    for the faults that stop processes, the data directory of the `unitrade up` that
+    supervises it (verify/attached.py)."""
+
+    config: TopologyConfig
+    config_path: Path | None
+    data_dir: Path | None
+
+
 @dataclass
 class Options:
     seconds: float = 30.0
@@ -56,6 +71,7 @@ class Options:
     seed: int = 1
     storage: str = "sqlite"
     out: Path = Path("verify-out")
+    attach: Attach | None = None
 
 
 @dataclass
@@ -98,18 +114,30 @@ def verify(
     loopback, which a namespace does not reach), and so on MariaDB."""
     out = options.out.resolve()
     check_out(out)
+    attach = options.attach
+    if attach is not None:
+        problem = attach_problems(attach.config, attach.data_dir, list(options.faults))
+        if problem:
+            raise AttachError(problem)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    prefix = pg_prefix() if options.storage in BASES else None
-    config, path = write_topology(out, options.storage, prefix)
+    prefix = pg_prefix() if options.storage in BASES and attach is None else None
+    if attach is None:
+        config, path = write_topology(out, options.storage, prefix)
+    else:
+        config = attach.config
     plan = schedule(config, list(options.faults), options.seconds, options.seed)
     console.print(f"seed {options.seed}: {len(plan)} faults scheduled")
     for fault in plan:
         console.print(f"  at {fault.at_s:5.1f} s  {fault.kind:<12} {fault.target}")
     history = History(out / "history.jsonl")
     made_network: Any = None
-    if network is None and set(options.faults) & set(NETWORK_FAULTS):
+    cluster: LocalCluster | AttachedCluster
+    if attach is not None:
+        cluster = AttachedCluster(config, attach.data_dir)
+        console.print(f"attached to the cluster of {attach.config_path or 'the default topology'}")
+    elif network is None and set(options.faults) & set(NETWORK_FAULTS):
         from unitrade.verify.network import PROXY, NetworkFaults, server_names
 
         mode = PROXY if options.storage in BASES else None
@@ -122,8 +150,11 @@ def verify(
         cluster = LocalCluster(config, out / "data", path, launcher)
     nemesis: Nemesis | None = None
     try:
-        with console.status("starting the cluster..."):
-            cluster.start()
+        if isinstance(cluster, LocalCluster):
+            with console.status("starting the cluster..."):
+                cluster.start()
+        else:
+            cluster.wait_healthy(timeout_s=10.0)
         nemesis = Nemesis(cluster, history, plan, network)
         ending = asyncio.run(_bounded(options, cluster, history, nemesis, console))
     finally:
@@ -131,8 +162,11 @@ def verify(
             nemesis.stop()
             nemesis.resume_all()
             nemesis.close()
-        with console.status("stopping the cluster..."):
-            cluster.stop()
+        if isinstance(cluster, LocalCluster):
+            with console.status("stopping the cluster..."):
+                cluster.stop()
+        else:
+            cluster.release()  # what a run cut short still held down: not ours to keep down
         history.close()
         if made_network is not None:
             made_network.close()
@@ -150,7 +184,7 @@ def verify(
 
 async def _bounded(
     options: Options,
-    cluster: LocalCluster,
+    cluster: Processes,
     history: History,
     nemesis: Nemesis,
     console: Console,
@@ -169,7 +203,7 @@ async def _bounded(
 
 async def _run(
     options: Options,
-    cluster: LocalCluster,
+    cluster: Processes,
     history: History,
     nemesis: Nemesis,
     console: Console,
@@ -177,7 +211,11 @@ async def _run(
     config = cluster.config
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=2.0)
     async with httpx.AsyncClient(timeout=timeout, verify=config.http_verify) as http:
-        client = Client(config, history, http)
+        # A run attached to a cluster orders products of its own and reads the changelogs
+        # from where they stood when it began (what came before is not its history).
+        skus = SKUS if options.attach is None else attached_skus()
+        client = Client(config, history, http, skus)
+        since = {} if options.attach is None else await asyncio.to_thread(owner_positions, config)
         await seed_stock(client)
         buyers = buyers_of_every_cell(config, options.seed)
         owners: dict[str, Buyer] = {}
@@ -221,7 +259,7 @@ async def _run(
         console.print(f"reading back {len(owners)} orders from every region")
         await final_reads(client, owners)
         ending.rules = await _rules(http, config.control.base_url, client.admin)
-    changelogs = await asyncio.to_thread(read_changelogs, config)
+    changelogs = await asyncio.to_thread(read_changelogs, config, since)
     ending.changelog, ending.changelog_unread = changelogs.rows, changelogs.unread
     ending.differences, ending.not_compared = await asyncio.to_thread(
         run_diff, config, list(config.cells), 1000, False, console
@@ -229,7 +267,7 @@ async def _run(
     return ending
 
 
-def _quiesce(cluster: LocalCluster, nemesis: Nemesis, ending: Ending) -> bool:
+def _quiesce(cluster: Processes, nemesis: Nemesis, ending: Ending) -> bool:
     """Every process up, every region connected to the rule in force, the failed-over
     regions reconciled, every copy at its owner's position; within QUIESCENCE_S."""
     deadline = time.monotonic() + QUIESCENCE_S
@@ -296,6 +334,7 @@ async def _rules(http: httpx.AsyncClient, control: str, admin: dict[str, str]) -
             r["version"],
             r["created_ms"],
             {int(c): o for c, o in r["rule"]["owners"].items()},
+            frozenset(int(c) for c in r["rule"].get("banned", [])),
         )
         for r in body["rules"]
     ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,10 @@ REQUEST_TIMEOUT_S = 10.0
 BUYERS_PER_CELL = 4
 STOCK = 1_000_000
 SKUS = ("VF-A", "VF-B", "VF-C")
+# verify's buyers: IDs from 2^61 up, below the health checker's (2^62 up), so that a run
+# attached to a shop's cluster never writes in a real buyer's name.
+BUYER_ID_MIN = 2**61
+BUYER_ID_SPAN = 2**40
 POLL_S = 0.25  # the stock poller's period
 ORDERS_KEPT = 200  # a worker's open orders it may still move on (a bound)
 ESSENTIALS = ("order_id", "buyer_id", "status", "total_cents", "payment_id", "cell", "error")
@@ -29,6 +34,13 @@ INVENTORY = ("available", "reserved", "sold")
 NEMESIS = -1
 POLLER = 1000
 CHECKER = 2000
+
+
+def attached_skus() -> tuple[str, ...]:
+    """Products of a run's own, for a run attached to a cluster that holds other data (and
+    maybe another run's): named apart by a random tag."""
+    tag = secrets.token_hex(3)
+    return tuple(f"{sku}-{tag}" for sku in SKUS)
 
 
 def wall_ms() -> int:
@@ -62,10 +74,17 @@ class Orders:
 class Client:
     """Requests that are recorded in the history."""
 
-    def __init__(self, config: TopologyConfig, history: History, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        config: TopologyConfig,
+        history: History,
+        http: httpx.AsyncClient,
+        skus: tuple[str, ...] = SKUS,
+    ) -> None:
         self.config = config
         self.history = history
         self.http = http
+        self.skus = skus  # the run's own products: a run attached to a cluster adds its own
         self.admin = {"authorization": "Bearer " + issue_token(config.token_keys, admin=True)}
 
     async def call(
@@ -118,7 +137,7 @@ def buyers_of_every_cell(config: TopologyConfig, seed: int) -> list[Buyer]:
     per_cell: dict[int, list[int]] = {}
     wanted = {c.id for c in config.cells if c.buckets}
     while any(len(per_cell.get(c, [])) < BUYERS_PER_CELL for c in wanted):
-        buyer = rng.randrange(1, 10**9)
+        buyer = BUYER_ID_MIN + rng.randrange(BUYER_ID_SPAN)
         cell = route_buyer(rule, buyer).cell
         if cell in wanted and len(per_cell.setdefault(cell, [])) < BUYERS_PER_CELL:
             per_cell[cell].append(buyer)
@@ -133,7 +152,7 @@ async def seed_stock(client: Client) -> None:
     """The SKUs with their stock, recorded as stock-set lines, visible in every region."""
     config = client.config
     center = next(r.name for r in config.regions if r.center)
-    for n, sku in enumerate(SKUS, 1):
+    for n, sku in enumerate(client.skus, 1):
         body = {"title": f"verify product {n}", "price_cents": 100 * n, "stock": STOCK}
         kind, _ = await client.call(
             CHECKER,
@@ -149,7 +168,7 @@ async def seed_stock(client: Client) -> None:
             raise RuntimeError(f"could not set the stock of {sku}")
     deadline = time.monotonic() + 30
     for region in config.region_names:
-        for sku in SKUS:
+        for sku in client.skus:
             while (
                 await client.http.get(config.region(region).base_url + f"/v1/products/{sku}")
             ).status_code != 200:
@@ -180,7 +199,7 @@ async def shopper(
         if roll < 0.35 or not mine.open:
             buyer = rng.choice(buyers)
             key = f"k-{process}-{n}"
-            items = [{"sku": rng.choice(SKUS), "qty": rng.randint(1, 3)}]
+            items = [{"sku": rng.choice(client.skus), "qty": rng.randint(1, 3)}]
             if last_key is not None and rng.random() < 0.1:
                 buyer, key, items = last_key  # the same request again: the same order
             kind, got = await client.call(
@@ -206,8 +225,12 @@ async def shopper(
             if (status == "created" and rng.random() < 0.7) or (
                 status == "paid" and rng.random() < 0.1
             ):
-                # Now and then a second payment of a paid order: it must be refused.
+                # Now and then a second payment of a paid order, or the payment of another
+                # order: both must be refused.
                 payment_id = f"pay-{order_id}" if status == "created" else f"pay2-{order_id}"
+                if status == "created" and len(mine.open) > 1 and rng.random() < 0.05:
+                    other = rng.choice([o for o in mine.open if o != order_id])
+                    payment_id = f"pay-{other}"
                 pay = {"payment_id": payment_id, "amount_cents": total}
                 kind, got = await client.call(
                     process,
@@ -248,7 +271,7 @@ async def shopper(
             # Carts: a buyer's own, by the buyer's token; it must never answer another's.
             buyer = rng.choice(buyers)
             if rng.random() < 0.5:
-                sku, qty = rng.choice(SKUS), rng.randint(1, 5)
+                sku, qty = rng.choice(client.skus), rng.randint(1, 5)
                 await client.call(
                     process,
                     "cart-put",
@@ -292,7 +315,7 @@ async def shopper(
 async def stock_poller(client: Client, stop: asyncio.Event, seed: int) -> None:
     rng = random.Random(seed)
     while not stop.is_set():
-        sku = rng.choice(SKUS)
+        sku = rng.choice(client.skus)
         await client.call(
             POLLER,
             "inventory",
@@ -327,7 +350,7 @@ async def final_reads(client: Client, owners: dict[str, Buyer], concurrency: int
             )
 
     await asyncio.gather(*(reader(CHECKER + 1 + n) for n in range(concurrency)))
-    for sku in SKUS:
+    for sku in client.skus:
         for region in client.config.region_names:
             await client.call(
                 CHECKER,

@@ -36,8 +36,10 @@ ERROR_STATUS_TEXT: dict[int, str] = {
     413: "payload_too_large: body over 64 KiB",
     421: "wrong_region: the owner changed under the request; retry",
     422: "invalid_request (the message names the field), or a business rule refused it",
-    429: "too many requests; retry after Retry-After seconds",
-    503: "unavailable for now, nothing was applied; retry after Retry-After seconds",
+    429: "rate_limited: a rate limit (`limit` names it) refused the request before anything "
+    "was done; retry after Retry-After seconds",
+    503: "unavailable for now, nothing was applied (overloaded, circuit_open, degraded, "
+    "write_banned, region_unavailable, ...); retry after Retry-After seconds",
     504: "outcome_unknown: a region did not answer (`region`, `call`); the write may have "
     "been applied: send it again with the body's `idempotency_key` (or the same payment ID) "
     "to learn its outcome",
