@@ -27,13 +27,27 @@ def api(cluster: LocalCluster) -> Iterator[Api]:
     client.http.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A storage URL template with `{cell}`, on SQLite or on PostgreSQL."""
-    from tests.support import drop_pg_databases, pg_prefix, require_postgres
+    """A storage URL template with `{cell}`, on SQLite, PostgreSQL or MySQL/MariaDB."""
+    from tests.support import (
+        MYSQL_BASE,
+        drop_mysql_databases,
+        drop_pg_databases,
+        mysql_prefix,
+        pg_prefix,
+        require_mysql,
+        require_postgres,
+    )
 
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/cell-{{cell}}.db"
+        return
+    if request.param == "mysql":
+        require_mysql()
+        prefix = mysql_prefix()
+        yield f"{MYSQL_BASE}/{prefix}_{{cell}}"
+        drop_mysql_databases(prefix)
         return
     require_postgres()
     prefix = pg_prefix()

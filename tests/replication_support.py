@@ -1,5 +1,6 @@
 """Checks on replication from outside: every copy's position, and row-by-row comparison of
-the SQLite files of a cluster's regions."""
+the cell copies of a cluster's regions (SQLite files, or databases on PostgreSQL or
+MySQL/MariaDB: each region's storage URL says)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
+from unitrade.storage.engine import backend_of, sync_url
 from unitrade.topology.config import TopologyConfig
 from unitrade.topology.rule import initial_rule
 
@@ -50,6 +55,30 @@ def table_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         return {n: conn.execute(f"SELECT * FROM {n} ORDER BY 1, 2").fetchall() for n in names}
 
 
+def copy_url(config: TopologyConfig, data_dir: Path, region: str, cell: str) -> str:
+    """The storage URL of `region`'s copy of `cell`."""
+    return config.region(region).storage_url(cell, data_dir)
+
+
+def url_rows(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every table of a cell copy, rows in key order, whatever its engine."""
+    if backend_of(url) == "sqlite":
+        return table_rows(Path(url.removeprefix("sqlite:///")))
+    engine = create_engine(sync_url(url), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            quote = conn.dialect.identifier_preparer.quote
+            return {
+                name: [
+                    tuple(r)
+                    for r in conn.execute(text(f"SELECT * FROM {quote(name)} ORDER BY 1, 2"))
+                ]
+                for name in inspect(conn).get_table_names()
+            }
+    finally:
+        engine.dispose()
+
+
 def differences(config: TopologyConfig, data_dir: Path) -> list[str]:
     """Every (cell, region, table) whose rows differ from the owner's copy."""
     rule = initial_rule(config)
@@ -57,11 +86,11 @@ def differences(config: TopologyConfig, data_dir: Path) -> list[str]:
     found = []
     for cell in rule.cells.values():
         owner = owners[cell.name]
-        expected = table_rows(data_dir / owner / f"cell-{cell.name}.db")
+        expected = url_rows(copy_url(config, data_dir, owner, cell.name))
         for region in config.region_names:
             if region == owner:
                 continue
-            actual = table_rows(data_dir / region / f"cell-{cell.name}.db")
+            actual = url_rows(copy_url(config, data_dir, region, cell.name))
             for table, rows in expected.items():
                 if table == "cell_meta":
                     continue  # the copy's own metadata; its position is compared above
@@ -77,15 +106,34 @@ def region_positions(config: TopologyConfig, region: str) -> dict[str, int]:
     return {str(cell): int(position) for cell, position in body["positions"].items()}
 
 
-def disk_positions(data_dir: Path, region: str, cells: list[str]) -> dict[str, int]:
-    """cell name -> the position committed in a stopped region's SQLite copy (its files are
-    the whole truth once its process is dead)."""
+def disk_positions(
+    config: TopologyConfig, data_dir: Path, region: str, cells: list[str]
+) -> dict[str, int]:
+    """cell name -> the position committed in a stopped region's copy (its database is the
+    whole truth once its process is dead)."""
     found = {}
     for cell in cells:
-        with sqlite3.connect(data_dir / region / f"cell-{cell}.db") as conn:
-            (position,) = conn.execute("SELECT last_position FROM cell_meta").fetchone()
+        rows = url_rows(copy_url(config, data_dir, region, cell))["cell_meta"]
+        (position,) = {row[2] for row in rows}  # cell_id, kind, last_position, ...
         found[cell] = int(position)
     return found
+
+
+def wipe_copy(config: TopologyConfig, data_dir: Path, region: str, cell: str) -> None:
+    """Delete a stopped region's copy of a cell: its SQLite files, or its database."""
+    url = copy_url(config, data_dir, region, cell)
+    if backend_of(url) == "sqlite":
+        for suffix in ("", "-wal", "-shm"):
+            Path(url.removeprefix("sqlite:///") + suffix).unlink(missing_ok=True)
+        return
+    assert backend_of(url) == "mysql", "PostgreSQL copies are not wiped by these tests"
+    name = make_url(url).database
+    engine = create_engine(sync_url(url), poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP DATABASE `{name}`"))
+    finally:
+        engine.dispose()
 
 
 def owners_of(config: TopologyConfig) -> dict[str, str]:

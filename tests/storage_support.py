@@ -1,4 +1,4 @@
-"""Cell stores for storage-level tests on SQLite or PostgreSQL."""
+"""Cell stores for storage-level tests on SQLite, PostgreSQL or MySQL/MariaDB."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from unitrade.storage.engine import backend_of, sync_url
 from unitrade.storage.fence import Fence
 from unitrade.storage.store import CellStore
 from unitrade.topology.config import default_config
@@ -47,9 +49,15 @@ def sqlite_path(url: str) -> str:
 
 @contextmanager
 def write_lock_held(url: str) -> Iterator[Callable[[], None]]:
-    """On SQLite, another connection holds the database's write lock (as another process
-    would): the store's inline writes find it taken and go to its writer thread. Yields
-    the function that releases it. On other engines, nothing."""
+    """Another connection holds the cell copy's write lock, as another process's writer
+    would: on SQLite the database's (the store's inline writes find it taken and go to its
+    writer thread), on MySQL/MariaDB the cell_meta row lock every writer takes first (the
+    store's writes wait for it in the database). Yields the function that releases it. On
+    PostgreSQL, nothing."""
+    if backend_of(url) == "mysql":
+        with mysql_row_locked(url) as release:
+            yield release
+        return
     if not url.startswith("sqlite"):
         yield lambda: None
         return
@@ -57,5 +65,42 @@ def write_lock_held(url: str) -> Iterator[Callable[[], None]]:
     other.execute("BEGIN IMMEDIATE")
     try:
         yield lambda: other.execute("COMMIT") if other.in_transaction else None
+    finally:
+        other.close()
+
+
+def _mysql_connection(url: str) -> Any:
+    import pymysql
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(sync_url(url))
+    return pymysql.connect(
+        host=parsed.host, port=parsed.port or 3306, user=parsed.username, database=parsed.database
+    )
+
+
+@contextmanager
+def mysql_named_lock(url: str, name: str) -> Iterator[None]:
+    """A connection of its own holds the MySQL named lock `name` (GET_LOCK) until the
+    block ends."""
+    other = _mysql_connection(url)
+    try:
+        cursor = other.cursor()
+        cursor.execute("SELECT GET_LOCK(%s, 0)", (name,))
+        assert cursor.fetchone() == (1,), f"the lock {name} is taken"
+        yield
+    finally:
+        other.close()
+
+
+@contextmanager
+def mysql_row_locked(url: str) -> Iterator[Callable[[], None]]:
+    """A PyMySQL connection of its own holds the cell_meta row lock of a MySQL copy (FOR
+    UPDATE in an open transaction) until released."""
+    other = _mysql_connection(url)
+    try:
+        other.begin()
+        other.cursor().execute("SELECT last_position FROM cell_meta FOR UPDATE")
+        yield other.commit
     finally:
         other.close()

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: free ports, topology files, PostgreSQL, HTTP clients."""
+"""Helpers shared by the tests: free ports, topology files, PostgreSQL, MySQL/MariaDB, HTTP
+clients."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import secrets
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +46,7 @@ def new_secret() -> str:
 
 def topology_toml(
     ports: list[int],
-    storage: str | None = None,
+    storage: str | Mapping[str, str] | None = None,
     control_storage: str | None = None,
     secret: str | None = None,
     control: str = "",
@@ -60,8 +62,14 @@ def topology_toml(
         lines += [f"[regions.{region.name}]", f'listen = "127.0.0.1:{port}"']
         if region.center:
             lines.append("center = true")
-        if storage is not None:
-            lines.append(f'storage = "{storage}"')
+        url = storage.get(region.name) if isinstance(storage, Mapping) else storage
+        if url is not None:
+            lines.append(f'storage = "{url}"')
+        if url is not None and not url.startswith("sqlite"):
+            # 8 cells x (1 writer + 2 readers) x 3 regions = 72 connections at most: within
+            # PostgreSQL's default max_connections (100) and MariaDB's (151), which the
+            # tests share with each other.
+            lines.append("storage_readers = 2")
     if len(ports) > len(default.regions):
         lines += ["[control]", f'listen = "127.0.0.1:{ports[len(default.regions)]}"']
         if control_storage is not None:
@@ -78,7 +86,9 @@ def topology_toml(
 
 
 def write_topology(
-    directory: Path, storage: str | None = None, control_storage: str | None = None
+    directory: Path,
+    storage: str | Mapping[str, str] | None = None,
+    control_storage: str | None = None,
 ) -> tuple[TopologyConfig, Path]:
     path = directory / "topology.toml"
     path.write_text(topology_toml(free_ports(4), storage, control_storage))
@@ -142,6 +152,46 @@ def drop_pg_databases(prefix: str) -> None:
         ).fetchall()
         for (name,) in names:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+MYSQL_BASE = "mysql://root@127.0.0.1:3306"
+
+
+def mysql_available() -> bool:
+    try:
+        import pymysql
+
+        pymysql.connect(host="127.0.0.1", port=3306, user="root", connect_timeout=3).close()
+        return True
+    except Exception:
+        return False
+
+
+def require_mysql() -> None:
+    """Skip without MySQL/MariaDB, unless UNITRADE_REQUIRE_BACKENDS=1 (CI), where it fails."""
+    if mysql_available():
+        return
+    message = "MySQL/MariaDB is not reachable on 127.0.0.1:3306 as root"
+    if os.environ.get("UNITRADE_REQUIRE_BACKENDS") == "1":
+        pytest.fail(message + " and UNITRADE_REQUIRE_BACKENDS=1")
+    pytest.skip(message)
+
+
+def mysql_prefix() -> str:
+    return f"ut_test_{uuid.uuid4().hex[:8]}"
+
+
+def drop_mysql_databases(prefix: str) -> None:
+    import pymysql
+
+    with pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True) as conn:
+        cursor = conn.cursor()
+        cursor.execute(
+            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE %s",
+            (prefix + "%",),
+        )
+        for (name,) in cursor.fetchall():
+            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 class Api:

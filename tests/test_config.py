@@ -66,8 +66,14 @@ def _raw() -> dict:  # type: ignore[type-arg]
         (lambda r: r["cells"][0].update(buckets="0-10"), "not assigned to any unit cell"),
         (lambda r: r["regions"]["sh"].update(center=True), "exactly one region must be center"),
         (lambda r: r["regions"]["sh"].update(listen="nowhere"), "regions.1.listen"),
-        (lambda r: r["regions"]["sh"].update(storage="mysql://x/{cell}"), "scheme must be"),
+        (lambda r: r["regions"]["sh"].update(storage="oracle://x/{cell}"), "scheme must be"),
+        (
+            lambda r: r["regions"]["sh"].update(storage="mysql+mysqlconnector://x/{cell}"),
+            "the MySQL driver must be",
+        ),
         (lambda r: r["regions"]["sh"].update(storage="sqlite:///x.db"), "must contain {cell}"),
+        (lambda r: r["regions"]["sh"].update(storage_readers=0), "regions.1.storage_readers"),
+        (lambda r: r["regions"]["sh"].update(storage_readers=33), "regions.1.storage_readers"),
         (lambda r: r["regions"]["sh"].update(colour="red"), "regions.1.colour: Extra inputs"),
         (lambda r: r["cells"][0].update(kind="shard"), "cells.0.kind"),
         (lambda r: r["cells"][6].update(buckets="1"), "only unit cells hold buckets"),
@@ -101,6 +107,18 @@ def test_validation_errors_name_the_field_and_the_problem(mutate, expected) -> N
         parse_config(raw, source="t.toml")
     assert expected in str(error.value)
     assert str(error.value).startswith("t.toml: ")
+
+
+def test_regions_may_each_have_another_engine() -> None:
+    raw = _raw()
+    raw["regions"]["hz"]["storage"] = "postgresql://u@db-hz/ut_{region}_{cell}"
+    raw["regions"]["sh"]["storage"] = "mysql://u:pw@db-sh:3306/ut_{region}_{cell}"
+    raw["regions"]["sh"]["storage_readers"] = 2
+    raw["regions"]["bj"]["storage"] = "mariadb+aiomysql://u@db-bj/ut_{region}_{cell}"
+    config = parse_config(raw)
+    assert config.region("sh").storage_url("u3", Path("/d")) == "mysql://u:pw@db-sh:3306/ut_sh_u3"
+    assert config.region("sh").storage_readers == 2
+    assert config.region("hz").storage_readers == 4  # the default
 
 
 def test_unreadable_and_invalid_toml_files(tmp_path: Path) -> None:

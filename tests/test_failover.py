@@ -22,7 +22,7 @@ STOCK = 1_000_000
 SKUS = ["FO-A", "FO-B"]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
 def running_on(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[tuple[LocalCluster, Path]]:

@@ -163,7 +163,9 @@ def test_overload_sheds_on_a_late_loop_only_past_what_the_region_completes() -> 
     assert g.capacity() == pytest.approx(2.0)
     g.in_flight = IN_FLIGHT_FLOOR + 1
     g.check()  # the loop is on time: nothing is shed whatever is in flight
-    g.loop._samples.append(0.2)  # now it runs 200 ms late
+    g.loop._samples.append(0.2)  # one stall of 200 ms: not an overload, nothing shed
+    g.check()
+    g.loop._samples.append(0.2)  # late on every wake-up now: saturated
     with pytest.raises(Overloaded) as shed:
         g.check()
     assert "200 ms late" in shed.value.message and g.shed == {"loop_delay": 1}
@@ -172,22 +174,41 @@ def test_overload_sheds_on_a_late_loop_only_past_what_the_region_completes() -> 
     # A region that completes much more keeps more in flight before it sheds.
     for _ in range(200):
         g.completed(clock.now - 0.01)
-    g.in_flight = 30
+    g.in_flight = 40
     g.check()
+    g.in_flight = 50  # past twice what it keeps in flight at best (22)
+    with pytest.raises(Overloaded):
+        g.check()
 
 
-def test_the_loop_monitor_measures_a_blocked_loop() -> None:
-    async def scenario() -> float:
+def test_the_loop_monitor_measures_a_blocked_loop_and_tells_a_stall_from_saturation() -> None:
+    async def busy(until: float) -> None:
+        while time.monotonic() < until:
+            time.sleep(0.04)  # noqa: ASYNC251 (the point: work that keeps the loop late)
+            await asyncio.sleep(0)
+
+    async def scenario() -> tuple[float, float, float]:
         monitor = LoopMonitor()
         monitor.start()
         await asyncio.sleep(0.1)
-        time.sleep(0.3)  # noqa: ASYNC251 (the point: the loop is blocked, its monitor late)
+        time.sleep(0.3)  # noqa: ASYNC251 (one stall: the loop is blocked, its monitor late)
         late_now = monitor.delay_s()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        stall = (max(late_now, monitor.delay_s()), monitor.sustained_s())
+        # Saturated: six tasks each blocking 40 ms between yields, for 2 s: every wake-up
+        # of the monitor waits at least 240 ms behind them.
+        until = time.monotonic() + 2.0
+        workers = [asyncio.create_task(busy(until)) for _ in range(6)]
+        await asyncio.sleep(1.7)
+        saturated = monitor.sustained_s()
+        await asyncio.gather(*workers)
         await monitor.stop()
-        return max(late_now, monitor.delay_s())
+        return (*stall, saturated)
 
-    assert asyncio.run(scenario()) >= 0.2
+    worst, after_stall, saturated = asyncio.run(scenario())
+    assert worst >= 0.2  # what /healthz shows
+    assert after_stall < 0.1  # one stall is not an overload
+    assert saturated >= 0.15  # six 40 ms slices ahead of every wake-up
 
 
 def test_overload_protection_can_be_turned_off() -> None:

@@ -1,4 +1,5 @@
-"""The same cluster on PostgreSQL: one database per (region, cell copy)."""
+"""The same cluster on PostgreSQL and on MySQL/MariaDB: one database per (region, cell
+copy)."""
 
 from __future__ import annotations
 
@@ -7,59 +8,90 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
+import pymysql
 import pytest
 
-from tests.replication_support import wait_converged
-from tests.support import Api, drop_pg_databases, pg_prefix, require_postgres, write_topology
+from tests.replication_support import url_rows, wait_converged
+from tests.support import (
+    MYSQL_BASE,
+    Api,
+    drop_mysql_databases,
+    drop_pg_databases,
+    mysql_prefix,
+    pg_prefix,
+    require_mysql,
+    require_postgres,
+    write_topology,
+)
 from unitrade.cluster import LocalCluster
 
-pytestmark = [pytest.mark.cluster, pytest.mark.postgres]
+pytestmark = [pytest.mark.cluster]
+PG_BASE = "postgresql://postgres@127.0.0.1:5432"
 
 
-@pytest.fixture(scope="module")
-def pg_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, str]]:
-    require_postgres()
-    prefix = pg_prefix()
-    directory: Path = tmp_path_factory.mktemp("pg")
-    config, path = write_topology(
-        directory, storage=f"postgresql://postgres@127.0.0.1:5432/{prefix}_{{region}}_{{cell}}"
-    )
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ],
+)
+def db_api(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Api, str, str]]:
+    """A cluster whose cell copies are databases on one server: (api, engine, prefix)."""
+    engine = str(request.param)
+    if engine == "postgresql":
+        require_postgres()
+        prefix, base, drop = pg_prefix(), PG_BASE, drop_pg_databases
+    else:
+        require_mysql()
+        prefix, base, drop = mysql_prefix(), MYSQL_BASE, drop_mysql_databases
+    directory: Path = tmp_path_factory.mktemp(engine)
+    config, path = write_topology(directory, storage=f"{base}/{prefix}_{{region}}_{{cell}}")
     try:
         with LocalCluster(config, directory / "data", path) as cluster:
             cluster.start()
             api = Api(config)
-            yield api, prefix
+            yield api, engine, prefix
             api.http.close()
     finally:
-        drop_pg_databases(prefix)
+        drop(prefix)
 
 
-def pg_rows(database: str) -> dict[str, list[tuple[object, ...]]]:
-    with psycopg.connect(host="127.0.0.1", user="postgres", dbname=database) as conn:
-        names = [
-            r[0]
-            for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-        ]
-        return {
-            n: conn.execute(f"SELECT * FROM {n} ORDER BY 1, 2").fetchall()
-            for n in names
-            if n != "cell_meta"
-        }
+def copy_url(engine: str, database: str) -> str:
+    return f"{PG_BASE if engine == 'postgresql' else MYSQL_BASE}/{database}"
 
 
-def pg_differences(api: Api, prefix: str) -> list[str]:
+def db_differences(api: Api, engine: str, prefix: str) -> list[str]:
     found = []
     for cell in api.rule.cells.values():
         owner = api.rule.owner_of(cell.id)
-        expected = pg_rows(f"{prefix}_{owner}_{cell.name}")
+        expected = url_rows(copy_url(engine, f"{prefix}_{owner}_{cell.name}"))
         for region in api.config.region_names:
-            actual = pg_rows(f"{prefix}_{region}_{cell.name}")
-            found += [f"{cell.name}@{region}.{t}" for t in expected if actual.get(t) != expected[t]]
+            actual = url_rows(copy_url(engine, f"{prefix}_{region}_{cell.name}"))
+            found += [
+                f"{cell.name}@{region}.{t}"
+                for t in expected
+                if t != "cell_meta" and actual.get(t) != expected[t]
+            ]
     return found
 
 
-def test_orders_on_postgresql(pg_api: tuple[Api, str]) -> None:
-    api, prefix = pg_api
+def databases(engine: str, prefix: str) -> set[str]:
+    if engine == "postgresql":
+        with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres") as conn:
+            query = "SELECT datname FROM pg_database WHERE datname LIKE %s"
+            return {r[0] for r in conn.execute(query, (prefix + "%",))}
+    with pymysql.connect(host="127.0.0.1", user="root") as conn:
+        cursor = conn.cursor()
+        query = "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE %s"
+        cursor.execute(query, (prefix + "%",))
+        return {r[0] for r in cursor.fetchall()}
+
+
+def test_orders_on_a_database_server(db_api: tuple[Api, str, str]) -> None:
+    api, engine, prefix = db_api
     api.put_product("PG-1", stock=30, price_cents=700)
     buyers = [api.buyer_in(region, 100 + i) for i, region in enumerate(["hz", "sh", "bj"])]
     for gateway, buyer in zip(["sh", "bj", "hz"], buyers, strict=True):
@@ -83,19 +115,17 @@ def test_orders_on_postgresql(pg_api: tuple[Api, str]) -> None:
     assert statuses.count(201) == 24 and statuses.count(409) == 16
     assert api.levels("PG-1") == {"sku": "PG-1", "available": 0, "reserved": 24, "sold": 6}
 
-    # Replication on PostgreSQL: every copy of every cell converges to its owner's, row by row.
+    # Replication: every copy of every cell converges to its owner's, row by row.
     wait_converged(api.config)
-    assert pg_differences(api, prefix) == []
+    assert db_differences(api, engine, prefix) == []
 
     # Every cell copy is a database of its own, and the changelog is in it.
-    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres") as conn:
-        names = {
-            r[0]
-            for r in conn.execute(
-                "SELECT datname FROM pg_database WHERE datname LIKE %s", (prefix + "%",)
-            )
-        }
-    assert len(names) == 3 * 8
-    with psycopg.connect(host="127.0.0.1", user="postgres", dbname=f"{prefix}_hz_center") as conn:
-        ops = conn.execute("SELECT count(*) FROM changelog").fetchone()
-        assert ops is not None and ops[0] > 0
+    assert len(databases(engine, prefix)) == 3 * 8
+    changes = url_rows(copy_url(engine, f"{prefix}_hz_center"))["changelog"]
+    assert len(changes) > 0
+    # Keys compare by code point on every engine: SKUs that differ only in case are two
+    # products (MySQL's default collations would make them one).
+    api.put_product("case-sku", stock=1, price_cents=100)
+    api.put_product("CASE-SKU", stock=2, price_cents=200)
+    assert api.levels("case-sku")["available"] == 1
+    assert api.levels("CASE-SKU")["available"] == 2

@@ -5,16 +5,18 @@ thread (past it: `overloaded` at once), and a read waits a bounded time for one 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, text
+from sqlalchemy.engine import make_url
 
-from tests.storage_support import make_store, until
+from tests.storage_support import make_store, mysql_named_lock, until
 from unitrade.errors import ERRORS_BY_CODE, Overloaded, ReadTimeout, error_from_body
-from unitrade.storage.engine import READ_POOL_SIZE
+from unitrade.storage.engine import READ_POOL_SIZE, is_async
 from unitrade.storage.schema import carts, cell_meta
 from unitrade.storage.store import CellStore
 
@@ -23,24 +25,46 @@ ROW = {"buyer_id": 1, "sku": "A", "qty": 1, "updated_ms": 0}
 
 
 class Readers:
-    """Reads that hold a reader thread, inside a real read transaction, until released."""
+    """Reads that hold a reader, inside a real read transaction, until released: a reader
+    thread blocked in the read, or, on MySQL/MariaDB (whose reads run on the event loop),
+    a reader connection waiting in the database for a named lock (GET_LOCK) that another
+    connection holds: it stops no write, as a blocked reader thread stops none."""
 
-    def __init__(self) -> None:
-        self.release = threading.Event()
+    def __init__(self, url: str) -> None:
+        self.in_database = is_async(url)
+        self.url = url
+        self._release = threading.Event()
         self._lock = threading.Lock()
+        self._held: contextlib.ExitStack | None = None
         self.started = 0
+        self._named = {"name": f"ut-readers-{make_url(url).database}", "wait_s": WAIT_S_MAX}
 
     def blocking(self, conn: Connection) -> int:
-        position = int(conn.execute(select(cell_meta.c.last_position)).scalar_one())
+        statement = select(cell_meta.c.last_position)
         with self._lock:
             self.started += 1
-        assert self.release.wait(WAIT_S_MAX), "the test never released the readers"
+        position = int(conn.execute(statement).scalar_one())
+        if self.in_database:
+            taken = conn.execute(text("SELECT GET_LOCK(:name, :wait_s)"), self._named).scalar()
+            assert taken == 1, "the test never released the readers"
+            conn.execute(text("SELECT RELEASE_LOCK(:name)"), self._named)
+            return position
+        assert self._release.wait(WAIT_S_MAX), "the test never released the readers"
         return position
 
+    def release(self) -> None:
+        self._release.set()
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+
     async def fill(self, store: CellStore) -> list[asyncio.Task[int]]:
-        """Every reader thread of `store` taken by a blocking read."""
+        """Every reader of `store` taken by a blocking read."""
+        if self.in_database:
+            self._held = contextlib.ExitStack()
+            self._held.enter_context(mysql_named_lock(self.url, self._named["name"]))
         tasks = [asyncio.create_task(store.read(self.blocking)) for _ in range(READ_POOL_SIZE)]
-        await until(lambda: self.started == READ_POOL_SIZE, "every reader thread taken")
+        await until(lambda: self.started == READ_POOL_SIZE, "every reader taken")
         return tasks
 
 
@@ -65,7 +89,7 @@ def test_reads_past_the_queue_bound_are_refused_at_once_and_the_rest_go_on(
 ) -> None:
     async def scenario() -> None:
         store = await _opened(storage_url)
-        readers = Readers()
+        readers = Readers(store.url)
         try:
             store.pending_reads_max = 2
             blocked = await readers.fill(store)
@@ -81,13 +105,13 @@ def test_reads_past_the_queue_bound_are_refused_at_once_and_the_rest_go_on(
             # Writes have their own thread and bounds: the saturated readers stop none.
             await asyncio.wait_for(store.write(lambda tx: tx.insert(carts, ROW)), WAIT_S_MAX)
             assert queued_ran == [] and not any(t.done() for t in queued)
-            readers.release.set()
+            readers.release()
             assert await asyncio.wait_for(asyncio.gather(*blocked), WAIT_S_MAX) == [0] * 4
             assert await asyncio.wait_for(asyncio.gather(*queued), WAIT_S_MAX) == [1, 1]
             await until(lambda: store.reads_open == 0, "every read finished")
             assert await store.last_position() == 1
         finally:
-            readers.release.set()
+            readers.release()
             await store.close()
 
     asyncio.run(scenario())
@@ -98,7 +122,7 @@ def test_a_read_that_waits_too_long_for_a_reader_times_out_and_never_runs(
 ) -> None:
     async def scenario() -> None:
         store = await _opened(storage_url)
-        readers = Readers()
+        readers = Readers(store.url)
         try:
             store.read_queue_wait_s_max = 0.2
             blocked = await readers.fill(store)
@@ -110,13 +134,13 @@ def test_a_read_that_waits_too_long_for_a_reader_times_out_and_never_runs(
             assert store.reads_open == READ_POOL_SIZE  # dropped from the queue at once
             # The blocked reads have run past the wait bound too, but they had a reader:
             # a read that started is answered.
-            readers.release.set()
+            readers.release()
             assert await asyncio.wait_for(asyncio.gather(*blocked), WAIT_S_MAX) == [0] * 4
             await until(lambda: store.reads_open == 0, "every read finished")
             assert late_ran == []
             assert await store.read(_ran(late_ran)) == 0
         finally:
-            readers.release.set()
+            readers.release()
             await store.close()
 
     asyncio.run(scenario())

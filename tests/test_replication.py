@@ -21,21 +21,40 @@ from tests.replication_support import (
     positions,
     region_positions,
     wait_converged,
+    wipe_copy,
 )
-from tests.support import Api, write_topology
+from tests.support import (
+    MYSQL_BASE,
+    Api,
+    drop_mysql_databases,
+    mysql_prefix,
+    require_mysql,
+    write_topology,
+)
 from unitrade.cluster import LocalCluster
 
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture
-def fresh(tmp_path: Path) -> Iterator[tuple[LocalCluster, Api]]:
-    config, path = write_topology(tmp_path)
-    with LocalCluster(config, tmp_path / "data", path) as cluster:
-        cluster.start()
-        api = Api(config)
-        yield cluster, api
-        api.http.close()
+@pytest.fixture(params=["sqlite", "mysql"])
+def fresh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[LocalCluster, Api]]:
+    """A new cluster whose cell copies are SQLite files, or MySQL/MariaDB databases."""
+    prefix = None
+    storage = None
+    if request.param == "mysql":
+        require_mysql()
+        prefix = mysql_prefix()
+        storage = f"{MYSQL_BASE}/{prefix}_{{region}}_{{cell}}"
+    config, path = write_topology(tmp_path, storage)
+    try:
+        with LocalCluster(config, tmp_path / "data", path) as cluster:
+            cluster.start()
+            api = Api(config)
+            yield cluster, api
+            api.http.close()
+    finally:
+        if prefix is not None:
+            drop_mysql_databases(prefix)
 
 
 def burst(api: Api, skus: list[str], n: int, seed: int) -> int:
@@ -147,12 +166,12 @@ def kill_with_rows_in_flight(
         assert load.running(), "the load had ended when the kill landed"
         if as_owner:
             own = [c for c, o in owners.items() if o == victim]
-            committed = disk_positions(cluster.data_dir, victim, own)
+            committed = disk_positions(api.config, cluster.data_dir, victim, own)
             seen_after = [region_positions(api.config, r) for r in others]
             behind = [c for c in own if any(seen[c] < committed[c] for seen in seen_after)]
         else:
             followed = [c for c in heads if owners[c] != victim]
-            applied = disk_positions(cluster.data_dir, victim, followed)
+            applied = disk_positions(api.config, cluster.data_dir, victim, followed)
             behind = [c for c in followed if applied[c] < heads[c]]
         if behind:
             return behind
@@ -235,8 +254,7 @@ def test_a_wiped_copy_is_rebuilt_from_a_snapshot_while_the_owner_keeps_writing(
     wait_converged(api.config)
     cluster.kill_region("bj")
     for cell in ("u1", "u3", "center", "global"):  # bj's copies of cells owned elsewhere
-        for suffix in ("", "-wal", "-shm"):
-            (cluster.data_dir / "bj" / f"cell-{cell}.db{suffix}").unlink(missing_ok=True)
+        wipe_copy(api.config, cluster.data_dir, "bj", cell)
     with ThreadPoolExecutor(1) as pool:
         load = pool.submit(burst, api, ["W1"], 80, 6)  # writes go on at the owners
         cluster.start(["bj"])

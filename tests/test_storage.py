@@ -21,6 +21,7 @@ from tests.storage_support import (
     write_lock_held,
 )
 from unitrade.errors import WriteBanned, WrongRegion
+from unitrade.storage.engine import is_async
 from unitrade.storage.schema import carts, changelog
 from unitrade.storage.store import CellStore, WriteTx
 
@@ -143,36 +144,44 @@ def test_concurrent_writes_get_gapless_unique_positions(storage_url: str) -> Non
 
 
 def test_installing_a_rule_waits_for_writes_admitted_under_older_rules(storage_url: str) -> None:
-    """The write is held in flight on the store's writer thread (on SQLite, another
-    connection's lock sends it there) until the test lets it go: the install must wait."""
+    """The write is held in flight until the test lets it go: on the store's writer thread
+    (on SQLite, another connection's lock sends it there), or, on MySQL/MariaDB, whose
+    transactions run on the event loop, in the database, waiting for the cell's lock that
+    another connection holds. The install must wait for it."""
 
     async def scenario() -> None:
         store = make_store(storage_url, 1)
         await store.open()
+        on_loop = is_async(store.url)
         started, proceed = threading.Event(), threading.Event()
         events: list[str] = []
 
         def held(tx: WriteTx) -> None:
-            # Blocking here on the loop would stall the very install under test.
-            assert threading.current_thread() is not threading.main_thread()
             events.append("write started")
             started.set()
-            assert proceed.wait(WAIT_S_MAX), "the test never let the write go"
+            if not on_loop:
+                # Blocking here on the loop would stall the very install under test.
+                assert threading.current_thread() is not threading.main_thread()
+                assert proceed.wait(WAIT_S_MAX), "the test never let the write go"
             tx.insert(carts, {"buyer_id": 1, "sku": "A", "qty": 1, "updated_ms": 0})
 
         try:
             with write_lock_held(cell_url(storage_url, 1)) as release:
                 write = asyncio.create_task(store.write(held))
                 await until(lambda: store.fence.in_flight_below(2) == 1, "the write admitted")
-                release()
-                await until(started.is_set, "the write to start on its thread")
-            install = asyncio.create_task(store.fence.install(replace(RULE, version=2)))
-            done, _ = await asyncio.wait([install], timeout=0.2)
-            assert not done, "the rule was acknowledged while a v1 write was in flight"
-            assert store.fence.rule.version == 2  # in force: new writes get epoch 2
-            assert events == ["write started"] and store.position == 0
-            proceed.set()
+                if not on_loop:
+                    release()
+                    await until(started.is_set, "the write to start on its thread")
+                install = asyncio.create_task(store.fence.install(replace(RULE, version=2)))
+                done, _ = await asyncio.wait([install], timeout=0.2)
+                assert not done, "the rule was acknowledged while a v1 write was in flight"
+                assert store.fence.rule.version == 2  # in force: new writes get epoch 2
+                assert store.position == 0
+                assert events == ([] if on_loop else ["write started"])
+                release()  # on MySQL: the write takes the lock now
+                proceed.set()
             await asyncio.wait_for(install, WAIT_S_MAX)
+            assert events == ["write started"]
             assert store.position == 1  # acknowledged only once the v1 write had committed
             await asyncio.wait_for(write, WAIT_S_MAX)
             await store.write(

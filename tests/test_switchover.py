@@ -13,8 +13,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.replication_support import current_owners, wait_converged
-from tests.support import Api, drop_pg_databases, pg_prefix, require_postgres, write_topology
+from tests.replication_support import current_owners, differences, wait_converged
+from tests.support import (
+    MYSQL_BASE,
+    Api,
+    drop_mysql_databases,
+    drop_pg_databases,
+    mysql_prefix,
+    pg_prefix,
+    require_mysql,
+    require_postgres,
+    write_topology,
+)
 from tests.switch_support import Control, Load, buyers_of_cell
 from unitrade.cluster import LocalCluster
 from unitrade.topology.config import CONTROL_NAME, TopologyConfig
@@ -48,12 +58,20 @@ def wait_rule_everywhere(config: TopologyConfig, version: int, timeout_s: float 
 
 
 def start_cluster(tmp_path: Path, storage: str) -> Iterator[tuple[LocalCluster, Path]]:
-    """A cluster with cell copies and the control store on SQLite or on PostgreSQL."""
-    prefix = None
+    """A cluster with cell copies and the control store on SQLite, on PostgreSQL or on
+    MySQL/MariaDB; or `mixed`: each region on its own engine."""
+    if storage == "mixed":
+        yield from start_mixed_cluster(tmp_path)
+        return
+    prefix, drop = None, drop_pg_databases
     if storage == "postgresql":
         require_postgres()
         prefix = pg_prefix()
         base = "postgresql://postgres@127.0.0.1:5432"
+    elif storage == "mysql":
+        require_mysql()
+        prefix, drop, base = mysql_prefix(), drop_mysql_databases, MYSQL_BASE
+    if prefix is not None:
         config, path = write_topology(
             tmp_path, f"{base}/{prefix}_{{region}}_{{cell}}", f"{base}/{prefix}_control"
         )
@@ -65,7 +83,27 @@ def start_cluster(tmp_path: Path, storage: str) -> Iterator[tuple[LocalCluster, 
             yield cluster, path
     finally:
         if prefix is not None:
-            drop_pg_databases(prefix)
+            drop(prefix)
+
+
+def start_mixed_cluster(tmp_path: Path) -> Iterator[tuple[LocalCluster, Path]]:
+    """hz's cell copies on PostgreSQL, sh's on MariaDB, bj's on SQLite, the control store on
+    MariaDB: replication, switchovers and diff between engines."""
+    require_postgres()
+    require_mysql()
+    prefix = mysql_prefix()  # the same form as pg_prefix(): one name for both servers
+    storage = {
+        "hz": f"postgresql://postgres@127.0.0.1:5432/{prefix}_{{region}}_{{cell}}",
+        "sh": f"{MYSQL_BASE}/{prefix}_{{region}}_{{cell}}",
+    }
+    config, path = write_topology(tmp_path, storage, f"{MYSQL_BASE}/{prefix}_control")
+    try:
+        with LocalCluster(config, tmp_path / "data", path) as cluster:
+            cluster.start()
+            yield cluster, path
+    finally:
+        drop_pg_databases(prefix)
+        drop_mysql_databases(prefix)
 
 
 @pytest.fixture
@@ -73,11 +111,13 @@ def running(tmp_path: Path) -> Iterator[tuple[LocalCluster, Path]]:
     yield from start_cluster(tmp_path, "sqlite")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mysql", "mixed"])
 def running_on(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[tuple[LocalCluster, Path]]:
-    """The same tests on the embedded default and on PostgreSQL."""
+    """The same tests on the embedded default, on PostgreSQL, on MySQL/MariaDB, and with
+    each region on another of the three (`mixed`: MOVED switches between sh on MariaDB
+    and hz on PostgreSQL)."""
     yield from start_cluster(tmp_path, request.param)
 
 
@@ -118,7 +158,7 @@ def with_product(config: TopologyConfig, sku: str) -> None:
     api.http.close()
 
 
-def check_nothing_lost(config: TopologyConfig, path: Path, load: Load) -> None:
+def check_nothing_lost(config: TopologyConfig, path: Path, data_dir: Path, load: Load) -> None:
     """No acknowledged order lost, none duplicated, each readable from every region with
     the state it was acknowledged in; stock conserved; every copy equal to its owner's."""
     assert load.errors == [], load.errors[:10]
@@ -161,6 +201,8 @@ def check_nothing_lost(config: TopologyConfig, path: Path, load: Load) -> None:
         api.http.close()
     diff = unitrade(path, "diff")
     assert diff.returncode == 0, diff.stdout + diff.stderr
+    # And row by row from outside, whatever engine each copy is on.
+    assert differences(config, data_dir) == []
 
 
 def switch_back_and_forth(cluster: LocalCluster, path: Path, switches: int) -> None:
@@ -181,7 +223,7 @@ def switch_back_and_forth(cluster: LocalCluster, path: Path, switches: int) -> N
     assert current_owners(config)[MOVED] == ("hz" if switches % 2 else "sh")
     moved_writes = sum(1 for a in load.acked if a.buyer in moved)
     assert moved_writes > switches, "the load did not write the moved cell"
-    check_nothing_lost(config, path, load)
+    check_nothing_lost(config, path, cluster.data_dir, load)
 
 
 def run_switches(control: Control, load: Load, switches: int, moved: list[int]) -> None:

@@ -1,8 +1,8 @@
 """The control plane's own store (docs/architecture.md): the topology it was started with, the rule
 history (versions only grow; a version, once written, never changes), the operations and
 their log, the failovers' lease blocks. `ControlStore` is the interface; `SqlControlStore`
-keeps it in SQLite by default, PostgreSQL by configuration (`[control] storage`), and
-`EtcdControlStore` (etcd_store.py) in etcd when `[control] lease_authority = "etcd"`.
+keeps it in SQLite by default, PostgreSQL or MySQL/MariaDB by configuration (`[control]
+storage`), and `EtcdControlStore` (etcd_store.py) in etcd when `[control] lease_authority = "etcd"`.
 
 The SQL store is written rarely (a rule change, a workflow step), so every call is one
 short transaction on one connection, run on a worker thread.
@@ -34,6 +34,7 @@ from sqlalchemy import (
 )
 
 from unitrade.storage.engine import create_cell_engine
+from unitrade.storage.schema import JsonText
 from unitrade.storage.store import now_ms
 from unitrade.topology.config import TopologyConfig
 from unitrade.topology.rule import Rule, check_rule_fits, rule_from_body
@@ -47,14 +48,14 @@ topology = Table(
     "topology",
     metadata,
     Column("id", Integer, primary_key=True),
-    Column("body", Text, nullable=False),
+    Column("body", JsonText, nullable=False),
     Column("created_ms", BigInteger, nullable=False),
 )
 rules = Table(
     "rules",
     metadata,
     Column("version", BigInteger, primary_key=True, autoincrement=False),
-    Column("body", Text, nullable=False),
+    Column("body", JsonText, nullable=False),
     Column("reason", String(200), nullable=False),
     Column("operation_id", String(40)),
     Column("created_ms", BigInteger, nullable=False),
@@ -69,7 +70,7 @@ operations = Table(
     Column("target", String(16), nullable=False),
     Column("state", String(20), nullable=False),  # running | done | rolled_back | refused
     Column("step", String(20), nullable=False),  # the step last begun
-    Column("detail", Text, nullable=False),  # JSON: versions, positions, figures
+    Column("detail", JsonText, nullable=False),  # JSON: versions, positions, figures
     Column("error", Text, nullable=False, default=""),
     Column("abort_requested", Integer, nullable=False, default=0),
     Column("created_ms", BigInteger, nullable=False),
@@ -82,7 +83,7 @@ operation_log = Table(
     Column("operation_id", String(40), nullable=False, index=True),
     Column("step", String(20), nullable=False),
     Column("event", String(20), nullable=False),  # begin | done | note | error
-    Column("detail", Text, nullable=False),
+    Column("detail", JsonText, nullable=False),
     Column("at_ms", BigInteger, nullable=False),
 )
 lease_blocks = Table(

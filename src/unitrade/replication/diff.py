@@ -20,7 +20,8 @@ followers allow. The changelog is compared only above the highest trim point of 
 compared (the `diff` command starts its chunks there, from `/internal/diff/trimmed`), and a
 position either copy trimmed during the comparison is never a difference.
 
-No statement depends on the database engine: SQLAlchemy Core only, on SQLite and PostgreSQL.
+No statement depends on the database engine: SQLAlchemy Core only, on SQLite, PostgreSQL and
+MySQL/MariaDB (composite keys compared as storage/keys.py spells them for each).
 Range bounds always come from the database's own key order, never from a comparison in
 Python, so string keys page correctly whatever the collation, as long as all copies of a cell
 order keys the same way.
@@ -35,10 +36,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import Connection, Table, bindparam, select, tuple_
+from sqlalchemy import Connection, Table, bindparam, select
 from sqlalchemy.sql import ColumnElement, Select
 
 from unitrade.errors import RegionUnavailable, WrongRegion
+from unitrade.storage.keys import key_after, key_up_to
 from unitrade.storage.schema import cell_meta, changelog, tables_of
 from unitrade.storage.store import ROWS_PER_WRITE_MAX, CellStore, WriteTx, to_json
 from unitrade.topology.config import CellKind
@@ -162,24 +164,19 @@ class Chunk:
 # -- statements -----------------------------------------------------------------------------
 
 
-def _key_expression(table: Table) -> ColumnElement[Any]:
-    columns = list(table.primary_key.columns)
-    return columns[0] if len(columns) == 1 else tuple_(*columns)  # a row value for composites
-
-
-def _key_bound(table: Table, prefix: str) -> ColumnElement[Any]:
-    binds = [bindparam(f"{prefix}{c.name}", type_=c.type) for c in table.primary_key.columns]
-    return binds[0] if len(binds) == 1 else tuple_(*binds)
+def _key_bound(table: Table, prefix: str) -> list[ColumnElement[Any]]:
+    return [bindparam(f"{prefix}{c.name}", type_=c.type) for c in table.primary_key.columns]
 
 
 @functools.cache  # one statement per shape: the inline SQLite path caches its SQL by statement
 def _range_statement(table: Table, lower: bool, upper: bool) -> Select[Any]:
     """Rows with lo < key <= hi in key order, at most :n (keyset pagination)."""
+    key = list(table.primary_key.columns)
     statement = select(table)
     if lower:
-        statement = statement.where(_key_expression(table) > _key_bound(table, "lo_"))
+        statement = statement.where(key_after(key, _key_bound(table, "lo_")))
     if upper:
-        statement = statement.where(_key_expression(table) <= _key_bound(table, "hi_"))
+        statement = statement.where(key_up_to(key, _key_bound(table, "hi_")))
     return statement.order_by(*table.primary_key.columns).limit(bindparam("n"))
 
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, delete, select, tuple_, update
+from sqlalchemy import Connection, Table, bindparam, delete, select, update
 from sqlalchemy.sql import Select
 
 from unitrade.errors import WrongRegion
 from unitrade.rpc.client import RegionClient
 from unitrade.storage.copies import CellCopies
+from unitrade.storage.keys import key_after
 from unitrade.storage.schema import cell_meta, changelog, tables_of
 from unitrade.storage.store import CellStore, WriteTx
 
@@ -45,8 +46,7 @@ def _chunk_statement(table: Table, after: bool) -> Select[Any]:
     key = list(table.primary_key.columns)
     statement = select(table).order_by(*key).limit(bindparam("n"))
     if after:
-        bound = tuple_(*(bindparam(f"a_{c.name}") for c in key))
-        statement = statement.where(tuple_(*key) > bound)
+        statement = statement.where(key_after(key, [bindparam(f"a_{c.name}") for c in key]))
     if table is changelog:
         statement = statement.where(changelog.c.position <= bindparam("upto"))
     return statement
@@ -118,8 +118,9 @@ class ChangelogRun:
 
 
 def _load(table: Table, rows: list[dict[str, Any]], tx: WriteTx) -> None:
-    for row in rows:
-        tx.put_row(table, row)
+    # One statement for the chunk (an executemany; a multi-row INSERT on MySQL), not one
+    # round trip per row.
+    tx.put_rows(table, rows)
 
 
 async def owner_position(client: RegionClient, owner: str, cell: int) -> int:

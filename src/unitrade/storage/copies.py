@@ -22,6 +22,7 @@ class CellCopies:
                 region=region,
                 url=region_config.storage_url(cell.name, data_dir),
                 fence=fence,
+                readers=region_config.storage_readers,
             )
             for cell in config.cells
         }

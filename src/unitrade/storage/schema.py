@@ -13,8 +13,13 @@ from sqlalchemy import (
     Table,
     Text,
 )
+from sqlalchemy.dialects.mysql import MEDIUMTEXT
 
 from unitrade.topology.config import CellKind
+
+# JSON documents and row images. MySQL's TEXT holds 64 KiB at most; MEDIUMTEXT 16 MiB, as
+# much as the server's default max_allowed_packet lets one statement carry anyway.
+JsonText = Text().with_variant(MEDIUMTEXT(), "mysql", "mariadb")
 
 # Common to every cell copy --------------------------------------------------------------
 
@@ -42,9 +47,9 @@ changelog = Table(
     Column("epoch", BigInteger, nullable=False),  # rule version the write was admitted under
     Column("origin", String(16), nullable=False),  # region that accepted the write
     Column("tbl", String(64), nullable=False),
-    Column("pk", Text, nullable=False),  # JSON object of the primary key
+    Column("pk", JsonText, nullable=False),  # JSON object of the primary key
     Column("op", String(1), nullable=False),  # i / u / d
-    Column("row_image", Text, nullable=True),  # JSON of the whole row after the change
+    Column("row_image", JsonText, nullable=True),  # JSON of the whole row after the change
     Column("created_ms", BigInteger, nullable=False),
 )
 
@@ -62,14 +67,14 @@ quarantine = Table(
     Column("epoch", BigInteger, nullable=False),
     Column("origin", String(16), nullable=False),
     Column("tbl", String(64), nullable=False),
-    Column("pk", Text, nullable=False),
+    Column("pk", JsonText, nullable=False),
     Column("op", String(1), nullable=False),
-    Column("row_image", Text, nullable=True),
+    Column("row_image", JsonText, nullable=True),
     Column("created_ms", BigInteger, nullable=False),
     Column("quarantined_ms", BigInteger, nullable=False),
     # held: not reconciled yet; reapplied | conflict | superseded: what reconcile decided
     Column("state", String(16), nullable=False),
-    Column("note", Text, nullable=False),
+    Column("note", JsonText, nullable=False),
 )
 
 # Unit cells: buyers' data ---------------------------------------------------------------
@@ -84,7 +89,7 @@ orders = Table(
     Column("cell_id", Integer, nullable=False),
     Column("status", String(16), nullable=False),
     Column("total_cents", BigInteger, nullable=False),
-    Column("document", Text, nullable=False),  # the whole order as JSON (001: write once)
+    Column("document", JsonText, nullable=False),  # the whole order as JSON (001: write once)
     Column("payment_id", String(64), nullable=True),
     Column("idempotency_key", String(128), nullable=True),
     Column("created_ms", BigInteger, nullable=False),
@@ -203,7 +208,7 @@ reservations = Table(
     Column("order_id", BigInteger, primary_key=True, autoincrement=False),
     Column("cell_id", Integer, nullable=False),
     Column("status", String(16), nullable=False),  # reserved/committed/released/refunded
-    Column("lines", Text, nullable=False),  # JSON [[sku, qty], ...] sorted by sku
+    Column("lines", JsonText, nullable=False),  # JSON [[sku, qty], ...] sorted by sku
     Column("created_ms", BigInteger, nullable=False),
     Column("updated_ms", BigInteger, nullable=False),
 )

@@ -6,9 +6,12 @@ commits, appends one changelog row per changed row: epoch, origin region, table,
 key, operation and the row image after the change; replication streams these rows
 (docs/architecture.md).
 
-Transactions run on threads owned by the store: all writes of a cell copy on one writer
-thread (SQLite allows one writer anyway, and on PostgreSQL the cell_meta row lock serialises
-them), reads on a small pool. A transaction is one thread hop, whatever its statement count.
+Where transactions run depends on the engine: on SQLite inline on the event loop (the
+writer thread when another process holds the lock), on PostgreSQL on threads owned by the
+store (all writes of a cell copy on one writer thread, reads on a small pool: one thread hop
+per transaction, whatever its statement count), on MySQL/MariaDB on the event loop through
+an asyncio driver (one writer connection, a small reader pool). On PostgreSQL and MySQL the
+cell_meta row lock, taken first, serialises the writes of every process.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import orjson
@@ -33,15 +36,18 @@ from sqlalchemy import (
     Table,
     bindparam,
     delete,
+    func,
     insert,
     inspect,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import Row
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import ClauseElement, Delete, Executable, Insert, Select, Update
 
 from unitrade.errors import Overloaded, ReadTimeout, RegionUnavailable, WrongRegion
@@ -49,8 +55,10 @@ from unitrade.planted import DROP_ACKED_ORDERS, planted
 from unitrade.storage.engine import (
     READ_POOL_SIZE,
     backend_of,
+    create_async_cell_engine,
     create_cell_engine,
     create_inline_engine,
+    is_async,
 )
 from unitrade.storage.fence import Fence
 from unitrade.storage.schema import (
@@ -104,18 +112,27 @@ def _update_statement(
     add_columns: tuple[str, ...],
     at_least_columns: tuple[str, ...],
     equal_columns: tuple[str, ...],
+    returning: bool = True,
 ) -> Update:
     values: dict[str, Any] = {c: bindparam(f"s_{c}") for c in set_columns}
     values.update({c: table.c[c] + bindparam(f"a_{c}") for c in add_columns})
     conditions = [c == bindparam(f"k_{c.name}") for c in table.primary_key.columns]
     conditions += [table.c[c] >= bindparam(f"m_{c}") for c in at_least_columns]
     conditions += [table.c[c] == bindparam(f"w_{c}") for c in equal_columns]
-    return update(table).where(*conditions).values(values).returning(*table.columns)
+    statement = update(table).where(*conditions).values(values)
+    return statement.returning(*table.columns) if returning else statement
 
 
 @functools.cache
 def _delete_statement(table: Table) -> Delete:
     return delete(table).where(*(c == bindparam(f"k_{c.name}") for c in table.primary_key.columns))
+
+
+@functools.cache
+def _delete_in_statement(table: Table) -> Delete:
+    columns = list(table.primary_key.columns)
+    key = columns[0] if len(columns) == 1 else tuple_(*columns)
+    return delete(table).where(key.in_(bindparam("keys", expanding=True)))
 
 
 @functools.cache
@@ -174,11 +191,19 @@ def _driver_row(cursor: Any, values: tuple[Any, ...]) -> Any:
     return _row_class(names)(*values)
 
 
-_BUMP_POSITION = (
+_BUMP = (
     update(cell_meta)
     .where(cell_meta.c.cell_id == bindparam("k_cell_id"))
     .values(last_position=cell_meta.c.last_position + bindparam("n"))
-    .returning(cell_meta.c.last_position)
+)
+_BUMP_POSITION = _BUMP.returning(cell_meta.c.last_position)
+# MySQL's way to read back what an update wrote without RETURNING or a second statement:
+# LAST_INSERT_ID(expr) sets the connection's insert ID, which comes back in the update's OK
+# packet (the cursor's lastrowid). The row stays locked by the update until commit.
+_BUMP_LAST_INSERT_ID = (
+    update(cell_meta)
+    .where(cell_meta.c.cell_id == bindparam("k_cell_id"))
+    .values(last_position=func.last_insert_id(cell_meta.c.last_position + bindparam("n")))
 )
 
 
@@ -251,6 +276,10 @@ class WriteTx:
         self.origin = origin
         self.captured: list[dict[str, Any]] = []
         self.appended: list[dict[str, Any]] = []  # the changelog rows, once appended
+        # MySQL and MariaDB have no UPDATE ... RETURNING: there an update is followed by a
+        # read of the row by key, in the same transaction, which holds the row's lock.
+        self.returning = conn is None or bool(conn.dialect.update_returning)
+        self.mysql = conn is not None and conn.dialect.name in ("mysql", "mariadb")
 
     def _rows(self, statement: Executable, params: Mapping[str, Any] | None) -> list[Any]:
         """Execute and return every result row (for RETURNING and SELECT)."""
@@ -311,14 +340,19 @@ class WriteTx:
         Returns the row image after the change, or None if no row matched."""
         values, add, at_least, where = values or {}, add or {}, at_least or {}, where or {}
         statement = _update_statement(
-            table, tuple(values), tuple(add), tuple(at_least), tuple(where)
+            table, tuple(values), tuple(add), tuple(at_least), tuple(where), self.returning
         )
         params = key_params(key)
         params.update({f"s_{c}": v for c, v in values.items()})
         params.update({f"a_{c}": v for c, v in add.items()})
         params.update({f"m_{c}": v for c, v in at_least.items()})
         params.update({f"w_{c}": v for c, v in where.items()})
-        rows = self._rows(statement, params)
+        if self.returning:
+            rows = self._rows(statement, params)
+        else:
+            # Matched rows, not changed ones: SQLAlchemy connects with CLIENT_FOUND_ROWS.
+            matched = self._count(statement, params)
+            rows = self._rows(by_key(table), key_params(key)) if matched else []
         if not rows:
             return None
         assert len(rows) == 1, "an update by primary key changes one row"
@@ -347,6 +381,16 @@ class WriteTx:
 
     def delete_rows(self, table: Table, keys: list[dict[str, Any]]) -> None:
         """Delete by primary keys in one statement, without capturing it."""
+        if self.conn is not None and self.mysql and keys:
+            # MySQL's drivers run an executemany of a DELETE as one round trip per key (only
+            # INSERTs are batched): a replica's apply of 1,000 rows took 1,000 of them. One
+            # `key IN (...)` instead, a range scan of the primary key.
+            columns = [str(c.name) for c in table.primary_key.columns]
+            values = [
+                k[columns[0]] if len(columns) == 1 else tuple(k[c] for c in columns) for k in keys
+            ]
+            self.conn.execute(_delete_in_statement(table), {"keys": values})
+            return
         self._many(_delete_statement(table), [key_params(k) for k in keys])
 
     def append_verbatim(self, changes: list[dict[str, Any]]) -> None:
@@ -381,8 +425,15 @@ class WriteTx:
         n = len(self.captured)
         if n == 0:
             return 0
-        (bumped,) = self._rows(_BUMP_POSITION, {"k_cell_id": cell_id, "n": n})
-        last = bumped[0]
+        params = {"k_cell_id": cell_id, "n": n}
+        if self.returning:
+            (bumped,) = self._rows(_BUMP_POSITION, params)
+            last = bumped[0]
+        else:
+            assert self.conn is not None
+            result = self.conn.execute(_BUMP_LAST_INSERT_ID, params)
+            assert result.rowcount == 1, "a cell copy has one cell_meta row"
+            last = result.lastrowid
         stamp = now_ms()
         rows = [
             {**change, "position": last - n + i + 1, "created_ms": stamp}
@@ -429,21 +480,40 @@ class CellStore:
     takes ~0.1 ms, a thread hop alone 165-192 us (benchmarks/bench_micro.py), and under
     load the hand-off took 21 % of the region's CPU (docs/benchmarks.md). The writer thread
     takes over only when another process holds the database's write lock, and runs the WAL
-    checkpoints. On PostgreSQL every transaction runs on the store's threads.
+    checkpoints. On PostgreSQL every transaction runs on the store's threads. On MySQL and
+    MariaDB every transaction runs on the event loop through the asyncio driver (SQLAlchemy
+    runs the same sync work functions in a greenlet, `run_sync`): one writer connection,
+    `readers` reader connections.
     """
 
     def __init__(
-        self, cell: CellInfo, region: str, url: str, fence: Fence, *, inline: bool = True
+        self,
+        cell: CellInfo,
+        region: str,
+        url: str,
+        fence: Fence,
+        *,
+        inline: bool = True,
+        readers: int = READ_POOL_SIZE,
     ) -> None:
         self.cell = cell
         self.region = region
         self.url = url
         self.fence = fence
         self.backend = backend_of(url)
+        self.readers = readers  # reader threads or connections: the reads that run at once
         self._writer: Engine | None = None
         self._reader: Engine | None = None
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix=f"w-{cell.name}")
-        self._read_threads = ThreadPoolExecutor(READ_POOL_SIZE, thread_name_prefix=f"r-{cell.name}")
+        self._read_threads = ThreadPoolExecutor(readers, thread_name_prefix=f"r-{cell.name}")
+        # MySQL/MariaDB through an asyncio driver: the engines, the one writer connection's
+        # turn (FIFO) and the readers' slots.
+        self._async = is_async(url)
+        self._async_writer: AsyncEngine | None = None
+        self._async_reader: AsyncEngine | None = None
+        self._writer_turn = asyncio.Lock()
+        self._writer_connection: AsyncConnection | None = None  # held: no checkout per write
+        self._reader_slots = asyncio.Semaphore(readers)
         self._write_slots = asyncio.Semaphore(PENDING_WRITES_MAX)
         self.pending_reads_max = PENDING_READS_MAX
         self.read_queue_wait_s_max = READ_QUEUE_WAIT_S_MAX
@@ -462,7 +532,14 @@ class CellStore:
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._write_thread, self._open_sync)
+        if self._async:
+            # Creating the database is a blocking call (PyMySQL): off the loop.
+            writer, reader = await loop.run_in_executor(self._write_thread, self._async_engines)
+            self._async_writer, self._async_reader = writer, reader
+            async with writer.begin() as conn:
+                await conn.run_sync(self._create_schema)
+        else:
+            await loop.run_in_executor(self._write_thread, self._open_sync)
         self.position = await self.last_position()
         self.trimmed_position = await self.read(
             lambda conn: int(conn.execute(select(cell_meta.c.trimmed_position)).scalar_one())
@@ -471,27 +548,37 @@ class CellStore:
             self._inline = create_inline_engine(self.url).connect()
             self._cursor = self._inline.connection.driver_connection.cursor()  # type: ignore[union-attr]
 
+    def _async_engines(self) -> tuple[AsyncEngine, AsyncEngine]:
+        return (
+            create_async_cell_engine(self.url, writer=True),
+            create_async_cell_engine(self.url, writer=False, readers=self.readers),
+        )
+
     def _open_sync(self) -> None:
         self._writer = create_cell_engine(self.url, writer=True)
-        self._reader = create_cell_engine(self.url, writer=False)
+        self._reader = create_cell_engine(self.url, writer=False, readers=self.readers)
         with self._writer.begin() as conn:
-            common.create_all(conn)
-            local.create_all(conn)
-            METADATA_BY_KIND[self.cell.kind].create_all(conn)
-            _add_trimmed_position(conn)
-            exists = conn.execute(select(cell_meta.c.cell_id)).first()
-            if exists is None:
-                conn.execute(
-                    insert(cell_meta).values(
-                        cell_id=self.cell.id,
-                        kind=self.cell.kind.value,
-                        last_position=0,
-                        created_ms=now_ms(),
-                        trimmed_position=0,
-                    )
+            self._create_schema(conn)
+
+    def _create_schema(self, conn: Connection) -> None:
+        """The tables of this cell's kind and its cell_meta row, if they are not there."""
+        common.create_all(conn)
+        local.create_all(conn)
+        METADATA_BY_KIND[self.cell.kind].create_all(conn)
+        _add_trimmed_position(conn)
+        exists = conn.execute(select(cell_meta.c.cell_id)).first()
+        if exists is None:
+            conn.execute(
+                insert(cell_meta).values(
+                    cell_id=self.cell.id,
+                    kind=self.cell.kind.value,
+                    last_position=0,
+                    created_ms=now_ms(),
+                    trimmed_position=0,
                 )
-            elif exists.cell_id != self.cell.id:
-                raise RuntimeError(f"{self.url} holds cell {exists.cell_id}, not {self.cell.id}")
+            )
+        elif exists.cell_id != self.cell.id:
+            raise RuntimeError(f"{self.url} holds cell {exists.cell_id}, not {self.cell.id}")
 
     async def close(self) -> None:
         if self._inline is not None:
@@ -503,6 +590,13 @@ class CellStore:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._write_thread, self._checkpoint_sync)
         await loop.run_in_executor(self._write_thread, self._close_sync)
+        if self._writer_connection is not None:
+            await self._writer_connection.close()
+            self._writer_connection = None
+        for engine in (self._async_writer, self._async_reader):
+            if engine is not None:
+                await engine.dispose()
+        self._async_writer = self._async_reader = None
         self._write_thread.shutdown(wait=True)
         self._read_threads.shutdown(wait=True)
 
@@ -514,6 +608,8 @@ class CellStore:
 
     async def read(self, work: Callable[[Connection], T]) -> T:
         """Run `work` in a read-only transaction of this copy (a replica may lag its owner)."""
+        if self._async:
+            return await self._read_async(work)
         assert self._reader is not None, "CellStore.open() first"
         reader = self._reader
         if self._inline is not None:
@@ -532,10 +628,63 @@ class CellStore:
         """Reads waiting for or running on the reader threads."""
         return self._reads_open
 
+    def _open_read(self) -> None:
+        """Count a read in, or refuse it past the bound (PENDING_READS_MAX)."""
+        with self._reads_lock:
+            if self._reads_open >= self.readers + self.pending_reads_max:
+                raise Overloaded(
+                    f"cell {self.cell.id} has {self._reads_open} reads open here; retry shortly"
+                )
+            self._reads_open += 1
+
+    def _read_timeout(self) -> ReadTimeout:
+        return ReadTimeout(
+            f"a read of cell {self.cell.id} waited over "
+            f"{self.read_queue_wait_s_max:g} s for a reader; retry shortly"
+        )
+
+    async def _read_async(self, work: Callable[[Connection], T]) -> T:
+        """A read on a reader connection through the asyncio driver, within the read bounds:
+        the same as on the reader threads, with connection slots for threads."""
+        reader = self._async_reader
+        assert reader is not None, "CellStore.open() first"
+        self._open_read()
+        try:
+            async with asyncio.timeout(self.read_queue_wait_s_max):
+                await self._reader_slots.acquire()
+        except TimeoutError:
+            self._read_done(None)
+            raise self._read_timeout() from None
+        except BaseException:
+            self._read_done(None)
+            raise
+
+        async def run() -> T:
+            try:
+                for attempt in range(2):
+                    try:
+                        async with reader.begin() as conn:
+                            return await conn.run_sync(work)
+                    except DBAPIError as error:
+                        # A pooled connection found dead (the server restarted): the pool
+                        # drops it, and a read is safe to run once more.
+                        if not error.connection_invalidated or attempt > 0:
+                            raise
+                raise AssertionError("unreachable")
+            finally:
+                self._reader_slots.release()
+                self._read_done(None)
+
+        # Its own task: a caller cancelled mid-read leaves the read to finish, rather than
+        # the driver's connection cut off mid-reply.
+        job = asyncio.ensure_future(run())
+        job.add_done_callback(_retrieve)
+        return await asyncio.shield(job)
+
     async def _on_reader(self, run: Callable[[], T]) -> T:
         """Run `run` on a reader thread, within the read bounds (PENDING_READS_MAX)."""
         with self._reads_lock:
-            if self._reads_open >= READ_POOL_SIZE + self.pending_reads_max:
+            if self._reads_open >= self.readers + self.pending_reads_max:
                 raise Overloaded(
                     f"cell {self.cell.id} has {self._reads_open} reads open here; retry shortly"
                 )
@@ -551,10 +700,7 @@ class CellStore:
             return await asyncio.wait_for(asyncio.shield(result), self.read_queue_wait_s_max)
         except TimeoutError:
             if job.cancel():  # still queued: it never runs
-                raise ReadTimeout(
-                    f"a read of cell {self.cell.id} waited over "
-                    f"{self.read_queue_wait_s_max:g} s for a reader; retry shortly"
-                ) from None
+                raise self._read_timeout() from None
             return await result  # it runs already: a read started is a read answered
         except asyncio.CancelledError:
             job.cancel()  # nobody waits for it any more; a read that runs just finishes
@@ -648,7 +794,14 @@ class CellStore:
     ) -> tuple[T, int]:
         """Run `body` in one write transaction: inline on SQLite (on the writer thread when
         another process holds the lock, or when `inline` is False: `body` then gets a
-        SQLAlchemy connection), on the writer thread on PostgreSQL."""
+        SQLAlchemy connection), on the writer thread on PostgreSQL, on the loop through the
+        asyncio driver on MySQL/MariaDB."""
+        if self._async:
+            # Its own task, awaited as the writer thread's is: a cancelled caller still
+            # waits for the transaction to end (`_finish`).
+            job = asyncio.ensure_future(self._transact_async(body, epoch))
+            job.add_done_callback(_retrieve)
+            return await _finish(job)
         assert self._writer is not None, "CellStore.open() first"
         writer, cell_id = self._writer, self.cell.id
         lock_cell = self.backend != "sqlite"  # SQLite's BEGIN IMMEDIATE already serialises
@@ -663,13 +816,49 @@ class CellStore:
                 return done
 
         def run() -> tuple[T, int]:
-            with writer.begin() as conn:
+            with _lock_busy(cell_id), writer.begin() as conn:
                 if lock_cell:
                     conn.execute(_LOCK_CELL, {"k_cell_id": cell_id}).scalar_one()
                 return body(WriteTx(conn, epoch=epoch, origin=self.region))
 
         loop = asyncio.get_running_loop()
         return await _finish(loop.run_in_executor(self._write_thread, run))
+
+    async def _transact_async(
+        self, body: Callable[[WriteTx], tuple[T, int]], epoch: int
+    ) -> tuple[T, int]:
+        """One write transaction on the writer connection through the asyncio driver: this
+        process's writes take turns at the connection (FIFO), and the cell_meta row lock,
+        taken first, serialises them with every other process's."""
+        writer, cell_id = self._async_writer, self.cell.id
+        assert writer is not None, "CellStore.open() first"
+        locked = False
+
+        def run(conn: Connection) -> tuple[T, int]:
+            nonlocal locked
+            conn.execute(_LOCK_CELL, {"k_cell_id": cell_id}).scalar_one()
+            locked = True
+            return body(WriteTx(conn, epoch=epoch, origin=self.region))
+
+        async with self._writer_turn:
+            for attempt in range(2):
+                if self._writer_connection is None:
+                    self._writer_connection = await writer.connect()
+                conn = self._writer_connection
+                try:
+                    with _lock_busy(cell_id):
+                        async with conn.begin():
+                            return await conn.run_sync(run)
+                except DBAPIError as error:
+                    if not (error.connection_invalidated or conn.invalidated):
+                        raise
+                    self._writer_connection = None
+                    await conn.close()
+                    # Dead before its first statement (the server restarted, an idle
+                    # connection was cut): nothing was done, so once more on a new one.
+                    if locked or attempt > 0:
+                        raise
+        raise AssertionError("unreachable")
 
     def restored(self, position: int, trimmed_position: int = 0) -> None:
         """Note the position a snapshot brought this copy to, and the changelog it copied
@@ -836,6 +1025,32 @@ def _add_trimmed_position(conn: Connection) -> None:
         conn.execute(
             text("ALTER TABLE cell_meta ADD COLUMN trimmed_position BIGINT NOT NULL DEFAULT 0")
         )
+
+
+# MySQL/MariaDB: a lock wait timeout and a deadlock. Every writer takes the cell_meta lock
+# first, so these come from another process holding a cell's write lock too long (or from
+# an operator's own statement): the transaction was rolled back, nothing was written.
+_MYSQL_LOCK_ERRORS = (1205, 1213)
+
+
+@contextmanager
+def _lock_busy(cell_id: int) -> Iterator[None]:
+    try:
+        yield
+    except DBAPIError as error:
+        args = getattr(error.orig, "args", ())
+        if args and args[0] in _MYSQL_LOCK_ERRORS:
+            raise Overloaded(
+                f"cell {cell_id}: a write waited too long for the cell's lock; "
+                "nothing was written, retry shortly"
+            ) from error
+        raise
+
+
+def _retrieve(job: asyncio.Future[Any]) -> None:
+    """Mark a background task's failure as seen: its caller, if cancelled, is gone."""
+    if not job.cancelled():
+        job.exception()
 
 
 async def _finish(future: asyncio.Future[T]) -> T:

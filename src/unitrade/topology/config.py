@@ -121,11 +121,31 @@ class _Listening(_Strict):
         return {"ssl_certfile": self.tls_cert, "ssl_keyfile": self.tls_key}
 
 
+# The schemes of a storage URL; MySQL/MariaDB may name its driver (storage/engine.py).
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql", "mariadb")
+MYSQL_DRIVERS = ("asyncmy", "aiomysql", "pymysql")
+
+
+def _check_storage_scheme(value: str) -> None:
+    scheme = value.split(":", 1)[0]
+    base, _, driver = scheme.partition("+")
+    if base not in STORAGE_SCHEMES or (driver and base not in ("mysql", "mariadb")):
+        raise ValueError(f"scheme must be sqlite, postgresql, mysql or mariadb, got {scheme!r}")
+    if driver and driver not in MYSQL_DRIVERS:
+        raise ValueError(
+            f"the MySQL driver must be one of {', '.join(MYSQL_DRIVERS)}, got {driver!r}"
+        )
+
+
 class RegionConfig(_Listening):
     name: str
     center: bool = False
     listen: str
     storage: str = SQLITE_STORAGE_DEFAULT
+    # Reader connections (threads on SQLite and PostgreSQL) per cell copy, beside its one
+    # writer: a region process opens up to cells x (1 + storage_readers) connections to its
+    # database server (docs/operations.md: mind max_connections).
+    storage_readers: Annotated[int, Field(ge=1, le=32)] = 4
 
     @field_validator("name")
     @classmethod
@@ -139,9 +159,7 @@ class RegionConfig(_Listening):
     @field_validator("storage")
     @classmethod
     def _storage(cls, value: str) -> str:
-        scheme = value.split(":", 1)[0]
-        if scheme not in ("sqlite", "postgresql"):
-            raise ValueError(f"scheme must be sqlite or postgresql, got {scheme!r}")
+        _check_storage_scheme(value)
         if "{cell}" not in value:
             raise ValueError("must contain {cell}: every cell copy has a database of its own")
         return value
@@ -331,9 +349,7 @@ class ControlConfig(_Listening):
     @field_validator("storage")
     @classmethod
     def _storage(cls, value: str) -> str:
-        scheme = value.split(":", 1)[0]
-        if scheme not in ("sqlite", "postgresql"):
-            raise ValueError(f"scheme must be sqlite or postgresql, got {scheme!r}")
+        _check_storage_scheme(value)
         return value
 
     def storage_url(self, data_dir: Path) -> str:

@@ -48,11 +48,12 @@ DEFAULT_FAULTS = "kill,pause,switch,failover,control-kill"
 )
 @click.option(
     "--storage",
-    type=click.Choice(["sqlite", "postgres"]),
+    type=click.Choice(["sqlite", "postgres", "mariadb"]),
     default="sqlite",
     show_default=True,
-    help="Cell copies and control store on SQLite, or on "
-    "PostgreSQL at 127.0.0.1:5432 (databases of the run's own, dropped after).",
+    help="Cell copies and control store on SQLite, on PostgreSQL at 127.0.0.1:5432 "
+    "(user postgres), or on MySQL/MariaDB at 127.0.0.1:3306 (user root, no password): "
+    "databases of the run's own, dropped after.",
 )
 @click.option(
     "--out",

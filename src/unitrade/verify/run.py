@@ -28,7 +28,7 @@ from unitrade.verify.changelog import owner_positions, read_changelogs
 from unitrade.verify.checks import Ending, Result, RuleVersion, check_all
 from unitrade.verify.faults import NETWORK_FAULTS, Nemesis, NetworkFaults, schedule
 from unitrade.verify.history import History
-from unitrade.verify.setup import drop_databases, pg_prefix, write_topology
+from unitrade.verify.setup import BASES, drop_databases, pg_prefix, write_topology
 from unitrade.verify.workload import (
     POLLER,
     REQUEST_TIMEOUT_S,
@@ -111,7 +111,7 @@ def verify(
     or slow among the faults and no `network` given, the run makes its own
     (verify/network.py): regions in network namespaces where it can, else a TCP proxy
     between them; on PostgreSQL always the proxy (the database is on the machine's
-    loopback, which a namespace does not reach)."""
+    loopback, which a namespace does not reach), and so on MariaDB."""
     out = options.out.resolve()
     check_out(out)
     attach = options.attach
@@ -122,7 +122,7 @@ def verify(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    prefix = pg_prefix() if options.storage == "postgres" and attach is None else None
+    prefix = pg_prefix() if options.storage in BASES and attach is None else None
     if attach is None:
         config, path = write_topology(out, options.storage, prefix)
     else:
@@ -140,7 +140,7 @@ def verify(
     elif network is None and set(options.faults) & set(NETWORK_FAULTS):
         from unitrade.verify.network import PROXY, NetworkFaults, server_names
 
-        mode = PROXY if options.storage == "postgres" else None
+        mode = PROXY if options.storage in BASES else None
         made_network = NetworkFaults(server_names(config), mode=mode)
         network = made_network
         cluster, path = made_network.cluster(path.read_text(), out)
@@ -171,7 +171,7 @@ def verify(
         if made_network is not None:
             made_network.close()
         if prefix is not None:
-            drop_databases(prefix)
+            drop_databases(options.storage, prefix)
     results = check_all(history, ending)
     elle.write(out, history)
     document = reporting.build(options, plan, nemesis.applied, history, ending, results)

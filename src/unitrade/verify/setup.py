@@ -1,5 +1,5 @@
 """The cluster of a run: the default topology on free ports, a secret of its own, a data
-dir of its own and, on PostgreSQL, databases of its own (dropped after the run)."""
+dir of its own and, on PostgreSQL or MariaDB, databases of its own (dropped after the run)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from pathlib import Path
 from unitrade.topology.config import TopologyConfig, default_config, parse_config
 
 PG_BASE = "postgresql://postgres@127.0.0.1:5432"
+MYSQL_BASE = "mysql://root@127.0.0.1:3306"
+# --storage: the base URL of each database server (SQLite has none).
+BASES = {"postgres": PG_BASE, "mariadb": MYSQL_BASE}
 
 
 def free_ports(n: int) -> list[int]:
@@ -43,11 +46,14 @@ def write_topology(
         lines += [f"[regions.{region.name}]", f'listen = "127.0.0.1:{port}"']
         if region.center:
             lines.append("center = true")
-        if storage == "postgres" and prefix is not None:
-            lines.append(f'storage = "{PG_BASE}/{prefix}_{{region}}_{{cell}}"')
+        if storage in BASES and prefix is not None:
+            lines.append(f'storage = "{BASES[storage]}/{prefix}_{{region}}_{{cell}}"')
+            # 3 regions x 8 copies x (1 writer + 2 readers) = 72 connections: within
+            # PostgreSQL's default max_connections (100) and MariaDB's (151).
+            lines.append("storage_readers = 2")
     lines += ["[control]", f'listen = "127.0.0.1:{ports[-1]}"', "health_orders = false"]
-    if storage == "postgres" and prefix is not None:
-        lines.append(f'storage = "{PG_BASE}/{prefix}_control"')
+    if storage in BASES and prefix is not None:
+        lines.append(f'storage = "{BASES[storage]}/{prefix}_control"')
     for cell in default.cells:
         lines += ["[[cells]]", f"id = {cell.id}", f'kind = "{cell.kind.value}"']
         lines.append(f'owner = "{cell.owner}"')
@@ -59,7 +65,10 @@ def write_topology(
     return parse_config(tomllib.loads(path.read_text()), str(path)), path
 
 
-def drop_databases(prefix: str) -> None:
+def drop_databases(storage: str, prefix: str) -> None:
+    if storage == "mariadb":
+        drop_mysql_databases(prefix)
+        return
     import psycopg
 
     with psycopg.connect(PG_BASE + "/postgres", autocommit=True) as conn:
@@ -68,3 +77,16 @@ def drop_databases(prefix: str) -> None:
         ).fetchall()
         for (name,) in names:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def drop_mysql_databases(prefix: str) -> None:
+    import pymysql
+
+    with pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True) as conn:
+        cursor = conn.cursor()
+        cursor.execute(
+            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE %s",
+            (prefix + "%",),
+        )
+        for (name,) in cursor.fetchall():
+            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
