@@ -21,12 +21,15 @@ from unitrade.replication.replicator import Replicator
 from unitrade.rpc.client import RegionClient
 from unitrade.services.cart import CartService
 from unitrade.services.catalog import CatalogService
+from unitrade.services.coupons import CouponService
 from unitrade.services.inventory import InventoryService
 from unitrade.services.orders import OrderService
 from unitrade.services.payments import PaymentClaims
 from unitrade.services.remote import CatalogClient, CenterClient
 from unitrade.services.retention import RetentionSweeper
 from unitrade.services.revocations import Revocations
+from unitrade.services.sale_tokens import BOOK_RELOAD_S, SaleBook, TokenIssuer
+from unitrade.services.sales import SaleService
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.fence import Fence
 from unitrade.storage.sequences import OrderIdAllocator
@@ -45,6 +48,8 @@ log = logging.getLogger("unitrade.region")
 START_SYNC_S = 2.0
 OUTBOX_INTERVAL_S = 1.0
 ABANDONED_INTERVAL_S = 15.0
+SEGMENTS_INTERVAL_S = 1.0  # closed sale segments are given back this often
+GIVE_BACK_AT_STOP_S = 2.0
 
 
 class RegionRuntime:
@@ -89,6 +94,8 @@ class RegionRuntime:
         self.catalog_service = CatalogService(self.copies[rule.global_cell])
         self.revocations = Revocations(self.copies[rule.global_cell])
         self.payment_claims = PaymentClaims(self.copies[rule.center_cell])
+        self.sales = SaleService(self.copies[rule.center_cell])
+        self.coupons = CouponService(self.copies[rule.center_cell])
         self.center = CenterClient(
             self.rpc,
             region,
@@ -96,7 +103,11 @@ class RegionRuntime:
             self.client,
             self.flow.breakers,
             claims=self.payment_claims,
+            sales=self.sales,
         )
+        self.sale_book = SaleBook(self.copies[rule.center_cell], self.center)
+        self.sales.on_write.append(self.sale_book.put)
+        self.tokens = TokenIssuer(self.copies, self.sale_book, self.center, region)
         self.catalog = CatalogClient(
             self.catalog_service,
             rules=self.rpc,
@@ -105,7 +116,9 @@ class RegionRuntime:
             breakers=self.flow.breakers,
         )
         self.allocators = {cell: OrderIdAllocator(self.copies[cell]) for cell in rule.unit_cells()}
-        self.orders = OrderService(self.copies, self.center, self.catalog, self.allocators)
+        self.orders = OrderService(
+            self.copies, self.center, self.catalog, self.allocators, self.sale_book
+        )
         self.orders.admit = self.flow.admit_order  # business limits, where orders are served
         self.cart = CartService(self.copies, self.catalog)
         self.retention = RetentionSweeper(self.copies, config.retention, self.owned_cells)
@@ -159,6 +172,7 @@ class RegionRuntime:
             for cell in moved:
                 if cell in self.allocators:
                     self.allocators[cell].drop_segment(rule.version)
+            self.tokens.rule_installed(rule)
             # The fence first: it refuses writes under the new rule at once, then waits for
             # the older ones to finish while the gateway and RPC views move too.
             try:
@@ -192,6 +206,7 @@ class RegionRuntime:
     async def start(self) -> None:
         await self.copies.open()
         await self.revocations.load()
+        await self.sale_book.load()
         await self.replicator.load_quarantine()
         # Learn the newest rule and take a write lease before serving (bounded: with the
         # control plane down the region serves reads, and refuses writes until it is back).
@@ -204,6 +219,7 @@ class RegionRuntime:
         self.flow.start()
         self._tasks.append(asyncio.create_task(self._drain_outbox_forever()))
         self._tasks.append(asyncio.create_task(self.retention.run_forever()))
+        self._tasks.append(asyncio.create_task(self._sales_forever()))
         log.info(
             "region %s started under rule version %s: owns cells %s",
             self.name,
@@ -212,6 +228,9 @@ class RegionRuntime:
         )
 
     async def stop(self) -> None:
+        # First, while the lease still holds: what this process did not issue of its sale
+        # segments goes back to the center (else it is counted lost).
+        await self.tokens.give_back_all(GIVE_BACK_AT_STOP_S)
         await self.flow.stop()
         await self.lease.stop()
         await self.agent.stop()
@@ -226,7 +245,10 @@ class RegionRuntime:
 
     def _applied(self, cell: int, changes: list[dict[str, Any]]) -> None:
         """A replicated change of the global cell invalidates the catalog cache and updates
-        the revoked tokens."""
+        the revoked tokens; one of the center cell updates the sales."""
+        if cell == self.fence.rule.center_cell:
+            self.sale_book.applied(changes)
+            return
         if cell != self.fence.rule.global_cell:
             return
         self.revocations.applied(changes)
@@ -241,6 +263,20 @@ class RegionRuntime:
 
     def owned_cells(self) -> list[int]:
         return self.fence.rule.cells_owned_by(self.name)
+
+    async def _sales_forever(self) -> None:
+        """Give back the sale segments this process is done with; read the sales again
+        from this region's copy of the center cell now and then (a bound should a change
+        ever be missed: a copy rebuilt from a snapshot is not replayed row by row)."""
+        rounds_per_reload = max(1, int(BOOK_RELOAD_S / SEGMENTS_INTERVAL_S))
+        for round_no in itertools.count(1):
+            await asyncio.sleep(SEGMENTS_INTERVAL_S)
+            try:
+                await self.tokens.give_back_due()
+                if round_no % rounds_per_reload == 0:
+                    await self.sale_book.load()
+            except Exception:
+                log.exception("sale segments: background work failed")
 
     async def _drain_outbox_forever(self) -> None:
         """Retry center steps that failed (outbox), and release reservations whose order
