@@ -256,19 +256,27 @@ def test_writes_go_on_with_every_control_plane_down_and_stop_in_time_with_etcd_d
     print(f"\nwith etcd: writes went on for {wrote_s:.1f} s (3 leases) with no control plane")
     # etcd gone as well: each region stops writing before a lease has passed.
     etcd.kill_member(0)
-    cut = time.monotonic()
-    refusals: list[str] = []
-    while len(refusals) < 3:
-        status, error = writer.write("hz")
-        if status != 201:
-            refusals.append(error)
-        assert time.monotonic() - cut < DEADLINE_S, "hz never stopped writing"
-    accepted_after_lease = [a for a in writer.answers if a[0] > cut + lease_s and a[2] == 201]
-    assert accepted_after_lease == [], "a write was admitted after the lease had ended"
-    assert set(refusals) == {"no_write_lease"}, refusals
-    last_ok = max(a[0] for a in writer.answers if a[2] == 201 and a[1] == "hz")
-    print(f"with etcd down: hz wrote for {(last_ok - cut) * 1000:.0f} ms more, then refused")
-    etcd.start_member(0)
+    try:
+        cut = time.monotonic()
+        refusals: list[str] = []
+        while len(refusals) < 3:
+            status, error = writer.write("hz")
+            if error == "rate_limited":
+                # One buyer ordering as fast as it can meets the default per-buyer order
+                # limit (200/s) before the lease ends: not what this test is about.
+                time.sleep(0.01)
+            elif status != 201:
+                refusals.append(error)
+            assert time.monotonic() - cut < DEADLINE_S, "hz never stopped writing"
+        accepted_after_lease = [
+            a for a in writer.answers if a[0] > cut + lease_s and a[2] == 201
+        ]
+        assert accepted_after_lease == [], "a write was admitted after the lease had ended"
+        assert set(refusals) == {"no_write_lease"}, refusals
+        last_ok = max(a[0] for a in writer.answers if a[2] == 201 and a[1] == "hz")
+        print(f"with etcd down: hz wrote for {(last_ok - cut) * 1000:.0f} ms more, then refused")
+    finally:
+        etcd.start_member(0)  # the module's other tests need it, whatever became of this one
     deadline = time.monotonic() + DEADLINE_S
     while writer.write("hz")[0] != 201:
         assert time.monotonic() < deadline, "hz did not write again once etcd was back"
