@@ -284,6 +284,12 @@ class RegionRuntime:
 
     async def _lead(self) -> None:
         """Start the region's background work in this process."""
+        if self.shared:
+            # Another process may have led until now: the copies' positions (where the
+            # streams resume; a copy at 0 is rebuilt from a snapshot) and quarantines as
+            # the databases have them, not as this process last saw them.
+            await asyncio.gather(*(s.refresh() for s in self.copies.stores.values()))
+            await self.replicator.load_quarantine()
         self.replicator.start()
         self._tasks.append(asyncio.create_task(self._drain_outbox_forever(), name="outbox"))
         self._tasks.append(asyncio.create_task(self.retention.run_forever(), name="retention"))

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -84,10 +83,15 @@ class Leadership:
                     log.warning("leader lock not taken: %s", message)
                 self.last_error = message
             if held and not self.leader:
-                self.leader = True
-                self.changes += 1
-                log.info("this process leads the region: background work starts here")
-                await self._lead()
+                try:
+                    await self._lead()
+                except Exception as exc:  # nothing was started: let another process lead
+                    log.warning("leading the region failed, the lock is given up: %s", exc)
+                    await self.lock.drop()
+                else:
+                    self.leader = True
+                    self.changes += 1
+                    log.info("this process leads the region: background work starts here")
             elif not held and self.leader:
                 self.leader = False
                 log.warning("this process lost the leader lock: its background work stops")
@@ -219,7 +223,3 @@ class StatusReporter:
                     log.warning("this process's status not reported: %s", message)
                 self.last_error = message
             await asyncio.sleep(self.every_s)
-
-
-def monotonic_ms() -> int:
-    return int(time.monotonic() * 1000)

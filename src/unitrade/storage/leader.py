@@ -51,6 +51,7 @@ class LeaderLock:
         self._conn: Any = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="leader-lock")
         self._lock = threading.Lock()  # the connection, between a timed-out call and the next
+        self._closed = False
 
     @property
     def held(self) -> bool:
@@ -58,6 +59,8 @@ class LeaderLock:
 
     async def try_acquire(self) -> bool:
         """Take the lock if it is free; whether this process holds it now."""
+        if self._closed:
+            return False
         if self._conn is not None:
             return await self.check()
         return await self._call(self._acquire_sync)
@@ -69,8 +72,16 @@ class LeaderLock:
             return False
         return await self._call(self._check_sync)
 
-    async def release(self) -> None:
+    async def drop(self) -> None:
+        """Give the lock up (another process takes it at its next try)."""
         await self._call(self._drop_sync)
+
+    async def release(self) -> None:
+        """Give the lock up for good: this process stops (again: nothing)."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.drop()
         self._thread.shutdown(wait=False)
 
     async def _call(self, work: Any) -> bool:
