@@ -42,6 +42,7 @@ from unitrade.topology.probes import PROBE_BUYER_MIN
 from unitrade.verify.cli import verify_command
 
 console = Console()
+WORKER_REPORT_MS_MAX = 3_000  # workers report every second: older is away
 
 
 def _load(config_path: Path | None) -> TopologyConfig:
@@ -479,9 +480,12 @@ def _print_region_table(
     table = compact_table(
         "regions",
         "rule: the rule version the region holds; acked: the version its gateway/rpc/dal "
-        "have acknowledged; fwd: requests it forwarded to an owner",
+        "have acknowledged (as the worker that answered holds them); workers: those that "
+        "reported in the last 3 s of the region's `workers`, and the leader; fwd: requests "
+        "it forwarded to an owner",
     )
-    for column in ("region", "role", "url", "health", "rule", "acked", "control", "lease", "fwd"):
+    columns = ("region", "role", "url", "health", "rule", "acked", "control", "lease")
+    for column in (*columns, "workers", "fwd"):
         table.add_column(column, no_wrap=True)
     center = newest[1]["owners"].get("center") if newest else None
     for region in config.regions:
@@ -498,9 +502,23 @@ def _print_region_table(
             "/".join(str(acked.get(c, "-")) for c in ("gateway", "rpc", "dal")),
             "-" if connected is None else ("connected" if connected else "[red]no[/]"),
             _lease_text(health.get("lease")),
+            _workers_text(health),
             str(health.get("forwarded", "-")),
         )
     console.print(table)
+
+
+def _workers_text(health: dict[str, Any]) -> str:
+    """A region of many processes: the workers reporting lately of all, and the leader."""
+    processes = health.get("processes")
+    if not health or not isinstance(processes, list):
+        return "-" if not health else "1"
+    live = [p for p in processes if int(p.get("reported_ms_ago", 10**9)) < WORKER_REPORT_MS_MAX]
+    leaders = [str(p.get("worker")) for p in live if p.get("leader")]
+    text = f"{len(live)}/{health.get('workers', '?')}"
+    if len(live) < int(health.get("workers", 0)):
+        text = f"[red]{text}[/]"
+    return f"{text} (leader {', '.join(leaders) or '[red]none[/]'})"
 
 
 def _lease_text(lease: Any) -> str:
