@@ -10,6 +10,8 @@ import json
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,6 +38,7 @@ from tests.workers_support import (
 )
 from unitrade.gateway.edge import WORKER_HEADER
 from unitrade.rpc.signing import sign
+from unitrade.supervisor import SupervisorFiles
 from unitrade.topology.config import TopologyConfig
 from unitrade.web.tokens import issue_token
 
@@ -359,3 +362,48 @@ def test_a_write_still_open_in_any_process_holds_the_switch(tmp_path: Path) -> N
         with httpx.Client(base_url=config.region("sh").base_url, timeout=30) as sh:
             buyer = buyers_of_cell(config, U1, 1)[0]
             assert order(sh, config, buyer, SKUS[0]).status_code == 201
+
+
+def test_unitrade_serve_runs_and_supervises_a_regions_workers(tmp_path: Path) -> None:
+    """`unitrade serve --region hz --workers 2` on hz's own "host" (a data directory of its
+    own): both workers on hz's one address, a killed worker started again, all stopped by
+    SIGTERM."""
+    with workers_cluster(tmp_path, "postgresql", workers={"hz": 1}) as (cluster, path):
+        config = cluster.config
+        cluster.stop_region("hz")  # hz moves to "its own host"
+        host_data = tmp_path / "hz-host"
+        command = [sys.executable, "-m", "unitrade.cli", "serve", "--region", "hz"]
+        command += ["--workers", "2", "--config", str(path), "--data", str(host_data)]
+        serving = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            files = SupervisorFiles(host_data)
+
+            def both_up() -> bool:
+                state = files.read_state()
+                return state is not None and set(state["processes"]) == {"hz.0", "hz.1"}
+
+            wait_for(both_up, "serve to start hz.0 and hz.1", 60)
+            for worker in (0, 1):
+                body = health_of_worker(config, "hz", worker)
+                assert body["workers"] == 2, body
+            state = files.read_state()
+            assert state is not None
+            killed = int(state["processes"]["hz.1"]["pid"])
+            os.kill(killed, signal.SIGKILL)
+
+            def restarted() -> bool:
+                now = files.read_state()
+                return now is not None and now["processes"]["hz.1"]["pid"] != killed
+
+            wait_for(restarted, "hz.1 started again", 30)
+            assert health_of_worker(config, "hz", 1)["worker"] == 1
+            put_products(config)  # writes at hz, the owner of the global and center cells
+        finally:
+            serving.send_signal(signal.SIGTERM)
+            output, _ = serving.communicate(timeout=60)
+        assert serving.returncode == 0, output
+        assert "workers hz.0, hz.1 up" in output, output
+        final = SupervisorFiles(host_data).read_state()
+        assert final is None  # the supervisor removed its state: every worker stopped
