@@ -239,6 +239,10 @@ class RegionRuntime:
         await self.copies.open()
         fed_from = 0
         if self.shared:
+            # The rule this process starts under may have been persisted by a process that
+            # died before it raised the database fence for it (fence.py): raise every
+            # copy's to it now, before anything is acknowledged or written.
+            await self.copies.raise_fences(sorted(self.copies.stores), self.fence.rule.version)
             # Before the revocations are read: what is written meanwhile comes by the feed.
             fed_from = await self.copies[self.fence.rule.global_cell].refresh()
         await self.revocations.load()
