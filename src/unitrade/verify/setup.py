@@ -48,6 +48,9 @@ def write_topology(
             lines.append("center = true")
         if storage in BASES and prefix is not None:
             lines.append(f'storage = "{BASES[storage]}/{prefix}_{{region}}_{{cell}}"')
+            # 3 regions x 8 copies x (1 writer + 2 readers) = 72 connections: within
+            # PostgreSQL's default max_connections (100) and MariaDB's (151).
+            lines.append("storage_readers = 2")
     lines += ["[control]", f'listen = "127.0.0.1:{ports[-1]}"', "health_orders = false"]
     if storage in BASES and prefix is not None:
         lines.append(f'storage = "{BASES[storage]}/{prefix}_control"')
