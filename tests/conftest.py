@@ -55,6 +55,39 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
     drop_pg_databases(prefix)
 
 
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
+def region_storage(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """A region's storage URL template (`{region}`, `{cell}`) for write_topology: None for
+    the SQLite default, or PostgreSQL or MySQL/MariaDB databases of this test only."""
+    from tests.support import (
+        MYSQL_BASE,
+        drop_mysql_databases,
+        drop_pg_databases,
+        mysql_prefix,
+        pg_prefix,
+        require_mysql,
+        require_postgres,
+    )
+
+    if request.param == "sqlite":
+        yield None
+        return
+    if request.param == "mysql":
+        require_mysql()
+        prefix = mysql_prefix()
+        try:
+            yield f"{MYSQL_BASE}/{prefix}_{{region}}_{{cell}}"
+        finally:
+            drop_mysql_databases(prefix)
+        return
+    require_postgres()
+    prefix = pg_prefix()
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{prefix}_{{region}}_{{cell}}"
+    finally:
+        drop_pg_databases(prefix)
+
+
 @pytest.fixture(scope="session")
 def etcd_one(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """One etcd member for the session (tests/etcd_support.py); each test keeps to a key

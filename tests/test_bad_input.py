@@ -267,3 +267,101 @@ def test_bad_payments_and_queries(api: Api, sku: str) -> None:
     assert_error(api.call("hz", "POST", "/v1/cart/items/x", buyer), 405, "method_not_allowed")
     assert_error(api.call("hz", "GET", "/v1/nothing", buyer), 404, "not_found")
     assert api.call("sh", "GET", f"/v1/orders/{oid}", buyer).json()["status"] == "created"
+
+
+# -- flash sales and coupons --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"stock": 1, "tokens": 1, "per_buyer": 1}, 422, "invalid_request"),  # no window
+        ({"stock": -1, "tokens": 1, "per_buyer": 1, "start_ms": 0, "end_ms": 1}, 422, None),
+        ({"stock": 1, "tokens": 0, "per_buyer": 1, "start_ms": 0, "end_ms": 1}, 422, None),
+        ({"stock": 1, "tokens": 5, "per_buyer": 101, "start_ms": 0, "end_ms": 1}, 422, None),
+        ({"stock": 1, "tokens": 5, "per_buyer": "1", "start_ms": 0, "end_ms": 1}, 422, None),
+        ({"stock": 1, "tokens": 5, "per_buyer": 1, "start_ms": 0, "end_ms": 1}, 409, "window"),
+        ({"stock": 1, "tokens": 5, "per_buyer": 1, "start_ms": 9, "end_ms": 5}, 409, "window"),
+    ],
+)
+def test_bad_sale_definitions_are_refused(
+    api: Api, sku: str, body: dict[str, object], status: int, code: str | None
+) -> None:
+    response = api.call("sh", "POST", "/v1/admin/sales", body={"sku": sku, **body})
+    expected = {None: "invalid_request", "window": "sale_window_invalid"}.get(code, code)
+    assert_error(response, status, str(expected))
+    listed = api.call("sh", "GET", "/v1/admin/sales").json()["sales"]
+    assert sku not in {s["sku"] for s in listed}
+
+
+def test_sale_refusals_are_typed(api: Api, sku: str) -> None:
+    buyer = api.buyer_in("sh", 901)
+    unknown = api.call("bj", "POST", "/v1/sales/0123456789ab/tokens", buyer)
+    assert_error(unknown, 404, "sale_not_found")
+    assert_error(api.call("bj", "GET", "/v1/sales/0123456789ab"), 404, "sale_not_found")
+    assert_error(
+        api.call("bj", "POST", "/v1/sales/NOT-AN-ID/tokens", buyer), 422, "invalid_request"
+    )
+    start = int(time.time() * 1000)
+    window = {"start_ms": start + 3_600_000, "end_ms": start + 7_200_000}
+    later = f"SALE-{uuid.uuid4().hex[:8]}"
+    api.put_product(later, stock=0)
+    created = api.call(
+        "bj",
+        "POST",
+        "/v1/admin/sales",
+        body={"sku": later, "stock": 3, "tokens": 9, "per_buyer": 1, **window},
+    )
+    assert created.status_code == 201, created.text
+    sale_id = created.json()["sale_id"]
+    assert_error(api.call("sh", "POST", f"/v1/sales/{sale_id}/tokens", buyer), 409, "sale_closed")
+    no_token = api.order("hz", buyer, [(later, 1)])
+    assert_error(no_token, 403, "sale_token_required")
+    assert no_token.json()["sale_id"] == sale_id
+    forged = api.order("hz", buyer, [(later, 1)], sale_token="0" * 16)
+    assert_error(forged, 409, "sale_closed")  # the window first: the sale has not started
+    assert_error(api.order("hz", buyer, [(sku, 1)], sale_token="0" * 16), 422, "invalid_request")
+    assert_error(api.order("hz", buyer, [(sku, 1)], sale_token="short"), 422, "invalid_request")
+    again = api.call(
+        "sh",
+        "POST",
+        "/v1/admin/sales",
+        body={"sku": later, "stock": 3, "tokens": 9, "per_buyer": 1, **window},
+    )
+    assert_error(again, 409, "conflict")
+    assert again.json()["sale_id"] == sale_id
+    assert api.levels(later) == {"sku": later, "available": 3, "reserved": 0, "sold": 0}
+    valid = {"sku": sku, "stock": 3, "tokens": 9, "per_buyer": 1, **window}
+    assert_error(api.call("sh", "POST", "/v1/admin/sales", buyer, valid), 403, "forbidden")
+
+
+def test_coupon_refusals_are_typed(api: Api, sku: str) -> None:
+    buyer = api.buyer_in("bj", 951)
+    assert_error(api.call("sh", "POST", "/v1/coupons/NOPE/claim", buyer), 404, "coupon_not_found")
+    assert_error(
+        api.call("sh", "POST", "/v1/coupons/bad%20code/claim", buyer), 422, "invalid_request"
+    )
+    for discount in ("0", "101%", "5.5", "-1", "ten"):
+        bad = api.call(
+            "hz", "POST", "/v1/admin/coupons", body={"code": "X1", "count": 1, "discount": discount}
+        )
+        assert_error(bad, 422, "invalid_request")
+    code = f"C{uuid.uuid4().hex[:8]}"
+    made = api.call(
+        "bj",
+        "POST",
+        "/v1/admin/coupons",
+        body={"code": code, "count": 1, "discount": "50%", "min_total_cents": 10_000},
+    )
+    assert made.status_code == 201, made.text
+    before = api.levels(sku)
+    not_claimed = api.order("sh", buyer, [(sku, 1)], coupon=code)
+    assert_error(not_claimed, 409, "coupon_not_claimed")
+    assert api.call("hz", "POST", f"/v1/coupons/{code}/claim", buyer).status_code == 200
+    below = api.order("sh", buyer, [(sku, 1)], coupon=code)
+    assert_error(below, 409, "coupon_not_applicable")
+    assert below.json()["min_total_cents"] == 10_000
+    other = api.buyer_in("sh", 961)
+    assert_error(api.call("bj", "POST", f"/v1/coupons/{code}/claim", other), 409, "coupon_sold_out")
+    assert api.levels(sku) == before
+    assert api.call("bj", "GET", "/v1/orders", buyer).json()["orders"] == []

@@ -274,8 +274,28 @@ def test_demo_shows_orders_in_every_cell_forwarding_and_conserved_stock(tmp_path
     assert "orders in every unit cell: yes" in result.stdout
     assert "forwarded to the owner region" in result.stdout
     assert "every copy of every cell identical to its owner's: yes" in result.stdout
+    # A flash sale: its units sold out to token holders, never oversold.
+    assert "no unit oversold: yes; orders placed = units sold: yes" in result.stdout
+    assert "tokens issued" in result.stdout and "units sold 30 of 30" in result.stdout
+    assert "every token accounted for: yes" in result.stdout
     # The last act: a region killed, failed over, brought back and reconciled.
     assert "failover op-" in result.stdout and ": done in" in result.stdout
     assert "orders in the loss report: reapplied" in result.stdout
     assert "stock conserved after the failover and the reconcile: yes" in result.stdout
     assert "identical to its owner's after sh came back: yes" in result.stdout
+
+
+def test_sale_times_and_durations_are_read_as_an_operator_writes_them() -> None:
+    from unitrade.sale_cli import parse_duration_s, parse_time_ms
+
+    now = 1_800_000_000.0
+    assert parse_time_ms("now", now) == 1_800_000_000_000
+    assert parse_time_ms("+10m", now) == 1_800_000_600_000
+    assert parse_time_ms("1800000123", now) == 1_800_000_123_000
+    assert parse_time_ms("2027-01-15T16:00:00+08:00", now) == 1_800_000_000_000
+    for bad in ("soon", "+10x", "-5m", ""):
+        with pytest.raises(click.BadParameter):
+            parse_time_ms(bad, now)
+    assert parse_duration_s("2h") == 7_200 and parse_duration_s("90") == 90
+    with pytest.raises(click.BadParameter):
+        parse_duration_s("0d")

@@ -85,4 +85,4 @@ def test_regions_on_hosts_of_their_own_take_orders_switch_and_converge(
             owners = control.rule()["owners"]
             assert owners["3"] == "bj", owners
         assert not load.errors, load.errors[:5]
-        check_nothing_lost(config, path, load)
+        check_nothing_lost(config, path, cluster.data_dir, load)

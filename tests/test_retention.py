@@ -32,6 +32,7 @@ from unitrade.topology.order_id import encode_order_id, unix_to_id_time
 from unitrade.topology.rule import initial_rule
 
 CENTER = RULE.center_cell
+SALE_AND_COUPON_TABLES = ("sale_segments", "sales", "coupon_claims", "coupons")
 SETTINGS = RetentionConfig(
     outbox_done_s=10,
     idempotency_keys_s=60,
@@ -117,12 +118,18 @@ def test_unit_sweep_deletes_exactly_the_expired_rows(storage_url: str) -> None:
             await replicate(owner, replica)
             sweep = sweeper(owner)
             deleted = await sweep.sweep_cell(owner)
-            assert deleted == {"probe_orders": 0, "outbox": 25, "idempotency_keys": 1}
+            assert deleted == {
+                "probe_orders": 0,
+                "outbox": 25,
+                "idempotency_keys": 1,
+                "sale_tokens": 0,
+            }
             assert await keys_of(owner, outbox.c.order_id) == {101, 102, 103}
             assert await keys_of(owner, idempotency_keys.c.buyer_id) == {2}
             assert sweep.kept_rows == {
                 (1, "outbox"): 3,
                 (1, "idempotency_keys"): 1,
+                (1, "sale_tokens"): 0,
                 (1, "probe_orders"): 0,
             }
             assert sweep.failed_steps == {1: 1}
@@ -139,7 +146,12 @@ def test_unit_sweep_deletes_exactly_the_expired_rows(storage_url: str) -> None:
             assert await keys_of(replica, outbox.c.order_id) == {101, 102, 103}
             assert await keys_of(replica, idempotency_keys.c.buyer_id) == {2}
             again = await sweep.sweep_cell(owner)
-            assert again == {"probe_orders": 0, "outbox": 0, "idempotency_keys": 0}
+            assert again == {
+                "probe_orders": 0,
+                "outbox": 0,
+                "idempotency_keys": 0,
+                "sale_tokens": 0,
+            }
         finally:
             await owner.close()
             await replica.close()
@@ -176,7 +188,12 @@ def test_center_sweep_keeps_live_and_recent_reservations(storage_url: str) -> No
             await insert(store, payment_claims, claims)
             sweep = sweeper(store)
             deleted = await sweep.sweep_cell(store)
-            assert deleted == {"probe_reservations": 0, "reservations": 3, "payment_claims": 2}
+            assert deleted == {
+                "probe_reservations": 0,
+                "reservations": 3,
+                "payment_claims": 2,
+                **dict.fromkeys(SALE_AND_COUPON_TABLES, 0),
+            }
             assert await keys_of(store, reservations.c.order_id) == {4, 5, 6}
             assert await keys_of(store, payment_claims.c.payment_id) == {"p3590"}
             assert sweep.kept_rows[(CENTER, "payment_claims")] == 1
@@ -441,5 +458,134 @@ def test_revocations_go_once_their_tokens_have_expired(tmp_path: Path) -> None:
             assert len(revocations) == 1
         finally:
             await store.close()
+
+    asyncio.run(run())
+
+
+def sale_row(sale_id: str, ended_s_ago: int) -> dict[str, Any]:
+    end = now_ms() - ended_s_ago * 1000
+    return {
+        "sale_id": sale_id,
+        "sku": f"SKU-{sale_id}",
+        "stock": 1,
+        "tokens": 10,
+        "per_buyer": 1,
+        "segment_size": 5,
+        "start_ms": end - 60_000,
+        "end_ms": end,
+        "remaining": 5,
+        "segments": 1,
+        "created_ms": end - 60_000,
+        "updated_ms": end,
+    }
+
+
+def segment_row(sale_id: str) -> dict[str, Any]:
+    stamp = now_ms() - 3_600_000
+    return {
+        "sale_id": sale_id,
+        "segment_id": 1,
+        "grant_id": "g" * 16,
+        "region": "hz",
+        "holder": "hz-1",
+        "size": 5,
+        "status": "returned",
+        "used": 5,
+        "returned": 0,
+        "granted_ms": stamp,
+        "expires_ms": stamp + 10_000,
+        "updated_ms": stamp,
+    }
+
+
+def coupon_row(code: str, ended_s_ago: int) -> dict[str, Any]:
+    end = now_ms() - ended_s_ago * 1000
+    return {
+        "code": code,
+        "count": 10,
+        "claimed": 1,
+        "discount_kind": "cents",
+        "discount_value": 100,
+        "min_total_cents": 0,
+        "end_ms": end,
+        "created_ms": end - 60_000,
+        "updated_ms": end,
+    }
+
+
+def claim_row(code: str, buyer: int) -> dict[str, Any]:
+    return {
+        "code": code,
+        "buyer_id": buyer,
+        "status": "claimed",
+        "order_id": None,
+        "discount_cents": 0,
+        "claimed_ms": now_ms() - 120_000,
+        "updated_ms": now_ms() - 120_000,
+    }
+
+
+def test_ended_sales_and_coupons_go_with_their_segments_claims_and_tokens(
+    storage_url: str,
+) -> None:
+    """A sale's segments, then the sale, and its tokens in the buyers' cells go once it
+    ended `sales_ended_s` ago; a coupon's claims, then the coupon, `coupons_ended_s` after
+    its end. Running and recently ended ones stay, with everything they hold."""
+    from unitrade.storage.schema import coupon_claims, coupons, sale_segments, sale_tokens, sales
+
+    settings = RetentionConfig(sales_ended_s=10, coupons_ended_s=20, sweep_batch_rows=10)
+
+    async def run() -> None:
+        center = make_store(storage_url, CENTER, region="hz")
+        unit = make_store(storage_url, 1, region="hz")
+        await center.open()
+        await unit.open()
+        try:
+            await insert(center, sales, [sale_row("a" * 12, 60), sale_row("b" * 12, 5)])
+            await insert(center, sale_segments, [segment_row("a" * 12), segment_row("b" * 12)])
+            await insert(center, coupons, [coupon_row("OLD", 60), coupon_row("NEW", 10)])
+            # 15 claims of the old coupon: two batches.
+            old_claims = [claim_row("OLD", buyer) for buyer in range(1, 16)]
+            await insert(center, coupon_claims, [*old_claims, claim_row("NEW", 1)])
+            tokens = []
+            for i, (sale_id, ended_s_ago) in enumerate((("a" * 12, 60), ("b" * 12, 5))):
+                tokens.append(
+                    {
+                        "token_id": f"{i:016x}",
+                        "sale_id": sale_id,
+                        "buyer_id": 100,
+                        "segment_id": 1,
+                        "status": "used",
+                        "order_id": 5,
+                        "sale_end_ms": now_ms() - ended_s_ago * 1000,
+                        "created_ms": now_ms() - 120_000,
+                        "updated_ms": now_ms() - 120_000,
+                    }
+                )
+            await insert(unit, sale_tokens, tokens)
+            copies: Any = {CENTER: center, 1: unit}
+            sweep = RetentionSweeper(copies, settings, lambda: [CENTER, 1])
+            deleted = await sweep.sweep_cell(center)
+            assert deleted == {
+                "probe_reservations": 0,
+                "reservations": 0,
+                "payment_claims": 0,
+                "sale_segments": 1,
+                "sales": 1,
+                "coupon_claims": 15,
+                "coupons": 1,
+            }
+            assert await keys_of(center, sales.c.sale_id) == {"b" * 12}
+            assert await keys_of(center, sale_segments.c.sale_id) == {"b" * 12}
+            assert await keys_of(center, coupons.c.code) == {"NEW"}
+            assert await keys_of(center, coupon_claims.c.code) == {"NEW"}
+            unit_deleted = await sweep.sweep_cell(unit)
+            assert unit_deleted["sale_tokens"] == 1
+            assert await keys_of(unit, sale_tokens.c.sale_id) == {"b" * 12}
+            assert sweep.kept_rows[(CENTER, "sales")] == 1
+            assert sweep.kept_rows[(1, "sale_tokens")] == 1
+        finally:
+            await center.close()
+            await unit.close()
 
     asyncio.run(run())

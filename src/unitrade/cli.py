@@ -29,6 +29,7 @@ from unitrade.control.failover_cli import failover, quarantine
 from unitrade.control.flow_cli import degrade, limits
 from unitrade.outbox_cli import outbox
 from unitrade.replication.diff_cli import diff
+from unitrade.sale_cli import coupon, sale
 from unitrade.supervisor_cli import start, stop, supervisor_notes
 from unitrade.topology.config import (
     CONTROL_NAME,
@@ -68,6 +69,7 @@ def main() -> None:
       unitrade switch --cell u3 --to hz
       unitrade stop --region sh --kill --data /tmp/ut   # a crash drill; `start` undoes it
       unitrade verify --seconds 60      # a cluster of its own under faults, checked
+      unitrade sale create --sku PHONE-1 --stock 5000 --tokens 50000 --end +10m
     """
 
 
@@ -866,7 +868,10 @@ def demo(
     something already listens there, e.g. `unitrade up`), seeds a catalog, places, pays and
     closes orders through random regions while a cell is switched to another region and
     back, then prints what happened: orders per region and cell, forwarding, no order lost,
-    stock conserved, every copy identical. Exit 0 when every check holds, 1 otherwise.
+    stock conserved, every copy identical. Then a short flash sale: 200 buyers rush 30
+    units with 120 sale tokens (tokens issued, orders, units sold, every token accounted
+    for), and a region killed, failed over and reconciled. Exit 0 when every check holds,
+    1 otherwise.
     """
     from unitrade.cluster import ClusterError, LocalCluster
     from unitrade.demo import DemoFailed, run_demo
@@ -892,6 +897,8 @@ main.add_command(start)
 main.add_command(verify_command)
 main.add_command(limits)
 main.add_command(degrade)
+main.add_command(sale)
+main.add_command(coupon)
 
 if __name__ == "__main__":
     main(prog_name="unitrade")

@@ -1,8 +1,9 @@
 """`unitrade demo`: a three-region cluster taking orders from many buyers through random
 regions, with a switchover of a cell to another region and back while they shop; then a
 check that no acknowledged order was lost, that every order is where its ID says, that
-stock is conserved and that every copy of every cell equals its owner's. It ends with a
-region killed while its buyers shop, failed over, brought back and reconciled
+stock is conserved and that every copy of every cell equals its owner's. Then a flash sale
+(demo_sale.py): buyers of every region rush a few dozen units with sale tokens. It ends
+with a region killed while its buyers shop, failed over, brought back and reconciled
 (demo_failover.py), and the same checks again."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from unitrade import demo_failover
+from unitrade import demo_failover, demo_sale
 from unitrade.cluster import LocalCluster
 from unitrade.replication.diff_cli import run_diff
 from unitrade.topology.config import TopologyConfig
@@ -127,9 +128,10 @@ async def _workload(
             switched = await _switch_while_shopping(http, config, admin, shopping)
             await shopping
         reported = await _report(http, config, urls, admin, skus, stock, tally)
+        sold = await demo_sale.act(http, config, admin, console)
         # The last act: a region dies, is failed over, comes back and is reconciled.
         survived = await demo_failover.act(http, config, cluster, admin, console)
-        return reported and switched and survived
+        return reported and switched and sold and survived
 
 
 async def _switch_while_shopping(

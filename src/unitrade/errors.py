@@ -264,6 +264,101 @@ class ChangelogTrimmed(UnitradeError):
     status = 410
 
 
+# Flash sales (services/sales.py, services/sale_tokens.py) ---------------------------------
+
+
+class SaleNotFound(UnitradeError):
+    code = "sale_not_found"
+    status = 404
+
+
+class SaleClosed(UnitradeError):
+    """The sale has not started or has ended (`start_ms`, `end_ms`: its window)."""
+
+    code = "sale_closed"
+    status = 409
+
+
+class SaleWindowInvalid(UnitradeError):
+    """A sale's window that would never be open (it ends before it starts, or in the
+    past) or that is longer than a sale may last."""
+
+    code = "sale_window_invalid"
+    status = 409
+
+
+class SaleSoldOut(UnitradeError):
+    """Every token of the sale is issued, or held by a region that has not returned it."""
+
+    code = "sale_sold_out"
+    status = 409
+
+
+class SaleLimitReached(UnitradeError):
+    """The buyer holds as many tokens of this sale as one buyer may (`per_buyer`)."""
+
+    code = "sale_limit_reached"
+    status = 409
+
+
+class SaleTokenRequired(UnitradeError):
+    """An order of a sale's SKU needs a token of that sale issued to this buyer
+    (`sale_token` in the order body); this one is missing, unknown or another's."""
+
+    code = "sale_token_required"
+    status = 403
+
+
+class SaleTokenUsed(UnitradeError):
+    """The sale token has bought its unit already (`order_id` names the order)."""
+
+    code = "sale_token_used"
+    status = 409
+
+
+# Coupons (services/coupons.py) ------------------------------------------------------------
+
+
+class CouponNotFound(UnitradeError):
+    code = "coupon_not_found"
+    status = 404
+
+
+class CouponSoldOut(UnitradeError):
+    """All `count` coupons of this code are claimed."""
+
+    code = "coupon_sold_out"
+    status = 409
+
+
+class CouponExpired(UnitradeError):
+    """The coupon is past its end (`end_ms`): it can be neither claimed nor used."""
+
+    code = "coupon_expired"
+    status = 409
+
+
+class CouponNotClaimed(UnitradeError):
+    """An order named a coupon this buyer has not claimed."""
+
+    code = "coupon_not_claimed"
+    status = 409
+
+
+class CouponUsed(UnitradeError):
+    """The buyer's coupon is held by another order or used (`order_id`)."""
+
+    code = "coupon_used"
+    status = 409
+
+
+class CouponNotApplicable(UnitradeError):
+    """The order is below the coupon's minimum (`min_total_cents`)."""
+
+    code = "coupon_not_applicable"
+    status = 409
+
+
 ERRORS_BY_CODE: dict[str, type[UnitradeError]] = {
     cls.code: cls
     for cls in (
@@ -300,6 +395,19 @@ ERRORS_BY_CODE: dict[str, type[UnitradeError]] = {
         OperationRunning,
         PastPointOfNoReturn,
         ChangelogTrimmed,
+        SaleNotFound,
+        SaleClosed,
+        SaleWindowInvalid,
+        SaleSoldOut,
+        SaleLimitReached,
+        SaleTokenRequired,
+        SaleTokenUsed,
+        CouponNotFound,
+        CouponSoldOut,
+        CouponExpired,
+        CouponNotClaimed,
+        CouponUsed,
+        CouponNotApplicable,
     )
 }
 

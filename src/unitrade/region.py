@@ -27,12 +27,15 @@ from unitrade.replication.replicator import Replicator
 from unitrade.rpc.client import RegionClient
 from unitrade.services.cart import CartService
 from unitrade.services.catalog import CatalogService
+from unitrade.services.coupons import CouponService
 from unitrade.services.inventory import InventoryService
 from unitrade.services.orders import OrderService
 from unitrade.services.payments import PaymentClaims
 from unitrade.services.remote import CatalogClient, CenterClient
 from unitrade.services.retention import RetentionSweeper
 from unitrade.services.revocations import Revocations
+from unitrade.services.sale_tokens import BOOK_RELOAD_S, SaleBook, TokenIssuer
+from unitrade.services.sales import SaleService
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.fence import Fence
 from unitrade.storage.leader import LeaderLock
@@ -53,6 +56,8 @@ log = logging.getLogger("unitrade.region")
 START_SYNC_S = 2.0
 OUTBOX_INTERVAL_S = 1.0
 ABANDONED_INTERVAL_S = 15.0
+SEGMENTS_INTERVAL_S = 1.0  # closed sale segments are given back this often
+GIVE_BACK_AT_STOP_S = 2.0
 
 
 class RegionRuntime:
@@ -103,6 +108,8 @@ class RegionRuntime:
         self.catalog_service = CatalogService(self.copies[rule.global_cell])
         self.revocations = Revocations(self.copies[rule.global_cell])
         self.payment_claims = PaymentClaims(self.copies[rule.center_cell])
+        self.sales = SaleService(self.copies[rule.center_cell])
+        self.coupons = CouponService(self.copies[rule.center_cell])
         self.center = CenterClient(
             self.rpc,
             region,
@@ -110,7 +117,11 @@ class RegionRuntime:
             self.client,
             self.flow.breakers,
             claims=self.payment_claims,
+            sales=self.sales,
         )
+        self.sale_book = SaleBook(self.copies[rule.center_cell], self.center)
+        self.sales.on_write.append(self.sale_book.put)
+        self.tokens = TokenIssuer(self.copies, self.sale_book, self.center, region)
         self.catalog = CatalogClient(
             self.catalog_service,
             rules=self.rpc,
@@ -119,7 +130,9 @@ class RegionRuntime:
             breakers=self.flow.breakers,
         )
         self.allocators = {cell: OrderIdAllocator(self.copies[cell]) for cell in rule.unit_cells()}
-        self.orders = OrderService(self.copies, self.center, self.catalog, self.allocators)
+        self.orders = OrderService(
+            self.copies, self.center, self.catalog, self.allocators, self.sale_book
+        )
         self.orders.admit = self.flow.admit_order  # business limits, where orders are served
         self.cart = CartService(self.copies, self.catalog)
         self.retention = RetentionSweeper(self.copies, config.retention, self.owned_cells)
@@ -137,12 +150,18 @@ class RegionRuntime:
         # this process's row in the `workers` table (unitrade/workers.py).
         self.shared = self.copies.shared
         self.leadership: Leadership | None = None
-        self.feed: ChangeFeed | None = None
+        self.feeds: list[ChangeFeed] = []
         self.reporter: StatusReporter | None = None
+        self._sales: asyncio.Task[None] | None = None
         if self.shared:
             global_store = self.copies[rule.global_cell]
             self.leadership = Leadership(LeaderLock(global_store.url), self._lead, self._unlead)
-            self.feed = ChangeFeed(global_store, self._fed, self._reload_global)
+            # The global cell's changes (revocations, products) and the center's (sales),
+            # whoever wrote or applied them, for this process's in-memory state.
+            self.feeds = [
+                ChangeFeed(global_store, self._fed_global, self._reload_global),
+                ChangeFeed(self.copies[rule.center_cell], self._fed_center, self.sale_book.load),
+            ]
             self.reporter = StatusReporter(
                 global_store, worker, lambda: self.leading, self.worker_status
             )
@@ -199,6 +218,7 @@ class RegionRuntime:
             for cell in moved:
                 if cell in self.allocators:
                     self.allocators[cell].drop_segment(rule.version)
+            self.tokens.rule_installed(rule)
             # The fence first: it refuses writes under the new rule at once, then waits for
             # the older ones to finish while the gateway and RPC views move too.
             try:
@@ -237,15 +257,18 @@ class RegionRuntime:
 
     async def start(self) -> None:
         await self.copies.open()
-        fed_from = 0
+        fed_from: dict[int, int] = {}
         if self.shared:
             # The rule this process starts under may have been persisted by a process that
             # died before it raised the database fence for it (fence.py): raise every
             # copy's to it now, before anything is acknowledged or written.
             await self.copies.raise_fences(sorted(self.copies.stores), self.fence.rule.version)
-            # Before the revocations are read: what is written meanwhile comes by the feed.
-            fed_from = await self.copies[self.fence.rule.global_cell].refresh()
+            # Before the revocations and sales are read: what is written meanwhile comes by
+            # the feeds.
+            for feed in self.feeds:
+                fed_from[feed.store.cell.id] = await feed.store.refresh()
         await self.revocations.load()
+        await self.sale_book.load()
         await self.replicator.load_quarantine()
         # Learn the newest rule and take a write lease before serving (bounded: with the
         # control plane down the region serves reads, and refuses writes until it is back).
@@ -255,12 +278,15 @@ class RegionRuntime:
             log.warning("no write lease yet: writes are refused until one is granted")
         self.agent.start()
         self.flow.start()
+        # This process's own sale segments, whichever process leads (unitrade/workers.py).
+        self._sales = asyncio.create_task(self._sales_forever(), name="sale-segments")
         if self.leadership is None:
             await self._lead()
         else:
-            assert self.feed is not None and self.reporter is not None
+            assert self.feeds and self.reporter is not None
             self.replicator.start_recording()
-            self.feed.start(fed_from)
+            for feed in self.feeds:
+                feed.start(fed_from[feed.store.cell.id])
             self.reporter.start()
             self.leadership.start()
         log.info(
@@ -272,12 +298,19 @@ class RegionRuntime:
         )
 
     async def stop(self) -> None:
+        # First, while the lease still holds: what this process did not issue of its sale
+        # segments goes back to the center (else it is counted lost).
+        await self.tokens.give_back_all(GIVE_BACK_AT_STOP_S)
+        if self._sales is not None:
+            self._sales.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sales
         await self.flow.stop()
         if self.leadership is None:
             await self._unlead()
         else:
             await self.leadership.stop()
-        for part in (self.feed, self.reporter):
+        for part in (*self.feeds, self.reporter):
             if part is not None:
                 await part.stop()
         await self.lease.stop()
@@ -307,9 +340,13 @@ class RegionRuntime:
                 await task
         self._tasks.clear()
 
-    def _fed(self, changes: list[dict[str, Any]]) -> None:
+    def _fed_global(self, changes: list[dict[str, Any]]) -> None:
         """Changes of the region's copy of the global cell, whoever wrote them."""
         self._applied(self.fence.rule.global_cell, changes)
+
+    def _fed_center(self, changes: list[dict[str, Any]]) -> None:
+        """Changes of the region's copy of the center cell, whoever wrote them."""
+        self._applied(self.fence.rule.center_cell, changes)
 
     async def _reload_global(self) -> None:
         await self.revocations.load()
@@ -328,7 +365,10 @@ class RegionRuntime:
 
     def _applied(self, cell: int, changes: list[dict[str, Any]]) -> None:
         """A replicated change of the global cell invalidates the catalog cache and updates
-        the revoked tokens."""
+        the revoked tokens; one of the center cell updates the sales."""
+        if cell == self.fence.rule.center_cell:
+            self.sale_book.applied(changes)
+            return
         if cell != self.fence.rule.global_cell:
             return
         self.revocations.applied(changes)
@@ -343,6 +383,20 @@ class RegionRuntime:
 
     def owned_cells(self) -> list[int]:
         return self.fence.rule.cells_owned_by(self.name)
+
+    async def _sales_forever(self) -> None:
+        """Give back the sale segments this process is done with; read the sales again
+        from this region's copy of the center cell now and then (a bound should a change
+        ever be missed: a copy rebuilt from a snapshot is not replayed row by row)."""
+        rounds_per_reload = max(1, int(BOOK_RELOAD_S / SEGMENTS_INTERVAL_S))
+        for round_no in itertools.count(1):
+            await asyncio.sleep(SEGMENTS_INTERVAL_S)
+            try:
+                await self.tokens.give_back_due()
+                if round_no % rounds_per_reload == 0:
+                    await self.sale_book.load()
+            except Exception:
+                log.exception("sale segments: background work failed")
 
     async def _drain_outbox_forever(self) -> None:
         """Retry center steps that failed (outbox), and release reservations whose order

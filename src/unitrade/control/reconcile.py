@@ -59,7 +59,15 @@ ENTRIES_MAX = 100_000  # held entries read per region and run; the rest waits fo
 MARK_CALL_BYTES_MAX = 48 * 1024  # a region's edge refuses bodies over 64 KiB
 ERROR = "error"  # an object whose owner could not decide: its entries stay held
 KIND_ORDER = {CellKind.GLOBAL: 0, CellKind.UNIT: 1, CellKind.CENTER: 2}
-ORDER_TABLES = ("orders", "order_lines", "payments", "buyer_orders", "idempotency_keys", "outbox")
+ORDER_TABLES = (
+    "orders",
+    "order_lines",
+    "payments",
+    "buyer_orders",
+    "idempotency_keys",
+    "outbox",
+    "sale_tokens",
+)
 
 
 @dataclass
@@ -138,6 +146,15 @@ def _object_of(change: Change, kind: CellKind) -> tuple[str, str]:
             return "cart", f"cart of buyer {key['buyer_id']}: {key['sku']}"
         if change.table == "id_sequences":
             return "local", "order-ID allocation"
+        if change.table == "sale_tokens":
+            if image is not None and image.get("order_id") is not None:
+                return "order", f"order {image['order_id']}"
+            return "token", f"sale token {key['token_id']}"
+    if kind == CellKind.CENTER:
+        if change.table in ("sales", "sale_segments"):
+            return "sale", f"sale {key['sale_id']}"
+        if change.table in ("coupons", "coupon_claims"):
+            return "coupon", f"coupon {key['code']}"
     if kind == CellKind.CENTER:
         if change.table == "reservations":
             return "reservation", f"stock reservation of order {key['order_id']}"
@@ -216,11 +233,20 @@ def order_call(item: Item, dry_run: bool) -> dict[str, Any] | None:
         ),
         None,
     )
+    token = next(
+        (
+            image
+            for image in item.finals("sale_tokens").values()
+            if image is not None and str(image.get("order_id")) == str(order["order_id"])
+        ),
+        None,
+    )
     return {
         "order": order,
         "lines": sorted(lines, key=lambda line: int(line["line_no"])),
         "payment": payment,
         "key": key,
+        "token": token,
         "base_version": base_version,
         "dry_run": dry_run,
     }
@@ -265,6 +291,50 @@ def product_call(item: Item, dry_run: bool) -> dict[str, Any]:
         "base_version": base,
         "dry_run": dry_run,
     }
+
+
+def _unused_token(item: Item) -> tuple[str, str]:
+    return (
+        SUPERSEDED,
+        f"{item.name}: issued by the lost region and not used; not issued again (the "
+        "segment it came from counts it lost); its buyer may ask for another",
+    )
+
+
+def _lost_sale(item: Item) -> tuple[str, str]:
+    """A sale the lost center created or whose quota it handed out past the promotion."""
+    grants = [c for c in item.changes if c.table == "sale_segments" and c.op == "insert"]
+    tokens = sum(int((c.image or {}).get("size", 0)) for c in grants)
+    created = any(c.table == "sales" and c.op == "insert" for c in item.changes)
+    what = "created at the lost center: create it again if still wanted; " if created else ""
+    return (
+        CONFLICT,
+        f"{item.name}: {what}{len(grants)} segments ({tokens} tokens) granted by the lost "
+        "center are not at the new one: tokens their holders issued show in `unitrade sale "
+        "show` as issued_unknown_segments, on top of the new center's quota (stock is "
+        "reserved at the center as ever: no unit is oversold)",
+    )
+
+
+def _lost_coupon(item: Item) -> tuple[str, str]:
+    """A coupon, or claims of it, that only the lost center had."""
+    claims = {c.pk for c in item.changes if c.table == "coupon_claims" and c.op == "insert"}
+    created = any(c.table == "coupons" and c.op == "insert" for c in item.changes)
+    what = "created at the lost center: create it again if still wanted; " if created else ""
+    return (
+        CONFLICT,
+        f"{item.name}: {what}{len(claims)} claims made at the lost center are not at the new "
+        "one: those buyers claim again (the new center counts claims against the coupon's "
+        "count afresh)",
+    )
+
+
+# Objects decided here, for the operator (docs/operations.md, Running a sale).
+SALE_KINDS: dict[str, Callable[[Item], tuple[str, str]]] = {
+    "token": _unused_token,
+    "sale": _lost_sale,
+    "coupon": _lost_coupon,
+}
 
 
 def _chunks(marks: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -361,6 +431,10 @@ class Reconcile:
             return
         if item.kind == "other":
             item.decide(CONFLICT, f"{item.name}: no reconcile rule for this table; redo by hand")
+            return
+        if item.kind in SALE_KINDS:
+            state, note = SALE_KINDS[item.kind](item)
+            item.decide(state, note)
             return
         body: dict[str, Any] | None
         if item.kind == "order":

@@ -25,6 +25,7 @@ from unitrade.gateway.public import mount_public
 from unitrade.gateway.quarantine_routes import quarantine_routes
 from unitrade.gateway.reconcile_routes import reconcile_routes
 from unitrade.gateway.routing import Dispatcher, EndpointTable
+from unitrade.gateway.sale_routes import mount_sales
 from unitrade.region import RegionRuntime
 from unitrade.replication.diff_routes import diff_routes
 from unitrade.replication.routes import replication_routes
@@ -63,7 +64,9 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
     table = EndpointTable()
     direct: dict[tuple[str, str], DirectHandler] = {}
     public = APIRouter()
-    mount_public(PublicApi(public, table, dispatcher, tokens, direct), runtime)
+    endpoints = PublicApi(public, table, dispatcher, tokens, direct)
+    mount_public(endpoints, runtime)
+    mount_sales(endpoints, runtime)
     app.include_router(health_router(runtime, dispatcher))
     app.include_router(public)
     internal = [

@@ -13,6 +13,7 @@ from starlette.routing import Route
 from unitrade.errors import InvalidRequest, UnitradeError, WrongRegion
 from unitrade.gateway import models
 from unitrade.region import RegionRuntime
+from unitrade.services.inventory import NO_TERMS, Terms
 from unitrade.services.remote import PRODUCTS_TARGET
 from unitrade.web.signed import internal_endpoint
 
@@ -32,8 +33,23 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
     global_cell = owned(lambda: runtime.fence.rule.global_cell)
     inventory = runtime.inventory
 
+    sales = runtime.sales
+
     async def reserve(b: models.ReserveCall) -> Any:
-        return await inventory.reserve(int(b.order_id), b.cell, [(s, q) for s, q in b.lines])
+        terms = NO_TERMS
+        if b.terms is not None:
+            terms = Terms(b.terms.buyer_id, b.terms.sale_id, b.terms.coupon, b.terms.subtotal_cents)
+        lines = [(s, q) for s, q in b.lines]
+        return await inventory.reserve(int(b.order_id), b.cell, lines, terms)
+
+    async def sale_segment(b: models.SaleSegmentCall) -> Any:
+        return await sales.grant(b.sale_id, b.region, b.holder, b.grant_id)
+
+    async def sale_return(b: models.SaleReturnCall) -> Any:
+        return await sales.give_back(b.sale_id, b.segment_id, b.used)
+
+    async def sale(b: models.SaleCall) -> Any:
+        return (await sales.get(b.sale_id)).body()
 
     async def step(b: models.StepCall) -> Any:
         lines = [(s, q) for s, q in b.lines] if b.lines else None
@@ -83,6 +99,15 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
         ("/internal/center/stock", internal_endpoint(models.StockCall, stock, before=center)),
         ("/internal/center/stale", internal_endpoint(models.StaleCall, stale, before=center)),
         ("/internal/center/levels", internal_endpoint(models.SkuCall, levels, before=center)),
+        (
+            "/internal/center/sale_segment",
+            internal_endpoint(models.SaleSegmentCall, sale_segment, before=center),
+        ),
+        (
+            "/internal/center/sale_return",
+            internal_endpoint(models.SaleReturnCall, sale_return, before=center),
+        ),
+        ("/internal/center/sale", internal_endpoint(models.SaleCall, sale, before=center)),
         (PRODUCTS_TARGET, internal_endpoint(models.ProductsCall, products, before=global_cell)),
         ("/internal/peer/probe", internal_endpoint(models.PeerProbeCall, probe)),
     ]

@@ -5,7 +5,8 @@ metrics: replication lag per stream (positions and ms), how long since its owner
 and whether it is stale, applied rows, stream errors and rebuilds, each cell copy's
 changelog position, rows kept and trim point, requests forwarded and the lost answers of
 forwarded writes, the rule version each component has acknowledged, writes held while
-a cell was banned, and flow control (`unitrade_flow_*`, flow/metrics.py).
+a cell was banned, flow control (`unitrade_flow_*`, flow/metrics.py), and the sale tokens
+and segments this process issued and holds.
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ class RegionCollector(Collector):
         yield from (rebootstraps, kept, trimmed, trimmed_rows)
         yield from self._retention(region)
         yield from flow_families(self.runtime.flow)
+        yield from self._sales(region)
 
     def _lost_answers(self, region: str) -> Iterator[CounterMetricFamily]:
         """Forwarded writes whose answer was lost, and what became of them
@@ -258,6 +260,41 @@ class RegionCollector(Collector):
         )
         sweeps.add_metric([region], sweeper.sweeps)
         yield from (kept, deleted, failed, sweeps)
+
+    def _sales(self, region: str) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Sale tokens this process issued and refused, and the segments of the sales'
+        quotas it took, gave back and holds (services/sale_tokens.py)."""
+        tokens = self.runtime.tokens
+        issued = CounterMetricFamily(
+            "unitrade_sale_tokens_issued",
+            "Sale tokens this region's process issued to buyers",
+            labels=["region"],
+        )
+        issued.add_metric([region], tokens.issued)
+        refused = CounterMetricFamily(
+            "unitrade_sale_tokens_refused",
+            "Sale token requests this region's process refused, by error",
+            labels=["region", "error"],
+        )
+        for code, count in sorted(tokens.refused.items()):
+            refused.add_metric([region, code], count)
+        segments = CounterMetricFamily(
+            "unitrade_sale_segments",
+            "Segments of sales' token quotas: granted to this process, given back by it, "
+            "dropped (not given back: their untaken tokens are lost)",
+            labels=["region", "event"],
+        )
+        segments.add_metric([region, "granted"], tokens.segments_granted)
+        segments.add_metric([region, "given_back"], tokens.segments_given_back)
+        segments.add_metric([region, "dropped"], tokens.segments_dropped)
+        left = GaugeMetricFamily(
+            "unitrade_sale_segment_tokens_left",
+            "Tokens left in the segment this process issues from, per sale",
+            labels=["region", "sale"],
+        )
+        for sale_id, held in sorted(tokens.held().items()):
+            left.add_metric([region, sale_id], held["left"])
+        yield from (issued, refused, segments, left)
 
 
 def metrics_endpoint(

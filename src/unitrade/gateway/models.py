@@ -7,6 +7,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SALE_ID_PATTERN = r"^[0-9a-f]{12}$"
+SALE_TOKEN_PATTERN = r"^[0-9a-f]{16}$"
+COUPON_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
 KEY_PATTERN = r"^[\x21-\x7e]{1,128}$"  # printable ASCII, no spaces
 PAYMENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 QTY_MAX = 10_000
@@ -27,6 +30,23 @@ def _whole_number(value: Any) -> Any:
 # document): an integer in JSON is 3 or 3.0, never "3" or true.
 WHOLE = BeforeValidator(_whole_number)
 Sku = Annotated[str, Field(pattern=SKU_PATTERN, description="product SKU")]
+SaleId = Annotated[str, Field(pattern=SALE_ID_PATTERN, description="a sale's ID")]
+CouponCode = Annotated[str, Field(pattern=COUPON_PATTERN, description="a coupon code")]
+SaleTokenId = Annotated[
+    str,
+    Field(
+        pattern=SALE_TOKEN_PATTERN,
+        description="a token of the sale whose SKU the order buys (POST /v1/sales/{id}/tokens)",
+    ),
+]
+# Cents off (1 to 10^12 - 1) or a whole percent (1% to 100%).
+DISCOUNT_PATTERN = r"^([1-9][0-9]{0,11}|([1-9][0-9]?|100)%)$"
+TOKENS_MAX = 10**9
+PER_BUYER_MAX = 100
+SEGMENT_SIZE_MAX = 100_000
+TIME_MS_MAX = 2**53  # unix ms; far beyond any sale
+COUPON_COUNT_MAX = 10**8
+COUPON_VALID_S_MAX = 366 * 86_400
 Qty = Annotated[int, Field(ge=1, le=QTY_MAX, strict=True), WHOLE]
 
 
@@ -42,10 +62,77 @@ class OrderItem(_Body):
 class CreateOrder(_Body):
     items: Annotated[list[OrderItem], Field(min_length=1, max_length=ITEMS_MAX)]
     idempotency_key: Annotated[str | None, Field(pattern=KEY_PATTERN)] = None
+    sale_token: SaleTokenId | None = None
+    coupon: Annotated[
+        CouponCode | None, Field(description="a coupon this buyer claimed, for this order")
+    ] = None
 
 
 class Checkout(_Body):
     idempotency_key: Annotated[str | None, Field(pattern=KEY_PATTERN)] = None
+    sale_token: SaleTokenId | None = None
+    coupon: Annotated[
+        CouponCode | None, Field(description="a coupon this buyer claimed, for this order")
+    ] = None
+
+
+class CreateSale(_Body):
+    sku: Sku
+    stock: Annotated[
+        int,
+        Field(ge=0, le=STOCK_MAX, strict=True, description="units for sale: the SKU's available"),
+        WHOLE,
+    ]
+    tokens: Annotated[
+        int,
+        Field(ge=1, le=TOKENS_MAX, strict=True, description="tokens the sale issues at most (M)"),
+        WHOLE,
+    ]
+    per_buyer: Annotated[
+        int,
+        Field(ge=1, le=PER_BUYER_MAX, strict=True, description="tokens one buyer may hold (K)"),
+        WHOLE,
+    ]
+    start_ms: Annotated[int, Field(ge=0, le=TIME_MS_MAX, strict=True), WHOLE]
+    end_ms: Annotated[int, Field(ge=0, le=TIME_MS_MAX, strict=True), WHOLE]
+    segment_size: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=SEGMENT_SIZE_MAX,
+            strict=True,
+            description="tokens handed to a region's process at a time",
+        ),
+        WHOLE,
+    ] = 100
+
+
+class CreateCoupon(_Body):
+    code: CouponCode
+    count: Annotated[
+        int,
+        Field(ge=1, le=COUPON_COUNT_MAX, strict=True, description="claims allowed in all (N)"),
+        WHOLE,
+    ]
+    discount: Annotated[
+        str,
+        Field(pattern=DISCOUNT_PATTERN, description="cents off (500) or a percent off (10%)"),
+    ]
+    min_total_cents: Annotated[
+        int,
+        Field(ge=0, le=PRICE_CENTS_MAX, strict=True, description="orders from this subtotal"),
+        WHOLE,
+    ] = 0
+    valid_s: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=COUPON_VALID_S_MAX,
+            strict=True,
+            description="seconds from now during which it may be claimed and used",
+        ),
+        WHOLE,
+    ] = 30 * 86_400
 
 
 class Pay(_Body):
@@ -80,10 +167,37 @@ class TokenRevoked(BaseModel):
 # Internal API (region to region) -------------------------------------------------------
 
 
+class TermsCall(_Body):
+    """An order's sale and coupon, checked and held with its stock (inventory.py Terms)."""
+
+    buyer_id: Annotated[int, Field(ge=0)]
+    sale_id: Annotated[str | None, Field(pattern=SALE_ID_PATTERN)] = None
+    coupon: Annotated[str | None, Field(pattern=COUPON_PATTERN)] = None
+    subtotal_cents: Annotated[int, Field(ge=0)]
+
+
 class ReserveCall(_Body):
     order_id: Annotated[str, Field(pattern=r"^[0-9]{1,19}$")]
     cell: int
     lines: Annotated[list[tuple[Sku, Qty]], Field(min_length=1, max_length=ITEMS_MAX)]
+    terms: TermsCall | None = None
+
+
+class SaleSegmentCall(_Body):
+    sale_id: Annotated[str, Field(pattern=SALE_ID_PATTERN)]
+    region: Annotated[str, Field(max_length=16)]
+    holder: Annotated[str, Field(min_length=1, max_length=32)]
+    grant_id: Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+
+
+class SaleReturnCall(_Body):
+    sale_id: Annotated[str, Field(pattern=SALE_ID_PATTERN)]
+    segment_id: Annotated[int, Field(ge=1)]
+    used: Annotated[int, Field(ge=0)]
+
+
+class SaleCall(_Body):
+    sale_id: Annotated[str, Field(pattern=SALE_ID_PATTERN)]
 
 
 class ReinstateCall(_Body):
@@ -150,7 +264,12 @@ class Order(BaseModel):
     order_id: Annotated[str, Field(pattern=r"^[0-9]{1,19}$", description="decimal string")]
     buyer_id: int
     status: OrderStatus
-    total_cents: int
+    total_cents: Annotated[int, Field(description="subtotal less the coupon's discount")]
+    subtotal_cents: Annotated[int, Field(description="the sum of the lines")]
+    discount_cents: int
+    coupon: str | None
+    sale_id: Annotated[str | None, Field(description="the sale whose token bought a unit")]
+    sale_token: str | None
     items: list[OrderLine]
     payment_id: str | None
     cell: Annotated[int, Field(description="the unit cell the order lives in")]
@@ -203,6 +322,93 @@ class ProductWritten(Product):
     available: int
     reserved: int
     sold: int
+
+
+SaleState = Literal["scheduled", "open", "ended"]
+
+
+class Sale(BaseModel):
+    sale_id: str
+    sku: str
+    stock: int
+    tokens: int
+    per_buyer: int
+    segment_size: int
+    start_ms: int
+    end_ms: int
+    state: SaleState
+
+
+class SaleQuota(Sale):
+    remaining: Annotated[int, Field(description="tokens not handed to any region yet")]
+    segments: Annotated[int, Field(description="segments handed out so far")]
+
+
+class SalePage(BaseModel):
+    sales: list[SaleQuota]
+
+
+class SaleAccount(Sale):
+    """Where every token of the sale is (docs/api.md, docs/architecture.md)."""
+
+    remaining: int
+    issued: Annotated[int, Field(description="tokens in buyers' cells")]
+    used: Annotated[int, Field(description="issued tokens that bought a unit")]
+    unissued_in_segments: int
+    unissued_by_region: dict[str, int]
+    lost: Annotated[int, Field(description="untaken in segments never given back")]
+    lost_by_region: dict[str, int]
+    issued_unknown_segments: int
+    segments: dict[str, int]
+    segments_counted: int
+    balanced: Annotated[bool, Field(description="remaining + issued + unissued + lost = tokens")]
+    as_of_ms: int
+    levels: InventoryLevels | None
+
+
+class SaleToken(BaseModel):
+    token: str
+    sale_id: str
+    sku: str | None
+    buyer_id: int
+    status: Literal["issued", "used"]
+    order_id: str | None
+    created_ms: int
+    sale_end_ms: int
+
+
+class SaleTokens(BaseModel):
+    sale_id: str
+    tokens: list[SaleToken]
+
+
+class Coupon(BaseModel):
+    code: str
+    count: int
+    claimed: int
+    discount: str
+    discount_kind: Literal["cents", "percent"]
+    discount_value: int
+    min_total_cents: int
+    end_ms: int
+    created_ms: int
+
+
+class CouponClaim(BaseModel):
+    code: str
+    buyer_id: int
+    status: Literal["claimed", "held", "used"]
+    order_id: str | None
+    claimed_ms: int
+
+
+class CouponShown(Coupon):
+    claims: dict[str, int]
+    mine: Annotated[CouponClaim | None, Field(description="the calling buyer's claim")] = None
+
+
+class CouponPage(BaseModel):
+    coupons: list[Coupon]
 
 
 class ControlWatch(BaseModel):

@@ -23,7 +23,7 @@ from unitrade.gateway.routing import (
     order_read_home,
 )
 from unitrade.region import RegionRuntime
-from unitrade.services.orders import CURSOR_PATTERN
+from unitrade.services.orders import CURSOR_PATTERN, NO_OFFER, Offer
 from unitrade.topology.order_id import parse_order_id
 from unitrade.topology.probes import PROBE_SKU
 from unitrade.topology.rule import RoutingError, route_buyer, route_cell, route_order
@@ -62,7 +62,8 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
     )
     async def create_order(ctx: Ctx, body: models.CreateOrder) -> Response:
         items = [(i.sku, i.qty) for i in body.items]
-        done = await runtime.orders.create(ctx.who.buyer_id, items, body.idempotency_key)
+        offer = Offer(body.sale_token, body.coupon)
+        done = await runtime.orders.create(ctx.who.buyer_id, items, body.idempotency_key, offer)
         return created(done.order, done.replayed)
 
     @api.endpoint(
@@ -201,7 +202,8 @@ def mount_public(api: PublicApi, runtime: RegionRuntime) -> None:
     )
     async def checkout(ctx: Ctx, body: models.Checkout | None = None) -> Response:
         key = body.idempotency_key if body else None
-        done = await runtime.orders.checkout(ctx.who.buyer_id, key)
+        offer = Offer(body.sale_token, body.coupon) if body else NO_OFFER
+        done = await runtime.orders.checkout(ctx.who.buyer_id, key, offer)
         return created(done.order, done.replayed)
 
     # -- catalog and inventory: public reads of this region's copies ------------------------

@@ -16,7 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.routing import Route
 
 from unitrade.errors import InvalidRequest
-from unitrade.gateway.models import ITEMS_MAX, KEY_PATTERN, PAYMENT_ID_PATTERN, Qty, Sku
+from unitrade.gateway.models import (
+    ITEMS_MAX,
+    KEY_PATTERN,
+    PAYMENT_ID_PATTERN,
+    SALE_ID_PATTERN,
+    SALE_TOKEN_PATTERN,
+    Qty,
+    Sku,
+)
 from unitrade.region import RegionRuntime
 from unitrade.services.reconcile import Reconciler
 from unitrade.topology.order_id import decode_order_id, parse_order_id
@@ -82,11 +90,26 @@ class KeyImage(_Body):
     created_ms: Ms
 
 
+class TokenImage(_Body):
+    """A `sale_tokens` row: the sale token the order bought its unit with."""
+
+    token_id: Annotated[str, Field(pattern=SALE_TOKEN_PATTERN)]
+    sale_id: Annotated[str, Field(pattern=SALE_ID_PATTERN)]
+    buyer_id: Id
+    segment_id: Annotated[int, Field(ge=1)]
+    status: Literal["used"]
+    order_id: Id
+    sale_end_ms: Ms
+    created_ms: Ms
+    updated_ms: Ms
+
+
 class OrderCall(_Body):
     order: OrderImage
     lines: Annotated[list[LineImage], Field(max_length=ITEMS_MAX)] = []
     payment: PaymentImage | None = None
     key: KeyImage | None = None
+    token: TokenImage | None = None
     base_version: Annotated[int, Field(ge=0)]  # the version the lost region's change began at
     dry_run: bool = False
 
@@ -106,6 +129,10 @@ class OrderCall(_Body):
             owners.append(self.key.order_id)
             if self.key.buyer_id != self.order.buyer_id:
                 raise ValueError("the idempotency key is another buyer's")
+        if self.token is not None:
+            owners.append(self.token.order_id)
+            if self.token.buyer_id != self.order.buyer_id:
+                raise ValueError("the sale token is another buyer's")
         if any(owner != order_id for owner in owners):
             raise ValueError(f"rows of another order than {order_id}")
         if len({line.line_no for line in self.lines}) != len(self.lines):
@@ -201,6 +228,7 @@ def reconcile_routes(runtime: RegionRuntime) -> list[Route]:
             None if b.key is None else b.key.model_dump(),
             b.base_version,
             b.dry_run,
+            None if b.token is None else b.token.model_dump(),
         )
         return outcome.body()
 

@@ -115,6 +115,19 @@ def global_owner_for_admin(
     return route_cell(rule, rule.global_cell) if who.admin else None
 
 
+def center_home(rule: Rule, who: Caller, _params: Mapping[str, str], _query: str) -> Route | None:
+    """A buyer's call on the center cell (a coupon claim): served at the cell's owner."""
+    if who.principal is None or who.principal.buyer_id is None:
+        return None
+    return route_cell(rule, rule.center_cell)
+
+
+def center_owner_for_admin(
+    rule: Rule, who: Caller, _params: Mapping[str, str], _query: str
+) -> Route | None:
+    return route_cell(rule, rule.center_cell) if who.admin else None
+
+
 @dataclass(frozen=True)
 class Endpoint:
     method: str

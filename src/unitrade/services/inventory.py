@@ -10,6 +10,7 @@ transaction) and `available + reserved + sold` changes only through `set_stock`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -25,6 +26,8 @@ from unitrade.errors import (
     StockBelowCommitted,
     UnknownSku,
 )
+from unitrade.services import coupons
+from unitrade.services.sales import check_sale_lines
 from unitrade.storage.schema import inventory, reservations
 from unitrade.storage.store import CellStore, WriteTx, by_key, key_params, now_ms
 from unitrade.topology.order_id import decode_order_id, unix_to_id_time
@@ -50,6 +53,21 @@ _STALE = (
     .order_by(reservations.c.created_ms)
     .limit(bindparam("n"))
 )
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What an order's reservation checks and holds besides stock, in the same center
+    transaction: the sale whose token the order carries (services/sales.py) and the
+    buyer's coupon (services/coupons.py), priced on the order's subtotal."""
+
+    buyer_id: int = 0
+    sale_id: str | None = None
+    coupon: str | None = None
+    subtotal_cents: int = 0
+
+
+NO_TERMS = Terms()
 
 
 def normalize_lines(lines: Lines) -> Lines:
@@ -106,6 +124,7 @@ def _refund_without_reservation(tx: WriteTx, order_id: int, lines: Lines) -> dic
     normalized = normalize_lines(lines)
     for sku, qty in normalized:
         _move(tx, sku, qty, "sold", "available", refuse=False)
+    coupons.follow_step(tx, order_id, "refund")
     stamp = now_ms()
     tombstone = {
         "order_id": order_id,
@@ -179,7 +198,11 @@ class InventoryService:
                 f"{self.reserve_window_s:g} s after the order ID is refused; retry the order"
             )
 
-    async def reserve(self, order_id: int, cell: int, lines: Lines) -> dict[str, Any]:
+    async def reserve(
+        self, order_id: int, cell: int, lines: Lines, terms: Terms = NO_TERMS
+    ) -> dict[str, Any]:
+        """Reserve the order's stock, check its sale and hold its coupon, all or nothing;
+        the answer carries the coupon's `discount_cents`. Repeating it answers the same."""
         lines = normalize_lines(lines)
         encoded = orjson.dumps(lines).decode()
 
@@ -188,10 +211,23 @@ class InventoryService:
             if existing is not None:
                 if existing.lines != encoded:
                     raise Conflict(f"order {order_id} already has a different reservation")
-                return {"order_id": str(order_id), "status": existing.status}
+                code, discount = coupons.held_discount(tx, order_id)
+                if terms.coupon is not None and code not in (None, terms.coupon):
+                    raise Conflict(f"order {order_id} holds coupon {code}, not {terms.coupon}")
+                return {
+                    "order_id": str(order_id),
+                    "status": existing.status,
+                    "discount_cents": discount,
+                }
             self._refuse_late(order_id)
+            check_sale_lines(tx, lines, terms.sale_id)
             for sku, qty in lines:
                 _move(tx, sku, qty, "available", "reserved", refuse=True)
+            discount = 0
+            if terms.coupon is not None:
+                discount = coupons.hold(
+                    tx, terms.coupon, terms.buyer_id, order_id, terms.subtotal_cents
+                )
             stamp = now_ms()
             tx.insert(
                 reservations,
@@ -204,7 +240,7 @@ class InventoryService:
                     "updated_ms": stamp,
                 },
             )
-            return {"order_id": str(order_id), "status": "reserved"}
+            return {"order_id": str(order_id), "status": "reserved", "discount_cents": discount}
 
         return await self.store.write(work)
 
@@ -318,6 +354,7 @@ class InventoryService:
             for sku, qty in orjson.loads(row.lines):
                 _move(tx, sku, qty, source, target, refuse=False)
             tx.update(reservations, {"order_id": order_id}, {"status": end, "updated_ms": now_ms()})
+            coupons.follow_step(tx, order_id, step)
             return {"order_id": str(order_id), "status": end}
 
         return await self.store.write(work)

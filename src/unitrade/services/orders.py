@@ -44,8 +44,16 @@ from unitrade.errors import (
     UnknownSku,
 )
 from unitrade.planted import DOUBLE_PAYMENT, planted
-from unitrade.services.inventory import LINES_MAX, Lines, normalize_lines
+from unitrade.services.inventory import LINES_MAX, NO_TERMS, Lines, Terms, normalize_lines
 from unitrade.services.remote import CatalogClient, CenterClient
+from unitrade.services.sale_tokens import (
+    SaleBook,
+    consume,
+    precheck_token,
+    require_token,
+    sale_of_lines,
+)
+from unitrade.services.sales import Sale
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.schema import (
     buyer_orders,
@@ -55,6 +63,7 @@ from unitrade.storage.schema import (
     orders,
     outbox,
     payments,
+    sale_tokens,
 )
 from unitrade.storage.sequences import OrderIdAllocator
 from unitrade.storage.store import CellStore, WriteTx, by_key, key_params, now_ms
@@ -140,6 +149,12 @@ def order_body(row: Any, region: str) -> dict[str, Any]:
         "buyer_id": row["buyer_id"],
         "status": row["status"],
         "total_cents": row["total_cents"],
+        # Orders written before coupons had no discount: their subtotal is their total.
+        "subtotal_cents": document.get("subtotal_cents", row["total_cents"]),
+        "discount_cents": document.get("discount_cents", 0),
+        "coupon": document.get("coupon"),
+        "sale_id": document.get("sale_id"),
+        "sale_token": document.get("sale_token"),
         "items": document["items"],
         "payment_id": row["payment_id"],
         "cell": row["cell_id"],
@@ -149,8 +164,35 @@ def order_body(row: Any, region: str) -> dict[str, Any]:
     }
 
 
-def _fingerprint(kind: str, lines: Lines) -> str:
-    return hashlib.sha256(orjson.dumps([kind, lines])).hexdigest()
+def _fingerprint(kind: str, lines: Lines, extra: Offer | None = None) -> str:
+    # An order without a token or coupon keeps the fingerprint it always had.
+    shape: list[Any] = [kind, lines]
+    if extra is not None and (extra.sale_token is not None or extra.coupon is not None):
+        shape.append([extra.sale_token, extra.coupon])
+    return hashlib.sha256(orjson.dumps(shape)).hexdigest()
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What an order brings besides its items: a sale token and a coupon code."""
+
+    sale_token: str | None = None
+    coupon: str | None = None
+
+
+NO_OFFER = Offer()
+
+
+@dataclass(frozen=True)
+class _Priced:
+    """An order's prices (the catalog it was priced from), its coupon's discount as the
+    center held it, and its sale and token."""
+
+    catalog: dict[str, dict[str, Any]]
+    discount_cents: int
+    coupon: str | None
+    sale: Sale | None
+    sale_token: str | None
 
 
 @dataclass(frozen=True)
@@ -171,11 +213,13 @@ class OrderService:
         center: CenterClient,
         catalog: CatalogClient,
         allocators: dict[int, OrderIdAllocator],
+        sales: SaleBook | None = None,
     ) -> None:
         self.copies = copies
         self.center = center
         self.catalog = catalog
         self.allocators = allocators
+        self.sales = sales
         self.write_deadline_s = RESERVATION_GRACE_S / 2
         self.reserve_timeout_s = CENTER_RESERVE_S
         self.claim_timeout_s = CENTER_CLAIM_S
@@ -199,22 +243,30 @@ class OrderService:
 
     # -- create ----------------------------------------------------------------------------
 
-    async def create(self, buyer_id: int, items: Lines, idempotency_key: str | None) -> Created:
+    async def create(
+        self,
+        buyer_id: int,
+        items: Lines,
+        idempotency_key: str | None,
+        offer: Offer = NO_OFFER,
+    ) -> Created:
         if not 1 <= len(items) <= LINES_MAX:
             raise InvalidRequest(f"an order has 1 to {LINES_MAX} items")
         lines = normalize_lines(items)
         store = self._buyer_store(buyer_id)
-        fingerprint = _fingerprint("order", lines)
+        fingerprint = _fingerprint("order", lines, offer)
         replay = await self._replay(store, buyer_id, idempotency_key, fingerprint)
         if replay is not None:
             return replay
         if self.admit is not None:
             await self.admit(buyer_id, [sku for sku, _ in lines])
-        return await self._create(store, buyer_id, lines, idempotency_key, fingerprint, {})
+        return await self._create(store, buyer_id, lines, idempotency_key, fingerprint, {}, offer)
 
-    async def checkout(self, buyer_id: int, idempotency_key: str | None) -> Created:
+    async def checkout(
+        self, buyer_id: int, idempotency_key: str | None, offer: Offer = NO_OFFER
+    ) -> Created:
         store = self._buyer_store(buyer_id)
-        fingerprint = _fingerprint("checkout", [])
+        fingerprint = _fingerprint("checkout", [], offer)
         replay = await self._replay(store, buyer_id, idempotency_key, fingerprint)
         if replay is not None:
             return replay
@@ -225,7 +277,7 @@ class OrderService:
         if self.admit is not None:
             await self.admit(buyer_id, list(cart))
         lines = normalize_lines(list(cart.items()))
-        return await self._create(store, buyer_id, lines, idempotency_key, fingerprint, cart)
+        return await self._create(store, buyer_id, lines, idempotency_key, fingerprint, cart, offer)
 
     async def _replay(
         self, store: CellStore, buyer_id: int, key: str | None, fingerprint: str
@@ -251,15 +303,29 @@ class OrderService:
         key: str | None,
         fingerprint: str,
         cart: dict[str, int],
+        offer: Offer = NO_OFFER,
     ) -> Created:
         catalog = await self.catalog.get_cached([sku for sku, _ in lines])
         missing = [sku for sku, _ in lines if sku not in catalog or not orderable(sku, buyer_id)]
         if missing:
             raise UnknownSku(f"unknown SKU {missing[0]!r}", sku=missing[0])
+        sale = sale_of_lines(self.sales, lines) if self.sales is not None else None
+        if sale is not None:
+            # Before anything reaches the center: a buyer without a valid token of the sale
+            # costs the stock service nothing (what the tokens are for).
+            token = require_token(sale, offer.sale_token)
+            await precheck_token(store, buyer_id, sale, token)
+        elif offer.sale_token is not None:
+            raise InvalidRequest("`sale_token` is for an order of a sale's SKU; this has none")
+        subtotal = sum(qty * int(catalog[sku]["price_cents"]) for sku, qty in lines)
+        terms = NO_TERMS
+        if sale is not None or offer.coupon is not None:
+            sale_id = None if sale is None else sale.sale_id
+            terms = Terms(buyer_id, sale_id, offer.coupon, subtotal)
         cell = store.cell.id
         order_id = await self.allocators[cell].next_id()
         try:
-            await self.center.reserve(order_id, cell, lines, self.reserve_timeout_s)
+            held = await self.center.reserve(order_id, cell, lines, self.reserve_timeout_s, terms)
         except OutcomeUnknown as lost:
             # The reservation may stand at the center, but this order ID is written by
             # this request only, which ends here: the order is not written and never will
@@ -274,9 +340,12 @@ class OrderService:
                 **lost.details,
             ) from lost
         deadline = time.monotonic() + self.write_deadline_s
+        priced = _Priced(
+            catalog, int(held.get("discount_cents", 0)), offer.coupon, sale, offer.sale_token
+        )
         try:
             row = await self._write_order(
-                store, order_id, buyer_id, lines, catalog, key, fingerprint, cart, deadline
+                store, order_id, buyer_id, lines, priced, key, fingerprint, cart, deadline
             )
         except _Replay as replay:
             await self._release_quietly(order_id)
@@ -292,12 +361,13 @@ class OrderService:
         order_id: int,
         buyer_id: int,
         lines: Lines,
-        catalog: dict[str, dict[str, Any]],
+        priced: _Priced,
         key: str | None,
         fingerprint: str,
         cart: dict[str, int],
         deadline: float,
     ) -> dict[str, Any]:
+        catalog = priced.catalog
         items = [
             {
                 "sku": sku,
@@ -309,13 +379,24 @@ class OrderService:
             for sku, qty in lines
         ]
         stamp = now_ms()
+        subtotal = sum(item["line_cents"] for item in items)
+        assert 0 <= priced.discount_cents <= subtotal, "a discount never exceeds the subtotal"
+        document: dict[str, Any] = {"items": items}
+        if priced.coupon is not None or priced.sale is not None:
+            document.update(
+                subtotal_cents=subtotal,
+                discount_cents=priced.discount_cents,
+                coupon=priced.coupon,
+                sale_id=None if priced.sale is None else priced.sale.sale_id,
+                sale_token=priced.sale_token,
+            )
         row = {
             "order_id": order_id,
             "buyer_id": buyer_id,
             "cell_id": store.cell.id,
             "status": "created",
-            "total_cents": sum(item["line_cents"] for item in items),
-            "document": orjson.dumps({"items": items}).decode(),
+            "total_cents": subtotal - priced.discount_cents,
+            "document": orjson.dumps(document).decode(),
             "payment_id": None,
             "idempotency_key": key,
             "created_ms": stamp,
@@ -340,6 +421,9 @@ class OrderService:
                         "created_ms": stamp,
                     },
                 )
+            if priced.sale is not None:
+                assert priced.sale_token is not None
+                consume(tx, buyer_id, priced.sale, priced.sale_token, order_id)
             tx.insert(orders, row)
             for line_no, item in enumerate(items, start=1):
                 tx.insert(
@@ -405,10 +489,13 @@ class OrderService:
         lines: Sequence[Mapping[str, Any]],
         payment: Mapping[str, Any] | None,
         key: Mapping[str, Any] | None,
+        token: Mapping[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """Write again an order that only a lost region had (its quarantine; reconcile,
         control/reconcile.py) at this owner of its cell, with its original ID and state: the
-        orders row, its lines, the buyer's index entry, its idempotency key and its payment.
+        orders row, its lines, the buyer's index entry, its idempotency key, its payment
+        and the sale token it bought its unit with (written as used if this cell lacks it:
+        the buyer's count of tokens includes it again, even past the sale's limit).
 
         As `pay` claims first, its payment ID is claimed again at the center first
         (`conflict` if another order holds it); as `create` reserves first, the stock is
@@ -455,6 +542,8 @@ class OrderService:
                     )
                 if paid is None:
                     tx.insert(payments, payment)
+            if token is not None and tx.get(sale_tokens, {"token_id": token["token_id"]}) is None:
+                tx.insert(sale_tokens, token)
             tx.insert(orders, order)
             for line in lines:
                 tx.insert(order_lines, line)

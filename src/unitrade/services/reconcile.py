@@ -160,11 +160,12 @@ class Reconciler:
         key: Mapping[str, Any] | None,
         base_version: int,
         dry_run: bool,
+        token: Mapping[str, Any] | None = None,
     ) -> Outcome:
         """An order the lost region created or changed: `order` its final row, `lines`,
-        `payment` and `key` the final rows of its lines, payment and idempotency key that
-        the lost region wrote, `base_version` the version its first change started from (0:
-        it created the order)."""
+        `payment`, `key` and `token` the final rows of its lines, payment, idempotency key
+        and sale token that the lost region wrote, `base_version` the version its first
+        change started from (0: it created the order)."""
         order_id = int(order["order_id"])
         store = self.owned(route_order(self.copies.fence.rule, order_id).cell)
         final = str(order["status"])
@@ -175,7 +176,7 @@ class Reconciler:
                     f"order {order_id}: the lost region changed it from version "
                     f"{base_version}, but the new owner does not have it"
                 )
-            return await self._recreate(store, order, lines, payment, key, dry_run)
+            return await self._recreate(store, order, lines, payment, key, dry_run, token)
         now = str(have["status"])
         if (now, have["payment_id"], have["version"]) == (
             final,
@@ -199,6 +200,7 @@ class Reconciler:
         payment: Mapping[str, Any] | None,
         key: Mapping[str, Any] | None,
         dry_run: bool,
+        token: Mapping[str, Any] | None = None,
     ) -> Outcome:
         order_id, status = int(order["order_id"]), str(order["status"])
         if not lines:
@@ -234,7 +236,7 @@ class Reconciler:
                     )
                 await self.orders.center.reinstate(order_id, store.cell.id, items, hold, True)
                 return Outcome(REAPPLIED, f"order {order_id} would be re-created {status}", status)
-            written = await self.orders.recreate(order, lines, payment, key)
+            written = await self.orders.recreate(order, lines, payment, key, token)
         except InsufficientStock as exc:
             return _conflict(f"insufficient stock for order {order_id}: {exc.message}")
         except BUSINESS_REFUSALS as exc:

@@ -21,8 +21,9 @@ from unitrade.flow.breaker import BreakerBoard
 from unitrade.rpc.client import RegionClient, Unanswered, Unreachable
 from unitrade.services.catalog import CatalogService
 from unitrade.services.catalog_cache import CatalogCache
-from unitrade.services.inventory import InventoryService, Lines
+from unitrade.services.inventory import NO_TERMS, InventoryService, Lines, Terms
 from unitrade.services.payments import PaymentClaims
+from unitrade.services.sales import SaleService
 from unitrade.topology.rule_view import RuleView
 
 log = logging.getLogger("unitrade.services.remote")
@@ -34,12 +35,15 @@ CATALOG_OWNER_READS = "catalog_owner_reads"  # the switch that turns those reads
 # What each center call does, for messages; and whether it writes.
 CENTER_CALLS: dict[str, tuple[str, bool]] = {
     "reserve": ("stock reservation", True),
-    "reinstate": ("reservation of a reconciled order", True),
     "step": ("reservation step", True),
+    "reinstate": ("reservation of a reconciled order", True),
     "stock": ("stock total", True),
     "claim": ("payment claim", True),
     "stale": ("read of old reservations", False),
     "levels": ("stock read", False),
+    "sale_segment": ("sale token quota", True),
+    "sale_return": ("return of sale tokens", True),
+    "sale": ("sale read", False),
 }
 
 
@@ -62,6 +66,7 @@ class CenterClient:
         breakers: BreakerBoard | None = None,
         *,
         claims: PaymentClaims,
+        sales: SaleService | None = None,
     ) -> None:
         self.rules = rules
         self.region = region
@@ -69,6 +74,7 @@ class CenterClient:
         self.claims = claims
         self.client = client
         self.breakers = breakers
+        self.sales = sales or SaleService(local.store)
 
     async def _call(
         self,
@@ -115,12 +121,51 @@ class CenterClient:
         return await self.breakers.get(owner, CENTER_CALL).run(send, failed_call)
 
     async def reserve(
-        self, order_id: int, cell: int, lines: Lines, timeout_s: float | None = None
+        self,
+        order_id: int,
+        cell: int,
+        lines: Lines,
+        timeout_s: float | None = None,
+        terms: Terms = NO_TERMS,
     ) -> dict[str, Any]:
-        payload = {"order_id": str(order_id), "cell": cell, "lines": lines}
+        payload: dict[str, Any] = {"order_id": str(order_id), "cell": cell, "lines": lines}
+        if terms != NO_TERMS:
+            # Only when there are terms: a center of an older version takes the call as before.
+            payload["terms"] = {
+                "buyer_id": terms.buyer_id,
+                "sale_id": terms.sale_id,
+                "coupon": terms.coupon,
+                "subtotal_cents": terms.subtotal_cents,
+            }
         result: dict[str, Any] = await self._call(
-            lambda: self.local.reserve(order_id, cell, lines), "reserve", payload, timeout_s
+            lambda: self.local.reserve(order_id, cell, lines, terms), "reserve", payload, timeout_s
         )
+        return result
+
+    async def sale_segment(
+        self, sale_id: str, region: str, holder: str, grant_id: str
+    ) -> dict[str, Any]:
+        """A segment of a sale's token quota for this process (services/sales.py)."""
+        payload = {"sale_id": sale_id, "region": region, "holder": holder, "grant_id": grant_id}
+        result: dict[str, Any] = await self._call(
+            lambda: self.sales.grant(sale_id, region, holder, grant_id), "sale_segment", payload
+        )
+        return result
+
+    async def sale_return(self, sale_id: str, segment_id: int, used: int) -> dict[str, Any]:
+        payload = {"sale_id": sale_id, "segment_id": segment_id, "used": used}
+        result: dict[str, Any] = await self._call(
+            lambda: self.sales.give_back(sale_id, segment_id, used), "sale_return", payload
+        )
+        return result
+
+    async def sale(self, sale_id: str) -> dict[str, Any]:
+        """A sale's definition, read at the center's owner."""
+
+        async def local() -> dict[str, Any]:
+            return (await self.sales.get(sale_id)).body()
+
+        result: dict[str, Any] = await self._call(local, "sale", {"sale_id": sale_id})
         return result
 
     async def step(

@@ -11,6 +11,10 @@ wrong_region) is skipped; its next owner sweeps it.
 - `idempotency_keys`: once `idempotency_keys_s` old. A retry with the same key after that
   creates a new order (as with Stripe's 24 h keys).
 - `revoked_tokens` (global cell): once the token they name has expired.
+- flash sales: `sale_tokens` (unit cells, by the sale's end each token carries),
+  `sale_segments` and then `sales` (center cell) once the sale ended `sales_ended_s` ago;
+  coupons: `coupon_claims` and then `coupons` once the coupon ended `coupons_ended_s` ago.
+  Children go first; a definition goes only when none of its children is left.
 - `reservations` (center cell): finished ones (committed, released, refunded) once
   `reservations_finished_s` old AND older than `reserve_window_s` plus a clock margin. The
   center refuses a reserve for an order ID older than `reserve_window_s`, so a very late
@@ -37,7 +41,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, Table, bindparam, func, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    Table,
+    bindparam,
+    exists,
+    func,
+    or_,
+    select,
+)
 
 from unitrade.errors import WriteBanned, WrongRegion
 from unitrade.services.probe_data import (
@@ -51,11 +65,16 @@ from unitrade.services.probe_data import (
 )
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.schema import (
+    coupon_claims,
+    coupons,
     idempotency_keys,
     outbox,
     payment_claims,
     reservations,
     revoked_tokens,
+    sale_segments,
+    sale_tokens,
+    sales,
 )
 from unitrade.storage.sequences import AHEAD_S_MAX
 from unitrade.storage.store import ROWS_PER_WRITE_MAX, CellStore, WriteTx, now_ms
@@ -120,6 +139,51 @@ EXPIRIES = (
         lambda: [payment_claims.c.created_ms < bindparam("before_ms")],
         "created_ms",
     ),
+    Expiry(
+        sale_tokens,
+        CellKind.UNIT,
+        lambda: [sale_tokens.c.sale_end_ms < bindparam("before_ms")],
+        "sale_end_ms",
+    ),
+    # Children before their definitions, within one sweep.
+    Expiry(
+        sale_segments,
+        CellKind.CENTER,
+        lambda: [
+            sale_segments.c.sale_id.in_(
+                select(sales.c.sale_id).where(sales.c.end_ms < bindparam("before_ms"))
+            )
+        ],
+        "granted_ms",
+    ),
+    Expiry(
+        sales,
+        CellKind.CENTER,
+        lambda: [
+            sales.c.end_ms < bindparam("before_ms"),
+            ~exists().where(sale_segments.c.sale_id == sales.c.sale_id),
+        ],
+        "end_ms",
+    ),
+    Expiry(
+        coupon_claims,
+        CellKind.CENTER,
+        lambda: [
+            coupon_claims.c.code.in_(
+                select(coupons.c.code).where(coupons.c.end_ms < bindparam("before_ms"))
+            )
+        ],
+        "claimed_ms",
+    ),
+    Expiry(
+        coupons,
+        CellKind.CENTER,
+        lambda: [
+            coupons.c.end_ms < bindparam("before_ms"),
+            ~exists().where(coupon_claims.c.code == coupons.c.code),
+        ],
+        "end_ms",
+    ),
 )
 SWEPT_TABLES = {kind: [e.table.name for e in EXPIRIES if e.kind == kind] for kind in CellKind}
 _FAILED_OUTBOX = select(func.count()).select_from(outbox).where(outbox.c.status == "failed")
@@ -162,6 +226,11 @@ def cutoffs(settings: RetentionConfig, now: int) -> dict[str, dict[str, int]]:
             "before_ms": now - settings.reservations_finished_s * 1000,
             "created_before_ms": now - reserve_guard_s * 1000,
         },
+        sale_tokens.name: {"before_ms": now - settings.sales_ended_s * 1000},
+        sale_segments.name: {"before_ms": now - settings.sales_ended_s * 1000},
+        sales.name: {"before_ms": now - settings.sales_ended_s * 1000},
+        coupon_claims.name: {"before_ms": now - settings.coupons_ended_s * 1000},
+        coupons.name: {"before_ms": now - settings.coupons_ended_s * 1000},
         payment_claims.name: {"before_ms": now - settings.payment_claims_s * 1000},
         PROBE_ORDERS: {"before_ms": now - settings.probe_orders_s * 1000},
         # A probe reservation is done with at once, but a late reserve could still bring

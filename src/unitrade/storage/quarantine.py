@@ -287,6 +287,39 @@ def describe(table: str, op: str, key: Mapping[str, Any], image: Mapping[str, An
         return f"product {key.get('sku')}" + (
             " deleted" if gone else f": {row.get('title')!r} at {row.get('price_cents')} cents"
         )
+    if table == "sale_tokens":
+        return f"sale token {key.get('token_id')}" + (
+            " deleted"
+            if gone
+            else (
+                f" of sale {row.get('sale_id')} for buyer {row.get('buyer_id')}: "
+                f"{row.get('status')}"
+                + (f" by order {row.get('order_id')}" if row.get("order_id") else "")
+            )
+        )
+    if table == "sales":
+        return f"sale {key.get('sale_id')}" + (
+            " deleted"
+            if gone
+            else f" of {row.get('sku')}: {row.get('remaining')} of {row.get('tokens')} tokens left"
+        )
+    if table == "sale_segments":
+        return f"segment {key.get('segment_id')} of sale {key.get('sale_id')}" + (
+            " deleted"
+            if gone
+            else f": {row.get('size')} tokens to {row.get('region')}, {row.get('status')}"
+        )
+    if table == "coupons":
+        return f"coupon {key.get('code')}" + (
+            " deleted" if gone else f": {row.get('claimed')} of {row.get('count')} claimed"
+        )
+    if table == "coupon_claims":
+        return f"claim of coupon {key.get('code')} by buyer {key.get('buyer_id')}" + (
+            " deleted"
+            if gone
+            else f": {row.get('status')}"
+            + (f" by order {row.get('order_id')}" if row.get("order_id") else "")
+        )
     return f"{table} {dict(key)} ({'deleted' if gone else 'written'})"
 
 

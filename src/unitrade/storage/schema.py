@@ -202,6 +202,26 @@ outbox = Table(
 )
 Index("ix_outbox_status", outbox.c.status, outbox.c.created_ms)
 
+# Flash-sale tokens issued to the cell's buyers (services/sale_tokens.py): the per-buyer
+# limit is a count of these rows inside the cell's serialised write, and an order of the
+# sale's SKU consumes one in the transaction that writes the order.
+sale_tokens = Table(
+    "sale_tokens",
+    unit,
+    Column("token_id", String(32), primary_key=True),
+    Column("sale_id", String(16), nullable=False),
+    Column("buyer_id", BigInteger, nullable=False),
+    Column("segment_id", Integer, nullable=False),  # the center's segment it came from
+    Column("status", String(16), nullable=False),  # issued / used
+    Column("order_id", BigInteger, nullable=True),  # the order it bought, once used
+    Column("sale_end_ms", BigInteger, nullable=False),  # for retention, without the center
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+)
+Index("ix_sale_tokens_buyer", sale_tokens.c.buyer_id, sale_tokens.c.sale_id)
+Index("ix_sale_tokens_segment", sale_tokens.c.sale_id, sale_tokens.c.segment_id)
+Index("ix_sale_tokens_end", sale_tokens.c.sale_end_ms)
+
 # Center cell: inventory and payment claims ------------------------------------------
 
 center = MetaData()
@@ -240,6 +260,77 @@ payment_claims = Table(
     Column("created_ms", BigInteger, nullable=False),
 )
 Index("ix_payment_claims_created", payment_claims.c.created_ms)
+
+# Flash sales (services/sales.py): the definition, the token quota not yet handed to a
+# region (`remaining`), and the segments handed out. A segment's tokens are issued by the
+# process that holds it, each recorded in the buyer's unit cell (`sale_tokens`).
+sales = Table(
+    "sales",
+    center,
+    Column("sale_id", String(16), primary_key=True),
+    Column("sku", String(64), nullable=False),
+    Column("stock", BigInteger, nullable=False),  # units made available at creation
+    Column("tokens", BigInteger, nullable=False),  # M: tokens the sale may issue
+    Column("per_buyer", Integer, nullable=False),  # K: tokens one buyer may hold
+    Column("segment_size", Integer, nullable=False),
+    Column("start_ms", BigInteger, nullable=False),
+    Column("end_ms", BigInteger, nullable=False),
+    Column("remaining", BigInteger, nullable=False),  # never granted, or given back
+    Column("segments", Integer, nullable=False),  # segments granted so far (the next ID)
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+)
+Index("ix_sales_sku", sales.c.sku, sales.c.start_ms)
+Index("ix_sales_end", sales.c.end_ms)
+
+sale_segments = Table(
+    "sale_segments",
+    center,
+    Column("sale_id", String(16), primary_key=True),
+    Column("segment_id", Integer, primary_key=True, autoincrement=False),
+    Column("grant_id", String(32), nullable=False),  # the holder's request: a retry is a replay
+    Column("region", String(16), nullable=False),
+    Column("holder", String(32), nullable=False),  # the process that holds it
+    Column("size", Integer, nullable=False),
+    Column("status", String(16), nullable=False),  # open / returned
+    Column("used", Integer, nullable=True),  # tokens its holder took from it (at return)
+    Column("returned", Integer, nullable=False),  # tokens given back to `remaining`
+    Column("granted_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),  # its holder stops issuing before
+    Column("updated_ms", BigInteger, nullable=False),
+)
+Index("ix_sale_segments_grant", sale_segments.c.sale_id, sale_segments.c.grant_id)
+
+# Coupons (services/coupons.py): the definition and every buyer's claim; a claim is held by
+# one order (status held, `order_id`), used when that order is paid, and claimed again
+# when it is closed or refunded: a coupon serves at most one order at a time.
+coupons = Table(
+    "coupons",
+    center,
+    Column("code", String(32), primary_key=True),
+    Column("count", BigInteger, nullable=False),  # N: claims allowed in all
+    Column("claimed", BigInteger, nullable=False),
+    Column("discount_kind", String(8), nullable=False),  # cents / percent
+    Column("discount_value", BigInteger, nullable=False),
+    Column("min_total_cents", BigInteger, nullable=False),
+    Column("end_ms", BigInteger, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+)
+Index("ix_coupons_end", coupons.c.end_ms)
+
+coupon_claims = Table(
+    "coupon_claims",
+    center,
+    Column("code", String(32), primary_key=True),
+    Column("buyer_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("status", String(16), nullable=False),  # claimed / held / used
+    Column("order_id", BigInteger, nullable=True),
+    Column("discount_cents", BigInteger, nullable=False),
+    Column("claimed_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+)
+Index("ix_coupon_claims_order", coupon_claims.c.order_id)
 
 # Global cell: master data --------------------------------------------------------------
 

@@ -441,6 +441,12 @@ class RetentionConfig(_Strict):
     # conflict, superseded) are deleted from a copy's quarantine once this old; held ones
     # are kept until they are decided.
     quarantine_decided_s: Annotated[int, Field(ge=0, le=3650 * 86_400)] = 90 * 86_400
+    # A flash sale's rows (its definition and segments at the center, its tokens in the
+    # buyers' cells) and a coupon's (its definition and claims) are deleted once the sale
+    # or the coupon ended this long ago. Until then the sale's SKU is orderable only with
+    # its tokens; afterwards it is an ordinary SKU again.
+    sales_ended_s: Annotated[int, Field(ge=0, le=3650 * 86_400)] = 7 * 86_400
+    coupons_ended_s: Annotated[int, Field(ge=0, le=3650 * 86_400)] = 30 * 86_400
     # The health checker's synthetic orders (topology/probes.py) are deleted at their
     # owner once this old, at the next sweep.
     probe_orders_s: Annotated[int, Field(ge=0, le=3_600)] = 10

@@ -36,7 +36,8 @@ LIMITS: dict[str, str] = {
     "region": "requests a region's gateway admits in all (rate, and concurrency_max at once)",
     "order_buyer": "order submissions (orders and checkouts) per buyer, where they are served",
     "order_sku": "order submissions per SKU (hot SKUs are limited on their own), where served",
-    "admin_writes": "admin writes (products, stock, token revocation), where they are served",
+    "admin_writes": "admin writes (products, stock, token revocation, sales and coupons), "
+    "where they are served",
 }
 
 # Degradation switches: each is named after what it turns off when it is on.
@@ -47,8 +48,8 @@ SWITCHES: dict[str, str] = {
     "of the global cell's owner: it is unknown there until replication brings it",
     "cart_writes": "adding and removing cart lines is refused (503 degraded); carts are still "
     "read and checked out",
-    "admin_writes": "admin product and stock writes are refused (503 degraded); token "
-    "revocation still works",
+    "admin_writes": "admin product and stock writes, and creating sales and coupons, are "
+    "refused (503 degraded); token revocation still works",
 }
 
 
