@@ -105,6 +105,9 @@ def test_a_region_of_two_workers_serves_through_its_one_address(
         board = {r["region"]: r for r in regions_board(config)["regions"]}
         assert [w["worker"] for w in board["hz"]["workers"]] == [0, 1]
         assert all(w["connected"] for w in board["hz"]["workers"])
+        status = unitrade(path, "status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert status.stdout.count("2/2 (leader") == 2, status.stdout  # hz and sh
         # Every order is where it belongs in every copy, and the copies are equal.
         wait_converged(config)
         with httpx.Client(base_url=config.region("bj").base_url, timeout=30) as bj:
