@@ -406,10 +406,6 @@ class Replicator:
                     asyncio.create_task(self._follow(peer, group), name=f"follow-{peer}-{index}")
                 )
 
-    @property
-    def following(self) -> bool:
-        return bool(self._tasks)
-
     async def stop(self) -> None:
         """Stop following (and trimming); `close` stops the recorder of followers too."""
         for task in self._tasks:
