@@ -11,7 +11,14 @@ With `--inline` the transactions run on the event loop itself instead (no thread
 unitrade's SQLite storage now does: the same app with the same trick, for an
 honest second comparison.
 
+With `--url` it runs on ONE PostgreSQL or MySQL/MariaDB database instead (created if it
+does not exist), the way unitrade runs on that engine: PostgreSQL through psycopg on the
+writer thread, MySQL/MariaDB through asyncmy on the event loop (one connection, SQLAlchemy's
+`run_sync`), so a comparison on one engine compares the same driver the same way
+(benchmarks/bench_workers.py).
+
     python -m benchmarks.baseline_app --port 8799 --db /tmp/baseline.db [--inline]
+    python -m benchmarks.baseline_app --port 8799 --url postgresql://postgres@127.0.0.1/shop
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from sqlalchemy import (
     insert,
     select,
 )
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from unitrade.errors import Forbidden, UnitradeError, UnknownSku
 from unitrade.gateway.models import SKU_PATTERN, CreateOrder, PutProduct
@@ -94,7 +102,7 @@ order_lines = Table(
 PRICES = select(products.c.sku, products.c.title, products.c.price_cents).where(
     products.c.sku.in_(bindparam("skus", expanding=True))
 )
-INSERT_ORDER = insert(orders).returning(orders.c.order_id)
+INSERT_ORDER = insert(orders)  # the key from the driver (lastrowid, RETURNING on PostgreSQL)
 INSERT_LINES = insert(order_lines)
 INSERT_PRODUCT = insert(products)
 SELECT_PRODUCT = select(products.c.sku).where(products.c.sku == bindparam("k_sku"))
@@ -172,7 +180,7 @@ def insert_order(conn: Connection, buyer_id: int, items: list[tuple[str, int]]) 
         "updated_ms": stamp,
         "version": 1,
     }
-    order_id = conn.execute(INSERT_ORDER, row).scalar_one()
+    order_id = conn.execute(INSERT_ORDER, row).inserted_primary_key[0]
     conn.execute(
         INSERT_LINES,
         [
@@ -220,13 +228,50 @@ Caller = Annotated[Principal, Depends(principal)]
 SkuPath = Annotated[str, PathParam(pattern=SKU_PATTERN)]
 
 
+def create_server_engine(url: str) -> Engine | AsyncEngine:
+    """PostgreSQL (psycopg, for the writer thread) or MySQL/MariaDB (asyncmy, on the loop):
+    one connection, the database created first, as unitrade's storage/engine.py does."""
+    from unitrade.storage.engine import (
+        MYSQL_ISOLATION,
+        async_url,
+        backend_of,
+        ensure_mysql_database,
+        ensure_pg_database,
+        sync_url,
+    )
+
+    if backend_of(url) == "postgresql":
+        ensure_pg_database(sync_url(url))
+        return create_engine(sync_url(url), pool_size=1, max_overflow=0)
+    ensure_mysql_database(url)
+    return create_async_engine(
+        async_url(url),
+        pool_size=1,
+        max_overflow=0,
+        isolation_level=MYSQL_ISOLATION,
+        connect_args={"charset": "utf8mb4"},
+    )
+
+
 def build_baseline_app(
-    db_path: Path, secret: str = SECRET_DEFAULT, inline: bool = False
+    db_path: Path | None,
+    secret: str = SECRET_DEFAULT,
+    inline: bool = False,
+    url: str | None = None,
 ) -> FastAPI:
-    engine = create_db_engine(db_path)
+    if url is None:
+        assert db_path is not None, "a SQLite file or a database URL"
+        engine: Engine | AsyncEngine = create_db_engine(db_path)
+    else:
+        engine = create_server_engine(url)
     writer = ThreadPoolExecutor(1, thread_name_prefix="db-writer")
+    lock = asyncio.Lock()  # the one asyncio connection: one transaction at a time, in turn
 
     async def in_transaction(work: Any, *args: Any) -> Any:
+        if isinstance(engine, AsyncEngine):
+            async with lock, engine.begin() as conn:
+                return await conn.run_sync(work, *args)
+
         def run() -> Any:
             with engine.begin() as conn:
                 return work(conn, *args)
@@ -242,7 +287,10 @@ def build_baseline_app(
             yield
         finally:
             writer.shutdown(wait=True)
-            engine.dispose()
+            if isinstance(engine, AsyncEngine):
+                await engine.dispose()
+            else:
+                engine.dispose()
 
     app = FastAPI(title="single-database baseline", lifespan=lifespan)
     # The keys a unitrade cluster with this secret derives: the same tokens work on both.
@@ -276,7 +324,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--db", type=Path, required=True, help="the SQLite database file")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", type=Path, help="the SQLite database file")
+    where.add_argument("--url", help="a PostgreSQL or MySQL/MariaDB database URL instead")
     parser.add_argument("--secret", default=SECRET_DEFAULT, help="token secret")
     parser.add_argument(
         "--inline", action="store_true", help="run transactions on the event loop, no thread"
@@ -284,7 +334,9 @@ def main() -> None:
     args = parser.parse_args()
     server = uvicorn.Server(
         uvicorn.Config(  # the settings of unitrade.serve.serve_region
-            build_baseline_app(args.db.resolve(), args.secret, args.inline),
+            build_baseline_app(
+                None if args.db is None else args.db.resolve(), args.secret, args.inline, args.url
+            ),
             host=args.host,
             port=args.port,
             log_level="warning",

@@ -77,11 +77,13 @@ def write_topology(
     control_storage: str | None = None,
     sections: Mapping[str, Mapping[str, int | float | str]] | None = None,
     control: Mapping[str, int | float | str | bool] | None = None,
+    regions: Mapping[str, Mapping[str, int | str]] | None = None,
 ) -> TopologyConfig:
     """The default topology (regions, cells, buckets, owners) on the given ports: one per
     region, then the control plane's. `storage` (a template with `{region}` and `{cell}`)
     and `control_storage` replace the SQLite defaults; `sections` adds top-level tables
-    such as `{"retention": {...}}`, `control` settings of the `[control]` table."""
+    such as `{"retention": {...}}`, `control` settings of the `[control]` table, `regions`
+    settings of a region's table (e.g. `{"hz": {"workers": 2}}`)."""
     default = default_config()
     lines: list[str] = []
     *region_ports, control_port = ports
@@ -92,6 +94,8 @@ def write_topology(
         lines.append(f'listen = "{HOST}:{port}"')
         if storage is not None:
             lines.append(f"storage = {json.dumps(storage)}")
+        for key, value in (regions or {}).get(region.name, {}).items():
+            lines.append(f"{key} = {json.dumps(value)}")
         lines.append("")
     lines += ["[control]", f'listen = "{HOST}:{control_port}"']
     if control_storage is not None:

@@ -75,6 +75,12 @@ def _raw() -> dict:  # type: ignore[type-arg]
         (lambda r: r["regions"]["sh"].update(storage_readers=0), "regions.1.storage_readers"),
         (lambda r: r["regions"]["sh"].update(storage_readers=33), "regions.1.storage_readers"),
         (lambda r: r["regions"]["sh"].update(colour="red"), "regions.1.colour: Extra inputs"),
+        (lambda r: r["regions"]["sh"].update(workers=0), "regions.1.workers"),
+        (lambda r: r["regions"]["sh"].update(workers=65), "regions.1.workers"),
+        (
+            lambda r: r["regions"]["sh"].update(workers=2),
+            "regions.1: workers = 2 needs PostgreSQL or MySQL/MariaDB storage",
+        ),
         (lambda r: r["cells"][0].update(kind="shard"), "cells.0.kind"),
         (lambda r: r["cells"][6].update(buckets="1"), "only unit cells hold buckets"),
         (lambda r: r.update(bucket_count=0), "bucket_count"),
@@ -119,6 +125,18 @@ def test_regions_may_each_have_another_engine() -> None:
     assert config.region("sh").storage_url("u3", Path("/d")) == "mysql://u:pw@db-sh:3306/ut_sh_u3"
     assert config.region("sh").storage_readers == 2
     assert config.region("hz").storage_readers == 4  # the default
+
+
+def test_a_region_of_many_processes_on_a_database_server() -> None:
+    raw = _raw()
+    raw["regions"]["hz"]["storage"] = "postgresql://u@db-hz/ut_{region}_{cell}"
+    raw["regions"]["hz"]["workers"] = 4
+    raw["regions"]["sh"]["storage"] = "mysql://u@db-sh/ut_{region}_{cell}"
+    config = parse_config(raw)
+    assert [r.workers for r in config.regions] == [4, 1, 1]  # 1 by default
+    assert config.with_workers("sh", 3).region("sh").workers == 3
+    with pytest.raises(ConfigError, match="workers = 2 needs PostgreSQL"):
+        config.with_workers("bj", 2)  # SQLite
 
 
 def test_unreadable_and_invalid_toml_files(tmp_path: Path) -> None:

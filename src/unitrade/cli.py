@@ -33,6 +33,8 @@ from unitrade.sale_cli import coupon, sale
 from unitrade.supervisor_cli import start, stop, supervisor_notes
 from unitrade.topology.config import (
     CONTROL_NAME,
+    WORKERS_MAX,
+    ConfigError,
     DevelopmentSecret,
     TopologyConfig,
     check_production,
@@ -41,6 +43,7 @@ from unitrade.topology.probes import PROBE_BUYER_MIN
 from unitrade.verify.cli import verify_command
 
 console = Console()
+WORKER_REPORT_MS_MAX = 3_000  # workers report every second: older is away
 
 
 def _load(config_path: Path | None) -> TopologyConfig:
@@ -173,7 +176,7 @@ def _print_regions(config: TopologyConfig, data_dir: Path) -> None:
         console.print(f"storage of {region.name}: {url}", soft_wrap=True)
 
 
-@main.command(short_help="Serve one region in this process (a region's own host).")
+@main.command(short_help="Serve one region on this host (a region's own host).")
 @config_option
 @click.option("--region", required=True, help="The region this process serves.")
 @click.option(
@@ -185,9 +188,28 @@ def _print_regions(config: TopologyConfig, data_dir: Path) -> None:
     help="The data directory: the region keeps DIR/REGION (its persisted rule, its SQLite copies "
     "when its storage is not a database URL).",
 )
-def serve(config_path: Path | None, region: str, data_dir: Path) -> None:
-    """Serve one region in this process: what `unitrade up` starts per region, and what
-    runs on a region's own machines in production (under systemd or another supervisor;
+@click.option(
+    "--workers",
+    type=click.IntRange(1, WORKERS_MAX),
+    help="Serving processes of the region (overrides `workers` of its `[regions.X]`; more "
+    "than 1 needs PostgreSQL or MySQL/MariaDB storage).",
+)
+@click.option(
+    "--worker",
+    type=click.IntRange(0, WORKERS_MAX - 1),
+    help="Serve only this worker of a region of many (0 .. workers - 1), for a supervisor "
+    "of your own (a systemd template unit per worker); without it every worker runs, "
+    "supervised by this command.",
+)
+def serve(
+    config_path: Path | None,
+    region: str,
+    data_dir: Path,
+    workers: int | None,
+    worker: int | None,
+) -> None:
+    """Serve one region on this host: what `unitrade up` starts per region, and what runs
+    on a region's own machines in production (under systemd or another supervisor;
     docs/operations.md, "Regions on their own hosts").
 
     \b
@@ -198,14 +220,62 @@ def serve(config_path: Path | None, region: str, data_dir: Path) -> None:
     that); leases do not depend on clocks agreeing.
 
     \b
+    With `workers = N` (> 1) the region runs N processes on the one address (SO_REUSEPORT),
+    over its PostgreSQL or MySQL/MariaDB databases; without --worker this command starts
+    and supervises them (a worker that exits is started again, logs in DIR/logs/REGION.K.log;
+    `unitrade stop --region REGION.K --data DIR` is a drill on one), with --worker K it is
+    worker K alone.
+
+    \b
       unitrade serve --region sh --config /etc/unitrade/topology.toml --data /var/lib/unitrade
+      unitrade serve --region sh --workers 4 --config topology.toml --data /var/lib/unitrade
+      unitrade serve --region sh --worker 2 --workers 4 --config topology.toml  # one of 4
     """
     from unitrade.serve import serve_region
 
     config = _load(config_path)
     if region not in config.region_names:
         raise click.BadParameter(f"unknown region {region!r}", param_hint="--region")
-    serve_region(config, region, data_dir.resolve())
+    if workers is not None and workers != config.region(region).workers:
+        try:
+            config = config.with_workers(region, workers)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--workers") from exc
+    count = config.region(region).workers
+    if worker is not None and worker >= count:
+        raise click.BadParameter(
+            f"region {region} runs workers 0..{count - 1}", param_hint="--worker"
+        )
+    if worker is not None or count == 1:
+        serve_region(config, region, data_dir.resolve(), worker or 0)
+        return
+    _serve_workers(config, config_path, region, data_dir.resolve())
+
+
+def _serve_workers(
+    config: TopologyConfig, config_path: Path | None, region: str, data_dir: Path
+) -> None:
+    """Run every worker of a region of many on this host, supervised, until SIGTERM or
+    Ctrl-C (the machinery of `unitrade up`, cluster.py, for this region alone)."""
+    from unitrade.cluster import ClusterError, LocalCluster
+
+    cluster = LocalCluster(config, data_dir, config_path, health_at_listen=True)
+    halt = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: halt.set())
+    try:
+        cluster.start_region(region)
+        cluster.wait_healthy([region])
+        cluster.supervise(on_event=_print_supervisor_event)
+        names = ", ".join(cluster.worker_names(region))
+        console.print(f"region {region}: workers {names} up (supervised)", soft_wrap=True)
+        while not halt.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    except ClusterError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        cluster.stop()
 
 
 @main.command("serve-control", short_help="Serve the control plane in this process.")
@@ -412,9 +482,12 @@ def _print_region_table(
     table = compact_table(
         "regions",
         "rule: the rule version the region holds; acked: the version its gateway/rpc/dal "
-        "have acknowledged; fwd: requests it forwarded to an owner",
+        "have acknowledged (as the worker that answered holds them); workers: those that "
+        "reported in the last 3 s of the region's `workers`, and the leader; fwd: requests "
+        "it forwarded to an owner",
     )
-    for column in ("region", "role", "url", "health", "rule", "acked", "control", "lease", "fwd"):
+    columns = ("region", "role", "url", "health", "rule", "acked", "control", "lease")
+    for column in (*columns, "workers", "fwd"):
         table.add_column(column, no_wrap=True)
     center = newest[1]["owners"].get("center") if newest else None
     for region in config.regions:
@@ -431,9 +504,23 @@ def _print_region_table(
             "/".join(str(acked.get(c, "-")) for c in ("gateway", "rpc", "dal")),
             "-" if connected is None else ("connected" if connected else "[red]no[/]"),
             _lease_text(health.get("lease")),
+            _workers_text(health),
             str(health.get("forwarded", "-")),
         )
     console.print(table)
+
+
+def _workers_text(health: dict[str, Any]) -> str:
+    """A region of many processes: the workers reporting lately of all, and the leader."""
+    processes = health.get("processes")
+    if not health or not isinstance(processes, list):
+        return "-" if not health else "1"
+    live = [p for p in processes if int(p.get("reported_ms_ago", 10**9)) < WORKER_REPORT_MS_MAX]
+    leaders = [str(p.get("worker")) for p in live if p.get("leader")]
+    text = f"{len(live)}/{health.get('workers', '?')}"
+    if len(live) < int(health.get("workers", 0)):
+        text = f"[red]{text}[/]"
+    return f"{text} (leader {', '.join(leaders) or '[red]none[/]'})"
 
 
 def _lease_text(lease: Any) -> str:

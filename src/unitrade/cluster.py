@@ -4,6 +4,14 @@ Used by `unitrade up`, `unitrade demo`, the integration tests and the benchmarks
 all of them exercise real processes talking over real sockets. `supervise()` starts a
 thread that starts a process again when it exits (supervisor.py has the policy and the
 files through which `unitrade stop` / `unitrade start` reach it).
+
+A region of many processes (`workers` > 1) runs as processes named `REGION.K` (K = 0 ..
+workers - 1), each supervised on its own, all bound to the region's one address
+(serve.py). The region's name stands for all of them: `start_region("hz")`,
+`stop_region("hz")`, `kill_region("hz")` act on every worker, `pid("hz")` is worker 0's,
+`running("hz")` whether any runs; a worker's name acts on that process alone. `unitrade
+serve --region R` uses the same machinery to run and supervise a region's workers on its
+own host (`regions_only`).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from unitrade.supervisor import (
 from unitrade.topology.config import CONTROL_NAME, ControlMember, RegionConfig, TopologyConfig
 
 HEALTHY_TIMEOUT_S = 60.0
+WORKER_TRIES_MAX = 16  # new connections to find one worker of a region behind its address
 STOP_TIMEOUT_S = 15.0
 
 # (message, loud): loud for a process left down.
@@ -66,8 +75,12 @@ class LocalCluster:
         data_dir: Path,
         config_path: Path | None = None,
         launcher: Callable[[str], list[str]] | None = None,
+        health_at_listen: bool = False,
     ) -> None:
         self.config = config
+        # Check health at each server's `listen` address, not its `advertise`d one: a
+        # region's own host (`unitrade serve`), which may not reach its public address.
+        self.health_at_listen = health_at_listen
         self.config_path = config_path
         self.data_dir = data_dir
         # A command prefix per process name (the control plane is `control`): e.g. to run
@@ -90,6 +103,26 @@ class LocalCluster:
 
     def log_path(self, region: str) -> Path:
         return self.data_dir / "logs" / f"{region}.log"
+
+    # -- the processes of a region -----------------------------------------------------------
+
+    def worker_names(self, region: str) -> list[str]:
+        """The processes of a region: its name with one worker, REGION.K with several."""
+        workers = self.config.region(region).workers
+        return [region] if workers == 1 else [f"{region}.{k}" for k in range(workers)]
+
+    def _process_names(self, name: str) -> list[str]:
+        """The processes a name stands for: a region's every worker, else itself."""
+        if name in self.config.region_names:
+            return self.worker_names(name)
+        return [name]
+
+    def _region_of(self, name: str) -> tuple[str, int]:
+        """The region and worker number of a region's process name."""
+        region, dot, worker = name.rpartition(".")
+        if dot and region in self.config.region_names and worker.isdigit():
+            return region, int(worker)
+        return name, 0
 
     def start(self, regions: list[str] | None = None) -> None:
         """Start the control plane (unless it runs) and the regions; wait until healthy."""
@@ -114,7 +147,7 @@ class LocalCluster:
             return self.config.control.member_list[0]
         if name in self.control_names():
             return self.config.control.member(name.removeprefix(f"{CONTROL_NAME}-"))
-        return self.config.region(name)
+        return self.config.region(self._region_of(name)[0])
 
     def ports_in_use(self) -> list[str]:
         """The control plane and regions whose listen address something already answers
@@ -130,15 +163,30 @@ class LocalCluster:
         return busy
 
     def running(self, name: str) -> bool:
+        """Whether the process runs (a region of many: any of its workers)."""
+        return any(self._running(n) for n in self._process_names(name))
+
+    def _running(self, name: str) -> bool:
         process = self.processes.get(name)
         return process is not None and process.poll() is None
 
     def base_url(self, name: str) -> str:
         return self._listening(name).base_url
 
+    def _health_url(self, name: str) -> str:
+        listen = self._listening(name)
+        if not self.health_at_listen:
+            return listen.base_url
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(
+            listen.host, listen.host
+        )
+        scheme = "https" if listen.tls_cert else "http"
+        return f"{scheme}://{host}:{listen.port}"
+
     def pid(self, name: str) -> int | None:
-        """The pid of a running process of the cluster (a region or the control plane)."""
-        process = self.processes.get(name)
+        """The pid of a running process of the cluster (a region or the control plane; a
+        region of many processes: worker 0's, or its worker's by REGION.K)."""
+        process = self.processes.get(self._process_names(name)[0])
         return process.pid if process is not None and process.poll() is None else None
 
     def start_control(self, env: dict[str, str] | None = None, name: str | None = None) -> None:
@@ -152,7 +200,16 @@ class LocalCluster:
 
     def start_region(self, region: str, env: dict[str, str] | None = None) -> None:
         """Start a region (or `control`), releasing an operator's hold on it; `env` adds
-        environment variables, kept for the restarts. Does not wait until it is healthy."""
+        environment variables, kept for the restarts. Does not wait until it is healthy.
+        A region of many processes: every worker that is not running (REGION.K: that one)."""
+        names = self._process_names(region)
+        if len(names) > 1:
+            if all(self._running(n) for n in names):
+                raise ClusterError(f"{label(region)} is running already")
+            for name in names:
+                if not self._running(name):
+                    self.start_region(name, env)
+            return
         if region in self.control_names():
             listen = self._listening(region)
             host, port = listen.host, listen.port
@@ -160,11 +217,15 @@ class LocalCluster:
             if self.config.control.members:
                 args += ("--member", region.removeprefix(f"{CONTROL_NAME}-"))
         else:
-            host, port = self.config.region(region).host, self.config.region(region).port
-            args = ("serve", "--region", region)
+            name, worker = self._region_of(region)
+            config = self.config.region(name)
+            host, port = config.host, config.port
+            args = ("serve", "--region", name)
+            if config.workers > 1:
+                args += ("--worker", str(worker), "--workers", str(config.workers))
         spec = _Spec(host, port, args, tuple(sorted((env or {}).items())))
         with self._lock:
-            if self.running(region):
+            if self._running(region):
                 raise ClusterError(f"{label(region)} is running already")
             self.files.release(region)
             self._spawn(region, spec)
@@ -173,9 +234,10 @@ class LocalCluster:
             self._event(f"{label(region)}: started, pid {self.processes[region].pid}")
 
     def _spawn(self, name: str, spec: _Spec) -> None:
-        assert not self.running(name)
+        assert not self._running(name)
         self._specs[name] = spec
-        if _port_busy(spec.host, spec.port):
+        # A worker of a region of many shares the port with its siblings (SO_REUSEPORT).
+        if "--worker" not in spec.args and _port_busy(spec.host, spec.port):
             raise ClusterError(
                 f"{name}: {spec.host}:{spec.port} is already in use (another cluster running?)"
             )
@@ -202,8 +264,11 @@ class LocalCluster:
     def wait_healthy(
         self, regions: list[str] | None = None, timeout_s: float = HEALTHY_TIMEOUT_S
     ) -> None:
+        """Wait until every process named answers /healthz (a region of many: each of its
+        workers has answered itself)."""
         deadline = time.monotonic() + timeout_s
-        pending = list(regions or [*self.control_names(), *self.config.region_names])
+        names = regions or [*self.control_names(), *self.config.region_names]
+        pending = [n for name in names for n in self._process_names(name)]
         with httpx.Client(timeout=2.0, verify=self.config.http_verify) as client:
             while pending:
                 region = pending[0]
@@ -214,17 +279,30 @@ class LocalCluster:
                             f"region {region} exited with {process.returncode}; "
                             f"see {self.log_path(region)}"
                         )
-                else:
-                    try:
-                        url = self.base_url(region) + "/healthz"
-                        if client.get(url).status_code == 200:
-                            pending.pop(0)
-                            continue
-                    except httpx.TransportError:
-                        pass
+                elif self.answers(client, region):
+                    pending.pop(0)
+                    continue
                 if time.monotonic() > deadline:
                     raise ClusterError(f"region {region} not healthy after {timeout_s:.0f} s")
                 time.sleep(0.1)
+
+    def answers(self, client: httpx.Client, name: str) -> bool:
+        """Whether the process answers /healthz. A worker of a region of many shares the
+        region's address: each try is a new connection, which the kernel hands to one of
+        the region's processes, until this one answers (or WORKER_TRIES_MAX tries)."""
+        url = self._health_url(name) + "/healthz"
+        region, worker = self._region_of(name)
+        shared = name not in self.config.region_names and region in self.config.region_names
+        try:
+            if not shared:
+                return client.get(url).status_code == 200
+            for _ in range(WORKER_TRIES_MAX):
+                reply = client.get(url, headers={"connection": "close"})
+                if reply.status_code == 200 and reply.json().get("worker") == worker:
+                    return True
+        except (httpx.TransportError, ValueError):
+            pass
+        return False
 
     def _will_restart(self, name: str) -> bool:
         watch = self.watches.get(name)
@@ -249,7 +327,12 @@ class LocalCluster:
         """Stop a region (or `control`): SIGTERM, SIGKILL after timeout_s (at once with
         `kill`); wait until it has exited and answer its exit code (None if it was not
         running). With `keep_down` supervision leaves it down until start_region; without,
-        the exit counts as a crash and supervision starts it again."""
+        the exit counts as a crash and supervision starts it again. A region of many
+        processes: every worker (the first one's exit code)."""
+        names = self._process_names(name)
+        if len(names) > 1:
+            codes = [self.stop_region(n, kill, keep_down, timeout_s) for n in names]
+            return codes[0]
         with self._lock:
             process = self.processes[name]
             watch = self.watches.setdefault(name, Watch())
@@ -451,8 +534,11 @@ class LocalCluster:
         processes: dict[str, Any] = {}
         for name, process in self.processes.items():
             watch = self.watches.get(name, Watch())
+            region, worker = self._region_of(name)
             processes[name] = {
                 "kind": "control" if name == CONTROL_NAME else "region",
+                "region": None if name in self.control_names() else region,
+                "worker": worker,
                 "url": self.base_url(name),
                 "pid": process.pid,
                 "alive": process.poll() is None,

@@ -1,9 +1,15 @@
-"""One region's process: its cell copies, services, RPC clients and background work."""
+"""One region's process: its cell copies, services, RPC clients and background work.
+
+A region may run several such processes (`workers`, unitrade/workers.py): each serves
+requests with its own views of the rule, fence, lease, holds, order-ID segments and rule
+agent, over the region's shared databases; one of them, the leader, does the background
+work (docs/architecture.md, A region of many processes)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -32,6 +38,7 @@ from unitrade.services.sale_tokens import BOOK_RELOAD_S, SaleBook, TokenIssuer
 from unitrade.services.sales import SaleService
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.fence import Fence
+from unitrade.storage.leader import LeaderLock
 from unitrade.storage.sequences import OrderIdAllocator
 from unitrade.topology.config import TopologyConfig
 from unitrade.topology.rule import (
@@ -42,6 +49,7 @@ from unitrade.topology.rule import (
     rule_from_body,
 )
 from unitrade.topology.rule_view import RuleView
+from unitrade.workers import ChangeFeed, Leadership, StatusReporter
 
 log = logging.getLogger("unitrade.region")
 
@@ -59,10 +67,16 @@ class RegionRuntime:
         region: str,
         data_dir: Path,
         lease_source: LeaseSource | None = None,
+        worker: int = 0,
     ) -> None:
         self.config = config
         self.name = region
         self.data_dir = data_dir
+        # This process's number among the region's `workers` (0 .. workers - 1).
+        self.workers = config.region(region).workers
+        if not 0 <= worker < self.workers:
+            raise ValueError(f"region {region} runs workers 0..{self.workers - 1}, not {worker}")
+        self.worker = worker
         self.rule_path = data_dir / region / "rule.json"
         rule = self._load_rule()
         # Each component that routes or writes holds its own view of the rule and
@@ -72,7 +86,7 @@ class RegionRuntime:
         self.fence: Fence
         if lease_source is None:
             # From the control plane, or from etcd directly (`[control] lease_authority`).
-            lease_source = region_lease_source(config, region)
+            lease_source = region_lease_source(config, region, worker)
         self.lease = LeaseHolder(
             region,
             lease_source,
@@ -124,9 +138,33 @@ class RegionRuntime:
         self.retention = RetentionSweeper(self.copies, config.retention, self.owned_cells)
         self.replicator = Replicator(self.copies, self.client, [self._applied])
         self.agent = RuleAgent(
-            self.client, region, lambda: self.fence.rule.version, self.acked, self.install_rule
+            self.client,
+            region,
+            lambda: self.fence.rule.version,
+            self.acked,
+            self.install_rule,
+            worker=worker,
         )
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # the leader's background work
+        # A region of many processes: the leader lock, the global cell's changes read back,
+        # this process's row in the `workers` table (unitrade/workers.py).
+        self.shared = self.copies.shared
+        self.leadership: Leadership | None = None
+        self.feeds: list[ChangeFeed] = []
+        self.reporter: StatusReporter | None = None
+        self._sales: asyncio.Task[None] | None = None
+        if self.shared:
+            global_store = self.copies[rule.global_cell]
+            self.leadership = Leadership(LeaderLock(global_store.url), self._lead, self._unlead)
+            # The global cell's changes (revocations, products) and the center's (sales),
+            # whoever wrote or applied them, for this process's in-memory state.
+            self.feeds = [
+                ChangeFeed(global_store, self._fed_global, self._reload_global),
+                ChangeFeed(self.copies[rule.center_cell], self._fed_center, self.sale_book.load),
+            ]
+            self.reporter = StatusReporter(
+                global_store, worker, lambda: self.leading, self.worker_status
+            )
 
     # -- the rule ----------------------------------------------------------------------------
 
@@ -143,19 +181,27 @@ class RegionRuntime:
         return stored if stored.version >= rule.version else rule
 
     def _persist_rule(self, rule: Rule) -> None:
-        """Write atomically and durably: a restart must never go back to an older rule."""
+        """Write atomically and durably: a restart must never go back to an older rule.
+        The processes of a region on one host share the file: each writes under a lock of
+        the directory, and only a rule newer than the file's, so a process late with an
+        older rule never overwrites a newer one another has persisted."""
         self.rule_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.rule_path.with_suffix(".tmp")
-        with open(temporary, "wb") as out:
-            out.write(orjson.dumps(rule.body()))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, self.rule_path)
-        directory = os.open(self.rule_path.parent, os.O_RDONLY)
+        lock = os.open(self.rule_path.parent, os.O_RDONLY)
         try:
-            os.fsync(directory)  # the rename itself survives a power loss
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError, OSError, ValueError, RoutingError):
+                stored = rule_from_body(orjson.loads(self.rule_path.read_bytes()))
+                if stored.version >= rule.version:
+                    return
+            temporary = self.rule_path.with_name(f".{self.rule_path.name}.{os.getpid()}")
+            with open(temporary, "wb") as out:
+                out.write(orjson.dumps(rule.body()))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, self.rule_path)
+            os.fsync(lock)  # the rename itself survives a power loss
         finally:
-            os.close(directory)
+            os.close(lock)  # and the lock with it
 
     def acked(self) -> dict[str, int]:
         return {view.component: view.acked for view in (self.gateway, self.rpc, self.fence)}
@@ -203,8 +249,24 @@ class RegionRuntime:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def leading(self) -> bool:
+        """Whether this process does the region's background work: the only process of its
+        region, or the one holding the leader lock."""
+        return self.leadership is None or self.leadership.leader
+
     async def start(self) -> None:
         await self.copies.open()
+        fed_from: dict[int, int] = {}
+        if self.shared:
+            # The rule this process starts under may have been persisted by a process that
+            # died before it raised the database fence for it (fence.py): raise every
+            # copy's to it now, before anything is acknowledged or written.
+            await self.copies.raise_fences(sorted(self.copies.stores), self.fence.rule.version)
+            # Before the revocations and sales are read: what is written meanwhile comes by
+            # the feeds.
+            for feed in self.feeds:
+                fed_from[feed.store.cell.id] = await feed.store.refresh()
         await self.revocations.load()
         await self.sale_book.load()
         await self.replicator.load_quarantine()
@@ -214,34 +276,92 @@ class RegionRuntime:
         self.lease.start()
         if not await self.lease.first(START_SYNC_S):
             log.warning("no write lease yet: writes are refused until one is granted")
-        self.replicator.start()
         self.agent.start()
         self.flow.start()
-        self._tasks.append(asyncio.create_task(self._drain_outbox_forever()))
-        self._tasks.append(asyncio.create_task(self.retention.run_forever()))
-        self._tasks.append(asyncio.create_task(self._sales_forever()))
+        # This process's own sale segments, whichever process leads (unitrade/workers.py).
+        self._sales = asyncio.create_task(self._sales_forever(), name="sale-segments")
+        if self.leadership is None:
+            await self._lead()
+        else:
+            assert self.feeds and self.reporter is not None
+            self.replicator.start_recording()
+            for feed in self.feeds:
+                feed.start(fed_from[feed.store.cell.id])
+            self.reporter.start()
+            self.leadership.start()
         log.info(
-            "region %s started under rule version %s: owns cells %s",
+            "region %s started under rule version %s: owns cells %s%s",
             self.name,
             self.fence.rule.version,
             self.owned_cells(),
+            f" (worker {self.worker} of {self.workers})" if self.shared else "",
         )
 
     async def stop(self) -> None:
         # First, while the lease still holds: what this process did not issue of its sale
         # segments goes back to the center (else it is counted lost).
         await self.tokens.give_back_all(GIVE_BACK_AT_STOP_S)
+        if self._sales is not None:
+            self._sales.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sales
         await self.flow.stop()
+        if self.leadership is None:
+            await self._unlead()
+        else:
+            await self.leadership.stop()
+        for part in (*self.feeds, self.reporter):
+            if part is not None:
+                await part.stop()
         await self.lease.stop()
         await self.agent.stop()
+        await self.replicator.close()
+        await self.client.aclose()
+        await self.copies.close()
+
+    async def _lead(self) -> None:
+        """Start the region's background work in this process."""
+        if self.shared:
+            # Another process may have led until now: the copies' positions (where the
+            # streams resume; a copy at 0 is rebuilt from a snapshot) and quarantines as
+            # the databases have them, not as this process last saw them.
+            await asyncio.gather(*(s.refresh() for s in self.copies.stores.values()))
+            await self.replicator.load_quarantine()
+        self.replicator.start()
+        self._tasks.append(asyncio.create_task(self._drain_outbox_forever(), name="outbox"))
+        self._tasks.append(asyncio.create_task(self.retention.run_forever(), name="retention"))
+
+    async def _unlead(self) -> None:
         await self.replicator.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.client.aclose()
-        await self.copies.close()
+        self._tasks.clear()
+
+    def _fed_global(self, changes: list[dict[str, Any]]) -> None:
+        """Changes of the region's copy of the global cell, whoever wrote them."""
+        self._applied(self.fence.rule.global_cell, changes)
+
+    def _fed_center(self, changes: list[dict[str, Any]]) -> None:
+        """Changes of the region's copy of the center cell, whoever wrote them."""
+        self._applied(self.fence.rule.center_cell, changes)
+
+    async def _reload_global(self) -> None:
+        await self.revocations.load()
+        self.catalog.cache.invalidate()
+
+    def worker_status(self) -> dict[str, Any]:
+        """What this process reports of itself to the others (unitrade/workers.py)."""
+        lease = self.lease.status()
+        return {
+            "rule_version": self.fence.rule.version,
+            "acked": self.acked(),
+            "lease": {"valid": lease["valid"], "remaining_ms": lease["remaining_ms"]},
+            "control": self.agent.status(),
+            "replication": self.replicator.status() if self.leading else None,
+        }
 
     def _applied(self, cell: int, changes: list[dict[str, Any]]) -> None:
         """A replicated change of the global cell invalidates the catalog cache and updates

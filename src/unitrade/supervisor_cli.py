@@ -50,7 +50,10 @@ data_option = click.option(
     "through DIR/supervisor.json.",
 )
 region_option = click.option(
-    "--region", metavar="REGION", help="The region to act on (a region of the topology)."
+    "--region",
+    metavar="REGION",
+    help="The region to act on (a region of the topology: every one of its processes), or "
+    "one process of a region of many, REGION.K (its worker K).",
 )
 control_option = click.option(
     "--control", is_flag=True, help="Act on the control plane instead of a region."
@@ -98,8 +101,8 @@ def stop(region: str | None, control: bool, kill: bool, data_dir: Path, timeout_
       unitrade stop --control --data /tmp/ut    # the control plane
     """
     files = SupervisorFiles(data_dir.resolve())
-    name = _target(_live(files), region, control)
-    console.print(hold_down(files, name, kill, timeout_s))
+    for name in _targets(_live(files), region, control):
+        console.print(hold_down(files, name, kill, timeout_s))
 
 
 @click.command(short_help="Start a region (or --control) stopped or left down again.")
@@ -127,8 +130,8 @@ def start(region: str | None, control: bool, data_dir: Path, timeout_s: float) -
       unitrade start --control --data /tmp/ut
     """
     files = SupervisorFiles(data_dir.resolve())
-    name = _target(_live(files), region, control)
-    console.print(bring_up(files, name, timeout_s))
+    for name in _targets(_live(files), region, control):
+        console.print(bring_up(files, name, timeout_s))
 
 
 def hold_down(files: SupervisorFiles, name: str, kill: bool, timeout_s: float) -> str:
@@ -216,19 +219,23 @@ def _live(files: SupervisorFiles) -> dict[str, Any]:
     return document
 
 
-def _target(document: dict[str, Any], region: str | None, control: bool) -> str:
+def _targets(document: dict[str, Any], region: str | None, control: bool) -> list[str]:
+    """The processes named: the control plane, a region's (every worker of a region of
+    many), or one worker's (REGION.K)."""
     if control == (region is not None):
         raise click.UsageError("give either --region REGION or --control")
     name = CONTROL_NAME if control else str(region)
-    regions = [n for n, p in document["processes"].items() if p.get("kind") == "region"]
-    if name != CONTROL_NAME and name not in regions:
+    processes = document["processes"]
+    regions = [n for n, p in processes.items() if p.get("kind") == "region"]
+    workers = [n for n in regions if processes[n].get("region") == name and n != name]
+    if name != CONTROL_NAME and name not in regions and not workers:
         raise click.BadParameter(
             f"unknown region {name!r}; the regions of this cluster: {', '.join(regions)}",
             param_hint="--region",
         )
-    if name not in document["processes"]:
+    if name not in processes and not workers:
         raise click.ClickException(f"the `unitrade up` on {document['data_dir']} has no {name}")
-    return name
+    return [name] if name in processes else workers
 
 
 def _healthy(client: httpx.Client, url: str) -> bool:

@@ -6,6 +6,10 @@ region opens (no inbound port on the regions is needed for it). Each watch reque
 the versions that the region's components have acknowledged, so the acknowledgement of a
 version is the next watch request after it is in force: one round trip per rule change.
 
+In a region of many processes every process runs its own agent, naming itself (`worker`):
+the control plane counts the region as having acknowledged a version once every process of
+it that is connected has (control/board.py).
+
 When the control plane is down the region keeps the rule it has (item 3) and retries with
 a bounded backoff; every installed rule is persisted before it is acknowledged, so a region
 that restarts comes back under the newest rule it ever acknowledged, never the older rule
@@ -40,9 +44,11 @@ class RuleAgent:
         current: Callable[[], int],
         acked: Callable[[], dict[str, int]],
         install: Callable[[Rule], Awaitable[None]],
+        worker: int = 0,
     ) -> None:
         self.client = client
         self.region = region
+        self.worker = worker
         self.current = current
         self.acked = acked
         self.install = install
@@ -93,6 +99,7 @@ class RuleAgent:
     async def _watch_once(self, wait_ms: int = WATCH_WAIT_MS) -> None:
         payload = {
             "region": self.region,
+            "worker": self.worker,
             "after": self.current(),
             "acked": self.acked(),
             "wait_ms": wait_ms,

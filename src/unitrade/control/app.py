@@ -25,7 +25,7 @@ from unitrade.control.plane import ControlPlane
 from unitrade.control.store import OPERATIONS_LIST_MAX
 from unitrade.errors import Forbidden, InvalidRequest, NotFound, SwitchRefused, Unauthorized
 from unitrade.rpc.signing import Verifier
-from unitrade.topology.config import CONTROL_NAME, TopologyConfig
+from unitrade.topology.config import CONTROL_NAME, WORKERS_MAX, TopologyConfig
 from unitrade.topology.flow_rules import LIMITS, SWITCHES, FlowRules, LimitMode
 from unitrade.web.responses import (
     BEARER,
@@ -65,6 +65,7 @@ class FailoverRequest(_Body):
 
 class WatchCall(_Body):
     region: Annotated[str, Field(max_length=16)]
+    worker: Annotated[int, Field(ge=0, lt=WORKERS_MAX)] = 0  # which process of the region
     after: Annotated[int, Field(ge=0)]
     acked: dict[Annotated[str, Field(max_length=16)], Annotated[int, Field(ge=0)]]
     wait_ms: Annotated[int, Field(ge=0, le=WATCH_WAIT_MS)]
@@ -72,6 +73,7 @@ class WatchCall(_Body):
 
 class LeaseCall(_Body):
     region: Annotated[str, Field(max_length=16)]
+    worker: Annotated[int, Field(ge=0, lt=WORKERS_MAX)] = 0
     rule_version: Annotated[int, Field(ge=0)]
 
 
@@ -404,12 +406,12 @@ def build_control_app(
 
     async def watch(request: Request) -> Response:
         origin, call = await signed_call(request, WatchCall)
-        rule = await board().watch(origin, call.after, call.acked, call.wait_ms / 1000)
+        rule = await board().watch(origin, call.after, call.acked, call.wait_ms / 1000, call.worker)
         return json_response({"rule": None if rule is None else rule.body()})
 
     async def lease(request: Request) -> Response:
         origin, call = await signed_call(request, LeaseCall)
-        grant = await plane.leases.renew(origin, call.rule_version)
+        grant = await plane.leases.renew(origin, call.rule_version, call.worker)
         return json_response(grant.body())
 
     app.router.routes.append(Route("/internal/control/watch", watch, methods=["POST"]))

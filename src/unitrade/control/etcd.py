@@ -310,9 +310,16 @@ class EtcdKeys:
         """The active control plane: attached to its lease (control/election.py)."""
         return self.prefix + "leader"
 
-    def lease(self, region: str) -> str:
-        """A region's write lease: attached to the region's etcd lease (etcd_lease.py)."""
-        return self.prefix + "leases/" + region
+    def lease(self, region: str, worker: int = 0) -> str:
+        """A region process's write lease: attached to that process's etcd lease
+        (etcd_lease.py). Worker 0's is the region's name, as before regions of many
+        processes; worker k's is under it, `leases/<region>/<k>`."""
+        key = self.prefix + "leases/" + region
+        return key if worker == 0 else f"{key}/{worker}"
+
+    def worker_leases(self, region: str) -> str:
+        """The prefix of the leases of a region's workers but 0 (`lease`)."""
+        return self.prefix + "leases/" + region + "/"
 
     def block(self, region: str) -> str:
         """A failover's block of a region's leases: the rule version it must hold."""

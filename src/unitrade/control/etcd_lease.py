@@ -2,8 +2,10 @@
 control/lease.py. A region renews with etcd directly, so no control plane process is on
 its write path: with every control plane down, the regions go on writing.
 
-A region holds one etcd lease (TTL `ceil(lease_ms / 1000)` s) and the key
-`leases/<region>` attached to it. One renewal, counted by LeaseHolder from when it was sent:
+A region process holds one etcd lease (TTL `ceil(lease_ms / 1000)` s) and the key
+`leases/<region>` attached to it (`leases/<region>/<k>` for worker k > 0 of a region of
+many processes: each process its own lease and key, and `expires_in_ms` is the latest of
+them). One renewal, counted by LeaseHolder from when it was sent:
 
 1. a txn: if `blocks/<region>` does not exist (or names a rule version the region already
    holds), `leases/<region>` must be attached to the region's lease (a read-only compare
@@ -85,15 +87,17 @@ def etcd_keys(config: TopologyConfig) -> EtcdKeys:
     return EtcdKeys(config.control.etcd_prefix)
 
 
-def region_lease_source(config: TopologyConfig, region: str) -> LeaseSource:
-    """A region's lease source as configured: etcd directly, or the control plane."""
+def region_lease_source(config: TopologyConfig, region: str, worker: int = 0) -> LeaseSource:
+    """A region process's lease source as configured: etcd directly, or the control plane.
+    Every process of a region holds a lease of its own (`worker`)."""
     control = config.control
     if control.etcd:
         # Two requests per renewal within the holder's timeout (a third of lease_ms).
         timeout_ms = min(control.etcd_timeout_ms, control.lease_ms // 6)
-        return EtcdLeaseSource(etcd_client(config, timeout_ms), etcd_keys(config), region, control)
+        client = etcd_client(config, timeout_ms)
+        return EtcdLeaseSource(client, etcd_keys(config), region, control, worker)
     return ControlPlaneLeaseSource(
-        RegionClient(config, region, request_timeout_s=control.lease_ms / 3000)
+        RegionClient(config, region, request_timeout_s=control.lease_ms / 3000), worker
     )
 
 
@@ -101,13 +105,19 @@ class EtcdLeaseSource:
     """A region's renewals, straight to etcd (one txn and one keepalive each)."""
 
     def __init__(
-        self, client: EtcdClient, keys: EtcdKeys, region: str, config: ControlConfig
+        self,
+        client: EtcdClient,
+        keys: EtcdKeys,
+        region: str,
+        config: ControlConfig,
+        worker: int = 0,
     ) -> None:
         self.client = client
         self.keys = keys
         self.region = region
         self.config = config
-        self.lease_id = 0  # the region's etcd lease; 0 until granted (again)
+        self.worker = worker
+        self.lease_id = 0  # this process's etcd lease; 0 until granted (again)
 
     async def renew(self, rule_version: int) -> LeaseGrant:
         needed = await self._put_key(rule_version)
@@ -122,8 +132,10 @@ class EtcdLeaseSource:
         in the steady state a renewal writes nothing to etcd's history); write the key
         when it is not. The block's rule version (0 without one); LeaseRefused when the
         region holds an older rule."""
-        block, key = self.keys.block(self.region), self.keys.lease(self.region)
-        value = orjson.dumps({"region": self.region, "rule_version": rule_version})
+        block, key = self.keys.block(self.region), self.keys.lease(self.region, self.worker)
+        value = orjson.dumps(
+            {"region": self.region, "worker": self.worker, "rule_version": rule_version}
+        )
         for attempt in range(2):
             if not self.lease_id:
                 self.lease_id, _granted = await self.client.grant(etcd_ttl_s(self.config))
@@ -192,15 +204,15 @@ class EtcdLeases:
     async def start(self) -> None:
         await self._refresh()
 
-    async def renew(self, region: str, rule_version: int) -> LeaseGrant:
+    async def renew(self, region: str, rule_version: int, worker: int = 0) -> LeaseGrant:
         """A region that renews through the control plane (configured for the embedded
         authority while the control plane runs on etcd): the same renewal, on its behalf."""
         if region not in self.regions:
             raise LeaseRefused(f"unknown region {region!r}")
-        source = self._sources.get(region)
+        source = self._sources.get(f"{region}/{worker}")
         if source is None:
-            source = self._sources[region] = EtcdLeaseSource(
-                self.client, self.keys, region, self.config
+            source = self._sources[f"{region}/{worker}"] = EtcdLeaseSource(
+                self.client, self.keys, region, self.config, worker
             )
         return await source.renew(rule_version)
 
@@ -208,17 +220,22 @@ class EtcdLeases:
         await self.store.block_lease(region, rule_version_min, operation_id)
 
     async def expires_in_ms(self, region: str) -> int:
-        """0 once the region's lease key is gone (its lease is over: module docstring);
-        else etcd's remaining TTL (rounded up) with the drift allowed for."""
+        """0 once every lease key of the region's processes is gone (their leases are over:
+        module docstring); else the longest of etcd's remaining TTLs (rounded up) with the
+        drift allowed for."""
+        prefix = self.keys.worker_leases(region)
+        kvs = (await self.client.range(prefix, prefix_end(prefix))).kvs
         kv = await self.client.get(self.keys.lease(region))
-        if kv is None:
-            return 0
-        remaining_s = await self.client.time_to_live(kv.lease) if kv.lease else -1
-        if remaining_s < 0:
-            # The lease is gone and the key with it (etcd deletes both in one step).
-            return 0
-        # etcd rounds the remaining seconds down.
-        return int((remaining_s + 1) * 1000 * (1 + 2 * drift_ratio(self.config))) + 1
+        longest = 0
+        for found in [*kvs, *([kv] if kv is not None else [])]:
+            remaining_s = await self.client.time_to_live(found.lease) if found.lease else -1
+            if remaining_s < 0:
+                # The lease is gone and the key with it (etcd deletes both in one step).
+                continue
+            # etcd rounds the remaining seconds down.
+            ms = int((remaining_s + 1) * 1000 * (1 + 2 * drift_ratio(self.config))) + 1
+            longest = max(longest, ms)
+        return longest
 
     def status(self) -> list[dict[str, Any]]:
         """The last known state (refreshed in the background at most once a second)."""
@@ -235,12 +252,19 @@ class EtcdLeases:
         except UnitradeError as exc:
             log.warning("lease status not read from etcd: %s", exc)
             return
-        held = {kv.key.removeprefix(self.keys.leases): kv.json() for kv in leases.kvs}
+        held: dict[str, dict[int, Any]] = {}  # region -> worker -> its key's value
+        for kv in leases.kvs:
+            region, _, worker = kv.key.removeprefix(self.keys.leases).partition("/")
+            held.setdefault(region, {})[int(worker or 0)] = kv.json()
         self._status = [
             {
                 "region": region,
                 "held": region in held,
-                "rule_version": held.get(region, {}).get("rule_version"),
+                "rule_version": min(
+                    (v.get("rule_version", 0) for v in held.get(region, {}).values()),
+                    default=None,
+                ),
+                "workers": sorted(held.get(region, {})),
                 "rule_version_min": blocks.get(region, 0),
             }
             for region in self.regions

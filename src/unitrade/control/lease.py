@@ -16,6 +16,10 @@ region's lease always ends before the authority believes it may have. A failover
 on) and then waits until the authority's `expires_in_ms` reaches 0; only then does any
 other region become an owner of the lost region's cells.
 
+In a region of many processes every process holds a lease of its own and renews it itself
+(`worker`); the region's `expires_in_ms` is the latest of its processes' and a block
+refuses all of them, so a failover waits for every process of the lost region.
+
 The authority is behind one narrow interface, `LeaseAuthority` (the control plane's side)
 and `LeaseSource` (the region's side), with two implementations: the control plane itself
 (here, the embedded default) and an etcd cluster (production).
@@ -37,6 +41,7 @@ log = logging.getLogger("unitrade.lease")
 
 LEASE_MARGIN_MS = 100  # a region stops this much before its lease ends (commit time)
 RETRY_MS_AFTER_FAILURE = 100  # a failed renewal is tried again this soon
+WORKERS_TRACKED_MAX = 64  # processes per region whose renewals the status lists
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,9 @@ class LeaseAuthority(Protocol):
 
     async def start(self) -> None: ...
 
-    async def renew(self, region: str, rule_version: int) -> LeaseGrant:
-        """Grant or extend `region`'s lease; LeaseRefused while a failover blocks the
-        region and it holds a rule older than the block requires."""
+    async def renew(self, region: str, rule_version: int, worker: int = 0) -> LeaseGrant:
+        """Grant or extend the lease of `region`'s process `worker`; LeaseRefused while a
+        failover blocks the region and it holds a rule older than the block requires."""
         ...
 
     async def block(self, region: str, rule_version_min: int, operation_id: str) -> None:
@@ -66,8 +71,8 @@ class LeaseAuthority(Protocol):
         ...
 
     async def expires_in_ms(self, region: str) -> int:
-        """How long, on the authority's clock, until every lease `region` may hold has
-        surely ended (drift allowed for); 0 once it has."""
+        """How long, on the authority's clock, until every lease any process of `region`
+        may hold has surely ended (drift allowed for); 0 once it has."""
         ...
 
     def status(self) -> list[dict[str, Any]]: ...
@@ -99,7 +104,11 @@ class ControlPlaneLeases:
         self.regions = regions
         self.blocks = blocks
         self._started = time.monotonic()
-        self._renewed: dict[str, float] = {}  # region -> monotonic time of the last grant
+        # region -> monotonic time of the last grant to any of its processes: each process's
+        # lease ends before (its renewal arrived at or before that one), so the region's
+        # `expires_in_ms` counts from it.
+        self._renewed: dict[str, float] = {}
+        self._workers: dict[str, dict[int, float]] = {}  # region -> worker -> last grant
         self._blocked: dict[str, int] = {}  # region -> rule version it must hold
         self.refused_total = 0
 
@@ -107,7 +116,7 @@ class ControlPlaneLeases:
         self._started = time.monotonic()
         self._blocked = await self.blocks.lease_blocks()
 
-    async def renew(self, region: str, rule_version: int) -> LeaseGrant:
+    async def renew(self, region: str, rule_version: int, worker: int = 0) -> LeaseGrant:
         if region not in self.regions:
             raise LeaseRefused(f"unknown region {region!r}")
         needed = self._blocked.get(region, 0)
@@ -118,7 +127,11 @@ class ControlPlaneLeases:
                 f"version {needed} (it holds {rule_version}) before it may write again",
                 rule_version_min=needed,
             )
-        self._renewed[region] = time.monotonic()
+        now = time.monotonic()
+        self._renewed[region] = now
+        workers = self._workers.setdefault(region, {})
+        if worker in workers or len(workers) < WORKERS_TRACKED_MAX:
+            workers[worker] = now
         return LeaseGrant(self.config.lease_ms, needed)
 
     async def block(self, region: str, rule_version_min: int, operation_id: str) -> None:
@@ -140,6 +153,10 @@ class ControlPlaneLeases:
                     int((now - self._renewed[region]) * 1000) if region in self._renewed else None
                 ),
                 "rule_version_min": self._blocked.get(region, 0),
+                "workers": {
+                    str(w): int((now - at) * 1000)
+                    for w, at in sorted(self._workers.get(region, {}).items())
+                },
             }
             for region in self.regions
         ]
@@ -265,11 +282,16 @@ class ControlPlaneLeaseSource:
     A client of its own, with a timeout shorter than the renewal interval allows, so
     that a renewal never waits behind other calls."""
 
-    def __init__(self, client: Any) -> None:  # rpc.client.RegionClient
+    def __init__(self, client: Any, worker: int = 0) -> None:  # rpc.client.RegionClient
         self.client = client
+        self.worker = worker
 
     async def renew(self, rule_version: int) -> LeaseGrant:
-        payload = {"region": self.client.region, "rule_version": rule_version}
+        payload = {
+            "region": self.client.region,
+            "worker": self.worker,
+            "rule_version": rule_version,
+        }
         reply = await self.client.call(
             CONTROL_NAME, "POST", "/internal/control/lease", payload, idempotent=False
         )

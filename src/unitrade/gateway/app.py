@@ -90,6 +90,7 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
         dispatcher=dispatcher,
         direct=direct,
         flow=runtime.flow,
+        worker=runtime.worker if runtime.shared else None,
     )
     install_error_handlers(app)
     return app

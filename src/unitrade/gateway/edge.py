@@ -30,6 +30,8 @@ log = logging.getLogger("unitrade.gateway")
 BODY_BYTES_MAX = 64 * 1024
 REGION_HEADER = "x-unitrade-region"
 SERVED_BY_HEADER = "x-unitrade-served-by"
+# Which process of a region of many answered (its `worker`): for operators and tests.
+WORKER_HEADER = "x-unitrade-worker"
 REPLAYED_HEADER = "idempotent-replayed"
 # Never limited nor shed (flow control): health probes, metrics, and the internal API
 # (replication, rule watch and leases, center and catalog RPC, diff, reconcile), which
@@ -61,9 +63,12 @@ class EdgeMiddleware:
         direct: dict[tuple[str, str], DirectHandler],
         flow: FlowControl | None = None,
         body_bytes_max: int = BODY_BYTES_MAX,
+        worker: int | None = None,
     ) -> None:
         self.app = app
         self.region = region
+        # Stamped on every response by a process of a region of many; None: not stamped.
+        self.worker = None if worker is None else (WORKER_HEADER.encode(), str(worker).encode())
         self.verifier = verifier
         self.tokens = tokens
         self.endpoints = endpoints
@@ -117,6 +122,8 @@ class EdgeMiddleware:
                 home = state.get("home_region")
                 if home and REGION_HEADER.encode() not in names:
                     headers.append((REGION_HEADER.encode(), str(home).encode()))
+                if self.worker is not None:
+                    headers.append(self.worker)
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -11,6 +11,7 @@ and segments this process issued and holds.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,6 +25,7 @@ from unitrade.gateway.routing import Dispatcher
 from unitrade.region import RegionRuntime
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+METRICS_REFRESH_AGE_S = 0.1
 
 
 class RegionCollector(Collector):
@@ -176,6 +178,15 @@ class RegionCollector(Collector):
         fallbacks.add_metric([region], self.runtime.catalog.fallbacks)
         yield from (lag_positions, lag_ms, heard, stale, applied, errors, position, forwarded)
         yield rule_version
+        worker = GaugeMetricFamily(
+            "unitrade_worker_leader",
+            "Which process of the region answered this scrape (its `worker`), and 1 if it "
+            "leads the region (replication into it, retention and the outbox are counted "
+            "by the leader only); every other figure is this process's own",
+            labels=["region", "worker"],
+        )
+        worker.add_metric([region, str(self.runtime.worker)], int(self.runtime.leading))
+        yield worker
         yield from self._lost_answers(region)
         yield from (acked, held, held_total, refused, fallbacks)
         yield from (rebootstraps, kept, trimmed, trimmed_rows)
@@ -293,6 +304,11 @@ def metrics_endpoint(
     registry.register(RegionCollector(runtime, dispatcher))
 
     async def metrics(_request: Request) -> Response:
+        if runtime.shared:
+            # Other processes of the region write the copies too: their positions as the
+            # databases have them (a read shared with pulls of the last moment).
+            stores = runtime.copies.stores.values()
+            await asyncio.gather(*(s.refresh(METRICS_REFRESH_AGE_S) for s in stores))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE)
 
     return metrics

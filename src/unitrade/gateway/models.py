@@ -421,6 +421,12 @@ class Health(BaseModel):
 
     status: Literal["ok"]
     region: str
+    worker: int = Field(description="which process of the region answered (0 .. workers - 1)")
+    workers: int = Field(description="the region's serving processes (`workers`)")
+    leader: bool = Field(
+        description="whether the process that answered does the region's "
+        "background work (replication into the region, outbox, retention)"
+    )
     development_secrets: list[str] = Field(
         description="secrets that come from the built-in development one (empty: none)"
     )
@@ -451,6 +457,16 @@ class Health(BaseModel):
     flow: dict[str, Any] = Field(
         description="flow control: the flow rules' version, switches on, what each limit "
         "admitted, refused and queued, overload (in flight, loop delay, shed), breakers"
+    )
+    processes: list[dict[str, Any]] | None = Field(
+        None,
+        description="a region of many processes: what each last reported of itself (worker, "
+        "pid, leader, rule version, acknowledgements, lease, watch) and how long ago",
+    )
+    replication_from: dict[str, Any] | None = Field(
+        None,
+        description="a region of many processes: the process whose replication streams "
+        "`replication` shows (the leader) and how old its report is",
     )
 
 

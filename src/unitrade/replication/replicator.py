@@ -51,6 +51,7 @@ from unitrade.errors import (
 )
 from unitrade.replication.snapshot import bootstrap, owner_position
 from unitrade.rpc.client import RegionClient
+from unitrade.storage import followers as followers_table
 from unitrade.storage import quarantine
 from unitrade.storage.copies import CellCopies
 from unitrade.storage.retention import trim_batch
@@ -86,6 +87,12 @@ IDLE_S = 0.5  # how often a pull loop with nothing to pull looks at the rule aga
 # a few sweeps rather than in one long run of the loop.
 SWEEP_BATCHES_MAX = 100
 PULL_ERRORS = (UnitradeError, OSError, TimeoutError, ValueError, KeyError, TypeError)
+# A region of many processes: pulls that arrive this close together share one read of a
+# copy's position from the database (storage/store.py, CellStore.refresh).
+SHARED_REFRESH_AGE_S = 0.005
+# ... and each process records the followers it saw in the copies this often, at once
+# when a follower pulls under a newer rule version (the switchover waits for that).
+FOLLOWERS_RECORD_S = 1.0
 # A stream whose owner has not answered a pull of it for this long is stale. A caught-up
 # stream hears at least once per long poll (WAIT_MS_MAX, plus the batching window).
 STALE_AFTER_S = 5.0
@@ -166,21 +173,37 @@ class StreamState:
 class Followers:
     """Which regions pull which cells from this region, and under which rule version: the
     switchover checks here that every other region follows a cell's new owner (docs/architecture.md
-    step 4), by rule version rather than by clock."""
+    step 4), by rule version rather than by clock.
 
-    def __init__(self) -> None:
+    In a region of many processes each sees only the pulls that reach it; what it saw is
+    also recorded in the cell's copy (`shared`: storage/followers.py, by
+    `Replicator.record_followers`), and read back from there."""
+
+    def __init__(self, shared: bool = False) -> None:
         self._seen: dict[int, dict[str, int]] = {}  # cell -> region -> rule version
         # cell -> region -> the position its last pull started after: what it has applied
         # (or, for a pipelined pull, is applying: if that apply fails, its next pull sets
         # it back), which bounds how far the owner trims its changelog
         # (storage/retention.py).
         self._applied: dict[int, dict[str, int]] = {}
+        self.shared = shared
+        self.unrecorded: set[int] = set()  # cells seen since they were last recorded
+        self.newer_version = asyncio.Event()  # a rule version to record at once
 
     def saw(self, cell: int, region: str, rule_version: int, after: int | None = None) -> None:
         regions = self._seen.setdefault(cell, {})
+        if self.shared:
+            self.unrecorded.add(cell)
+            if rule_version > regions.get(region, 0):
+                self.newer_version.set()
         regions[region] = max(regions.get(region, 0), rule_version)
         if after is not None:
             self._applied.setdefault(cell, {})[region] = after
+
+    def seen(self, cell: int) -> dict[str, tuple[int, int]]:
+        """region -> (rule version, applied) of `cell`, as this process saw them."""
+        applied = self._applied.get(cell, {})
+        return {r: (v, applied.get(r, 0)) for r, v in self._seen.get(cell, {}).items()}
 
     def applied_min(self, cell: int, regions: Sequence[str]) -> int | None:
         """The lowest position any of `regions` has applied of `cell`; 0 while one of them
@@ -191,6 +214,19 @@ class Followers:
 
     def body(self, names: dict[int, str]) -> dict[str, dict[str, int]]:
         return {names[c]: dict(sorted(r.items())) for c, r in sorted(self._seen.items())}
+
+    async def shared_body(self, copies: CellCopies, names: dict[int, str]) -> dict[str, Any]:
+        """`body`, with what every process of the region recorded (`shared`); only the
+        cells this region owns are read (nobody pulls the others from it)."""
+        if not self.shared:
+            return self.body(names)
+        merged = {c: dict(r) for c, r in self._seen.items()}
+        for cell in copies.fence.rule.cells_owned_by(copies.region):
+            recorded = await followers_table.read(copies[cell])
+            regions = merged.setdefault(cell, {})
+            for region, (version, _applied) in recorded.items():
+                regions[region] = max(regions.get(region, 0), version)
+        return {names[c]: dict(sorted(r.items())) for c, r in sorted(merged.items()) if r}
 
 
 # -- the owner's side ------------------------------------------------------------------------
@@ -252,16 +288,25 @@ async def serve_pull_many(
     assert 1 <= limit <= BATCH_ROWS_MAX and 0 <= wait_ms <= WAIT_MS_MAX
     stores: dict[int, tuple[CellStore, int]] = {}
     errors: list[dict[str, Any]] = []
+    owned: list[tuple[int, CellStore, int]] = []
     for cell, after in cells:
         try:
-            store = _owned_store(copies, cell)
+            owned.append((cell, _owned_store(copies, cell), after))
+        except (UnitradeError, RoutingError) as exc:
+            body = exc.body() if isinstance(exc, UnitradeError) else NotFound(str(exc)).body()
+            errors.append({"cell": cell, **body})
+    if copies.shared:
+        # Other processes of this region commit and trim these copies too: their position
+        # and trim point as the database has them (a read shared by pulls a moment apart).
+        await asyncio.gather(*(store.refresh(SHARED_REFRESH_AGE_S) for _, store, _ in owned))
+    for cell, store, after in owned:
+        try:
             if followers is not None and follower is not None:
                 followers.saw(cell, *follower, after=after)
             refuse_trimmed(store, after)
             stores[cell] = (store, after)
-        except (UnitradeError, RoutingError) as exc:
-            body = exc.body() if isinstance(exc, UnitradeError) else NotFound(str(exc)).body()
-            errors.append({"cell": cell, **body})
+        except UnitradeError as exc:
+            errors.append({"cell": cell, **exc.body()})
     # No long poll with a refusal to tell: the follower holds that stream back at once.
     if wait_ms and stores and not errors and all(s.position <= a for s, a in stores.values()):
         if await _wait_any(stores, wait_ms / 1000):
@@ -328,8 +373,9 @@ class Replicator:
         self.streams = {cell: StreamState(cell) for cell in copies.stores}
         self.on_applied = on_applied or []  # called with (cell, changes) after each batch
         self.bootstrap_after_positions = BOOTSTRAP_AFTER_POSITIONS
-        self.followers = Followers()  # who pulls the cells this region owns
+        self.followers = Followers(copies.shared)  # who pulls the cells this region owns
         self._tasks: list[asyncio.Task[None]] = []
+        self._recorder: asyncio.Task[None] | None = None
         self._rule_changed = asyncio.Event()
         # One apply at a time per cell: when a cell changes owner, the pull from its old
         # owner may still be applying when the pull from the new one comes back.
@@ -345,6 +391,9 @@ class Replicator:
         return self.copies.region
 
     def start(self) -> None:
+        """Follow every other region's cells and trim the changelogs: in a region of many
+        processes, only the one leading does (unitrade/workers.py)."""
+        assert not self._tasks, "following already"
         self._note_owned()
         self._tasks.append(asyncio.create_task(self._sweep_forever(), name="changelog-sweep"))
         cells = sorted(self.copies.stores)
@@ -358,12 +407,44 @@ class Replicator:
                 )
 
     async def stop(self) -> None:
+        """Stop following (and trimming); `close` stops the recorder of followers too."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+
+    async def close(self) -> None:
+        await self.stop()
+        if self._recorder is not None:
+            self._recorder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recorder
+            self._recorder = None
+
+    def start_recording(self) -> None:
+        """A region of many processes: record the followers this process sees in the
+        copies (storage/followers.py), whether or not it follows anything itself."""
+        if self.followers.shared and self._recorder is None:
+            self._recorder = asyncio.create_task(self._record_forever(), name="followers")
+
+    async def _record_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FOLLOWERS_RECORD_S):
+                    await self.followers.newer_version.wait()
+            self.followers.newer_version.clear()
+            await self.record_followers()
+
+    async def record_followers(self) -> None:
+        cells, self.followers.unrecorded = self.followers.unrecorded, set()
+        for cell in sorted(cells):
+            try:
+                await followers_table.record(self.copies[cell], self.followers.seen(cell))
+            except Exception as exc:  # recorded again next time
+                self.followers.unrecorded.add(cell)
+                log.warning("followers of cell %s not recorded: %s", cell, exc)
 
     def wake(self) -> None:
         """A new rule is in force: streams of cells that changed owner move at once (pulls
@@ -415,7 +496,7 @@ class Replicator:
                 work = functools.partial(
                     trim_batch,
                     policy=policy,
-                    followers_min=self._followers_min(cell),
+                    followers_min=await self._followers_min(cell),
                     cutoff_ms=cutoff_ms,
                     rows=rows,
                 )
@@ -446,13 +527,19 @@ class Replicator:
             self.quarantined[cell] = await quarantine.counts(store)
             log.info("cell %s: %d decided quarantine entries deleted (retention)", cell, deleted)
 
-    def _followers_min(self, cell: int) -> int | None:
+    async def _followers_min(self, cell: int) -> int | None:
         """At the owner, the lowest position every other region has applied; None at a
-        replica (nobody pulls from it)."""
+        replica (nobody pulls from it). In a region of many processes, from what all of
+        them recorded too (the newest of what each saw)."""
         if self.copies.fence.rule.owner_of(cell) != self.region:
             return None
         others = [r for r in self.client.config.region_names if r != self.region]
-        return self.followers.applied_min(cell, others)
+        if not self.followers.shared:
+            return self.followers.applied_min(cell, others)
+        seen = {r: applied for r, (_v, applied) in self.followers.seen(cell).items()}
+        for region, (_v, applied) in (await followers_table.read(self.copies[cell])).items():
+            seen[region] = max(seen.get(region, 0), applied)
+        return min((seen.get(region, 0) for region in others), default=None)
 
     def _note_owned(self) -> None:
         rule = self.copies.fence.rule

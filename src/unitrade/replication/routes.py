@@ -75,7 +75,10 @@ def replication_routes(copies: CellCopies, replicator: Replicator) -> list[Route
 
     async def wait(b: WaitCall) -> Any:
         known(b.cell)
-        position = await copies[b.cell].wait_beyond(b.position - 1, b.timeout_ms / 1000)
+        store = copies[b.cell]
+        if copies.shared:
+            await store.refresh()  # another process of this region may be the one applying
+        position = await store.wait_beyond(b.position - 1, b.timeout_ms / 1000)
         return {"cell": b.cell, "position": position, "reached": position >= b.position}
 
     calls = [

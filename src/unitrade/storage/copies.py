@@ -16,6 +16,9 @@ class CellCopies:
         rule = fence.rule
         self.region = region
         self.fence = fence
+        # Several processes of this region write these copies (`workers`): positions are
+        # read from the databases, and the fence holds in them too (store.py, fence.py).
+        self.shared = region_config.workers > 1
         self.stores: dict[int, CellStore] = {
             cell.id: CellStore(
                 cell=rule.cells[cell.id],
@@ -23,9 +26,17 @@ class CellCopies:
                 url=region_config.storage_url(cell.name, data_dir),
                 fence=fence,
                 readers=region_config.storage_readers,
+                shared=self.shared,
             )
             for cell in config.cells
         }
+        if self.shared:
+            fence.settle = self.raise_fences
+
+    async def raise_fences(self, cells: list[int], version: int) -> None:
+        """The database's half of the fence (fence.py): every copy of `cells` refuses
+        transactions under a rule older than `version` from now on."""
+        await asyncio.gather(*(self.stores[c].raise_fence(version) for c in cells))
 
     def __getitem__(self, cell: int) -> CellStore:
         return self.stores[cell]

@@ -38,6 +38,12 @@ cell_meta = Table(
     # Every changelog row at or below this position has been deleted from this copy
     # (replication/retention.py); the copy holds the positions after it, gapless.
     Column("trimmed_position", BigInteger, nullable=False, server_default="0"),
+    # The database's half of the fence, for a region of many processes: the newest rule
+    # version at which some process of this region saw the cell's owner or ban change. A
+    # fenced write (or an apply) under an older version is refused once it holds this
+    # row's lock, so no process's stale rule can commit after the region acknowledged the
+    # change (storage/store.py, docs/architecture.md). Local: never replicated.
+    Column("fence_epoch", BigInteger, nullable=False, server_default="0"),
 )
 
 changelog = Table(
@@ -75,6 +81,34 @@ quarantine = Table(
     # held: not reconciled yet; reapplied | conflict | superseded: what reconcile decided
     Column("state", String(16), nullable=False),
     Column("note", JsonText, nullable=False),
+)
+
+# A region of many processes (`workers`): which region pulls this cell from its owner under
+# which rule version, and from which position, as seen by whichever of the owner's processes
+# served the pull (storage/followers.py): the switchover's last step and the changelog trim
+# read it here, whichever process asks.
+followers = Table(
+    "followers",
+    local,
+    Column("region", String(16), primary_key=True),
+    Column("rule_version", BigInteger, nullable=False),
+    Column("applied", BigInteger, nullable=False),
+    Column("seen_ms", BigInteger, nullable=False),
+)
+
+# A region of many processes: one row per process (its worker number), written by it every
+# second in the region's copy of the global cell (region/workers.py): what `/healthz` of
+# any process reports about the others, and the replication streams of the one leading.
+workers = Table(
+    "workers",
+    local,
+    Column("worker", Integer, primary_key=True, autoincrement=False),
+    Column("pid", Integer, nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("leader", Integer, nullable=False),
+    Column("started_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+    Column("status", JsonText, nullable=False),
 )
 
 # Unit cells: buyers' data ---------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import random
@@ -50,7 +51,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import ClauseElement, Delete, Executable, Insert, Select, Update
 
-from unitrade.errors import Overloaded, ReadTimeout, RegionUnavailable, WrongRegion
+from unitrade.errors import Overloaded, ReadTimeout, RegionUnavailable, WriteBanned, WrongRegion
 from unitrade.planted import DROP_ACKED_ORDERS, planted
 from unitrade.storage.engine import (
     READ_POOL_SIZE,
@@ -148,12 +149,33 @@ def key_params(key: Mapping[str, Any]) -> dict[str, Any]:
 # Taken first in every write transaction on engines with row locks: writes to one cell copy
 # are then serialised as on SQLite (BEGIN IMMEDIATE), so a transaction's reads stay true
 # until it commits. Without it, two PostgreSQL transactions under READ COMMITTED read the
-# same sequence row and handed out the same order IDs (tests/test_sequences.py).
+# same sequence row and handed out the same order IDs (tests/test_sequences.py). It also
+# reads the database's half of the fence (`fence_epoch`, schema.py) under that lock.
 _LOCK_CELL = (
-    select(cell_meta.c.last_position)
+    select(cell_meta.c.last_position, cell_meta.c.fence_epoch)
     .where(cell_meta.c.cell_id == bindparam("k_cell_id"))
     .with_for_update()
 )
+_RAISE_FENCE = (
+    update(cell_meta)
+    .where(
+        cell_meta.c.cell_id == bindparam("k_cell_id"),
+        cell_meta.c.fence_epoch < bindparam("version"),
+    )
+    .values(fence_epoch=bindparam("version"))
+)
+_META = select(cell_meta.c.last_position, cell_meta.c.trimmed_position).where(
+    cell_meta.c.cell_id == bindparam("k_cell_id")
+)
+SCHEMA_LOCK_KEY = 0x756E6974736368  # PostgreSQL advisory lock: creating a copy's schema
+# How often a process polls a shared copy's position while a pull or wait is held: at
+# first, and right after it moved; doubling to the second while it stands still.
+POLL_S_MIN = 0.005
+POLL_S_MAX = 0.05
+# How long raising the database fence waits for the cell's lock (PostgreSQL; MySQL's
+# innodb_lock_wait_timeout is the same 10 s for every transaction): a process frozen
+# inside a write holds the lock, and the raise is tried again until it gets it.
+FENCE_LOCK_WAIT_MS = 10_000
 
 # The inline SQLite path executes these statements on the driver's cursor: SQLAlchemy
 # renders each statement shape once (named parameters), and its per-call execution
@@ -495,6 +517,7 @@ class CellStore:
         *,
         inline: bool = True,
         readers: int = READ_POOL_SIZE,
+        shared: bool = False,
     ) -> None:
         self.cell = cell
         self.region = region
@@ -529,6 +552,14 @@ class CellStore:
         self.trimmed_position = 0  # this copy's changelog holds the positions after this
         self._moved = asyncio.Event()
         self._tail = ChangelogTail()  # this copy's newest own writes, for the pulls
+        # Other processes of the region write this copy too (`workers` > 1): `position` and
+        # `trimmed_position` then move by this process's own writes and by reading them
+        # back from the database (`refresh`), which a wait for a position polls.
+        self.shared = shared
+        self._waiters = 0
+        self._poller: asyncio.Task[None] | None = None
+        self._refreshing: asyncio.Future[None] | None = None
+        self._refreshed_at = 0.0  # monotonic: when the last refresh began
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -561,11 +592,31 @@ class CellStore:
             self._create_schema(conn)
 
     def _create_schema(self, conn: Connection) -> None:
-        """The tables of this cell's kind and its cell_meta row, if they are not there."""
+        """The tables of this cell's kind and its cell_meta row, if they are not there.
+        The processes of a region of many start together: the first creates the schema
+        while the others wait for it, under a lock of the database (a table's existence is
+        checked, then it is created: two at once fail on the second CREATE)."""
+        if self.backend == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK_KEY})
+            self._create_tables(conn)
+        elif self.backend == "mysql":
+            # DDL commits on its own in MySQL: a session lock, given back at the end.
+            name = f"unitrade-schema:{conn.engine.url.database}"[:64]
+            got = conn.execute(text("SELECT GET_LOCK(:n, :s)"), {"n": name, "s": 30}).scalar()
+            if got != 1:
+                raise RuntimeError(f"{name}: another process holds the schema lock for 30 s")
+            try:
+                self._create_tables(conn)
+            finally:
+                conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": name})
+        else:
+            self._create_tables(conn)
+
+    def _create_tables(self, conn: Connection) -> None:
         common.create_all(conn)
         local.create_all(conn)
         METADATA_BY_KIND[self.cell.kind].create_all(conn)
-        _add_trimmed_position(conn)
+        _add_meta_columns(conn)
         exists = conn.execute(select(cell_meta.c.cell_id)).first()
         if exists is None:
             conn.execute(
@@ -581,6 +632,10 @@ class CellStore:
             raise RuntimeError(f"{self.url} holds cell {exists.cell_id}, not {self.cell.id}")
 
     async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
         if self._inline is not None:
             self._cursor.close()
             self._cursor = None
@@ -733,7 +788,7 @@ class CellStore:
 
         async with self._write_slot(), self.fence.admit(cell_id) as epoch:
             try:
-                result, position = await self._transact(body, epoch)
+                result, position = await self._transact(body, epoch, fence_version=epoch)
             except _Dropped as dropped:
                 return dropped.result  # type: ignore[no-any-return]  # the planted bug
             self._tail.add(appended)
@@ -773,8 +828,11 @@ class CellStore:
             return work(tx), 0
 
         self._tail.clear()  # the changelog may change other than by this copy's writes
+        # Under the rule this process holds: an applier that has not yet learnt that the
+        # cell changed owner (a stale process of the region) is refused by the database.
+        version = self.fence.rule.version
         async with self._write_slot():
-            result, _ = await self._transact(body, epoch=0, inline=inline)
+            result, _ = await self._transact(body, epoch=0, inline=inline, fence_version=version)
         return result
 
     @asynccontextmanager
@@ -790,21 +848,29 @@ class CellStore:
             self._write_slots.release()
 
     async def _transact(
-        self, body: Callable[[WriteTx], tuple[T, int]], epoch: int, inline: bool = True
+        self,
+        body: Callable[[WriteTx], tuple[T, int]],
+        epoch: int,
+        inline: bool = True,
+        fence_version: int = 0,
+        lock_wait_ms: int | None = None,
     ) -> tuple[T, int]:
         """Run `body` in one write transaction: inline on SQLite (on the writer thread when
         another process holds the lock, or when `inline` is False: `body` then gets a
         SQLAlchemy connection), on the writer thread on PostgreSQL, on the loop through the
-        asyncio driver on MySQL/MariaDB."""
+        asyncio driver on MySQL/MariaDB. On PostgreSQL and MySQL a `fence_version` (the rule
+        version the transaction runs under; 0: local bookkeeping, not fenced) below the
+        copy's `fence_epoch` is refused once the cell's lock is held (`_fenced`)."""
         if self._async:
             # Its own task, awaited as the writer thread's is: a cancelled caller still
             # waits for the transaction to end (`_finish`).
-            job = asyncio.ensure_future(self._transact_async(body, epoch))
+            job = asyncio.ensure_future(self._transact_async(body, epoch, fence_version))
             job.add_done_callback(_retrieve)
             return await _finish(job)
         assert self._writer is not None, "CellStore.open() first"
         writer, cell_id = self._writer, self.cell.id
         lock_cell = self.backend != "sqlite"  # SQLite's BEGIN IMMEDIATE already serialises
+        fenced = self._fenced
         if self._checkpoint is not None and not self._checkpoint.done():
             # Our own checkpoint holds the lock for a few ms: wait for it rather than find
             # the lock taken and queue every writer on the thread.
@@ -817,15 +883,17 @@ class CellStore:
 
         def run() -> tuple[T, int]:
             with _lock_busy(cell_id), writer.begin() as conn:
+                if lock_cell and lock_wait_ms is not None and self.backend == "postgresql":
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(lock_wait_ms)}")
                 if lock_cell:
-                    conn.execute(_LOCK_CELL, {"k_cell_id": cell_id}).scalar_one()
+                    fenced(conn.execute(_LOCK_CELL, {"k_cell_id": cell_id}).one(), fence_version)
                 return body(WriteTx(conn, epoch=epoch, origin=self.region))
 
         loop = asyncio.get_running_loop()
         return await _finish(loop.run_in_executor(self._write_thread, run))
 
     async def _transact_async(
-        self, body: Callable[[WriteTx], tuple[T, int]], epoch: int
+        self, body: Callable[[WriteTx], tuple[T, int]], epoch: int, fence_version: int = 0
     ) -> tuple[T, int]:
         """One write transaction on the writer connection through the asyncio driver: this
         process's writes take turns at the connection (FIFO), and the cell_meta row lock,
@@ -836,8 +904,9 @@ class CellStore:
 
         def run(conn: Connection) -> tuple[T, int]:
             nonlocal locked
-            conn.execute(_LOCK_CELL, {"k_cell_id": cell_id}).scalar_one()
+            row = conn.execute(_LOCK_CELL, {"k_cell_id": cell_id}).one()
             locked = True
+            self._fenced(row, fence_version)
             return body(WriteTx(conn, epoch=epoch, origin=self.region))
 
         async with self._writer_turn:
@@ -859,6 +928,35 @@ class CellStore:
                     if locked or attempt > 0:
                         raise
         raise AssertionError("unreachable")
+
+    def _fenced(self, locked: Any, fence_version: int) -> None:
+        """Refuse, holding the cell's lock, a transaction under a rule older than the
+        newest at which some process of this region saw the cell's owner or ban change:
+        that process has acknowledged the change, so nothing admitted before it may commit
+        (docs/architecture.md, A region of many processes)."""
+        fence_epoch = int(locked.fence_epoch)
+        if fence_version and fence_version < fence_epoch:
+            raise WriteBanned(
+                f"cell {self.cell.id} changed owner or ban at rule version {fence_epoch}; "
+                f"this process still holds version {fence_version}: retry shortly",
+                cell=self.cell.id,
+            )
+
+    async def raise_fence(self, version: int) -> None:
+        """Raise this copy's database fence to rule `version` (never lowers it): once this
+        returns, every transaction of any process that held the cell's lock has ended, and
+        none under an older rule can take it and commit. Waits at most FENCE_LOCK_WAIT_MS
+        for the lock (then Overloaded: the caller tries again)."""
+        if self.backend == "sqlite":
+            return  # one process per copy: the in-process fence is the whole fence
+        cell_id = self.cell.id
+
+        def body(tx: WriteTx) -> tuple[None, int]:
+            tx.count(_RAISE_FENCE, {"k_cell_id": cell_id, "version": version})
+            return None, 0
+
+        async with self._write_slot():
+            await self._transact(body, epoch=0, lock_wait_ms=FENCE_LOCK_WAIT_MS)
 
     def restored(self, position: int, trimmed_position: int = 0) -> None:
         """Note the position a snapshot brought this copy to, and the changelog it copied
@@ -909,14 +1007,71 @@ class CellStore:
             self._moved = asyncio.Event()
 
     async def wait_beyond(self, position: int, timeout_s: float) -> int:
-        """Wait until this copy has a position above `position`, at most `timeout_s`."""
+        """Wait until this copy has a position above `position`, at most `timeout_s`.
+        Shared with other processes, their commits are seen by polling the database
+        (`_poll_position`) while anyone waits."""
+        self._waiters += 1
         try:
+            if self.shared and (self._poller is None or self._poller.done()):
+                self._poller = asyncio.create_task(self._poll_position(), name="position-poll")
             async with asyncio.timeout(timeout_s):
                 while self.position <= position:
                     await self._moved.wait()
         except TimeoutError:
             pass
+        finally:
+            self._waiters -= 1
         return self.position
+
+    async def _poll_position(self) -> None:
+        """Read the position back from the database while someone waits for it: every
+        POLL_S_MIN after it moved, backing off to POLL_S_MAX while it stands still (an
+        idle copy costs a few reads a second, a busy one is seen within a few ms)."""
+        interval_s = POLL_S_MIN
+        while self._waiters > 0:
+            await asyncio.sleep(interval_s)
+            before = self.position
+            try:
+                await self.refresh()
+            except Exception as exc:  # the database away: the waits time out on their own
+                log.warning("cell %s: position not read back: %s", self.cell.name, exc)
+                interval_s = POLL_S_MAX
+                continue
+            moved = self.position > before
+            interval_s = POLL_S_MIN if moved else min(interval_s * 2, POLL_S_MAX)
+
+    async def refresh(self, max_age_s: float = 0.0) -> int:
+        """Read this copy's position and trim point back from the database (other
+        processes of the region write and trim it too); the position. A refresh that began
+        within `max_age_s` is shared (0: one that begins now)."""
+        now = time.monotonic()
+        running = self._refreshing
+        if max_age_s > 0 and now - self._refreshed_at <= max_age_s and running is not None:
+            await asyncio.shield(running)
+            return self.position
+        self._refreshed_at = now
+        job = asyncio.ensure_future(self._refresh_now())
+        job.add_done_callback(_retrieve)
+        self._refreshing = job
+        await asyncio.shield(job)
+        return self.position
+
+    async def _refresh_now(self) -> None:
+        last, trimmed = await self.read_meta()
+        if trimmed > self.trimmed_position:
+            self.trimmed_position = trimmed
+            self._tail.drop_through(trimmed)
+        self._advance(last)
+
+    async def read_meta(self) -> tuple[int, int]:
+        """(last_position, trimmed_position) as the database has them now."""
+        params = {"k_cell_id": self.cell.id}
+
+        def work(conn: Connection) -> tuple[int, int]:
+            row = conn.execute(_META, params).one()
+            return int(row.last_position), int(row.trimmed_position)
+
+        return await self.read(work)
 
     @staticmethod
     def _run_inline(conn: Connection, begin: str, work: Callable[[Connection], T]) -> T | _Busy:
@@ -1017,20 +1172,23 @@ class CellStore:
         return await self.read(work)
 
 
-def _add_trimmed_position(conn: Connection) -> None:
-    """Databases created before changelog retention have no trim point: add it (0, the
-    whole changelog is there)."""
+def _add_meta_columns(conn: Connection) -> None:
+    """Databases created before changelog retention have no trim point, and those created
+    before regions of many processes no database fence: add them (0: the whole changelog
+    is there; no rule change recorded yet)."""
     columns = {c["name"] for c in inspect(conn).get_columns(cell_meta.name)}
-    if "trimmed_position" not in columns:
-        conn.execute(
-            text("ALTER TABLE cell_meta ADD COLUMN trimmed_position BIGINT NOT NULL DEFAULT 0")
-        )
+    for column in ("trimmed_position", "fence_epoch"):
+        if column not in columns:
+            conn.execute(
+                text(f"ALTER TABLE cell_meta ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0")
+            )
 
 
 # MySQL/MariaDB: a lock wait timeout and a deadlock. Every writer takes the cell_meta lock
 # first, so these come from another process holding a cell's write lock too long (or from
 # an operator's own statement): the transaction was rolled back, nothing was written.
 _MYSQL_LOCK_ERRORS = (1205, 1213)
+_PG_LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout (raising the fence sets one)
 
 
 @contextmanager
@@ -1039,7 +1197,8 @@ def _lock_busy(cell_id: int) -> Iterator[None]:
         yield
     except DBAPIError as error:
         args = getattr(error.orig, "args", ())
-        if args and args[0] in _MYSQL_LOCK_ERRORS:
+        lock_timeout = getattr(error.orig, "sqlstate", None) == _PG_LOCK_NOT_AVAILABLE
+        if lock_timeout or (args and args[0] in _MYSQL_LOCK_ERRORS):
             raise Overloaded(
                 f"cell {cell_id}: a write waited too long for the cell's lock; "
                 "nothing was written, retry shortly"

@@ -137,6 +137,9 @@ def _check_storage_scheme(value: str) -> None:
         )
 
 
+WORKERS_MAX = 64  # serving processes of one region
+
+
 class RegionConfig(_Listening):
     name: str
     center: bool = False
@@ -146,6 +149,10 @@ class RegionConfig(_Listening):
     # writer: a region process opens up to cells x (1 + storage_readers) connections to its
     # database server (docs/operations.md: mind max_connections).
     storage_readers: Annotated[int, Field(ge=1, le=32)] = 4
+    # Serving processes of the region, all behind its one `listen` address (SO_REUSEPORT)
+    # over its one set of databases (docs/architecture.md, A region of many processes).
+    # More than one needs a database server: PostgreSQL or MySQL/MariaDB, not SQLite.
+    workers: Annotated[int, Field(ge=1, le=WORKERS_MAX)] = 1
 
     @field_validator("name")
     @classmethod
@@ -155,6 +162,19 @@ class RegionConfig(_Listening):
         if value == CONTROL_NAME:
             raise ValueError(f"{CONTROL_NAME!r} is the control plane's name")
         return value
+
+    @model_validator(mode="after")
+    def _workers_need_a_server(self) -> RegionConfig:
+        # SQLite's one write lock per database file, the inline write path and the file's
+        # own WAL checkpoints are built for one process per copy; a region that needs more
+        # than one core needs a database server anyway (docs/operations.md).
+        if self.workers > 1 and self.storage.startswith("sqlite"):
+            raise ValueError(
+                f"workers = {self.workers} needs PostgreSQL or MySQL/MariaDB storage: on SQLite "
+                "a region runs one process (set storage to a postgresql:// or mysql:// URL, "
+                "or workers = 1)"
+            )
+        return self
 
     @field_validator("storage")
     @classmethod
@@ -620,6 +640,18 @@ class TopologyConfig(_Strict):
     @property
     def region_names(self) -> list[str]:
         return [r.name for r in self.regions]
+
+    def with_workers(self, name: str, workers: int) -> TopologyConfig:
+        """This topology with region `name` run by `workers` processes (`unitrade serve
+        --workers`), validated as if the file said so."""
+        regions = [
+            {**r.model_dump(), "workers": workers} if r.name == name else r.model_dump()
+            for r in self.regions
+        ]
+        try:
+            return TopologyConfig.model_validate({**self.model_dump(), "regions": regions})
+        except ValidationError as exc:
+            raise ConfigError("; ".join(_describe(e) for e in exc.errors())) from exc
 
     @property
     def center_region(self) -> str:
