@@ -268,9 +268,7 @@ def test_writes_go_on_with_every_control_plane_down_and_stop_in_time_with_etcd_d
             elif status != 201:
                 refusals.append(error)
             assert time.monotonic() - cut < DEADLINE_S, "hz never stopped writing"
-        accepted_after_lease = [
-            a for a in writer.answers if a[0] > cut + lease_s and a[2] == 201
-        ]
+        accepted_after_lease = [a for a in writer.answers if a[0] > cut + lease_s and a[2] == 201]
         assert accepted_after_lease == [], "a write was admitted after the lease had ended"
         assert set(refusals) == {"no_write_lease"}, refusals
         last_ok = max(a[0] for a in writer.answers if a[2] == 201 and a[1] == "hz")
