@@ -26,8 +26,9 @@ class FakeRegions(Control):
         board = RuleBoard(store=None, rule=RULE, regions=CONFIG.region_names)  # type: ignore[arg-type]
         now = time.monotonic()
         for seen in board.regions.values():
-            seen.acked = {"gateway": 1, "rpc": 1, "dal": 1}
-            seen.last_seen = now
+            process = seen.worker(0)  # a region of one process
+            process.acked = {"gateway": 1, "rpc": 1, "dal": 1}
+            process.last_seen = now
         super().__init__(CONFIG, None, board, None)  # type: ignore[arg-type]
         self.answers = answers
 
@@ -78,7 +79,7 @@ def test_unreachable_target_or_owner_is_refused() -> None:
 
 def test_disconnected_target_is_refused() -> None:
     ctx = FakeRegions({"sh": healthz(1), "hz": healthz(1)})
-    ctx.board.regions["hz"].last_seen = 0.0
+    ctx.board.regions["hz"].worker(0).last_seen = 0.0
     with pytest.raises(SwitchRefused, match="not connected"):
         run(ctx, [3], "hz")
 
