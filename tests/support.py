@@ -89,9 +89,10 @@ def write_topology(
     directory: Path,
     storage: str | Mapping[str, str] | None = None,
     control_storage: str | None = None,
+    control: str = "",
 ) -> tuple[TopologyConfig, Path]:
     path = directory / "topology.toml"
-    path.write_text(topology_toml(free_ports(4), storage, control_storage))
+    path.write_text(topology_toml(free_ports(4), storage, control_storage, control=control))
     import tomllib
 
     return parse_config(tomllib.loads(path.read_text())), path
