@@ -209,6 +209,13 @@ class OutcomeUnknown(UnitradeError):
     retry_after_s: ClassVar[int] = 1
 
 
+class WriteOutcomeUnknown(OutcomeUnknown):
+    """The database connection failed while a write transaction ran or committed (the
+    server went away, the connection was cut): the commit may have reached the database or
+    not. Repeat the request with the same idempotency key (or payment ID) to learn which;
+    never read this as "nothing was written"."""
+
+
 class OrderTimedOut(UnitradeError):
     """An order could not be written in time after its stock was reserved; nothing was
     written and the reservation is released. Safe to retry."""

@@ -145,8 +145,13 @@ class EdgeMiddleware:
             log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
             if started:
                 raise
+            # Not "not applied": an unexpected error may come after a commit. A write is
+            # repeated as it was (its idempotency key or payment ID) to learn its outcome.
             response = error_body_response(
-                500, "internal", "internal error; the request was not applied"
+                500,
+                "internal",
+                "internal error; if this was a write it may or may not have been applied: "
+                "repeat it as it was (the same idempotency key or payment ID) to learn its outcome",
             )
             await response(scope, receive, stamped)
         finally:

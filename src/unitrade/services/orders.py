@@ -350,6 +350,13 @@ class OrderService:
         except _Replay as replay:
             await self._release_quietly(order_id)
             return Created(await self.get(buyer_id, replay.order_id), replayed=True)
+        except (OutcomeUnknown, asyncio.CancelledError):
+            # The order may have committed (its write's answer was lost, or this request
+            # was cancelled while it ran): releasing now could sell its units twice. The
+            # reservation stays; release_abandoned releases it after RESERVATION_GRACE_S if
+            # the order is not in the cell by then.
+            log.warning("order %s: write outcome unknown; reservation kept for now", order_id)
+            raise
         except BaseException:
             await self._release_quietly(order_id)
             raise
@@ -556,6 +563,8 @@ class OrderService:
 
         try:
             written = await store.write(work)
+        except (OutcomeUnknown, asyncio.CancelledError):
+            raise  # it may be written: kept for release_abandoned, as in create
         except BaseException:
             if hold:
                 await self._release_quietly(order_id)

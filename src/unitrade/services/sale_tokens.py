@@ -281,6 +281,8 @@ class TokenIssuer:
 
         try:
             row = await store.write(work)
+        except OutcomeUnknown:
+            raise  # the database connection failed: it may have committed, the token stays taken
         except UnitradeError:
             # A typed refusal is raised before the commit (the fence, the lease, the
             # limit): nothing was written, the token goes back to the segment. Anything

@@ -47,11 +47,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import Row
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import ClauseElement, Delete, Executable, Insert, Select, Update
 
-from unitrade.errors import Overloaded, ReadTimeout, RegionUnavailable, WriteBanned, WrongRegion
+from unitrade.errors import (
+    Overloaded,
+    ReadTimeout,
+    RegionUnavailable,
+    WriteBanned,
+    WriteOutcomeUnknown,
+    WrongRegion,
+)
 from unitrade.planted import DROP_ACKED_ORDERS, planted
 from unitrade.storage.engine import (
     READ_POOL_SIZE,
@@ -791,11 +798,32 @@ class CellStore:
                 result, position = await self._transact(body, epoch, fence_version=epoch)
             except _Dropped as dropped:
                 return dropped.result  # type: ignore[no-any-return]  # the planted bug
+            except (DBAPIError, sqlite3.Error) as error:
+                if not may_have_committed(error):
+                    raise
+                self._lost_commit()
+                raise WriteOutcomeUnknown(
+                    f"cell {cell_id}: the database connection failed during the write "
+                    f"({type(error).__name__}); it may have committed: repeat the request as "
+                    "it was (the same idempotency key or payment ID) to learn its outcome",
+                    region=self.region,
+                    call=DATABASE_CALL,
+                    cell=cell_id,
+                ) from error
             self._tail.add(appended)
             # Inside the fence: once a rule change is acknowledged, `position` is final
             # (the switchover reads a banned cell's final position from it).
             self._advance(position)
         return result
+
+    def _lost_commit(self) -> None:
+        """A write whose commit may or may not have reached the database: the tail and the
+        position may now be behind the changelog. Start the tail again and read the position
+        back (in the background: the database may still be away; the next write or pull
+        reads it anyway)."""
+        self._tail.clear()
+        job = asyncio.ensure_future(self.refresh())
+        job.add_done_callback(_log_failed_refresh)
 
     async def apply(self, changes: Sequence[Mapping[str, Any]]) -> int:
         """Apply the owner's changelog rows to this replica copy; the new checkpoint.
@@ -1210,6 +1238,29 @@ def _retrieve(job: asyncio.Future[Any]) -> None:
     """Mark a background task's failure as seen: its caller, if cancelled, is gone."""
     if not job.cancelled():
         job.exception()
+
+
+# The `call` of a 504 outcome_unknown when the owner's own database connection failed.
+DATABASE_CALL = "database"
+
+
+def may_have_committed(error: DBAPIError | sqlite3.Error) -> bool:
+    """Whether a database error in a write transaction leaves its commit in doubt: the
+    connection failed (the server went away, the link was cut, an I/O error), so the COMMIT
+    may have reached the database before its answer was lost. A statement the database
+    refused (a constraint, a syntax error) ended a transaction that never committed. Lock
+    waits and deadlocks are answered as `overloaded` before they get here (_lock_busy)."""
+    cause = error.orig if isinstance(error, DBAPIError) else error
+    if isinstance(cause, sqlite3.Error):
+        # SQLite's BUSY leaves the transaction open and it is rolled back: never committed.
+        return isinstance(cause, sqlite3.OperationalError) and not _is_busy(cause)
+    assert isinstance(error, DBAPIError)
+    return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+
+
+def _log_failed_refresh(job: asyncio.Future[Any]) -> None:
+    if not job.cancelled() and job.exception() is not None:
+        log.warning("position not read back after a lost commit: %s", job.exception())
 
 
 async def _finish(future: asyncio.Future[T]) -> T:
