@@ -262,7 +262,8 @@ def run_cost(args: argparse.Namespace) -> dict[str, Any]:
             print(
                 f"  flow {name:<3} {result.throughput:8.1f} orders/s  "
                 f"p50 {pct(result.latencies_s, 0.5) * 1000:6.2f} ms  "
-                f"p99 {pct(result.latencies_s, 0.99) * 1000:6.2f} ms  errors {errors}",
+                f"p99 {pct(result.latencies_s, 0.99) * 1000:6.2f} ms  errors {errors}"
+                + (f" (e.g. {result.error_sample})" if errors else ""),
                 flush=True,
             )
             phases[name].append(
@@ -271,6 +272,7 @@ def run_cost(args: argparse.Namespace) -> dict[str, Any]:
                     "p50_ms": round(pct(result.latencies_s, 0.5) * 1000, 3),
                     "p99_ms": round(pct(result.latencies_s, 0.99) * 1000, 3),
                     "errors": dict(result.errors),
+                    "error_sample": result.error_sample,
                 }
             )
         mean = {n: sum(p["orders_per_s"] for p in v) / len(v) for n, v in phases.items()}
