@@ -303,6 +303,45 @@ async def _a_high_redis_limit_admits_requests_that_come_microseconds_apart() -> 
         assert refused == 0, f"{refused} of 1,000 refused under a 20,000/s limit"
         assert limits.storage_errors == 0  # Redis answered every check: none fell back
         assert await shared.client.keys(f"{prefix}:hz:ip:*")
+        # The checks of requests that came together went in shared calls.
+        assert shared.calls < 1_000, shared.calls
+    finally:
+        keys = await shared.client.keys(f"{prefix}:*")
+        if keys:
+            await shared.client.delete(*keys)
+        await shared.aclose()
+
+
+def test_requests_checked_together_in_redis_get_what_they_would_one_by_one() -> None:
+    asyncio.run(_requests_checked_together_in_redis_get_what_they_would_one_by_one())
+
+
+async def _requests_checked_together_in_redis_get_what_they_would_one_by_one() -> None:
+    """Ten requests at once against a burst of 4 share one script call: the first four (in
+    the order they came) are admitted, the rest refused by the limit that ran out; a
+    request refused by its first check takes nothing from its second."""
+    url = require_redis()
+    prefix = f"ut-test-{uuid.uuid4().hex[:8]}"
+    rules = rules_with(buyer=Limit(rate_per_s=0.5, burst=4), ip=Limit(rate_per_s=0.5, burst=6))
+    shared = RedisSchedules(url, 1.0)
+    limits = RateLimits("hz", lambda: rules, shared, prefix)
+    try:
+        answers = await asyncio.gather(
+            *(limits.admit([("buyer", "7"), ("ip", "10.0.0.1")]) for _ in range(10)),
+            return_exceptions=True,
+        )
+        assert shared.calls == 1
+        outcomes = [
+            "ok" if a is None else a.details["limit"]  # type: ignore[union-attr]
+            for a in answers
+        ]
+        assert outcomes == ["ok"] * 4 + ["buyer"] * 6
+        # The ip limit gave 4 of its 6: two are left for another buyer.
+        await limits.admit([("buyer", "8"), ("ip", "10.0.0.1")])
+        await limits.admit([("buyer", "9"), ("ip", "10.0.0.1")])
+        with pytest.raises(RateLimited) as refused:
+            await limits.admit([("buyer", "10"), ("ip", "10.0.0.1")])
+        assert refused.value.details["limit"] == "ip"
     finally:
         keys = await shared.client.keys(f"{prefix}:*")
         if keys:

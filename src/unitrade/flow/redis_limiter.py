@@ -11,11 +11,20 @@ A Redis that does not answer within `storage_timeout_ms` is not waited for: the 
 falls back on its own schedules (limiter.Schedules) until Redis answers again, and counts
 the fallbacks (unitrade_flow_storage_errors_total): limits stay in force, per process,
 rather than every request waiting for Redis or none being limited.
+
+Under load the requests of one loop pass share one call: `take` queues its checks, and one
+sender sends every queued request's checks in a single script call (at most BATCH_MAX
+requests), one at a time, as a database groups commits. The script takes each request's
+checks as it would alone, in the order they were queued, so the answer is the same as one
+call per request; what changes is the cost: one round trip and one reply to parse per
+batch instead of per request (the region's core, not Redis, was what the checks cost:
+docs/benchmarks.md, Flow control).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,63 +33,84 @@ from redis.exceptions import RedisError
 
 from unitrade.flow.limiter import Shape, idle_s
 
-# KEYS: one per check. ARGV: 7 numbers per check (interval, stored_max, refill, threshold,
-# slope, timeout, warm 0/1), then the TTL in ms per check.
-# Returns {refused index (0: none), seconds}: the longest wait of the admitted, or the
-# refused one's retry-after. Floats leave Lua as strings (a Lua number would be truncated),
-# written with %.17g: Lua's tostring keeps 14 digits, which for a unix time is 0.1 ms, and
-# a next-free time rounded up by up to 50 us refused every request that came within that
-# of the one before, however many permits were stored (a 20,000/s limit refused at 500/s).
+# KEYS: one per check, the requests' one after the other. ARGV: the number of requests R,
+# then each request's number of checks, then 8 values per check: interval, stored_max,
+# refill, threshold, slope, timeout, warm (0/1), the key's TTL in ms.
+# Returns 2 values per request: {refused index (0: none), seconds}: the longest wait of the
+# admitted, or the refused one's retry-after. A request's checks stop at its first refusal.
+# Floats leave Lua as strings (a Lua number would be truncated), written with %.17g: Lua's
+# tostring keeps 14 digits, which for a unix time is 0.1 ms, and a next-free time rounded
+# up by up to 50 us refused every request that came within that of the one before, however
+# many permits were stored (a 20,000/s limit refused at 500/s).
 SCRIPT = """
 local function num(x) return string.format('%.17g', x) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local n = #KEYS
-local longest = 0
-for i = 1, n do
-  local base = (i - 1) * 7
-  local interval = tonumber(ARGV[base + 1])
-  local stored_max = tonumber(ARGV[base + 2])
-  local refill = tonumber(ARGV[base + 3])
-  local threshold = tonumber(ARGV[base + 4])
-  local slope = tonumber(ARGV[base + 5])
-  local timeout = tonumber(ARGV[base + 6])
-  local warm = ARGV[base + 7] == '1'
-  local ttl = tonumber(ARGV[n * 7 + i])
-  local state = redis.call('HMGET', KEYS[i], 'n', 's')
-  local next_free = tonumber(state[1]) or now
-  local stored = tonumber(state[2]) or stored_max
-  if now > next_free then
-    stored = stored + (now - next_free) / refill
-    next_free = now
-  end
-  stored = math.min(stored_max, stored)
-  local wait = next_free - now
-  if wait > timeout then
-    return {i, num(wait)}
-  end
-  local taken = math.min(1, stored)
-  local cost = 0
-  if warm then
-    local left = taken
-    local above = stored - threshold
-    if above > 0 then
-      local from_above = math.min(above, left)
-      local first = interval + above * slope
-      local last = interval + (above - from_above) * slope
-      cost = from_above * (first + last) / 2
-      left = left - from_above
+local requests = tonumber(ARGV[1])
+local out = {}
+local key = 0
+local arg = 1 + requests
+for r = 1, requests do
+  local n = tonumber(ARGV[1 + r])
+  local refused = 0
+  local longest = 0
+  for i = 1, n do
+    local k = KEYS[key + i]
+    local base = arg + (i - 1) * 8
+    if refused == 0 then
+      local interval = tonumber(ARGV[base + 1])
+      local stored_max = tonumber(ARGV[base + 2])
+      local refill = tonumber(ARGV[base + 3])
+      local threshold = tonumber(ARGV[base + 4])
+      local slope = tonumber(ARGV[base + 5])
+      local timeout = tonumber(ARGV[base + 6])
+      local warm = ARGV[base + 7] == '1'
+      local ttl = tonumber(ARGV[base + 8])
+      local state = redis.call('HMGET', k, 'n', 's')
+      local next_free = tonumber(state[1]) or now
+      local stored = tonumber(state[2]) or stored_max
+      if now > next_free then
+        stored = stored + (now - next_free) / refill
+        next_free = now
+      end
+      stored = math.min(stored_max, stored)
+      local wait = next_free - now
+      if wait > timeout then
+        refused = i
+        longest = wait
+      else
+        local taken = math.min(1, stored)
+        local cost = 0
+        if warm then
+          local left = taken
+          local above = stored - threshold
+          if above > 0 then
+            local from_above = math.min(above, left)
+            local first = interval + above * slope
+            local last = interval + (above - from_above) * slope
+            cost = from_above * (first + last) / 2
+            left = left - from_above
+          end
+          cost = cost + interval * left
+        end
+        next_free = next_free + cost + (1 - taken) * interval
+        stored = stored - taken
+        redis.call('HSET', k, 'n', num(next_free), 's', num(stored))
+        redis.call('PEXPIRE', k, ttl)
+        if wait > longest then longest = wait end
+      end
     end
-    cost = cost + interval * left
   end
-  next_free = next_free + cost + (1 - taken) * interval
-  stored = stored - taken
-  redis.call('HSET', KEYS[i], 'n', num(next_free), 's', num(stored))
-  redis.call('PEXPIRE', KEYS[i], ttl)
-  if wait > longest then longest = wait end
+  out[#out + 1] = refused
+  out[#out + 1] = num(longest)
+  key = key + n
+  arg = arg + n * 8
 end
-return {0, num(longest)}
+return out
 """
+
+BATCH_MAX = 256  # requests per script call
+PENDING_MAX = 10_000  # requests queued for the next calls; past it, checked in the process
 
 
 class RedisUnavailable(Exception):
@@ -94,28 +124,74 @@ class RedisSchedules:
         )
         self.script = self.client.register_script(SCRIPT)
         self.timeout_s = timeout_s
+        self._pending: list[tuple[Sequence[tuple[str, Shape]], asyncio.Future[tuple[int, float]]]]
+        self._pending = []
+        self._sender: asyncio.Task[None] | None = None
+        self.calls = 0  # script calls made (each for one batch of requests)
 
     async def aclose(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+        for _, future in self._pending:
+            if not future.done():
+                future.set_exception(RedisUnavailable("the limiter is closing"))
+        self._pending = []
         await self.client.aclose()
 
     async def take(self, checks: Sequence[tuple[str, Shape]]) -> tuple[int, float]:
         """(refused index from 1, or 0; seconds): see SCRIPT. RedisUnavailable when Redis
         does not answer within the timeout."""
-        args: list[Any] = []
-        for _, shape in checks:
-            args += [
-                repr(shape.interval_s),
-                repr(shape.stored_max),
-                repr(shape.refill_s),
-                repr(shape.threshold),
-                repr(shape.slope),
-                repr(shape.timeout_s),
-                "1" if shape.warm else "0",
-            ]
-        args += [str(max(1, int(idle_s(shape) * 1000) + 1000)) for _, shape in checks]
+        assert checks, "a request with no checks asks Redis nothing"
+        if len(self._pending) >= PENDING_MAX:
+            raise RedisUnavailable(f"{PENDING_MAX} requests already wait for Redis")
+        answer: asyncio.Future[tuple[int, float]] = asyncio.get_running_loop().create_future()
+        self._pending.append((checks, answer))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send(), name="flow-redis-sender")
+        return await answer
+
+    async def _send(self) -> None:
+        """Send what is queued, a batch at a time, until nothing is."""
+        await asyncio.sleep(0)  # the requests of this loop pass join the first batch
+        while self._pending:
+            batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
+            try:
+                answers = await self._call([checks for checks, _ in batch])
+            except BaseException as exc:  # every waiter gets an answer, even on cancel
+                failed = exc if isinstance(exc, RedisUnavailable) else RedisUnavailable(repr(exc))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(failed)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, future), answer in zip(batch, answers, strict=True):
+                if not future.done():  # its request may have been cancelled meanwhile
+                    future.set_result(answer)
+
+    async def _call(self, batch: list[Sequence[tuple[str, Shape]]]) -> list[tuple[int, float]]:
+        keys: list[str] = []
+        args: list[Any] = [str(len(batch)), *(str(len(checks)) for checks in batch)]
+        for checks in batch:
+            for key, shape in checks:
+                keys.append(key)
+                args += [
+                    repr(shape.interval_s),
+                    repr(shape.stored_max),
+                    repr(shape.refill_s),
+                    repr(shape.threshold),
+                    repr(shape.slope),
+                    repr(shape.timeout_s),
+                    "1" if shape.warm else "0",
+                    str(max(1, int(idle_s(shape) * 1000) + 1000)),
+                ]
+        self.calls += 1
         try:
             async with asyncio.timeout(self.timeout_s):
-                refused, seconds = await self.script(keys=[k for k, _ in checks], args=args)
+                flat = await self.script(keys=keys, args=args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        return int(refused), float(seconds)
+        assert len(flat) == 2 * len(batch), "two values per request"
+        return [(int(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2)]
