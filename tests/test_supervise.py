@@ -193,6 +193,9 @@ def test_a_region_that_dies_at_once_is_left_down_after_the_limit(
 # -- `unitrade stop` / `unitrade start` against a real `unitrade up` ---------------------
 
 
+UP_STOP_S_MAX = 40  # `up` gives each process 15 s after SIGTERM, then kills it
+
+
 class Up:
     """`unitrade up` as a subprocess, its output collected by a thread."""
 
@@ -215,8 +218,14 @@ class Up:
             self.output.append(line)
 
     def close(self) -> None:
+        """Stop `up` as an operator does (SIGTERM: it stops every process it started, which
+        run in sessions of their own and would outlive a SIGKILL of `up`)."""
         if self.process.poll() is None:
-            self.process.kill()
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=UP_STOP_S_MAX)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         self.process.wait()
         self._reader.join(timeout=10)
         assert self.process.stdout is not None

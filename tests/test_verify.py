@@ -472,3 +472,6 @@ def test_a_run_attached_to_a_supervised_cluster_passes_and_leaves_it_running(
         assert set(states.values()) == {"running"}, states
     finally:
         up.close()
+    # `up` stopped everything it ran: nothing of the cluster outlives the test.
+    for name in ("hz", "sh", "bj", "control"):
+        assert not healthy(config, name), name
