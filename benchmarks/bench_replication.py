@@ -205,9 +205,17 @@ class Poller:
     time after the read that saw it, copy index, position): the copy reached the position
     between the two."""
 
-    def __init__(self, paths: Sequence[Path], interval_s: float, max_s: float) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path | str],
+        interval_s: float,
+        max_s: float,
+        script: str = _POLLER,
+    ) -> None:
+        """`script`: the polling program (argv: interval, max, output file, *paths), e.g. one
+        that reads the checkpoints from a database server instead of SQLite files."""
         self.out = Path(tempfile.mkstemp(prefix="bench-repl-poll-", suffix=".json")[1])
-        command = [sys.executable, "-c", _POLLER, str(interval_s), str(max_s), str(self.out)]
+        command = [sys.executable, "-c", script, str(interval_s), str(max_s), str(self.out)]
         self.process = subprocess.Popen(
             [*command, *(str(p) for p in paths)],
             stdin=subprocess.PIPE,
@@ -316,6 +324,14 @@ class Cluster:
 
     def pid(self, region: str) -> int:
         return self.setup.cluster.processes[region].pid
+
+    def server_pids(self) -> dict[str, int]:
+        """Database servers the copies live on, whose CPU counts too (none for SQLite)."""
+        return {}
+
+    def poller(self, regions: Sequence[str], interval_s: float, max_s: float) -> Poller:
+        """A polling process for the checkpoints of `regions`' copies (regions, then cells)."""
+        return Poller(self.paths(regions), interval_s, max_s)
 
     def positions(self, region: str) -> dict[int, int]:
         """The checkpoint of each of `region`'s copies, read from its SQLite files."""
@@ -603,25 +619,36 @@ def sql_literal(value: Any) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def change_sql(change: Change) -> str:
-    """One changelog row as the SQL statement that makes it, stamping `src_ts`."""
-    table = PG_TABLES[change.tbl]
+def change_sql(
+    change: Change,
+    stamp: str | None = "clock_timestamp()",
+    quote: Callable[[str], str] = str,
+) -> str:
+    """One changelog row as the SQL statement that makes it, setting `src_ts` to `stamp`
+    (None: no `src_ts` column); `quote` quotes an identifier (MySQL: `lines` is reserved)."""
+    table = quote(PG_TABLES[change.tbl].name)
     key = orjson.loads(change.pk)
-    where = " AND ".join(f"{c} = {sql_literal(v)}" for c, v in key.items())
+    where = " AND ".join(f"{quote(c)} = {sql_literal(v)}" for c, v in key.items())
     if change.op == "d":
-        return f"DELETE FROM {table.name} WHERE {where}"
+        return f"DELETE FROM {table} WHERE {where}"
     assert change.row_image is not None
     image = orjson.loads(change.row_image)
+    stamped = [] if stamp is None else [("src_ts", stamp)]
     if change.op == "i":
-        columns = ", ".join([*image, "src_ts"])
-        values = ", ".join([*(sql_literal(v) for v in image.values()), "clock_timestamp()"])
-        return f"INSERT INTO {table.name} ({columns}) VALUES ({values})"
-    assigned = ", ".join(f"{c} = {sql_literal(v)}" for c, v in image.items() if c not in key)
-    return f"UPDATE {table.name} SET {assigned}, src_ts = clock_timestamp() WHERE {where}"
+        columns = ", ".join([*(quote(c) for c in image), *(c for c, _ in stamped)])
+        values = ", ".join([*(sql_literal(v) for v in image.values()), *(v for _, v in stamped)])
+        return f"INSERT INTO {table} ({columns}) VALUES ({values})"
+    assigned = [f"{quote(c)} = {sql_literal(v)}" for c, v in image.items() if c not in key]
+    assigned += [f"{c} = {v}" for c, v in stamped]
+    return f"UPDATE {table} SET {', '.join(assigned)} WHERE {where}"
 
 
-def transaction_sql(rows: Sequence[Change]) -> str:
-    return ";\n".join(["BEGIN", *(change_sql(r) for r in rows), "COMMIT"])
+def transaction_sql(
+    rows: Sequence[Change],
+    stamp: str | None = "clock_timestamp()",
+    quote: Callable[[str], str] = str,
+) -> str:
+    return ";\n".join(["BEGIN", *(change_sql(r, stamp, quote) for r in rows), "COMMIT"])
 
 
 @dataclass
@@ -633,9 +660,14 @@ class Schedule:
     inserted_rows: int
 
     @classmethod
-    def of(cls, changes: Sequence[Change], start_s: float | None) -> Schedule:
+    def of(
+        cls,
+        changes: Sequence[Change],
+        start_s: float | None,
+        to_sql: Callable[[Sequence[Change]], str] = transaction_sql,
+    ) -> Schedule:
         """From changelog rows of any cells; offsets from `start_s` (wall clock), or all at
-        once when None."""
+        once when None; `to_sql` writes a transaction's SQL."""
         by_cell: dict[int, list[Change]] = {}
         for change in changes:
             by_cell.setdefault(change.cell, []).append(change)
@@ -644,7 +676,7 @@ class Schedule:
         items = []
         for txn in txns:
             offset = 0.0 if start_s is None else max(0.0, txn[0].created_ms / 1000 - start_s)
-            items.append((offset, transaction_sql(txn)))
+            items.append((offset, to_sql(txn)))
         inserted = sum(1 for c in changes if c.op == "i" and c.tbl in INSERTED_TABLES)
         return cls(items, len(changes), inserted)
 
@@ -960,7 +992,7 @@ def process_cpu(
 ) -> tuple[dict[str, float], dict[int, float]]:
     cpu = {region: cpu_seconds(cluster.pid(region)) for region in (OWNER, *REPLICAS)}
     cpu["client"] = self_cpu_seconds()
-    cpu.update({name: cpu_seconds(pid) for name, pid in extra.items()})
+    cpu.update({name: cpu_seconds(pid) for name, pid in {**cluster.server_pids(), **extra}.items()})
     return cpu, postgres_processes_cpu()
 
 
@@ -1032,7 +1064,7 @@ def pg_catch_up(ctx: Context, upto: dict[int, int]) -> None:
 def unitrade_rate_phase(ctx: Context, name: str, rate: float, duration: float) -> dict[str, Any]:
     cluster, args = ctx.cluster, ctx.args
     before = cluster.wait_converged(REPLICAS, CONVERGE_TIMEOUT_S)
-    poller = Poller(cluster.paths(REPLICAS), args.poll_ms / 1000, duration + 300)
+    poller = cluster.poller(REPLICAS, args.poll_ms / 1000, duration + 300)
     try:
         with Measured(cluster, {"poller": poller.pid}) as measured:
             load = uvloop.run(
@@ -1174,7 +1206,7 @@ def unitrade_apply_phase(ctx: Context, profiled: bool = False) -> dict[str, Any]
         f"({dict(outcome)}), {rows} changes for {STOPPED_REPLICA}",
         flush=True,
     )
-    poller = Poller(cluster.paths([STOPPED_REPLICA]), args.poll_ms / 1000, 600)
+    poller = cluster.poller([STOPPED_REPLICA], args.poll_ms / 1000, 600)
     spies: list[subprocess.Popen[bytes]] = []
     try:
         with Measured(cluster, {"poller": poller.pid}) as measured:
@@ -1393,20 +1425,20 @@ def probe_capacity(
     return found
 
 
-def summarise_apply(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise_apply(rounds: list[dict[str, Any]], other: str = "postgres") -> dict[str, Any]:
     """Medians over the rounds; the ratio is the median of each round's unitrade/PostgreSQL
-    (the two measured back to back)."""
+    (the two measured back to back). `other`: the key of the system compared against."""
     unitrade = [r["unitrade"]["rows_per_s"] for r in rounds]
-    postgres = [r["postgres"]["rows_per_s"] for r in rounds if r["postgres"] is not None]
+    theirs = [r[other]["rows_per_s"] for r in rounds if r[other] is not None]
     ratios = [
-        round(r["unitrade"]["rows_per_s"] / r["postgres"]["rows_per_s"], 3)
+        round(r["unitrade"]["rows_per_s"] / r[other]["rows_per_s"], 3)
         for r in rounds
-        if r["postgres"] is not None
+        if r[other] is not None
     ]
     return {
         "rounds": rounds,
         "unitrade_rows_per_s": statistics.median(unitrade),
-        "postgres_rows_per_s": statistics.median(postgres) if postgres else None,
+        f"{other}_rows_per_s": statistics.median(theirs) if theirs else None,
         "ratio_by_round": ratios,
         "ratio": statistics.median(ratios) if ratios else None,
     }
