@@ -68,6 +68,7 @@ from benchmarks.harness import (
     run_header,
     self_cpu_seconds,
     source_info,
+    source_line,
     wal_bytes,
     write_topology,
 )
@@ -725,14 +726,8 @@ def report(
 
 
 def print_tables(results: dict[str, Any]) -> None:
-    settings, source = results["settings"], results["source"]
-    dirty = source.get("src_uncommitted")
-    print(
-        f"\nunitrade from {source['unitrade_path']}"
-        + (f" at {source['git_head']}" if source["git_head"] else " (not this repository's src/)")
-        + (f" + uncommitted {', '.join(dirty)} ({source['src_diff_sha256']})" if dirty else "")
-        + (f"; label: {results['label']}" if results["label"] else "")
-    )
+    settings = results["settings"]
+    print(source_line(results))
     print(
         f"\nthroughput, concurrency {settings['concurrency']}, "
         f"{settings['rounds']} x {settings['duration_s']:.0f} s per phase"

@@ -100,6 +100,7 @@ from benchmarks.harness import (
     run_header,
     self_cpu_seconds,
     source_info,
+    source_line,
     write_topology,
 )
 from unitrade.cluster import LocalCluster
@@ -1628,14 +1629,7 @@ def fmt(value: Any, digits: int = 1) -> str:
 
 
 def print_tables(results: dict[str, Any]) -> None:
-    source = results["source"]
-    dirty = source.get("src_uncommitted")
-    print(
-        f"\nunitrade from {source['unitrade_path']}"
-        + (f" at {source['git_head']}" if source["git_head"] else "")
-        + (f" + uncommitted {', '.join(dirty)}" if dirty else "")
-        + (f"; label: {results['label']}" if results["label"] else "")
-    )
+    print(source_line(results))
     print(
         "\nlag, commit at the owner -> applied at the replica (ms), "
         f"{results['settings']['duration_s']:.0f} s per rate"

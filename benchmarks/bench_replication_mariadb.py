@@ -100,6 +100,7 @@ from benchmarks.harness import (
     run_bounded,
     run_header,
     source_info,
+    source_line,
     write_topology,
 )
 from unitrade.cluster import LocalCluster
@@ -770,14 +771,8 @@ def report(
 
 
 def print_tables(results: dict[str, Any]) -> None:
-    source, apply = results["source"], results["apply"]
-    dirty = source.get("src_uncommitted")
-    print(
-        f"\nunitrade from {source['unitrade_path']}"
-        + (f" at {source['git_head']}" if source["git_head"] else "")
-        + (f" + uncommitted {', '.join(dirty)}" if dirty else "")
-        + (f"; label: {results['label']}" if results["label"] else "")
-    )
+    apply = results["apply"]
+    print(source_line(results))
     print(
         "\napply rate, catching up a backlog: unitrade's sh on MariaDB against a MariaDB "
         f"replica ({results['settings']['replica_stop']} stopped, "

@@ -66,6 +66,7 @@ from benchmarks.harness import (
     run_bounded,
     run_header,
     source_info,
+    source_line,
     write_topology,
 )
 from benchmarks.load import (
@@ -372,14 +373,8 @@ def fmt(value: Any, digits: int = 0) -> str:
 
 
 def print_tables(results: dict[str, Any]) -> None:
-    source, settings, load = results["source"], results["settings"], results["load"]
-    dirty = source.get("src_uncommitted")
-    print(
-        f"\nunitrade from {source['unitrade_path']}"
-        + (f" at {source['git_head']}" if source["git_head"] else " (not this repository's src/)")
-        + (f" + uncommitted {', '.join(dirty)} ({source['src_diff_sha256']})" if dirty else "")
-        + (f"; label: {results['label']}" if results["label"] else "")
-    )
+    settings, load = results["settings"], results["load"]
+    print(source_line(results))
     print(
         f"\nload: {settings['rate']:g} orders/s open loop (sent {load['sent_per_s']:g}/s, "
         f"{load['sent_late']} sent late, max send delay {fmt(load['max_send_delay_ms'], 1)} ms), "

@@ -357,6 +357,18 @@ def source_info() -> dict[str, Any]:
     return info
 
 
+def source_line(results: dict[str, Any]) -> str:
+    """The run's first printed line: which unitrade was measured, and the run's label."""
+    source = results["source"]
+    dirty = source.get("src_uncommitted")
+    return (
+        f"\nunitrade from {source['unitrade_path']}"
+        + (f" at {source['git_head']}" if source["git_head"] else " (not this repository's src/)")
+        + (f" + uncommitted {', '.join(dirty)} ({source['src_diff_sha256']})" if dirty else "")
+        + (f"; label: {results['label']}" if results["label"] else "")
+    )
+
+
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
