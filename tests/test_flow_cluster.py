@@ -576,3 +576,24 @@ def test_limits_kept_in_redis_on_a_live_cluster(tmp_path: Path) -> None:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+def test_x_forwarded_for_is_not_believed_without_client_ip_header(tmp_path: Path) -> None:
+    """A region believes a client address header only as `[flow] client_ip_header` and
+    `trusted_proxies` say: with neither set, a client on 127.0.0.1 that names other
+    addresses in X-Forwarded-For is still limited as 127.0.0.1 (uvicorn, left to itself,
+    would have believed the header from 127.0.0.1)."""
+    path = tmp_path / "topology.toml"
+    limits = "\n[flow.limits.ip]\nrate_per_s = 0.1\nburst = 2\n"
+    path.write_text(topology_toml(free_ports(4)) + limits)
+    with LocalCluster(load_config(path), tmp_path / "data", path) as running:
+        running.start(["hz"])
+        with Api(running.config) as api:
+            buyer = api.buyer_in("hz", 43_001)
+            answers = [
+                api.call("hz", "GET", "/v1/cart", buyer, headers=from_ip(fresh_ip()))
+                for _ in range(3)
+            ]
+            assert [a.status_code for a in answers[:2]] == [200, 200], answers[1].text
+            assert_limited(answers[2], "ip")
+            assert "127.0.0.1" in answers[2].json()["message"]

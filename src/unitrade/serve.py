@@ -22,6 +22,7 @@ from unitrade import planted
 from unitrade.gateway.app import build_app
 from unitrade.region import RegionRuntime
 from unitrade.topology.config import TopologyConfig, check_production
+from unitrade.web.coalesce import CoalescingHttpProtocol
 
 BACKLOG = 2048
 
@@ -48,6 +49,11 @@ def serve_region(config: TopologyConfig, region: str, data_dir: Path, worker: in
             build_app(runtime),
             host=region_config.host,
             port=region_config.port,
+            http=CoalescingHttpProtocol,
+            # The client address stays the connection's peer: which proxies to believe is
+            # unitrade's own setting ([flow] trusted_proxies), not uvicorn's default of
+            # believing X-Forwarded-For from 127.0.0.1.
+            proxy_headers=False,
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=10,

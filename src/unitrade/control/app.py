@@ -29,6 +29,7 @@ from unitrade.topology.config import CONTROL_NAME, WORKERS_MAX, TopologyConfig
 from unitrade.topology.flow_rules import LIMITS, SWITCHES, FlowRules, LimitMode
 from unitrade.web.responses import (
     BEARER,
+    TELEMETRY_OFF,
     error_responses,
     install_error_handlers,
     json_response,
@@ -147,6 +148,7 @@ def build_control_app(
         version=__version__,
         summary="rules, acknowledgements and switchovers of a unitrade cluster",
         lifespan=lifespan,
+        telemetry=TELEMETRY_OFF,
     )
     install_error_handlers(app)
     if election is not None:

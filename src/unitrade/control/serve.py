@@ -12,6 +12,7 @@ from unitrade.control.election import Election, etcd_control_plane
 from unitrade.control.plane import ControlPlane
 from unitrade.control.store import SqlControlStore
 from unitrade.topology.config import TopologyConfig, check_production
+from unitrade.web.coalesce import CoalescingHttpProtocol
 
 
 def serve_control(config: TopologyConfig, data_dir: Path, member: str | None = None) -> None:
@@ -36,6 +37,11 @@ def serve_control(config: TopologyConfig, data_dir: Path, member: str | None = N
             app,
             host=me.host,
             port=me.port,
+            http=CoalescingHttpProtocol,
+            # The client address stays the connection's peer: which proxies to believe is
+            # unitrade's own setting ([flow] trusted_proxies), not uvicorn's default of
+            # believing X-Forwarded-For from 127.0.0.1.
+            proxy_headers=False,
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=1,  # open requests are watches; cutting them is harmless

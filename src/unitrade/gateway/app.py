@@ -30,7 +30,7 @@ from unitrade.region import RegionRuntime
 from unitrade.replication.diff_routes import diff_routes
 from unitrade.replication.routes import replication_routes
 from unitrade.rpc.signing import Verifier
-from unitrade.web.responses import install_error_handlers
+from unitrade.web.responses import TELEMETRY_OFF, install_error_handlers
 from unitrade.web.tokens import token_reader
 
 
@@ -55,6 +55,7 @@ def build_app(runtime: RegionRuntime) -> FastAPI:
         version=__version__,
         summary=f"region {runtime.name}: the same API at every region",
         lifespan=lifespan,
+        telemetry=TELEMETRY_OFF,
     )
     config = runtime.config
     tokens = token_reader(config.token_keys, runtime.revocations)

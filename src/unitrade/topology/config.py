@@ -639,7 +639,16 @@ class TopologyConfig(_Strict):
 
     @property
     def region_names(self) -> list[str]:
-        return [r.name for r in self.regions]
+        return list(self._region_names)
+
+    @functools.cached_property
+    def _region_names(self) -> tuple[str, ...]:
+        # Cached: every signed call looks its peer up here (link_secret), on both ends.
+        return tuple(r.name for r in self.regions)
+
+    @functools.cached_property
+    def _signers(self) -> frozenset[str]:
+        return frozenset((*self._region_names, CONTROL_NAME))
 
     def with_workers(self, name: str, workers: int) -> TopologyConfig:
         """This topology with region `name` run by `workers` processes (`unitrade serve
@@ -715,8 +724,8 @@ class TopologyConfig(_Strict):
     def link_secret(self, sender: str, receiver: str) -> str | None:
         """The secret that signs calls from `sender` to `receiver` (regions or the control
         plane); None when either is not part of this cluster."""
-        known = {*self.region_names, CONTROL_NAME}
-        if sender not in known or receiver not in known or sender == receiver:
+        known = self._signers
+        if sender == receiver or sender not in known or receiver not in known:
             return None
         if CONTROL_NAME in (sender, receiver):
             return self.control_secret

@@ -10,11 +10,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.security import HTTPBearer
+from fastapi.telemetry import TelemetryConfig
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from unitrade.errors import InvalidRequest, MalformedJson, UnitradeError
+
+# FastAPI's own OpenTelemetry, off for every app: its check of whether a tracer or meter is
+# configured ran on every request, about 10 us each (docs/benchmarks.md, "The forwarding
+# hop"), and unitrade reports through /metrics.
+TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 
 class Error(BaseModel):
