@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from tests.support import Api, write_topology
 from tests.test_sales import hz_buyers, in_hz, refused
 from tests.test_switchover import unitrade as unitrade_cli
 from unitrade.cluster import LocalCluster
 from unitrade.errors import (
+    Conflict,
     CouponNotApplicable,
     CouponNotFound,
     CouponSoldOut,
@@ -28,6 +30,7 @@ from unitrade.region import RegionRuntime
 from unitrade.services.coupons import Discount, parse_discount
 from unitrade.services.inventory import Terms
 from unitrade.services.orders import Offer
+from unitrade.storage.schema import order_lines
 
 PLAIN = "MUG"  # 1,000 cents
 
@@ -165,6 +168,51 @@ def test_an_abandoned_reservation_gives_its_coupon_back(tmp_path: Path) -> None:
         assert await runtime.orders.release_abandoned(runtime.copies[cell], grace_s=0) == 1
         assert (await runtime.coupons.show("LOST", a))["mine"]["status"] == "claimed"
         assert (await runtime.inventory.levels(PLAIN))["available"] == 100
+
+    in_hz(tmp_path, scenario)
+
+
+def test_a_reconciled_order_takes_its_coupon_claim_again(tmp_path: Path) -> None:
+    """A lost region's order comes back through reconcile after its reservation was
+    released as abandoned (the claim came back with the stock): written again with its
+    discount, it holds the claim again, so the buyer cannot use the coupon twice; if the
+    buyer used it on another order meanwhile, the re-creation is refused as a conflict and
+    moves no stock."""
+
+    async def scenario(runtime: RegionRuntime) -> None:
+        await shop(runtime)
+        coupons, orders = runtime.coupons, runtime.orders
+        await coupons.create("AGAIN", 5, Discount("cents", 200), 0, 3600)
+        (a,) = hz_buyers(runtime, 1)
+        await coupons.claim("AGAIN", a)
+        offer = Offer(coupon="AGAIN")
+        lost = (await orders.create(a, [(PLAIN, 2)], None, offer)).order
+        order_id = int(lost["order_id"])
+        row = await orders.find(order_id)
+        assert row is not None
+        store = runtime.copies[int(lost["cell"])]
+        wanted = select(order_lines).where(order_lines.c.order_id == order_id)
+        lines = await store.read(lambda conn: [r._mapping for r in conn.execute(wanted)])
+        # What the abandoned-reservation sweep of the new owner did to the lost order.
+        await runtime.inventory.step(order_id, "release")
+        assert (await coupons.show("AGAIN", a))["mine"]["status"] == "claimed"
+
+        await orders.recreate(row, lines, None, None)
+        mine = (await coupons.show("AGAIN", a))["mine"]
+        assert (mine["status"], mine["order_id"]) == ("held", str(order_id))
+        assert (await runtime.inventory.levels(PLAIN))["reserved"] == 2
+        with pytest.raises(CouponUsed):
+            await orders.create(a, [(PLAIN, 1)], None, offer)
+
+        # The buyer used the coupon on another order before the reconcile came.
+        await runtime.inventory.step(order_id, "release")
+        other = (await orders.create(a, [(PLAIN, 1)], None, offer)).order
+        with pytest.raises(Conflict) as refused_again:
+            await orders.recreate(row, lines, None, None)
+        assert f"by order {other['order_id']}" in refused_again.value.message
+        mine = (await coupons.show("AGAIN", a))["mine"]
+        assert (mine["status"], mine["order_id"]) == ("held", other["order_id"])
+        assert (await runtime.inventory.levels(PLAIN))["reserved"] == 1  # the other's only
 
     in_hz(tmp_path, scenario)
 

@@ -13,6 +13,7 @@ from starlette.routing import Route
 from unitrade.errors import InvalidRequest, UnitradeError, WrongRegion
 from unitrade.gateway import models
 from unitrade.region import RegionRuntime
+from unitrade.services.coupons import CouponHold
 from unitrade.services.inventory import NO_TERMS, Terms
 from unitrade.services.remote import PRODUCTS_TARGET
 from unitrade.web.signed import internal_endpoint
@@ -57,7 +58,9 @@ def internal_routes(runtime: RegionRuntime) -> list[Route]:
 
     async def reinstate(b: models.ReinstateCall) -> Any:
         lines = [(s, q) for s, q in b.lines]
-        return await inventory.reinstate(int(b.order_id), b.cell, lines, b.hold, b.dry_run)
+        held = None if b.coupon is None else CouponHold(**b.coupon.model_dump())
+        order_id = int(b.order_id)
+        return await inventory.reinstate(order_id, b.cell, lines, b.hold, b.dry_run, held)
 
     async def claim(b: models.ClaimCall) -> Any:
         order_id = int(b.order_id)

@@ -200,6 +200,14 @@ class SaleCall(_Body):
     sale_id: Annotated[str, Field(pattern=SALE_ID_PATTERN)]
 
 
+class CouponHoldCall(_Body):
+    """The coupon a reconciled order was priced with (services/coupons.py CouponHold)."""
+
+    code: CouponCode
+    buyer_id: Annotated[int, Field(ge=0)]
+    discount_cents: Annotated[int, Field(ge=0)]
+
+
 class ReinstateCall(_Body):
     """A reconciled order's reservation (services/inventory.py `reinstate`)."""
 
@@ -208,6 +216,7 @@ class ReinstateCall(_Body):
     lines: Annotated[list[tuple[Sku, Qty]], Field(min_length=1, max_length=ITEMS_MAX)]
     hold: bool
     dry_run: bool = False
+    coupon: CouponHoldCall | None = None
 
 
 class StepCall(_Body):

@@ -290,3 +290,54 @@ def follow_step(tx: WriteTx, order_id: int, step: str) -> None:
     if end == "claimed":
         values.update(order_id=None, discount_cents=0)
     tx.update(coupon_claims, {"code": claim.code, "buyer_id": claim.buyer_id}, values)
+
+
+@dataclass(frozen=True)
+class CouponHold:
+    """The coupon a reconciled order carries: its code, the buyer's claim of it and the
+    discount the order was priced with (services/inventory.py `reinstate`)."""
+
+    code: str
+    buyer_id: int
+    discount_cents: int
+
+
+# The claim of a reconciled order, by its reservation's status: held while reserved, used
+# once committed, free (claimed) when the order holds no stock (closed, refunded).
+_REINSTATED = {"reserved": "held", "committed": "used"}
+
+
+def reinstate_claim(tx: WriteTx, hold: CouponHold, order_id: int, reservation: str) -> None:
+    """Make the buyer's claim follow the order that reconcile writes again, as its
+    reservation does (`reservation`: the status `reinstate` gave it): a lost region's order
+    whose reservation was released as abandoned meanwhile gave its claim back, and would
+    otherwise be written with its discount while the buyer uses the coupon again.
+    Conflict (nothing changes) if another order holds or used the claim."""
+    key = {"code": hold.code, "buyer_id": hold.buyer_id}
+    claim = check_reinstate(tx.get(coupon_claims, key), hold, order_id)
+    wanted = _REINSTATED.get(reservation)
+    if wanted is None:
+        if claim.order_id == order_id and claim.status != "claimed":
+            values: dict[str, Any] = {"status": "claimed", "order_id": None, "discount_cents": 0}
+            tx.update(coupon_claims, key, {**values, "updated_ms": now_ms()})
+        return
+    if (claim.status, claim.order_id) == (wanted, order_id):
+        return
+    values = {"status": wanted, "order_id": order_id, "discount_cents": hold.discount_cents}
+    tx.update(coupon_claims, key, {**values, "updated_ms": now_ms()})
+
+
+def check_reinstate(claim: Any, hold: CouponHold, order_id: int) -> Any:
+    """The buyer's claim, if the reconciled order may take it (`reinstate_claim`); a dry
+    run checks the same on a read."""
+    if claim is None:
+        raise Conflict(
+            f"order {order_id} used coupon {hold.code}, which buyer {hold.buyer_id} has no "
+            "claim of here"
+        )
+    if claim.status != "claimed" and claim.order_id != order_id:
+        raise Conflict(
+            f"order {order_id} used coupon {hold.code}, which buyer {hold.buyer_id} has "
+            f"{claim.status} by order {claim.order_id} here"
+        )
+    return claim

@@ -28,7 +28,7 @@ from unitrade.errors import (
 )
 from unitrade.services import coupons
 from unitrade.services.sales import check_sale_lines
-from unitrade.storage.schema import inventory, reservations
+from unitrade.storage.schema import coupon_claims, inventory, reservations
 from unitrade.storage.store import CellStore, WriteTx, by_key, key_params, now_ms
 from unitrade.topology.order_id import decode_order_id, unix_to_id_time
 
@@ -245,7 +245,13 @@ class InventoryService:
         return await self.store.write(work)
 
     async def reinstate(
-        self, order_id: int, cell: int, lines: Lines, hold: bool, dry_run: bool = False
+        self,
+        order_id: int,
+        cell: int,
+        lines: Lines,
+        hold: bool,
+        dry_run: bool = False,
+        coupon: coupons.CouponHold | None = None,
     ) -> dict[str, Any]:
         """Make the reservation of an order that reconcile writes again (control/reconcile.py)
         hold the order's stock (`hold`: the order is created or paid) or none of it
@@ -256,8 +262,9 @@ class InventoryService:
         released its reservation as abandoned (it is reserved again, refused with
         insufficient_stock if the units are gone) or retention deleted it. A reservation
         held already gets a new `created_ms`, so that the abandoned-reservation sweep
-        leaves it alone while the order is written (as for a new reserve). `dry_run`
-        decides the same in a read and changes nothing."""
+        leaves it alone while the order is written (as for a new reserve). The order's
+        `coupon` claim follows its reservation in the same transaction (coupons.py
+        `reinstate_claim`). `dry_run` decides the same in a read and changes nothing."""
         lines = normalize_lines(lines)
         encoded = orjson.dumps(lines).decode()
 
@@ -280,6 +287,10 @@ class InventoryService:
                     for sku, qty in lines:
                         row = conn.execute(by_key(inventory), key_params({"sku": sku})).first()
                         _short(sku, qty, row)
+                if coupon is not None:
+                    claim_key = {"code": coupon.code, "buyer_id": coupon.buyer_id}
+                    claim = conn.execute(by_key(coupon_claims), key_params(claim_key)).first()
+                    coupons.check_reinstate(claim, coupon, order_id)
                 return {"order_id": str(order_id), "status": status}
 
             return await self.store.read(look)
@@ -313,6 +324,8 @@ class InventoryService:
                 if status == "reserved":
                     values.update(cell_id=cell, created_ms=stamp)
                 tx.update(reservations, {"order_id": order_id}, values)
+            if coupon is not None:
+                coupons.reinstate_claim(tx, coupon, order_id, status)
             return {"order_id": str(order_id), "status": status}
 
         return await self.store.write(work)

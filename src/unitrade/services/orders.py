@@ -44,6 +44,7 @@ from unitrade.errors import (
     UnknownSku,
 )
 from unitrade.planted import DOUBLE_PAYMENT, planted
+from unitrade.services.coupons import CouponHold
 from unitrade.services.inventory import LINES_MAX, NO_TERMS, Lines, Terms, normalize_lines
 from unitrade.services.remote import CatalogClient, CenterClient
 from unitrade.services.sale_tokens import (
@@ -162,6 +163,17 @@ def order_body(row: Any, region: str) -> dict[str, Any]:
         "created_ms": row["created_ms"],
         "updated_ms": row["updated_ms"],
     }
+
+
+def coupon_of(order: Mapping[str, Any]) -> CouponHold | None:
+    """The coupon an order's row says it was priced with (reconcile writes it again)."""
+    document = order["document"]
+    if isinstance(document, (str, bytes)):
+        document = orjson.loads(document)
+    code = document.get("coupon")
+    if code is None:
+        return None
+    return CouponHold(str(code), int(order["buyer_id"]), int(document.get("discount_cents", 0)))
 
 
 def _fingerprint(kind: str, lines: Lines, extra: Offer | None = None) -> str:
@@ -521,7 +533,8 @@ class OrderService:
         if order["payment_id"]:
             amount = payment["amount_cents"] if payment is not None else order["total_cents"]
             await self.center.claim(str(order["payment_id"]), order_id, int(amount))
-        held = await self.center.reinstate(order_id, cell, items, hold)
+        coupon = coupon_of(order)
+        held = await self.center.reinstate(order_id, cell, items, hold, coupon=coupon)
         commit = status == "paid" and held["status"] == "reserved"
         deadline = time.monotonic() + self.write_deadline_s
 

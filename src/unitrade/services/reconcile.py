@@ -40,7 +40,7 @@ from unitrade.errors import (
 from unitrade.services.cart import CartService
 from unitrade.services.catalog import CatalogService
 from unitrade.services.inventory import InventoryService, reinstate_plan
-from unitrade.services.orders import OrderService
+from unitrade.services.orders import OrderService, coupon_of
 from unitrade.services.payments import PaymentClaims
 from unitrade.services.revocations import Revocations
 from unitrade.storage.copies import CellCopies
@@ -234,7 +234,10 @@ class Reconciler:
                     await self.orders.center.claim(
                         str(order["payment_id"]), order_id, amount, None, True
                     )
-                await self.orders.center.reinstate(order_id, store.cell.id, items, hold, True)
+                coupon = coupon_of(order)
+                await self.orders.center.reinstate(
+                    order_id, store.cell.id, items, hold, True, coupon
+                )
                 return Outcome(REAPPLIED, f"order {order_id} would be re-created {status}", status)
             written = await self.orders.recreate(order, lines, payment, key, token)
         except InsufficientStock as exc:

@@ -12,6 +12,7 @@ claim is lost is not written: services/orders.py) it says so.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,6 +22,7 @@ from unitrade.flow.breaker import BreakerBoard
 from unitrade.rpc.client import RegionClient, Unanswered, Unreachable
 from unitrade.services.catalog import CatalogService
 from unitrade.services.catalog_cache import CatalogCache
+from unitrade.services.coupons import CouponHold
 from unitrade.services.inventory import NO_TERMS, InventoryService, Lines, Terms
 from unitrade.services.payments import PaymentClaims
 from unitrade.services.sales import SaleService
@@ -184,18 +186,26 @@ class CenterClient:
         return result
 
     async def reinstate(
-        self, order_id: int, cell: int, lines: Lines, hold: bool, dry_run: bool = False
+        self,
+        order_id: int,
+        cell: int,
+        lines: Lines,
+        hold: bool,
+        dry_run: bool = False,
+        coupon: CouponHold | None = None,
     ) -> dict[str, Any]:
-        """The reservation of a reconciled order holds its stock, or none (inventory.py)."""
+        """The reservation of a reconciled order holds its stock, or none, and its coupon
+        claim follows it (inventory.py)."""
         payload = {
             "order_id": str(order_id),
             "cell": cell,
             "lines": lines,
             "hold": hold,
             "dry_run": dry_run,
+            "coupon": None if coupon is None else dataclasses.asdict(coupon),
         }
         result: dict[str, Any] = await self._call(
-            lambda: self.local.reinstate(order_id, cell, lines, hold, dry_run),
+            lambda: self.local.reinstate(order_id, cell, lines, hold, dry_run, coupon),
             "reinstate",
             payload,
         )
