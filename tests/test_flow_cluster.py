@@ -461,11 +461,6 @@ def test_overload_sheds_new_requests_but_never_health_or_replication(
             assert shed.status_code == 503, shed.text
             assert shed.json()["error"] == "overloaded"
             assert shed.headers["retry-after"] == "1"
-            assert shed.headers["x-unitrade-served-by"] == "sh"
-            # Refused as soon as its headers were read: a body the edge would refuse as too
-            # large (413) is not even read.
-            large = api.call("sh", "POST", "/v1/orders", buyer, body={"pad": "x" * 100_000})
-            assert large.status_code == 503 and large.json()["error"] == "overloaded"
             assert api.http.get(api.url("sh", "/healthz")).status_code == 200
             assert api.http.get(api.url("sh", "/metrics")).status_code == 200
             # Replication is never shed: bj keeps pulling sh's cells meanwhile.

@@ -20,10 +20,9 @@ import uvicorn
 
 from unitrade import planted
 from unitrade.gateway.app import build_app
-from unitrade.gateway.shed import shedder, shedding_protocol
 from unitrade.region import RegionRuntime
 from unitrade.topology.config import TopologyConfig, check_production
-from unitrade.web.tokens import token_reader
+from unitrade.web.coalesce import CoalescingHttpProtocol
 
 BACKLOG = 2048
 
@@ -45,13 +44,12 @@ def serve_region(config: TopologyConfig, region: str, data_dir: Path, worker: in
             raise SystemExit(f"refusing to start in production: {bug}")
         log.warning(bug)
     runtime = RegionRuntime(config, region, data_dir, worker=worker)
-    tokens = token_reader(config.token_keys, runtime.revocations)
     server = uvicorn.Server(
         uvicorn.Config(
             build_app(runtime),
             host=region_config.host,
             port=region_config.port,
-            http=shedding_protocol(shedder(runtime.name, runtime.flow, tokens)),
+            http=CoalescingHttpProtocol,
             # The client address stays the connection's peer: which proxies to believe is
             # unitrade's own setting ([flow] trusted_proxies), not uvicorn's default of
             # believing X-Forwarded-For from 127.0.0.1.

@@ -146,34 +146,22 @@ class OverloadGuard:
 
     def check(self) -> None:
         """Overloaded (503) when a new request is to be shed (module docstring)."""
-        reason = self.shedding()
-        if reason is not None:
-            raise self.refuse(reason)
-
-    def shedding(self) -> tuple[str, str] | None:
-        """Whether a new request is to be shed now: (reason, why), else None. Counts
-        nothing: `refuse` does, once the caller refuses."""
         settings = self.rules().overload
         if not settings.enabled:
-            return None
+            return
         if settings.in_flight_max and self.in_flight >= settings.in_flight_max:
-            return "in_flight_max", f"{self.in_flight} requests in flight (in_flight_max)"
+            self.shed["in_flight_max"] += 1
+            raise self._refusal(f"{self.in_flight} requests in flight (in_flight_max)")
         if self.in_flight < IN_FLIGHT_FLOOR:
-            return None
+            return
         delay_ms = self.loop.sustained_s() * 1000
         if delay_ms <= settings.loop_delay_ms_max:
-            return None
+            return
         if self.in_flight > max(IN_FLIGHT_FLOOR, IN_FLIGHT_HEADROOM * self.capacity()):
-            why = (
+            self.shed["loop_delay"] += 1
+            raise self._refusal(
                 f"its event loop is {delay_ms:.0f} ms late with {self.in_flight} requests in flight"
             )
-            return "loop_delay", why
-        return None
-
-    def refuse(self, reason: tuple[str, str]) -> Overloaded:
-        """Count a shed request; the answer it gets."""
-        self.shed[reason[0]] += 1
-        return self._refusal(reason[1])
 
     def _refusal(self, why: str) -> Overloaded:
         return Overloaded(
