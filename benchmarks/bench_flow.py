@@ -4,7 +4,7 @@
     .venv/bin/python -m benchmarks.bench_flow cost     [--duration S] [--rounds N]
         [--concurrency N] [--storage memory|redis] [--json PATH]
     .venv/bin/python -m benchmarks.bench_flow overload [--duration S] [--concurrency N]
-        [--factor F] [--json PATH]
+        [--factor F] [--in-flight-max N] [--json PATH]
 
 - **checks**: what one rate-limit check costs, in one process, for the choice of
   limiter (docs/architecture.md, Flow control): the hand-written schedule
@@ -22,7 +22,8 @@
 - **overload** (item 8c): one region offered more than it can serve. Buyers homed in hz,
   sent to hz directly. (1) unloaded: an open loop at `--unloaded-rate` orders/s, its p99;
   (2) capacity: a closed loop at `--concurrency`, orders/s; (3) offered `--factor` x the
-  capacity in an open loop (at most `--in-flight` outstanding): goodput (201/s), the p99
+  capacity in an open loop (at most `--in-flight` outstanding; with `--in-flight-max`
+  the region's overload rule bounds what it admits at once): goodput (201/s), the p99
   of the admitted (201) orders, what was shed (503 overloaded) or limited (429). Targets:
   goodput >= 0.9 x capacity; admitted p99 <= 2 x unloaded p99.
 
@@ -328,6 +329,12 @@ def run_overload(args: argparse.Namespace) -> dict[str, Any]:
         capacity = uvloop.run(closed_loop("capacity", requests, args.concurrency, args.duration))
         print(f"  capacity: {capacity.throughput:.1f} orders/s", flush=True)
         offered = capacity.throughput * args.factor
+        if args.in_flight_max:
+            flow = Flow(config)
+            try:
+                flow.put("/v1/flow/overload", {"in_flight_max": args.in_flight_max})
+            finally:
+                flow.close()
         before = cpu_snapshot(pids)
         loaded = uvloop.run(_open(plan, offered, args.in_flight, args.duration))
         cores, machine = cpu_between(before, cpu_snapshot(pids))
@@ -352,6 +359,7 @@ def run_overload(args: argparse.Namespace) -> dict[str, Any]:
             "unloaded": {"rate": args.unloaded_rate, **quiet},
             "capacity_orders_per_s": round(capacity.throughput, 1),
             "offered_per_s": round(offered, 1),
+            "in_flight_max": args.in_flight_max,
             "loaded": {**admitted, "goodput_per_s": round(goodput, 1), "answers": codes},
             "cores": cores,
             "machine_busy": machine,
@@ -379,6 +387,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--factor", type=float, default=3.0, help="overload: x capacity")
     parser.add_argument("--unloaded-rate", type=float, default=50.0, help="overload: orders/s")
     parser.add_argument("--in-flight", type=int, default=1024, help="overload: outstanding max")
+    parser.add_argument(
+        "--in-flight-max",
+        type=int,
+        default=0,
+        help="overload: the region's in_flight_max for the loaded phase (0: the default rule)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--label", default="", help="free text stored with the results")
     args = parser.parse_args(argv)
