@@ -38,9 +38,11 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from unitrade.errors import (
     ChangelogTrimmed,
@@ -62,6 +64,7 @@ from unitrade.topology.rule import RoutingError
 log = logging.getLogger("unitrade.replication")
 
 PULL_TARGET = "/internal/replication/pull_many"
+STREAM_TARGET = "/internal/replication/stream"
 # Changelog rows of one cell in one reply (one apply transaction at the follower), and of all
 # the cells of a pull. A pull costs the owner about the same whatever it carries, and a
 # follower that falls behind catches up only by pulling more per round trip: with one pull
@@ -94,8 +97,22 @@ SHARED_REFRESH_AGE_S = 0.005
 # when a follower pulls under a newer rule version (the switchover waits for that).
 FOLLOWERS_RECORD_S = 1.0
 # A stream whose owner has not answered a pull of it for this long is stale. A caught-up
-# stream hears at least once per long poll (WAIT_MS_MAX, plus the batching window).
+# stream hears at least once per long poll (WAIT_MS_MAX, plus the batching window), or once
+# per heartbeat of a replication stream (stream.py, HEARTBEAT_S).
 STALE_AFTER_S = 5.0
+# Replication streams (stream.py): how long one lasts at most (the owner ends it then, and
+# the follower's re-open acknowledges its positions), the time it is given beyond that
+# before the follower gives up on it, and how long a follower waits for bytes at most (a
+# heartbeat comes every second).
+STREAM_MS_MAX = 5_000
+STREAM_SLACK_S = 2.0
+STREAM_IDLE_S = 3.0
+# A stream that ended this soon is not opened again before this: never a loop of opens.
+STREAM_REOPEN_S_MIN = 0.01
+# An owner that answers 404 to a stream runs an older version (a cluster being upgraded):
+# its cells are pulled, and a stream is tried again after this.
+PULLS_AFTER_404_S = 60.0
+FRAME_BYTES_MAX = 64 * 1024 * 1024  # a frame announced larger ends the stream
 
 
 @dataclass
@@ -370,6 +387,10 @@ class Replicator:
     ) -> None:
         self.copies = copies
         self.client = client
+        # A client that cannot open streams (one standing in for the network in a test)
+        # pulls; a region streams, and pulls from an owner that has no stream (404).
+        self.streaming = callable(getattr(client, "stream", None))
+        self._pulls_until: dict[str, float] = {}  # owner -> monotonic: pull, do not stream
         self.streams = {cell: StreamState(cell) for cell in copies.stores}
         self.on_applied = on_applied or []  # called with (cell, changes) after each batch
         self.bootstrap_after_positions = BOOTSTRAP_AFTER_POSITIONS
@@ -577,6 +598,9 @@ class Replicator:
                 retry = min((self.streams[c].retry_at for c in cells), default=now + IDLE_S)
                 await self._until_rule_change(changed, min(IDLE_S, retry - now))
                 continue
+            if self._streams_to(peer, now):
+                await self._stream(peer, cells, ready, changed)
+                continue
             if next_pull > now:
                 await self._until_rule_change(changed, next_pull - now)
                 if changed.is_set():
@@ -592,6 +616,136 @@ class Replicator:
                 for cell in ready:
                     self.streams[cell].failed(exc)
                 log.warning("replication from %s (cells %s): %r", peer, ready, exc)
+
+    def _streams_to(self, peer: str, now: float) -> bool:
+        return self.streaming and self._pulls_until.get(peer, 0.0) <= now
+
+    async def _stream(
+        self, peer: str, cells: list[int], ready: list[int], changed: asyncio.Event
+    ) -> None:
+        """One replication stream from `peer` of the `ready` ones of the `cells` it owns,
+        applied frame by frame until it ends; then it is opened again at once (the caller),
+        from the checkpoints."""
+        opened = time.monotonic()
+        for cell in cells:
+            self.streams[cell].follow(peer)
+        try:
+            await self._stream_once(peer, cells, ready, changed)
+        except NotFound as exc:
+            # An owner of an older version, without streams: pull from it for a while.
+            self._pulls_until[peer] = time.monotonic() + PULLS_AFTER_404_S
+            log.info("replication from %s: no stream there (%s); pulling", peer, exc)
+        except PULL_ERRORS as exc:  # the stream broke: hold back every stream in it
+            for cell in ready:
+                self.streams[cell].failed(exc)
+            log.warning("replication stream from %s (cells %s): %s", peer, ready, exc)
+        left = opened + STREAM_REOPEN_S_MIN - time.monotonic()
+        if left > 0:
+            await self._until_rule_change(changed, left)
+
+    async def _stream_once(
+        self, peer: str, cells: list[int], ready: list[int], changed: asyncio.Event
+    ) -> None:
+        afters = await self._start_positions(peer, ready)
+        if not afters:
+            return
+        # The stream ends when the first stream held back may be tried again, as a long
+        # poll does (_pull_once).
+        duration_ms = STREAM_MS_MAX
+        held = [self.streams[c].retry_at for c in cells if c not in afters]
+        if held:
+            left_ms = (min(held) - time.monotonic()) * 1000
+            duration_ms = int(min(STREAM_MS_MAX, max(0.0, left_ms)))
+        payload = {
+            "cells": [{"cell": cell, "after": after} for cell, after in afters.items()],
+            "limit": BATCH_ROWS_MAX,
+            "duration_ms": duration_ms,
+            "region": self.region,
+            "rule_version": self.copies.fence.rule.version,
+        }
+        timeout_s = duration_ms / 1000 + STREAM_SLACK_S
+        opening = self.client.stream(
+            peer, STREAM_TARGET, payload, timeout_s, STREAM_IDLE_S, FRAME_BYTES_MAX
+        )
+        async with opening as frames:
+            await self._until_changed(self._apply_frames(peer, frames, afters, changed), changed)
+
+    @staticmethod
+    async def _until_changed(consuming: Any, changed: asyncio.Event) -> None:
+        """Run `consuming` (a stream's frames applied) until it ends or a new rule comes:
+        a stream waiting for its next frame is dropped at once (the switchover waits for
+        every region to follow a cell's new owner), one applying a frame ends after it."""
+        consumer = asyncio.ensure_future(consuming)
+        waiting = asyncio.ensure_future(changed.wait())
+        try:
+            await asyncio.wait({consumer, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+            if not consumer.done() and not getattr(consumer, "applying", False):
+                consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        if not consumer.cancelled():
+            consumer.result()
+
+    async def _apply_frames(
+        self,
+        peer: str,
+        frames: AsyncIterator[bytes],
+        afters: dict[int, int],
+        changed: asyncio.Event,
+    ) -> None:
+        """Apply a stream's frames in order until it ends, a new rule comes, or a frame
+        does not continue where the copies are (then the stream is opened again from the
+        checkpoints: nothing is applied twice or skipped)."""
+        task = asyncio.current_task()
+        async for raw in frames:
+            arrived = time.monotonic()
+            frame = orjson.loads(raw)
+            setattr(task, "applying", True)  # noqa: B010 - read by _until_changed
+            try:
+                going = await self._apply_frame(peer, frame, arrived, afters)
+            finally:
+                setattr(task, "applying", False)  # noqa: B010
+            if not going or changed.is_set():
+                return
+
+    async def _apply_frame(
+        self, peer: str, frame: dict[str, Any], arrived: float, afters: dict[int, int]
+    ) -> bool:
+        """One frame: each cell's rows in its own transaction, as a pull reply's. True if
+        the stream goes on: no refusal, and every copy where the stream's positions say."""
+        refused = self._refusals(peer, frame["errors"], afters)
+        for cell in refused:
+            afters.pop(cell, None)
+        answered = [entry for entry in frame["cells"] if int(entry["cell"]) in afters]
+        owner_clock = (int(frame["now_ms"]), arrived)
+        await asyncio.gather(*(self._apply(peer, e, owner_clock) for e in answered))
+        going = not refused
+        for entry in answered:
+            cell = int(entry["cell"])
+            afters[cell] += len(entry["changes"])  # positions are gapless
+            going = going and self.copies[cell].position == afters[cell]
+        return going
+
+    def _refusals(
+        self, peer: str, errors: list[dict[str, Any]], afters: dict[int, int]
+    ) -> list[int]:
+        """Hold back the streams the owner refused (a trimmed one is rebuilt at the next
+        pull or stream); the cells refused."""
+        refused = []
+        for error in errors:
+            cell = int(error["cell"])
+            if cell not in afters:
+                continue
+            refused.append(cell)
+            exc = error_from_body(421, error)
+            if isinstance(exc, ChangelogTrimmed):
+                self._trimmed(peer, cell, exc)
+                continue
+            self.streams[cell].failed(exc)
+            log.warning("replication of cell %s from %s: %s", cell, peer, exc)
+        return refused
 
     @staticmethod
     async def _until_rule_change(changed: asyncio.Event, timeout_s: float) -> None:
@@ -764,15 +918,7 @@ class Replicator:
         pipelined_until = time.monotonic() + IDLE_S  # then look at the rule and errors again
         while got is not None:
             reply, arrived = got
-            for error in reply["errors"]:
-                cell = int(error["cell"])
-                if cell in afters:
-                    refused = error_from_body(421, error)
-                    if isinstance(refused, ChangelogTrimmed):
-                        self._trimmed(peer, cell, refused)
-                        continue
-                    self.streams[cell].failed(refused)
-                    log.warning("replication of cell %s from %s: %s", cell, peer, refused)
+            self._refusals(peer, reply["errors"], afters)
             answered = [entry for entry in reply["cells"] if int(entry["cell"]) in afters]
             # Positions are gapless: where each copy is once this reply is applied, and
             # whether the owner has more already.

@@ -1,5 +1,6 @@
-"""The replication endpoints a region serves for its copies: pull (one cell or many, long
-poll), snapshot pages, and waiting for a position. Signed calls only.
+"""The replication endpoints a region serves for its copies: the stream (stream.py), pull
+(one cell or many, long poll), snapshot pages, and waiting for a position. Signed calls
+only.
 
 Fault injection for tests: `UNITRADE_FAULTS=refuse_pulls` in a region's environment makes
 it answer every pull and snapshot `503 region_unavailable`, so that what it writes reaches
@@ -11,16 +12,24 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.routing import Route
 
 from unitrade.errors import NotFound, RegionUnavailable
-from unitrade.replication.replicator import PULL_TARGET, Replicator, serve_pull, serve_pull_many
+from unitrade.replication.replicator import (
+    PULL_TARGET,
+    STREAM_TARGET,
+    Replicator,
+    serve_pull,
+    serve_pull_many,
+)
 from unitrade.replication.snapshot import SNAPSHOT_TARGET, serve_snapshot, snapshot_tables
-from unitrade.replication.wire import PullCall, PullManyCall, SnapshotCall, WaitCall
+from unitrade.replication.stream import serve_stream
+from unitrade.replication.wire import PullCall, PullManyCall, SnapshotCall, StreamCall, WaitCall
 from unitrade.storage.copies import CellCopies
-from unitrade.web.signed import internal_endpoint
+from unitrade.web.signed import internal_endpoint, internal_stream_endpoint
 
 log = logging.getLogger("unitrade.replication")
 
@@ -66,6 +75,12 @@ def replication_routes(copies: CellCopies, replicator: Replicator) -> list[Route
             copies, cells, b.limit, b.wait_ms, replicator.followers, follower
         )
 
+    def stream(b: StreamCall) -> AsyncIterator[bytes]:
+        served()  # before the answer starts: a refusal is a status, not a broken stream
+        follower = (b.region, b.rule_version)
+        cells = [(c.cell, c.after) for c in b.cells]
+        return serve_stream(copies, cells, b.limit, b.duration_ms, replicator.followers, follower)
+
     async def snapshot(b: SnapshotCall) -> Any:
         served()
         known(b.cell)
@@ -87,4 +102,5 @@ def replication_routes(copies: CellCopies, replicator: Replicator) -> list[Route
         (PULL_PATH, internal_endpoint(PullCall, pull)),
         (PULL_TARGET, internal_endpoint(PullManyCall, pull_many)),
     ]
+    calls.append((STREAM_TARGET, internal_stream_endpoint(StreamCall, stream)))
     return [Route(path, handler, methods=["POST"]) for path, handler in calls]

@@ -36,6 +36,17 @@ class PullManyCall(_Body):
     rule_version: Annotated[int, Field(ge=0)] = 0  # the rule the follower acts under
 
 
+class StreamCall(_Body):
+    """A replication stream: every cell a follower follows from this owner, its positions
+    acknowledged by opening it (replication/stream.py)."""
+
+    cells: Annotated[list[PullCellCall], Field(min_length=1, max_length=64)]
+    limit: Annotated[int, Field(ge=1, le=1000)]  # rows per cell per frame; the owner caps the total
+    duration_ms: Annotated[int, Field(ge=0, le=5000)]  # the owner ends the stream after this
+    region: Annotated[str, Field(max_length=16)]  # the follower
+    rule_version: Annotated[int, Field(ge=0)] = 0  # the rule the follower acts under
+
+
 class WaitCall(_Body):
     cell: int
     position: Annotated[int, Field(ge=0)]

@@ -14,8 +14,10 @@ connection after the request left: a write may have been applied). Both are 503
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,12 +119,7 @@ class RegionClient:
     ) -> Reply:
         """One signed request to `region` (`target` = path?query); no retry. `timeout_s`
         bounds it in all (the client's request timeout when None)."""
-        assert region != self.region, "a call to this region runs in-process"
-        secret = self.config.link_secret(self.region, region)
-        if secret is None:
-            raise Unreachable(f"{region} is not part of this cluster", region=region)
-        signed = {**headers, **sign(secret, self.region, region, method, target, body, headers)}
-        url = self.base_url(region) + target
+        url, signed = self._signed(region, method, target, body, headers)
         options: dict[str, Any] = {}
         if timeout_s is not None:  # else the session's (None would mean no timeout at all)
             if timeout_s <= 0:  # and 0 would mean none either
@@ -133,6 +130,52 @@ class RegionClient:
             method, url, data=body, headers=signed, **options
         ) as response:
             return Reply(response.status, response.headers, await response.read())
+
+    def _signed(
+        self, region: str, method: str, target: str, body: bytes, headers: Mapping[str, str]
+    ) -> tuple[str, dict[str, str]]:
+        """The URL of `target` at `region` and the request's headers, signed."""
+        assert region != self.region, "a call to this region runs in-process"
+        secret = self.config.link_secret(self.region, region)
+        if secret is None:
+            raise Unreachable(f"{region} is not part of this cluster", region=region)
+        signed = {**headers, **sign(secret, self.region, region, method, target, body, headers)}
+        return self.base_url(region) + target, signed
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        region: str,
+        target: str,
+        payload: Any,
+        timeout_s: float,
+        idle_s: float,
+        frame_bytes_max: int,
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """A signed POST to `region` answered with a streamed body of length-prefixed
+        frames (`<bytes>\\n<frame>`): the frames, as they come. No retry: the caller opens
+        it again. `timeout_s` bounds it in all, `idle_s` each wait for bytes; an error
+        answer raises its UnitradeError, no answer `Unreachable` or `Unanswered`."""
+        body = orjson.dumps(payload)
+        headers = {"content-type": "application/json"}
+        url, signed = self._signed(region, "POST", target, body, headers)
+        timeout = aiohttp.ClientTimeout(
+            total=timeout_s, sock_connect=min(CONNECT_TIMEOUT_S, timeout_s), sock_read=idle_s
+        )
+        try:
+            async with self.session.post(url, data=body, headers=signed, timeout=timeout) as reply:
+                if reply.status >= 400:
+                    data = await reply.read()
+                    raise error_from_body(reply.status, orjson.loads(data) if data else None)
+                yield read_frames(reply.content, frame_bytes_max)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if never_sent(exc):
+                raise Unreachable(
+                    f"region {region} is unreachable: {type(exc).__name__}", region=region
+                ) from exc
+            raise Unanswered(
+                f"region {region} stream broke: {type(exc).__name__}", region=region
+            ) from exc
 
     async def call(
         self,
@@ -232,3 +275,19 @@ class RegionClient:
         if reply.status >= 400:
             raise error_from_body(reply.status, data)
         return data
+
+
+async def read_frames(content: aiohttp.StreamReader, bytes_max: int) -> AsyncIterator[bytes]:
+    """Length-prefixed frames (`<bytes>\\n<frame>`) until the body ends; ValueError for
+    a malformed or oversized header or a body that ends inside a frame."""
+    while True:
+        line = await content.readline()
+        if not line:
+            return
+        size = line[:-1]
+        if not line.endswith(b"\n") or not size.isdigit() or int(size) > bytes_max:
+            raise ValueError(f"malformed frame header {line[:20]!r}")
+        try:
+            yield await content.readexactly(int(size))
+        except asyncio.IncompleteReadError as exc:
+            raise ValueError("the stream ended inside a frame") from exc

@@ -564,6 +564,9 @@ class CellStore:
         # back from the database (`refresh`), which a wait for a position polls.
         self.shared = shared
         self._waiters = 0
+        # Called at every move of `position` (replication streams, stream.py): a stream
+        # waits on one event of its own rather than a task per copy per frame.
+        self._watchers: set[Callable[[], None]] = set()
         self._poller: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Future[None] | None = None
         self._refreshed_at = 0.0  # monotonic: when the last refresh began
@@ -1033,6 +1036,8 @@ class CellStore:
             self.position = position
             self._moved.set()
             self._moved = asyncio.Event()
+            for wake in self._watchers:
+                wake()
 
     async def wait_beyond(self, position: int, timeout_s: float) -> int:
         """Wait until this copy has a position above `position`, at most `timeout_s`.
@@ -1050,6 +1055,19 @@ class CellStore:
         finally:
             self._waiters -= 1
         return self.position
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        """Call `wake` at every move of this copy's position until `unwatch`; a watcher
+        counts as a waiter (shared with other processes, their commits are polled for)."""
+        self._watchers.add(wake)
+        self._waiters += 1
+        if self.shared and (self._poller is None or self._poller.done()):
+            self._poller = asyncio.create_task(self._poll_position(), name="position-poll")
+
+    def unwatch(self, wake: Callable[[], None]) -> None:
+        if wake in self._watchers:
+            self._watchers.discard(wake)
+            self._waiters -= 1
 
     async def _poll_position(self) -> None:
         """Read the position back from the database while someone waits for it: every
