@@ -375,6 +375,35 @@ async def serve_pull(
 # -- the follower's side ---------------------------------------------------------------------
 
 
+def merged_frames(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive frames of a stream as fewer, each cell's rows in one apply transaction
+    (at most BATCH_ROWS_MAX): a follower that fell behind by a few frames catches up in
+    one transaction per cell instead of one per frame. A frame with refusals is the last
+    of its stream."""
+    merged: list[dict[str, Any]] = []
+    rows: dict[int, int] = {}
+    for frame in frames:
+        fits = merged and all(
+            rows.get(int(e["cell"]), 0) + len(e["changes"]) <= BATCH_ROWS_MAX
+            for e in frame["cells"]
+        )
+        if not fits:
+            merged.append({"now_ms": 0, "cells": [], "errors": []})
+            rows = {}
+        last = merged[-1]
+        last["now_ms"] = frame["now_ms"]
+        last["errors"] = last["errors"] + frame["errors"]
+        entries = {int(e["cell"]): e for e in last["cells"]}
+        for entry in frame["cells"]:
+            cell = int(entry["cell"])
+            before = entries.get(cell)
+            changes = entry["changes"] if before is None else before["changes"] + entry["changes"]
+            entries[cell] = {"cell": cell, "head": entry["head"], "changes": changes}
+            rows[cell] = len(changes)
+        last["cells"] = list(entries.values())
+    return merged
+
+
 class Replicator:
     """Follows every cell this region does not own: one pull loop per other region (and per
     group of PULL_CELLS_MAX cells) for the cells that region owns under the rule in force."""
@@ -679,19 +708,21 @@ class Replicator:
         waiting = asyncio.ensure_future(changed.wait())
         try:
             await asyncio.wait({consumer, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiting.cancel()
             if not consumer.done() and not getattr(consumer, "applying", False):
                 consumer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer
+            await asyncio.wait({consumer})
+        finally:
+            waiting.cancel()
+            if not consumer.done():  # this task is cancelled (stop): the stream with it
+                consumer.cancel()
+                await asyncio.wait({consumer})
         if not consumer.cancelled():
             consumer.result()
 
     async def _apply_frames(
         self,
         peer: str,
-        frames: AsyncIterator[bytes],
+        frames: AsyncIterator[list[bytes]],
         afters: dict[int, int],
         changed: asyncio.Event,
     ) -> None:
@@ -699,16 +730,16 @@ class Replicator:
         does not continue where the copies are (then the stream is opened again from the
         checkpoints: nothing is applied twice or skipped)."""
         task = asyncio.current_task()
-        async for raw in frames:
+        async for arrived_whole in frames:
             arrived = time.monotonic()
-            frame = orjson.loads(raw)
-            setattr(task, "applying", True)  # noqa: B010 - read by _until_changed
-            try:
-                going = await self._apply_frame(peer, frame, arrived, afters)
-            finally:
-                setattr(task, "applying", False)  # noqa: B010
-            if not going or changed.is_set():
-                return
+            for frame in merged_frames([orjson.loads(raw) for raw in arrived_whole]):
+                setattr(task, "applying", True)  # noqa: B010 - read by _until_changed
+                try:
+                    going = await self._apply_frame(peer, frame, arrived, afters)
+                finally:
+                    setattr(task, "applying", False)  # noqa: B010
+                if not going or changed.is_set():
+                    return
 
     async def _apply_frame(
         self, peer: str, frame: dict[str, Any], arrived: float, afters: dict[int, int]

@@ -14,7 +14,6 @@ connection after the request left: a write may have been applied). Both are 503
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -151,11 +150,12 @@ class RegionClient:
         timeout_s: float,
         idle_s: float,
         frame_bytes_max: int,
-    ) -> AsyncIterator[AsyncIterator[bytes]]:
+    ) -> AsyncIterator[AsyncIterator[list[bytes]]]:
         """A signed POST to `region` answered with a streamed body of length-prefixed
-        frames (`<bytes>\\n<frame>`): the frames, as they come. No retry: the caller opens
-        it again. `timeout_s` bounds it in all, `idle_s` each wait for bytes; an error
-        answer raises its UnitradeError, no answer `Unreachable` or `Unanswered`."""
+        frames (`<bytes>\\n<frame>`): the frames, as they come (`read_frames`). No retry:
+        the caller opens it again. `timeout_s` bounds it in all, `idle_s` each wait for
+        bytes; an error answer raises its UnitradeError, no answer `Unreachable` or
+        `Unanswered`."""
         body = orjson.dumps(payload)
         headers = {"content-type": "application/json"}
         url, signed = self._signed(region, "POST", target, body, headers)
@@ -277,17 +277,41 @@ class RegionClient:
         return data
 
 
-async def read_frames(content: aiohttp.StreamReader, bytes_max: int) -> AsyncIterator[bytes]:
-    """Length-prefixed frames (`<bytes>\\n<frame>`) until the body ends; ValueError for
-    a malformed or oversized header or a body that ends inside a frame."""
+async def read_frames(content: aiohttp.StreamReader, bytes_max: int) -> AsyncIterator[list[bytes]]:
+    """Length-prefixed frames (`<bytes>\\n<frame>`) until the body ends, in lists of every
+    frame that had arrived whole (the reader of a busy stream takes several at once);
+    ValueError for a malformed or oversized header or a body that ends inside a frame."""
+    buffer = bytearray()
     while True:
-        line = await content.readline()
-        if not line:
+        chunk = await content.readany()
+        if not chunk:
+            if buffer:
+                raise ValueError("the stream ended inside a frame")
             return
-        size = line[:-1]
-        if not line.endswith(b"\n") or not size.isdigit() or int(size) > bytes_max:
-            raise ValueError(f"malformed frame header {line[:20]!r}")
-        try:
-            yield await content.readexactly(int(size))
-        except asyncio.IncompleteReadError as exc:
-            raise ValueError("the stream ended inside a frame") from exc
+        buffer += chunk
+        frames, used = _whole_frames(buffer, bytes_max)
+        del buffer[:used]
+        if frames:
+            yield frames
+
+
+FRAME_HEADER_BYTES_MAX = 20
+
+
+def _whole_frames(buffer: bytearray, bytes_max: int) -> tuple[list[bytes], int]:
+    """The whole frames at the start of `buffer`, and the bytes they take."""
+    frames: list[bytes] = []
+    at = 0
+    while True:
+        end = buffer.find(b"\n", at, at + FRAME_HEADER_BYTES_MAX + 1)
+        if end < 0:
+            if len(buffer) - at > FRAME_HEADER_BYTES_MAX:
+                raise ValueError(f"malformed frame header {bytes(buffer[at : at + 20])!r}")
+            return frames, at
+        size = bytes(buffer[at:end])
+        if not size.isdigit() or int(size) > bytes_max:
+            raise ValueError(f"malformed frame header {size[:20]!r}")
+        if end + 1 + int(size) > len(buffer):
+            return frames, at
+        frames.append(bytes(buffer[end + 1 : end + 1 + int(size)]))
+        at = end + 1 + int(size)
