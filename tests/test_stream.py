@@ -291,3 +291,41 @@ def test_an_owner_without_streams_is_pulled_from(tmp_path: Path) -> None:
                 await sh.stop()
 
     asyncio.run(scenario())
+
+
+def test_the_owner_ends_a_stream_at_its_duration_a_rule_change_or_a_stop(
+    tmp_path: Path,
+) -> None:
+    async def frames_until_end(stream: AsyncIterator[bytes], timeout_s: float) -> int:
+        count = 0
+        async with asyncio.timeout(timeout_s):
+            async for _frame in stream:
+                count += 1
+        return count
+
+    async def scenario() -> None:
+        async with streaming_regions(tmp_path) as regions:
+            hz = regions.copies["hz"]
+            cells = [(CELL["u1"], 0), (CELL["u2"], 0)]
+            started = time.monotonic()
+            assert await frames_until_end(serve_stream(hz, cells, 100, 300), 2.0) >= 1
+            assert 0.3 <= time.monotonic() - started < 1.5  # its duration, not more
+            # A rule change at the owner: ended at the next commit, whatever the duration.
+            stream = serve_stream(hz, cells, 100, 5_000)
+            first = orjson.loads((await anext(stream)).split(b"\n", 1)[1])
+            assert {e["cell"]: e["head"] for e in first["cells"]} == {CELL["u1"]: 0, CELL["u2"]: 0}
+            await hz.fence.install(RULE.derive(2, owners={CELL["u2"]: "bj"}))
+            started = time.monotonic()
+            await write_carts(regions, "hz", CELL["u1"], 1)
+            assert await frames_until_end(stream, 2.0) == 0
+            assert time.monotonic() - started < 0.5
+            # The server stops: ended at the next heartbeat (1 s) at the latest.
+            stopping = False
+            stream = serve_stream(hz, [(CELL["u1"], 0)], 100, 5_000, stopping=lambda: stopping)
+            await anext(stream)
+            stopping = True
+            started = time.monotonic()
+            assert await frames_until_end(stream, 3.0) == 0
+            assert time.monotonic() - started < 1.5
+
+    asyncio.run(scenario())

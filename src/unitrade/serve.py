@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -43,7 +44,8 @@ def serve_region(config: TopologyConfig, region: str, data_dir: Path, worker: in
             raise SystemExit(f"refusing to start in production: {bug}")
         log.warning(bug)
     runtime = RegionRuntime(config, region, data_dir, worker=worker)
-    server = uvicorn.Server(
+    server = RegionServer(
+        runtime,
         uvicorn.Config(
             build_app(runtime),
             host=region_config.host,
@@ -54,13 +56,28 @@ def serve_region(config: TopologyConfig, region: str, data_dir: Path, worker: in
             limit_concurrency=2000,
             backlog=BACKLOG,
             **region_config.uvicorn_tls(),  # type: ignore[arg-type]
-        )
+        ),
     )
     if region_config.workers == 1:
         server.run()
         return
     sock = shared_socket(region_config.host, region_config.port)
     server.run(sockets=[sock])
+
+
+class RegionServer(uvicorn.Server):
+    """uvicorn's server, which tells the region's replication streams that it stops: the
+    graceful shutdown waits for every open request, and a stream lasts up to 5 s
+    (replication/stream.py) where it otherwise ends within a heartbeat."""
+
+    def __init__(self, runtime: RegionRuntime, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A flag, not an event: this runs in a signal handler, between any two bytecodes.
+        self.runtime.replicator.stopping = True
+        super().handle_exit(sig, frame)
 
 
 def shared_socket(host: str, port: int) -> socket.socket:

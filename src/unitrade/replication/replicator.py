@@ -1,23 +1,25 @@
-"""Cross-region replication of every cell, by pull.
+"""Cross-region replication of every cell, asked for by the follower.
 
 Each region follows every cell it does not own: it asks the cell's owner for the changelog
 rows after its own checkpoint and applies them (CellStore.apply: rows and checkpoint in one
-transaction). Pull rather than push because the replica holds the only state the stream
-needs, its checkpoint: the owner keeps nothing per replica, either side can be killed at any
-point and the stream resumes from the checkpoint, a new replica needs no registration, and
-backpressure is the replica's own pace. The owner answers with a long poll (it waits up to
-`wait_ms` for a new commit), so a quiet stream costs one open request and a busy one a
-request per batch, with lag bounded by one round trip.
+transaction). The follower asks, rather than the owner pushes, because the replica holds the
+only state the stream needs, its checkpoint: the owner keeps nothing per replica beyond an
+open request, either side can be killed at any point and the stream resumes from the
+checkpoint, a new replica needs no registration, and backpressure is the replica's own pace.
 
-One pull carries every cell a region follows from one owner (`serve_pull_many`, POST
-/internal/replication/pull_many): a request costs the owner about the same whatever it
-carries (with a pull per cell, writing the responses took more of the owner's time than
-reading the changelog), so a pull per (follower, owner) pair, at most one per batching
-window while the follower keeps up, costs the owner less and its followers about half
-(docs/benchmarks.md, Replication). Each cell is still its own stream: its own checkpoint,
-applied in its own transaction, with its own lag, errors and backoff.
+A follower opens one replication stream per owner (stream.py, POST
+/internal/replication/stream): one long-lived request for every cell it follows from that
+owner, answered with a frame as soon as rows commit, ended by the owner after a few seconds
+and opened again from the checkpoints. An owner that has no stream (404: an older version)
+is pulled from instead (`serve_pull_many`, POST /internal/replication/pull_many): a long
+poll for the same cells, at most one per batching window while the follower keeps up. A
+request costs the owner about the same whatever it carries, so one per pair of regions, and
+with the stream one per few seconds, costs the owner least (docs/benchmarks.md,
+Replication). Each cell is still its own stream: its own checkpoint, applied in its own
+transaction, with its own lag, errors and backoff.
 
-Retention: the owner remembers where each follower's last pull started (`Followers`) only
+Retention: the owner remembers where each follower's last stream or pull started
+(`Followers`) only
 to know how far it may trim its changelog (storage/retention.py); the Replicator runs the
 trim of every copy of this region every `sweep_interval_s`. A pull after a trimmed position
 is answered `changelog_trimmed`, and the follower rebuilds that copy from a snapshot.
@@ -25,10 +27,10 @@ is answered `changelog_trimmed`, and the follower rebuilds that copy from a snap
 Lag is reported per stream in positions (owner's head minus the checkpoint) and in
 milliseconds: the delay of the last batch applied, from the commit of its oldest change at
 the owner to its apply here, measured on the owner's clock so that clock skew between
-regions never shows up as lag (otter#876); 0 once a pull finds nothing new. Both are as of
-the last answer, so a stream also reports how long ago its owner last answered a pull of
-it (`heard_ms_ago`) and is `stale` past STALE_AFTER_S: a dead or frozen owner's stream
-then shows as stale, not as a stream with lag 0.
+regions never shows up as lag (otter#876); 0 once a frame or pull brings nothing new. Both
+are as of the owner's last frame or answer, so a stream also reports how long ago it last
+heard from its owner (`heard_ms_ago`) and is `stale` past STALE_AFTER_S: a dead or frozen
+owner's stream then shows as stale, not as a stream with lag 0.
 """
 
 from __future__ import annotations
@@ -420,6 +422,7 @@ class Replicator:
         # pulls; a region streams, and pulls from an owner that has no stream (404).
         self.streaming = callable(getattr(client, "stream", None))
         self._pulls_until: dict[str, float] = {}  # owner -> monotonic: pull, do not stream
+        self.stopping = False  # the server stops: streams served from here end (serve.py)
         self.streams = {cell: StreamState(cell) for cell in copies.stores}
         self.on_applied = on_applied or []  # called with (cell, changes) after each batch
         self.bootstrap_after_positions = BOOTSTRAP_AFTER_POSITIONS
@@ -607,7 +610,8 @@ class Replicator:
         ]
 
     async def _follow(self, peer: str, group: list[int]) -> None:
-        """Pull the cells of `group` that `peer` owns, as long as the region runs.
+        """Follow the cells of `group` that `peer` owns, as long as the region runs: by
+        stream (`_stream`), or by pull from an owner without streams.
 
         Pulls start at most once per BATCH_WINDOW_S while the owner has nothing more than
         what the last reply brought: under a steady stream of commits a pull always finds

@@ -79,7 +79,15 @@ def replication_routes(copies: CellCopies, replicator: Replicator) -> list[Route
         served()  # before the answer starts: a refusal is a status, not a broken stream
         follower = (b.region, b.rule_version)
         cells = [(c.cell, c.after) for c in b.cells]
-        return serve_stream(copies, cells, b.limit, b.duration_ms, replicator.followers, follower)
+        return serve_stream(
+            copies,
+            cells,
+            b.limit,
+            b.duration_ms,
+            replicator.followers,
+            follower,
+            lambda: replicator.stopping,
+        )
 
     async def snapshot(b: SnapshotCall) -> Any:
         served()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -141,8 +141,10 @@ async def serve_stream(
     duration_ms: int,
     followers: Followers | None = None,
     follower: tuple[str, int] | None = None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> AsyncIterator[bytes]:
-    """The frames of one stream (module docstring), encoded, until it ends."""
+    """The frames of one stream (module docstring), encoded, until it ends; or, once
+    `stopping` (the server stops), at the next commit or heartbeat."""
     assert 1 <= len(cells) <= pull.PULL_CELLS_MAX
     assert 1 <= limit <= pull.BATCH_ROWS_MAX and 0 <= duration_ms <= pull.STREAM_MS_MAX
     stores, errors = await open_cells(copies, cells, followers, follower)
@@ -163,7 +165,7 @@ async def serve_stream(
                 # At least one loop turn: what commits in the same tick goes in this frame.
                 await asyncio.sleep(max(0.0, sent_at + FRAME_INTERVAL_S - time.monotonic()))
             now = time.monotonic()
-            if now >= deadline or copies.fence.rule.version != version:
+            if now >= deadline or copies.fence.rule.version != version or stopping():
                 return  # re-opened under the rule in force, with the follower's positions
             if not _waiting(stores) and now < sent_at + HEARTBEAT_S:
                 continue
