@@ -143,7 +143,7 @@ class SteadyLoad:
 
 
 def kill_with_rows_in_flight(
-    cluster: LocalCluster, api: Api, load: SteadyLoad, victim: str, as_owner: bool, tries: int = 5
+    cluster: LocalCluster, api: Api, load: SteadyLoad, victim: str, as_owner: bool, tries: int = 20
 ) -> list[str]:
     """kill -9 `victim` while the load runs and rows are provably in flight from an owner to
     a follower (`victim` as the owner, or as the follower); the cells whose rows were.
@@ -157,8 +157,9 @@ def kill_with_rows_in_flight(
     others = [r for r in api.config.region_names if r != victim]
     for _ in range(tries):
         load.wait_steps(10)  # rows flow in every cell
-        # Read the owners last, then kill at once: with a 25 ms batch window on every pull,
-        # a busy cell's newest rows have almost always not reached its followers yet.
+        # Read the owners last, then kill at once. With a 25 ms batch window on every pull a
+        # busy cell's newest rows had almost always not reached its followers yet; a stream
+        # sends them within a few ms, so more tries land after the rows did.
         heads = {} if as_owner else owner_heads(api.config, others)
         assert load.running()
         cluster.kill_region(victim)

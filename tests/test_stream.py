@@ -12,16 +12,21 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
+from tests.support import Api, write_topology
 from tests.test_pull_many import CELL, RULE, Regions, until, write_carts
+from unitrade.cluster import LocalCluster
 from unitrade.errors import NotFound
 from unitrade.replication import replicator as replication
 from unitrade.replication.replicator import STREAM_TARGET, Replicator, merged_frames
 from unitrade.replication.stream import encode_frame, serve_stream
 from unitrade.replication.wire import StreamCall
 from unitrade.rpc.client import _whole_frames
+from unitrade.rpc.signing import sign
+from unitrade.topology.config import TopologyConfig
 
 
 class StreamingRegions(Regions):
@@ -329,3 +334,76 @@ def test_the_owner_ends_a_stream_at_its_duration_a_rule_change_or_a_stop(
             assert time.monotonic() - started < 1.5
 
     asyncio.run(scenario())
+
+
+def signed_stream(config: TopologyConfig, cells: list[dict[str, int]]) -> tuple[bytes, Any]:
+    """A stream of `cells` from hz as region bj would open it."""
+    body = orjson.dumps(
+        {"cells": cells, "limit": 1000, "duration_ms": 3000, "region": "bj", "rule_version": 1}
+    )
+    headers = {"content-type": "application/json"}
+    secret = config.link_secret("bj", "hz")
+    assert secret is not None
+    return body, {**headers, **sign(secret, "bj", "hz", "POST", STREAM_TARGET, body, headers)}
+
+
+def global_position(api: Api, region: str) -> int:
+    return int(api.call(region, "GET", "/healthz").json()["positions"]["global"])
+
+
+@pytest.mark.cluster
+def test_a_region_streams_signed_frames_and_follows_by_stream(tmp_path: Path) -> None:
+    config, path = write_topology(tmp_path)
+    with LocalCluster(config, tmp_path / "data", path) as cluster, Api(config) as api:
+        cluster.start()
+        hz = config.region("hz").base_url + STREAM_TARGET
+        cells = [{"cell": CELL["global"], "after": 0}]
+        unsigned = httpx.post(hz, json={"cells": cells, "limit": 10, "duration_ms": 0})
+        assert unsigned.status_code == 401, unsigned.text
+        body, headers = signed_stream(config, cells)
+        with (
+            httpx.Client(timeout=10) as http,
+            http.stream("POST", hz, content=body, headers=headers) as reply,
+        ):
+            assert reply.status_code == 200
+            received = bytearray()
+            frames: list[dict[str, Any]] = []
+            chunks = reply.iter_bytes()
+            while not frames:
+                received += next(chunks)
+                got, used = _whole_frames(received, 1 << 20)
+                del received[:used]
+                frames += [orjson.loads(f) for f in got]
+            assert frames[0]["cells"] == [{"cell": CELL["global"], "head": 0, "changes": []}]
+            written = api.call(
+                "hz",
+                "PUT",
+                "/v1/admin/products/S1",
+                body={"title": "s", "price_cents": 1, "stock": 1},
+            )
+            assert written.status_code == 200, written.text
+            while not any(e["changes"] for f in frames for e in f["cells"]):
+                received += next(chunks)
+                got, used = _whole_frames(received, 1 << 20)
+                del received[:used]
+                frames += [orjson.loads(f) for f in got]
+            changes = [c for f in frames for e in f["cells"] for c in e["changes"]]
+            assert [c["position"] for c in changes] == list(range(1, len(changes) + 1))
+        # sh follows hz by stream: each product is in its copy far sooner than the 25 ms a
+        # pull woken by the commit would wait before it is even answered.
+        delays = []
+        for n in range(2, 12):
+            written = api.call(
+                "hz",
+                "PUT",
+                f"/v1/admin/products/S{n}",
+                body={"title": "s", "price_cents": 1, "stock": 1},
+            )
+            committed = time.monotonic()
+            assert written.status_code == 200, written.text
+            head = global_position(api, "hz")
+            deadline = time.monotonic() + 5
+            while global_position(api, "sh") < head:  # one connection: a poll costs ~1 ms
+                assert time.monotonic() < deadline
+            delays.append(time.monotonic() - committed)
+        assert statistics.median(delays) < replication.BATCH_WINDOW_S, delays
