@@ -40,7 +40,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -377,6 +377,13 @@ async def serve_pull(
 # -- the follower's side ---------------------------------------------------------------------
 
 
+@dataclass
+class _Applying:
+    """Whether a stream's consumer is applying a frame (a new rule then lets it finish)."""
+
+    now: bool = False
+
+
 def merged_frames(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Consecutive frames of a stream as fewer, each cell's rows in one apply transaction
     (at most BATCH_ROWS_MAX): a follower that fell behind by a few frames catches up in
@@ -700,11 +707,15 @@ class Replicator:
         opening = self.client.stream(
             peer, STREAM_TARGET, payload, timeout_s, STREAM_IDLE_S, FRAME_BYTES_MAX
         )
+        applying = _Applying()
         async with opening as frames:
-            await self._until_changed(self._apply_frames(peer, frames, afters, changed), changed)
+            consuming = self._apply_frames(peer, frames, afters, changed, applying)
+            await self._until_changed(consuming, changed, applying)
 
     @staticmethod
-    async def _until_changed(consuming: Any, changed: asyncio.Event) -> None:
+    async def _until_changed(
+        consuming: Coroutine[Any, Any, None], changed: asyncio.Event, applying: _Applying
+    ) -> None:
         """Run `consuming` (a stream's frames applied) until it ends or a new rule comes:
         a stream waiting for its next frame is dropped at once (the switchover waits for
         every region to follow a cell's new owner), one applying a frame ends after it."""
@@ -712,7 +723,7 @@ class Replicator:
         waiting = asyncio.ensure_future(changed.wait())
         try:
             await asyncio.wait({consumer, waiting}, return_when=asyncio.FIRST_COMPLETED)
-            if not consumer.done() and not getattr(consumer, "applying", False):
+            if not consumer.done() and not applying.now:
                 consumer.cancel()
             await asyncio.wait({consumer})
         finally:
@@ -729,19 +740,19 @@ class Replicator:
         frames: AsyncIterator[list[bytes]],
         afters: dict[int, int],
         changed: asyncio.Event,
+        applying: _Applying,
     ) -> None:
         """Apply a stream's frames in order until it ends, a new rule comes, or a frame
         does not continue where the copies are (then the stream is opened again from the
         checkpoints: nothing is applied twice or skipped)."""
-        task = asyncio.current_task()
         async for arrived_whole in frames:
             arrived = time.monotonic()
             for frame in merged_frames([orjson.loads(raw) for raw in arrived_whole]):
-                setattr(task, "applying", True)  # noqa: B010 - read by _until_changed
+                applying.now = True
                 try:
                     going = await self._apply_frame(peer, frame, arrived, afters)
                 finally:
-                    setattr(task, "applying", False)  # noqa: B010
+                    applying.now = False
                 if not going or changed.is_set():
                     return
 
