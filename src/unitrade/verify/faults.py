@@ -32,6 +32,7 @@ OPERATION_WAIT_S = 45.0
 DOWN_WAIT_S = 30.0
 HEALTHY_WAIT_S = 60.0
 SETTLE_S = 20.0
+PRECHECK_RETRY_S = 0.5
 
 
 class NetworkFaults(Protocol):
@@ -298,11 +299,28 @@ class Nemesis:
     def _switch(self, fault: Fault, applied: Applied) -> None:
         self._settled()
         what, to = fault.target.rsplit(">", 1)
+        body: dict[str, Any]
         if what.startswith("evacuate "):
-            body = {"region": what.removeprefix("evacuate "), "to": to}
-            self._operation(self.http.post("/v1/evacuate", json=body), applied)
+            path, body = "/v1/evacuate", {"region": what.removeprefix("evacuate "), "to": to}
         else:
-            self._operation(self.http.post("/v1/switch", json={"cells": [what], "to": to}), applied)
+            path, body = "/v1/switch", {"cells": [what], "to": to}
+        self._operation(self._post_until_prechecked(path, body, applied), applied)
+
+    def _post_until_prechecked(
+        self, path: str, body: dict[str, Any], applied: Applied
+    ) -> httpx.Response:
+        """Start a switch or evacuation; one its precheck refuses (nothing was published:
+        a target just started again still reports the lag of the backlog it caught up on)
+        is asked again, as an operator would, at most until SETTLE_S (the report counts
+        the refusals in `prechecks_refused`)."""
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            answer = self.http.post(path, json=body)
+            refused = answer.status_code == 409 and "switch_refused" in answer.text
+            if not refused or time.monotonic() > deadline or self._stop.is_set():
+                return answer
+            applied.detail["prechecks_refused"] = applied.detail.get("prechecks_refused", 0) + 1
+            time.sleep(PRECHECK_RETRY_S)
 
     def _failover(self, fault: Fault, applied: Applied) -> None:
         self._settled()
