@@ -167,9 +167,7 @@ def order_body(row: Any, region: str) -> dict[str, Any]:
 
 def coupon_of(order: Mapping[str, Any]) -> CouponHold | None:
     """The coupon an order's row says it was priced with (reconcile writes it again)."""
-    document = order["document"]
-    if isinstance(document, (str, bytes)):
-        document = orjson.loads(document)
+    document = orjson.loads(order["document"])
     code = document.get("coupon")
     if code is None:
         return None

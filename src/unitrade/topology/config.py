@@ -639,16 +639,12 @@ class TopologyConfig(_Strict):
 
     @property
     def region_names(self) -> list[str]:
-        return list(self._region_names)
-
-    @functools.cached_property
-    def _region_names(self) -> tuple[str, ...]:
-        # Cached: every signed call looks its peer up here (link_secret), on both ends.
-        return tuple(r.name for r in self.regions)
+        return [r.name for r in self.regions]
 
     @functools.cached_property
     def _signers(self) -> frozenset[str]:
-        return frozenset((*self._region_names, CONTROL_NAME))
+        # Cached: every signed call looks its peer up here (link_secret), on both ends.
+        return frozenset((*self.region_names, CONTROL_NAME))
 
     def with_workers(self, name: str, workers: int) -> TopologyConfig:
         """This topology with region `name` run by `workers` processes (`unitrade serve
