@@ -21,7 +21,7 @@ from tests.storage_support import (
     write_lock_held,
 )
 from unitrade.errors import WriteBanned, WrongRegion
-from unitrade.storage.engine import is_async
+from unitrade.storage.engine import backend_of, is_async, sync_url
 from unitrade.storage.schema import carts, changelog
 from unitrade.storage.store import CellStore, WriteTx
 
@@ -243,5 +243,63 @@ def test_the_wal_stays_bounded_under_continuous_writes(tmp_path) -> None:  # typ
         half = len(sizes) // 2
         assert max(sizes[half:]) <= max(sizes[:half]), sizes
         assert max(sizes) < 16 * 1024 * 1024, sizes
+
+    asyncio.run(scenario())
+
+
+def _cut_sessions(url: str) -> int:
+    """End every session of a copy's database from the server's side, as a restart of the
+    server or a firewall cutting idle connections would; the number ended."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(sync_url(url)).database
+    if backend_of(url) == "postgresql":
+        import psycopg
+
+        with psycopg.connect(
+            host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+        ) as admin:
+            rows = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            ).fetchall()
+        return sum(1 for (ended,) in rows if ended)
+    import pymysql
+
+    with pymysql.connect(host="127.0.0.1", user="root", autocommit=True) as admin:
+        cursor = admin.cursor()
+        cursor.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s", (database,))
+        ids = [int(row[0]) for row in cursor.fetchall()]
+        for session in ids:
+            cursor.execute(f"KILL {session}")
+    return len(ids)
+
+
+def test_a_writer_connection_cut_while_idle_is_replaced_and_the_next_write_commits(
+    storage_url: str,
+) -> None:
+    """The writer holds its connection between writes (no ping before each): one the server
+    ended while idle is found dead at the write's first round trip, which had done nothing,
+    and the write runs again on a new connection: committed, not `outcome_unknown`."""
+    if backend_of(storage_url) == "sqlite":
+        pytest.skip("SQLite has no server to cut a connection")
+
+    async def scenario() -> None:
+        store = make_store(storage_url, 1)
+        await store.open()
+        try:
+            first = {"buyer_id": 7, "sku": "A"}
+            await store.write(lambda tx: tx.insert(carts, {**first, "qty": 1, "updated_ms": 5}))
+            url = cell_url(storage_url, 1)
+            assert await asyncio.to_thread(_cut_sessions, url) >= 1, "no session to cut"
+            second = {"buyer_id": 8, "sku": "B"}
+            await store.write(lambda tx: tx.insert(carts, {**second, "qty": 2, "updated_ms": 6}))
+            rows = await store.read(lambda c: c.execute(select(carts.c.buyer_id)).all())
+            assert sorted(r[0] for r in rows) == [7, 8]
+            assert [r["position"] for r in await _changelog(store)] == [1, 2]
+            assert store.position == 2
+        finally:
+            await store.close()
 
     asyncio.run(scenario())

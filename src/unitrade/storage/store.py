@@ -45,6 +45,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -184,27 +185,36 @@ POLL_S_MAX = 0.05
 # inside a write holds the lock, and the raise is tried again until it gets it.
 FENCE_LOCK_WAIT_MS = 10_000
 
-# The inline SQLite path executes these statements on the driver's cursor: SQLAlchemy
-# renders each statement shape once (named parameters), and its per-call execution
-# machinery, ~0.35 ms of a 0.45 ms transaction, is skipped: the same transaction then takes
-# 0.10-0.12 ms, as fast as hand-written SQL (benchmarks/bench_micro.py).
-# SQLAlchemy stays the dialect layer; PostgreSQL goes through it in full. Every column type
-# of the schema is an integer or a string, so there are no bind or result conversions to lose.
-_SQLITE_NAMED = sqlite_dialect(paramstyle="named")
+# The write paths of SQLite (inline) and PostgreSQL (the writer thread) execute these
+# statements on the driver's cursor: SQLAlchemy renders each statement shape once (named
+# parameters), and its per-call execution machinery is skipped. On SQLite that machinery
+# was ~0.35 ms of a 0.45 ms transaction: the same transaction then takes 0.10-0.12 ms, as
+# fast as hand-written SQL (benchmarks/bench_micro.py); on PostgreSQL it was 85-100 us of
+# CPU per statement against psycopg's own 31-47 (docs/benchmarks.md, Writes on the driver's
+# cursor). SQLAlchemy stays the dialect layer, and the reads go through it in full. Every
+# column type of the schema is an integer or a string, so there are no bind or result
+# conversions to lose.
+_DIALECTS = {
+    "sqlite": sqlite_dialect(paramstyle="named"),
+    "postgresql": psycopg_dialect(),  # type: ignore[no-untyped-call]  # pyformat: %(name)s, with the casts psycopg needs
+}
 
 
 @functools.lru_cache(maxsize=1024)  # bounded: an ad-hoc statement is a new key each time
-def _sqlite_sql(statement: Executable) -> tuple[str, dict[str, Any]]:
-    """The SQL of a statement and the values of the literals it binds."""
+def _driver_sql(statement: Executable, backend: str) -> tuple[str, dict[str, Any]]:
+    """The SQL of a statement for `backend`'s driver and the values of the literals it
+    binds."""
     assert isinstance(statement, ClauseElement)
-    compiled = statement.compile(dialect=_SQLITE_NAMED)
+    compiled = statement.compile(dialect=_DIALECTS[backend])
     sql = str(compiled)
-    assert "POSTCOMPILE" not in sql, "expanding IN lists are not for the inline write path"
+    assert "POSTCOMPILE" not in sql, "expanding IN lists are not for the driver write path"
     return sql, dict(compiled.params)
 
 
-def _bound(statement: Executable, params: Mapping[str, Any] | None) -> tuple[str, Any]:
-    sql, literals = _sqlite_sql(statement)
+def _bound(
+    statement: Executable, params: Mapping[str, Any] | None, backend: str = "sqlite"
+) -> tuple[str, Any]:
+    sql, literals = _driver_sql(statement, backend)
     return sql, {**literals, **params} if params else literals
 
 
@@ -296,11 +306,21 @@ class WriteTx:
     """One admitted write transaction on one cell copy."""
 
     def __init__(
-        self, conn: Connection | None, epoch: int, origin: str, cursor: Any = None
+        self,
+        conn: Connection | None,
+        epoch: int,
+        origin: str,
+        cursor: Any = None,
+        backend: str = "sqlite",
     ) -> None:
         assert (conn is None) != (cursor is None), "a transaction runs on one of the two"
-        self.conn = conn  # SQLAlchemy (PostgreSQL, and SQLite on the writer thread)
-        self.cursor = cursor  # the SQLite driver's cursor (inline on the event loop)
+        # SQLAlchemy: MySQL/MariaDB, SQLite on the writer thread, and the quarantine's
+        # transactions on any engine.
+        self.conn = conn
+        # The driver's cursor: SQLite inline on the event loop, PostgreSQL on the writer
+        # thread (`backend` says which).
+        self.cursor = cursor
+        self.backend = backend
         self.epoch = epoch
         self.origin = origin
         self.captured: list[dict[str, Any]] = []
@@ -315,7 +335,8 @@ class WriteTx:
         if self.cursor is None:
             assert self.conn is not None
             return list(self.conn.execute(statement, params))
-        cursor = self.cursor.execute(*_bound(statement, params))
+        cursor = self.cursor
+        cursor.execute(*_bound(statement, params, self.backend))
         values = cursor.fetchall()
         return [_driver_row(cursor, v) for v in values]
 
@@ -324,14 +345,17 @@ class WriteTx:
         if self.cursor is None:
             assert self.conn is not None
             return int(self.conn.execute(statement, params).rowcount)
-        return int(self.cursor.execute(*_bound(statement, params)).rowcount)
+        cursor = self.cursor
+        cursor.execute(*_bound(statement, params, self.backend))
+        return int(cursor.rowcount)
 
     def _many(self, statement: Executable, rows: list[dict[str, Any]]) -> None:
         if self.cursor is None:
             assert self.conn is not None
             self.conn.execute(statement, rows)
         else:
-            self.cursor.executemany(_sqlite_sql(statement)[0], rows)
+            sql, literals = _driver_sql(statement, self.backend)
+            self.cursor.executemany(sql, [{**literals, **r} for r in rows] if literals else rows)
 
     def _capture(
         self, table: Table, op: str, key: Mapping[str, Any], image: Mapping[str, Any] | None
@@ -553,6 +577,7 @@ class CellStore:
         self._inline_enabled = inline
         self._inline: Connection | None = None  # SQLite only: reads
         self._cursor: Any = None  # SQLite only: its driver cursor, for writes
+        self._pg: Any = None  # PostgreSQL: the writer thread's held connection (_held_pg)
         self._writes_since_checkpoint = 0
         self._checkpoint: asyncio.Future[None] | None = None
         self.position = 0  # last changelog position committed in this copy
@@ -663,6 +688,7 @@ class CellStore:
         self._read_threads.shutdown(wait=True)
 
     def _close_sync(self) -> None:
+        self._release_pg()
         for engine in (self._writer, self._reader):
             if engine is not None:
                 engine.dispose()
@@ -909,7 +935,13 @@ class CellStore:
                 self._after_inline_write()
                 return done
 
+        loop = asyncio.get_running_loop()
+        if self.backend == "postgresql" and inline:
+            on_pg = functools.partial(self._transact_pg, body, epoch, fence_version, lock_wait_ms)
+            return await _finish(loop.run_in_executor(self._write_thread, on_pg))
+
         def run() -> tuple[T, int]:
+            self._release_pg()  # the pool's one connection, for SQLAlchemy
             with _lock_busy(cell_id), writer.begin() as conn:
                 if lock_cell and lock_wait_ms is not None and self.backend == "postgresql":
                     conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(lock_wait_ms)}")
@@ -917,8 +949,79 @@ class CellStore:
                     fenced(conn.execute(_LOCK_CELL, {"k_cell_id": cell_id}).one(), fence_version)
                 return body(WriteTx(conn, epoch=epoch, origin=self.region))
 
-        loop = asyncio.get_running_loop()
         return await _finish(loop.run_in_executor(self._write_thread, run))
+
+    def _transact_pg(
+        self,
+        body: Callable[[WriteTx], tuple[T, int]],
+        epoch: int,
+        fence_version: int,
+        lock_wait_ms: int | None,
+    ) -> tuple[T, int]:
+        """One write transaction on PostgreSQL, on the writer thread, on the driver's
+        cursor of the connection the thread holds (`_held_pg`): BEGIN, the lock timeout
+        and the cell's lock go in one round trip, then `body`'s statements, then COMMIT.
+        A connection found dead at that first round trip (the server restarted, an idle
+        connection was cut) had done nothing: once more on a new one."""
+        cell_id = self.cell.id
+        # Simple query protocol (no parameters: the values are integers of ours), so the
+        # statements share one round trip.
+        setup = "BEGIN; "
+        if lock_wait_ms is not None:
+            setup += f"SET LOCAL lock_timeout = {int(lock_wait_ms)}; "
+        setup += (
+            "SELECT last_position, fence_epoch FROM cell_meta "
+            f"WHERE cell_id = {int(cell_id)} FOR UPDATE"
+        )
+        for attempt in range(2):
+            held = self._held_pg()
+            cursor = held.driver_connection.cursor()
+            begun = False
+            try:
+                with _lock_busy(cell_id), _as_dbapi_error(self, held):
+                    try:
+                        cursor.execute(setup, prepare=False)
+                        begun = True
+                        while cursor.nextset():
+                            pass  # to the SELECT's result, the last
+                        self._fenced(_driver_row(cursor, cursor.fetchone()), fence_version)
+                        tx = WriteTx(None, epoch, self.region, cursor=cursor, backend="postgresql")
+                        done = body(tx)
+                    except BaseException:
+                        _rollback_pg(held)
+                        raise
+                    cursor.execute("COMMIT")
+                    return done
+            except DBAPIError as error:
+                if not error.connection_invalidated or begun or attempt > 0:
+                    raise
+            finally:
+                cursor.close()
+        raise AssertionError("unreachable")
+
+    def _held_pg(self) -> Any:
+        """The writer thread's PostgreSQL connection, checked out of the writer engine's
+        pool once and held (a checkout per write pinged the server: one more round trip),
+        in autocommit mode so that BEGIN goes with the first statement."""
+        if self._pg is None:
+            assert self._writer is not None
+            held = self._writer.raw_connection()
+            held.driver_connection.autocommit = True  # type: ignore[union-attr]
+            self._pg = held
+        return self._pg
+
+    def _release_pg(self) -> None:
+        """Give the held connection back to the pool (for a transaction through
+        SQLAlchemy, or at close); a dead one is discarded."""
+        held, self._pg = self._pg, None
+        if held is None:
+            return
+        driver = held.driver_connection
+        if driver is None or driver.closed or driver.broken:
+            held.invalidate()
+            return
+        driver.autocommit = False  # as SQLAlchemy expects its connections
+        held.close()
 
     async def _transact_async(
         self, body: Callable[[WriteTx], tuple[T, int]], epoch: int, fence_version: int = 0
@@ -1232,6 +1335,37 @@ def _lock_busy(cell_id: int) -> Iterator[None]:
                 "nothing was written, retry shortly"
             ) from error
         raise
+
+
+@contextmanager
+def _as_dbapi_error(store: CellStore, held: Any) -> Iterator[None]:
+    """Raise the driver's errors as SQLAlchemy raises them on the other paths (DBAPIError,
+    `connection_invalidated` when the connection is dead), so that `_lock_busy` and
+    `may_have_committed` read them alike; a dead connection is let go."""
+    import psycopg
+
+    try:
+        yield
+    except psycopg.Error as error:
+        driver = held.driver_connection
+        dead = driver is None or driver.closed or driver.broken
+        if dead:
+            store._pg = None
+            held.invalidate()
+        dialect = store._writer.dialect if store._writer is not None else None
+        raise DBAPIError.instance(
+            None, None, error, psycopg.Error, connection_invalidated=dead, dialect=dialect
+        ) from error
+
+
+def _rollback_pg(held: Any) -> None:
+    """End a failed transaction on the held connection; if the connection is dead the
+    server has ended it already (and `_as_dbapi_error` lets the connection go)."""
+    driver = held.driver_connection
+    if driver is None or driver.closed or driver.broken:
+        return
+    with contextlib.suppress(Exception):
+        driver.execute("ROLLBACK")
 
 
 def _retrieve(job: asyncio.Future[Any]) -> None:
