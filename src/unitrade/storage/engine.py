@@ -148,8 +148,23 @@ def create_cell_engine(url: str, *, writer: bool, readers: int = READ_POOL_SIZE)
         return engine
     if backend == "postgresql":
         ensure_pg_database(full)
+        if writer:
+            return create_engine(
+                full,
+                pool_size=size,
+                max_overflow=0,
+                pool_timeout=POOL_TIMEOUT_S,
+                pool_pre_ping=True,
+            )
+        # Readers: each statement in its own snapshot, as READ COMMITTED gives a transaction
+        # anyway, without the BEGIN and COMMIT round trips around it; and no ping before
+        # each use (a read that finds its connection dead runs once more, CellStore.read).
         return create_engine(
-            full, pool_size=size, max_overflow=0, pool_timeout=POOL_TIMEOUT_S, pool_pre_ping=True
+            full,
+            pool_size=size,
+            max_overflow=0,
+            pool_timeout=POOL_TIMEOUT_S,
+            isolation_level="AUTOCOMMIT",
         )
     if backend == "mysql":
         ensure_mysql_database(full)

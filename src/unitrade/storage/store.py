@@ -321,6 +321,10 @@ class WriteTx:
         # thread (`backend` says which).
         self.cursor = cursor
         self.backend = backend
+        # PostgreSQL: the driver's pipeline the transaction runs in. A statement whose result
+        # nobody reads is sent without waiting for its answer; the next statement whose
+        # result is read, or the COMMIT, collects it (and raises its error, if any).
+        self.pipeline: Any = None
         self.epoch = epoch
         self.origin = origin
         self.captured: list[dict[str, Any]] = []
@@ -347,7 +351,16 @@ class WriteTx:
             return int(self.conn.execute(statement, params).rowcount)
         cursor = self.cursor
         cursor.execute(*_bound(statement, params, self.backend))
+        if self.pipeline is not None:
+            self.pipeline.sync()  # the count is in the answer: wait for it
         return int(cursor.rowcount)
+
+    def _execute(self, statement: Executable, params: Mapping[str, Any]) -> None:
+        """Execute a statement whose result nobody reads (in the pipeline, on PostgreSQL)."""
+        if self.pipeline is None:
+            self._count(statement, params)
+            return
+        self.cursor.execute(*_bound(statement, params, self.backend))
 
     def _many(self, statement: Executable, rows: list[dict[str, Any]]) -> None:
         if self.cursor is None:
@@ -355,7 +368,14 @@ class WriteTx:
             self.conn.execute(statement, rows)
         else:
             sql, literals = _driver_sql(statement, self.backend)
-            self.cursor.executemany(sql, [{**literals, **r} for r in rows] if literals else rows)
+            batch = [{**literals, **r} for r in rows] if literals else rows
+            if self.pipeline is None:
+                self.cursor.executemany(sql, batch)
+                return
+            # In the pipeline, one by one: the driver's executemany ends in a sync of its
+            # own, a round trip this statement does not need.
+            for row in batch:
+                self.cursor.execute(sql, row)
 
     def _capture(
         self, table: Table, op: str, key: Mapping[str, Any], image: Mapping[str, Any] | None
@@ -375,7 +395,7 @@ class WriteTx:
     def insert(self, table: Table, values: Mapping[str, Any]) -> None:
         row = {str(c.name): values.get(c.name) for c in table.columns}
         assert set(values) <= set(row), f"unknown columns for {table.name}: {set(values)}"
-        self._count(_insert_statement(table), row)
+        self._execute(_insert_statement(table), row)
         self._capture(table, "i", primary_key_of(table, row), row)
 
     def update(
@@ -421,11 +441,11 @@ class WriteTx:
 
     def put_row(self, table: Table, image: Mapping[str, Any]) -> None:
         """Insert a row image as it is, without capturing it (replication)."""
-        self._count(_insert_statement(table), dict(image))
+        self._execute(_insert_statement(table), dict(image))
 
     def delete_row(self, table: Table, key: Mapping[str, Any]) -> None:
         """Delete by primary key without capturing it (replication)."""
-        self._count(_delete_statement(table), key_params(key))
+        self._execute(_delete_statement(table), key_params(key))
 
     def put_rows(self, table: Table, images: list[dict[str, Any]]) -> None:
         """Insert row images as they are, in one statement, without capturing them."""
@@ -706,8 +726,17 @@ class CellStore:
                 return result
 
         def run() -> T:
-            with reader.begin() as conn:
-                return work(conn)
+            for attempt in range(2):
+                try:
+                    with reader.begin() as conn:
+                        return work(conn)
+                except DBAPIError as error:
+                    # A pooled connection found dead (the server restarted; PostgreSQL's
+                    # readers are not pinged before use): the pool drops it, and a read is
+                    # safe to run once more.
+                    if not error.connection_invalidated or attempt > 0:
+                        raise
+            raise AssertionError("unreachable")
 
         return await self._on_reader(run)
 
@@ -986,12 +1015,17 @@ class CellStore:
                             pass  # to the SELECT's result, the last
                         self._fenced(_driver_row(cursor, cursor.fetchone()), fence_version)
                         tx = WriteTx(None, epoch, self.region, cursor=cursor, backend="postgresql")
-                        done = body(tx)
+                        # The body's statements whose results nobody reads, the changelog
+                        # rows and the COMMIT share the round trips of the statements
+                        # that are read (docs/benchmarks.md, Writes on the driver's cursor).
+                        with held.driver_connection.pipeline() as pipeline:
+                            tx.pipeline = pipeline
+                            done = body(tx)
+                            cursor.execute("COMMIT")
+                        return done
                     except BaseException:
                         _rollback_pg(held)
                         raise
-                    cursor.execute("COMMIT")
-                    return done
             except DBAPIError as error:
                 if not error.connection_invalidated or begun or attempt > 0:
                     raise
