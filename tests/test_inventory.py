@@ -71,6 +71,12 @@ def test_insufficient_stock_reserves_nothing(storage_url: str) -> None:
         with pytest.raises(UnknownSku):
             await inv.reserve(2, 1, [("A", 1), ("NOPE", 1)])
         assert (await inv.levels("A"))["available"] == 10
+        # The first line refused: the lines' updates go to the database together
+        # (WriteTx.updates), and B's, sent with A's, is rolled back with it.
+        with pytest.raises(InsufficientStock) as refused:
+            await inv.reserve(3, 1, [("A", 11), ("B", 1)])
+        assert refused.value.details["sku"] == "A"
+        assert await inv.levels("B") == {"sku": "B", "available": 1, "reserved": 0, "sold": 0}
         await inv.reserve(1, 1, [("A", 4), ("B", 1)])  # the refused order ID can still reserve
 
     run(storage_url, body)

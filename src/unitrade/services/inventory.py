@@ -27,7 +27,7 @@ from unitrade.errors import (
     UnknownSku,
 )
 from unitrade.services import coupons
-from unitrade.services.sales import check_sale_lines
+from unitrade.services.sales import check_sale_rows, sale_reads
 from unitrade.storage.schema import coupon_claims, inventory, reservations
 from unitrade.storage.store import CellStore, WriteTx, by_key, key_params, now_ms
 from unitrade.topology.order_id import decode_order_id, unix_to_id_time
@@ -101,6 +101,27 @@ def _move(tx: WriteTx, sku: str, qty: int, source: str, target: str, refuse: boo
             requested=qty,
         )
     raise AssertionError(f"inventory of {sku} has {source}={row._mapping[source]} < {qty}")
+
+
+def _reserve_lines(tx: WriteTx, lines: Lines) -> None:
+    """Every line's units from available to reserved, or refused as `_move` refuses, with
+    the updates sent together (WriteTx.updates): a line refused rolls the whole
+    transaction back, the other lines' updates with it."""
+    stamp = now_ms()
+    changes = [
+        (
+            {"sku": sku},
+            {"updated_ms": stamp},
+            {"available": -qty, "reserved": qty},
+            {"available": qty},
+        )
+        for sku, qty in lines
+    ]
+    images = tx.updates(inventory, changes)
+    for (sku, qty), image in zip(lines, images, strict=True):
+        if image is None:
+            _short(sku, qty, tx.get(inventory, {"sku": sku}))
+            raise AssertionError(f"inventory of {sku} has available >= {qty} yet not moved")
 
 
 def _short(sku: str, qty: int, row: Any) -> None:
@@ -207,7 +228,9 @@ class InventoryService:
         encoded = orjson.dumps(lines).decode()
 
         def work(tx: WriteTx) -> dict[str, Any]:
-            existing = tx.get(reservations, {"order_id": order_id})
+            # The reservation and the lines' sales, read together (WriteTx.each).
+            found = tx.each([tx.get_call(reservations, {"order_id": order_id}), *sale_reads(lines)])
+            existing = found[0][0] if found[0] else None
             if existing is not None:
                 if existing.lines != encoded:
                     raise Conflict(f"order {order_id} already has a different reservation")
@@ -220,9 +243,8 @@ class InventoryService:
                     "discount_cents": discount,
                 }
             self._refuse_late(order_id)
-            check_sale_lines(tx, lines, terms.sale_id)
-            for sku, qty in lines:
-                _move(tx, sku, qty, "available", "reserved", refuse=True)
+            check_sale_rows(lines, found[1:], terms.sale_id)
+            _reserve_lines(tx, lines)
             discount = 0
             if terms.coupon is not None:
                 discount = coupons.hold(
@@ -296,7 +318,9 @@ class InventoryService:
             return await self.store.read(look)
 
         def work(tx: WriteTx) -> dict[str, Any]:
-            existing = tx.get(reservations, {"order_id": order_id})
+            # The reservation and the lines' sales, read together (WriteTx.each).
+            found = tx.each([tx.get_call(reservations, {"order_id": order_id}), *sale_reads(lines)])
+            existing = found[0][0] if found[0] else None
             if existing is not None:
                 check_lines(existing)
             current = None if existing is None else existing.status

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy.sql import Executable
 
 from unitrade.errors import (
     Conflict,
@@ -140,17 +141,25 @@ def sale_of(row: Any) -> Sale:
     )
 
 
-def check_sale_lines(tx: WriteTx, lines: list[tuple[str, int]], sale_id: str | None) -> None:
-    """In the center's stock reservation: a line of a SKU that has a sale is accepted only
-    from an order that names that sale (its buyer's region found and checked a token of
-    it, and consumes it in the order's own transaction), for one unit.
+def sale_reads(lines: list[tuple[str, int]]) -> list[tuple[Executable, dict[str, Any]]]:
+    """The reads of `check_sale_rows`: each line's newest sale (for WriteTx.each)."""
+    return [(_NEWEST_OF_SKU, {"sku": sku}) for sku, _ in lines]
+
+
+def check_sale_rows(
+    lines: list[tuple[str, int]], found: Sequence[Sequence[Any]], sale_id: str | None
+) -> None:
+    """In the center's stock reservation, on the rows of `sale_reads`: a line of a SKU
+    that has a sale is accepted only from an order that names that sale (its buyer's
+    region found and checked a token of it, and consumes it in the order's own
+    transaction), for one unit.
 
     The center checks this although the buyer's region did: a region that has not yet
     learned of a sale created a moment ago (its copy of the center cell lags) would
     otherwise let an order without a token take a unit of the sale."""
     matched = False
-    for sku, qty in lines:
-        row = tx.one(_NEWEST_OF_SKU, {"sku": sku})
+    for (sku, qty), rows in zip(lines, found, strict=True):
+        row = rows[0] if rows else None
         if row is None:
             continue
         if row.sale_id != sale_id:

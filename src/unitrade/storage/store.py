@@ -302,6 +302,12 @@ def apply_changes(
     return last
 
 
+# One update of `WriteTx.updates`: key, values to set, amounts to add, lower bounds.
+Update1 = tuple[
+    Mapping[str, Any], Mapping[str, Any] | None, Mapping[str, int] | None, Mapping[str, int] | None
+]
+
+
 class WriteTx:
     """One admitted write transaction on one cell copy."""
 
@@ -411,6 +417,33 @@ class WriteTx:
         """Update one row by primary key: set `values`, add `add` to columns, only if the
         columns in `at_least` are >= their value and those in `where` equal theirs.
         Returns the row image after the change, or None if no row matched."""
+        statement, params = self._update_call(table, key, values, add, at_least, where)
+        if self.returning:
+            rows = self._rows(statement, params)
+        else:
+            # Matched rows, not changed ones: SQLAlchemy connects with CLIENT_FOUND_ROWS.
+            matched = self._count(statement, params)
+            rows = self._rows(by_key(table), key_params(key)) if matched else []
+        return self._updated(table, key, rows)
+
+    def updates(self, table: Table, changes: Sequence[Update1]) -> list[dict[str, Any] | None]:
+        """`update` for each of `changes` (key, values, add, at_least), in order; on
+        PostgreSQL all are sent before any answer is read (`each`)."""
+        if not self.returning:
+            return [self.update(table, k, v, add=a, at_least=m) for k, v, a, m in changes]
+        calls = [self._update_call(table, k, v, a, m, None) for k, v, a, m in changes]
+        found = self.each(calls)
+        return [self._updated(table, c[0], rows) for c, rows in zip(changes, found, strict=True)]
+
+    def _update_call(
+        self,
+        table: Table,
+        key: Mapping[str, Any],
+        values: Mapping[str, Any] | None,
+        add: Mapping[str, int] | None,
+        at_least: Mapping[str, int] | None,
+        where: Mapping[str, Any] | None,
+    ) -> tuple[Executable, dict[str, Any]]:
         values, add, at_least, where = values or {}, add or {}, at_least or {}, where or {}
         statement = _update_statement(
             table, tuple(values), tuple(add), tuple(at_least), tuple(where), self.returning
@@ -420,18 +453,37 @@ class WriteTx:
         params.update({f"a_{c}": v for c, v in add.items()})
         params.update({f"m_{c}": v for c, v in at_least.items()})
         params.update({f"w_{c}": v for c, v in where.items()})
-        if self.returning:
-            rows = self._rows(statement, params)
-        else:
-            # Matched rows, not changed ones: SQLAlchemy connects with CLIENT_FOUND_ROWS.
-            matched = self._count(statement, params)
-            rows = self._rows(by_key(table), key_params(key)) if matched else []
+        return statement, params
+
+    def _updated(
+        self, table: Table, key: Mapping[str, Any], rows: Sequence[Any]
+    ) -> dict[str, Any] | None:
         if not rows:
             return None
         assert len(rows) == 1, "an update by primary key changes one row"
         image = dict(rows[0]._mapping)
         self._capture(table, "u", key, image)
         return image
+
+    def each(self, calls: Sequence[tuple[Executable, Mapping[str, Any] | None]]) -> list[list[Any]]:
+        """The rows of each statement (RETURNING or SELECT), in order. On PostgreSQL all
+        are sent before any answer is read: one round trip for them all, where one after
+        another took one each (each round trip of the center's serial writer counts:
+        docs/benchmarks.md, Writes on the driver's cursor)."""
+        assert len(calls) <= ROWS_PER_WRITE_MAX
+        if self.pipeline is None or len(calls) < 2:
+            return [list(self._rows(statement, params)) for statement, params in calls]
+        connection = self.cursor.connection
+        cursors = []
+        try:
+            for statement, params in calls:
+                cursor = connection.cursor()
+                cursors.append(cursor)
+                cursor.execute(*_bound(statement, params, self.backend))
+            return [[_driver_row(c, v) for v in c.fetchall()] for c in cursors]
+        finally:
+            for cursor in cursors:
+                cursor.close()
 
     def delete(self, table: Table, key: Mapping[str, Any]) -> bool:
         if self._count(_delete_statement(table), key_params(key)) == 0:
@@ -472,6 +524,11 @@ class WriteTx:
 
     def count(self, statement: Executable, params: Mapping[str, Any]) -> int:
         return self._count(statement, params)
+
+    @staticmethod
+    def get_call(table: Table, key: Mapping[str, Any]) -> tuple[Executable, dict[str, Any]]:
+        """The read of `get`, for `each`."""
+        return by_key(table), key_params(key)
 
     def get(self, table: Table, key: Mapping[str, Any]) -> Row[Any] | None:
         """The row with this primary key, read inside the transaction."""
