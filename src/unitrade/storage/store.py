@@ -196,7 +196,8 @@ FENCE_LOCK_WAIT_MS = 10_000
 # conversions to lose.
 _DIALECTS = {
     "sqlite": sqlite_dialect(paramstyle="named"),
-    "postgresql": psycopg_dialect(),  # type: ignore[no-untyped-call]  # pyformat: %(name)s, with the casts psycopg needs
+    # pyformat (%(name)s), with the casts psycopg's server-side binding needs
+    "postgresql": psycopg_dialect(),  # type: ignore[no-untyped-call]
 }
 
 
@@ -1099,6 +1100,17 @@ class CellStore:
             held = self._writer.raw_connection()
             held.driver_connection.autocommit = True  # type: ignore[union-attr]
             self._pg = held
+        driver = self._pg.driver_connection
+        if driver.info.transaction_status != _PG_IDLE:
+            # A transaction left open by a rollback that failed: end it before BEGIN, or
+            # the next write would run inside it (read locally, no round trip when idle).
+            # A connection that cannot is let go: the next one from the pool is fresh.
+            try:
+                driver.execute("ROLLBACK")
+            except Exception:
+                held, self._pg = self._pg, None
+                held.invalidate()
+                return self._held_pg()
         return self._pg
 
     def _release_pg(self) -> None:
@@ -1411,6 +1423,7 @@ def _add_meta_columns(conn: Connection) -> None:
 # an operator's own statement): the transaction was rolled back, nothing was written.
 _MYSQL_LOCK_ERRORS = (1205, 1213)
 _PG_LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout (raising the fence sets one)
+_PG_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE: no transaction open on the connection
 
 
 @contextmanager
