@@ -20,7 +20,7 @@ from tests.storage_support import (
     until,
     write_lock_held,
 )
-from unitrade.errors import WriteBanned, WrongRegion
+from unitrade.errors import WriteBanned, WriteOutcomeUnknown, WrongRegion
 from unitrade.storage.engine import backend_of, is_async, sync_url
 from unitrade.storage.schema import carts, changelog
 from unitrade.storage.store import CellStore, WriteTx
@@ -297,6 +297,49 @@ def test_a_writer_connection_cut_while_idle_is_replaced_and_the_next_write_commi
             await store.write(lambda tx: tx.insert(carts, {**second, "qty": 2, "updated_ms": 6}))
             rows = await store.read(lambda c: c.execute(select(carts.c.buyer_id)).all())
             assert sorted(r[0] for r in rows) == [7, 8]
+            assert [r["position"] for r in await _changelog(store)] == [1, 2]
+            assert store.position == 2
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_statement_refused_mid_transaction_writes_nothing_and_the_next_write_goes_on(
+    storage_url: str,
+) -> None:
+    """A duplicate key in the middle of a write: on PostgreSQL the insert goes to the
+    database without its answer being awaited (the pipeline), so the error surfaces later,
+    at the next answer read or at COMMIT; whatever the engine, the write fails as refused
+    by the database (an integrity error, not a lost connection), nothing of it is kept, and
+    the copy's next write takes the next position."""
+
+    def row(buyer: int) -> dict[str, Any]:
+        return {"buyer_id": buyer, "sku": "A", "qty": 1, "updated_ms": buyer}
+
+    async def scenario() -> None:
+        store = make_store(storage_url, 1)
+        await store.open()
+        try:
+            await store.write(lambda tx: tx.insert(carts, row(1)))
+
+            def clashing(tx: WriteTx) -> None:
+                tx.insert(carts, row(2))
+                tx.insert(carts, row(1))  # the key is taken
+                tx.insert(carts, row(3))
+                tx.update(carts, {"buyer_id": 2, "sku": "A"}, {"qty": 5})
+
+            with pytest.raises(Exception) as refused:
+                await store.write(clashing)
+            chain = [refused.value, refused.value.__cause__, getattr(refused.value, "orig", None)]
+            assert any("IntegrityError" in type(e).__name__ for e in chain if e is not None), repr(
+                refused.value
+            )
+            assert not isinstance(refused.value, WriteOutcomeUnknown)
+            buyers = await store.read(lambda c: c.execute(select(carts.c.buyer_id)).all())
+            assert sorted(b[0] for b in buyers) == [1]
+            assert [r["position"] for r in await _changelog(store)] == [1]
+            await store.write(lambda tx: tx.insert(carts, row(4)))
             assert [r["position"] for r in await _changelog(store)] == [1, 2]
             assert store.position == 2
         finally:
