@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -342,6 +343,60 @@ def test_a_statement_refused_mid_transaction_writes_nothing_and_the_next_write_g
             await store.write(lambda tx: tx.insert(carts, row(4)))
             assert [r["position"] for r in await _changelog(store)] == [1, 2]
             assert store.position == 2
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_writes_queued_together_commit_together_and_one_refused_fails_alone(
+    storage_url: str,
+) -> None:
+    """Writes that queue for a copy's writer while it is busy commit in one transaction on
+    PostgreSQL (group commit); one refused by its own work, and one refused by the
+    database, fail alone: every other write commits, with gapless positions."""
+    if backend_of(storage_url) != "postgresql":
+        pytest.skip("group commit is PostgreSQL's writer")
+
+    def row(buyer: int) -> dict[str, Any]:
+        return {"buyer_id": buyer, "sku": "A", "qty": 1, "updated_ms": buyer}
+
+    async def scenario() -> None:
+        store = make_store(storage_url, 1)
+        await store.open()
+        try:
+            await store.write(lambda tx: tx.insert(carts, row(0)))
+
+            def work(buyer: int) -> Callable[[WriteTx], None]:
+                def body(tx: WriteTx) -> None:
+                    tx.insert(carts, row(buyer))
+                    if buyer == 7:
+                        raise ValueError("refused by the work itself")
+                    if buyer in (33, 40):  # 40: the last of its group, found at COMMIT
+                        tx.insert(carts, row(0))  # the key is taken
+
+                return body
+
+            # Twenty at once: the writer is busy with the first while the rest queue.
+            first = await asyncio.gather(
+                *(store.write(work(b)) for b in range(1, 21)), return_exceptions=True
+            )
+            assert store.grouped_writes > 0, "no write was committed with another"
+            # Twenty more, one of them refused by the database: its group runs again write
+            # by write.
+            second = await asyncio.gather(
+                *(store.write(work(b)) for b in range(21, 41)), return_exceptions=True
+            )
+            outcomes = [*first, *second]
+            failed = {b: o for b, o in zip(range(1, 41), outcomes, strict=True) if o is not None}
+            assert set(failed) == {7, 33, 40}, failed
+            assert isinstance(failed[7], ValueError)
+            assert all("IntegrityError" in type(failed[b]).__name__ for b in (33, 40)), failed
+            buyers = await store.read(lambda c: c.execute(select(carts.c.buyer_id)).all())
+            assert sorted(b[0] for b in buyers) == [b for b in range(41) if b not in (7, 33, 40)]
+            positions = [r["position"] for r in await _changelog(store)]
+            assert positions == list(range(1, 39))
+            assert store.position == 38
         finally:
             await store.close()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import random
@@ -84,6 +85,9 @@ from unitrade.topology.rule import CellInfo
 T = TypeVar("T")
 log = logging.getLogger("unitrade.storage")
 ROWS_PER_WRITE_MAX = 1_000  # a single transaction never changes more rows than this
+# PostgreSQL: the writes of one cell copy queued while its writer was busy commit together,
+# at most this many in one transaction (group commit, `_commit_group`).
+GROUP_WRITES_MAX = 64
 PENDING_WRITES_MAX = 1_024  # writes queued for one cell copy before callers are refused
 QUEUE_WAIT_S_MAX = 10.0
 # Reads get the same two bounds as writes: how many may wait for a reader thread (beyond the
@@ -332,6 +336,7 @@ class WriteTx:
         # nobody reads is sent without waiting for its answer; the next statement whose
         # result is read, or the COMMIT, collects it (and raises its error, if any).
         self.pipeline: Any = None
+        self.locked_fence_epoch = 0  # PostgreSQL: the fence read under the cell's lock
         self.epoch = epoch
         self.origin = origin
         self.captured: list[dict[str, Any]] = []
@@ -581,6 +586,20 @@ _DROP_ACKED_ORDERS = planted(DROP_ACKED_ORDERS)
 _planted = random.Random(1)
 
 
+@dataclasses.dataclass
+class _Pending:
+    """A write waiting for PostgreSQL's writer thread (group commit)."""
+
+    body: Callable[[WriteTx], tuple[Any, int]]
+    epoch: int
+    fence_version: int
+    done: Future[Any] = dataclasses.field(default_factory=Future)
+
+
+class _GroupRefused(Exception):
+    """The database refused a statement of a group's write: the group runs write by write."""
+
+
 class _Dropped(Exception):
     def __init__(self, result: Any) -> None:
         super().__init__("planted bug: an acknowledged order rolled back")
@@ -656,6 +675,12 @@ class CellStore:
         self._inline: Connection | None = None  # SQLite only: reads
         self._cursor: Any = None  # SQLite only: its driver cursor, for writes
         self._pg: Any = None  # PostgreSQL: the writer thread's held connection (_held_pg)
+        # PostgreSQL: writes waiting for the writer thread, and whether a drain of them is
+        # queued on it (both under `_group_lock`: the loop adds, the writer thread takes).
+        self._group: collections.deque[_Pending] = collections.deque()
+        self._group_lock = threading.Lock()
+        self._draining = False
+        self.grouped_writes = 0  # writes committed with others in one transaction
         self._writes_since_checkpoint = 0
         self._checkpoint: asyncio.Future[None] | None = None
         self.position = 0  # last changelog position committed in this copy
@@ -1023,6 +1048,15 @@ class CellStore:
                 return done
 
         loop = asyncio.get_running_loop()
+        if self.backend == "postgresql" and inline and lock_wait_ms is None:
+            pending = _Pending(body, epoch, fence_version)
+            with self._group_lock:
+                self._group.append(pending)
+                start = not self._draining
+                self._draining = True
+            if start:
+                self._queue_drain()
+            return await _finish(asyncio.wrap_future(pending.done))
         if self.backend == "postgresql" and inline:
             on_pg = functools.partial(self._transact_pg, body, epoch, fence_version, lock_wait_ms)
             return await _finish(loop.run_in_executor(self._write_thread, on_pg))
@@ -1071,8 +1105,10 @@ class CellStore:
                         begun = True
                         while cursor.nextset():
                             pass  # to the SELECT's result, the last
-                        self._fenced(_driver_row(cursor, cursor.fetchone()), fence_version)
+                        locked = _driver_row(cursor, cursor.fetchone())
+                        self._fenced(locked, fence_version)
                         tx = WriteTx(None, epoch, self.region, cursor=cursor, backend="postgresql")
+                        tx.locked_fence_epoch = int(locked.fence_epoch)
                         # The body's statements whose results nobody reads, the changelog
                         # rows and the COMMIT share the round trips of the statements
                         # that are read (docs/benchmarks.md, Writes on the driver's cursor).
@@ -1090,6 +1126,118 @@ class CellStore:
             finally:
                 cursor.close()
         raise AssertionError("unreachable")
+
+    def _drain_group(self) -> None:
+        """On the writer thread: commit one group of the queued writes, then queue the
+        next drain behind whatever else waits for the thread (a fence being raised, a
+        quarantine), so a steady stream of writes never starves it."""
+        with self._group_lock:
+            taken = [self._group.popleft() for _ in range(min(GROUP_WRITES_MAX, len(self._group)))]
+        # A waiter cancelled before its write began is dropped (never run).
+        group = [p for p in taken if p.done.set_running_or_notify_cancel()]
+        try:
+            if group:
+                self._commit_group(group)
+        except BaseException as error:  # every waiter must hear of it
+            for pending in group:
+                if not pending.done.done():
+                    pending.done.set_exception(error)
+        finally:
+            with self._group_lock:
+                more = bool(self._group)
+                self._draining = more
+            if more:
+                self._queue_drain()
+
+    def _queue_drain(self) -> None:
+        try:
+            self._write_thread.submit(self._drain_group)
+        except RuntimeError:  # the store is closing: nothing more will run
+            with self._group_lock:
+                left = list(self._group)
+                self._group.clear()
+                self._draining = False
+            for pending in left:
+                if pending.done.set_running_or_notify_cancel():
+                    pending.done.set_exception(
+                        RegionUnavailable(f"cell {self.cell.id}: the copy is closing")
+                    )
+
+    def _commit_group(self, group: list[_Pending]) -> None:
+        """Several writes in one transaction (group commit): one BEGIN, one lock of the
+        cell and one COMMIT (the WAL's fsync) for them all, which the center's serial
+        writer paid per write. Each write runs under a savepoint of its own, sent in the
+        pipeline without a round trip: one that fails (a refusal, a fence) is rolled back
+        to it alone and answered with its error, the others commit. A statement the
+        database refuses leaves the pipeline aborted: then nothing of the group is kept
+        and each write runs again in a transaction of its own (a write's work may run
+        more than once; only its last run can commit)."""
+        if len(group) == 1:
+            self._run_alone(group[0])
+            return
+        results: list[tuple[bool, Any]] = []
+        try:
+            self._transact_pg(functools.partial(self._group_body, group, results), 0, 0, None)
+        except (_GroupRefused, DBAPIError) as error:
+            # A statement of the group refused by the database (its error may surface only
+            # at the COMMIT, in the pipeline): the group was rolled back; each write runs
+            # again on its own. A lost connection is not a refusal: it may have committed.
+            if isinstance(error, _GroupRefused) or not may_have_committed(error):
+                for pending in group:
+                    self._run_alone(pending)
+                return
+            for i, pending in enumerate(group):
+                own = results[i] if i < len(results) else (True, None)
+                pending.done.set_exception(error if own[0] else own[1])
+            return
+        except BaseException as error:
+            # The group did not commit, or its COMMIT's answer was lost (the error says
+            # which: outcome unknown for a dead connection). A write refused on its own
+            # was rolled back to its savepoint either way: it keeps its own answer.
+            for i, pending in enumerate(group):
+                own = results[i] if i < len(results) else (True, None)
+                pending.done.set_exception(error if own[0] else own[1])
+            return
+        self.grouped_writes += sum(1 for ok, _ in results if ok)
+        for pending, (ok, value) in zip(group, results, strict=True):
+            if ok:
+                pending.done.set_result(value)
+            else:
+                pending.done.set_exception(value)
+
+    def _group_body(
+        self, group: list[_Pending], results: list[tuple[bool, Any]], tx: WriteTx
+    ) -> tuple[None, int]:
+        import psycopg
+
+        results.clear()
+        cursor, fence_epoch = tx.cursor, tx.locked_fence_epoch
+        for pending in group:
+            if pending.fence_version and pending.fence_version < fence_epoch:
+                results.append((False, self._banned(fence_epoch, pending.fence_version)))
+                continue
+            own = WriteTx(None, pending.epoch, self.region, cursor=cursor, backend="postgresql")
+            own.pipeline = tx.pipeline
+            cursor.execute("SAVEPOINT unitrade_write")
+            try:
+                value = pending.body(own)
+            except psycopg.Error as refused:
+                raise _GroupRefused() from refused
+            except Exception as error:  # a refusal of the work itself: this write alone
+                cursor.execute("ROLLBACK TO SAVEPOINT unitrade_write")
+                results.append((False, error))
+                continue
+            cursor.execute("RELEASE SAVEPOINT unitrade_write")
+            results.append((True, value))
+        return None, 0
+
+    def _run_alone(self, pending: _Pending) -> None:
+        try:
+            value = self._transact_pg(pending.body, pending.epoch, pending.fence_version, None)
+        except BaseException as error:  # handed to the waiter
+            pending.done.set_exception(error)
+            return
+        pending.done.set_result(value)
 
     def _held_pg(self) -> Any:
         """The writer thread's PostgreSQL connection, checked out of the writer engine's
@@ -1170,11 +1318,14 @@ class CellStore:
         (docs/architecture.md, A region of many processes)."""
         fence_epoch = int(locked.fence_epoch)
         if fence_version and fence_version < fence_epoch:
-            raise WriteBanned(
-                f"cell {self.cell.id} changed owner or ban at rule version {fence_epoch}; "
-                f"this process still holds version {fence_version}: retry shortly",
-                cell=self.cell.id,
-            )
+            raise self._banned(fence_epoch, fence_version)
+
+    def _banned(self, fence_epoch: int, fence_version: int) -> WriteBanned:
+        return WriteBanned(
+            f"cell {self.cell.id} changed owner or ban at rule version {fence_epoch}; "
+            f"this process still holds version {fence_version}: retry shortly",
+            cell=self.cell.id,
+        )
 
     async def raise_fence(self, version: int) -> None:
         """Raise this copy's database fence to rule `version` (never lowers it): once this
