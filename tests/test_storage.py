@@ -21,8 +21,9 @@ from tests.storage_support import (
     until,
     write_lock_held,
 )
-from unitrade.errors import WriteBanned, WriteOutcomeUnknown, WrongRegion
+from unitrade.errors import NoWriteLease, WriteBanned, WriteOutcomeUnknown, WrongRegion
 from unitrade.storage.engine import backend_of, is_async, sync_url
+from unitrade.storage.fence import Fence
 from unitrade.storage.schema import carts, changelog
 from unitrade.storage.store import CellStore, WriteTx
 
@@ -398,6 +399,55 @@ def test_writes_queued_together_commit_together_and_one_refused_fails_alone(
             assert positions == list(range(1, 39))
             assert store.position == 38
         finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_group_whose_lease_ends_before_its_commit_commits_nothing(storage_url: str) -> None:
+    """Each write checks the write lease at its own end, but a group commits after its
+    last write: if the lease ended meanwhile, none of the group may commit (the lease
+    must hold at the COMMIT), and every write of it is answered `no_write_lease`."""
+    if backend_of(storage_url) != "postgresql":
+        pytest.skip("group commit is PostgreSQL's writer")
+    lease = {"valid": True}
+    started, release = threading.Event(), threading.Event()
+
+    def row(buyer: int) -> dict[str, Any]:
+        return {"buyer_id": buyer, "sku": "A", "qty": 1, "updated_ms": buyer}
+
+    def holding(tx: WriteTx) -> None:
+        started.set()
+        assert release.wait(WAIT_S_MAX), "never released"
+        tx.insert(carts, row(0))
+
+    def work(buyer: int) -> Callable[[WriteTx], None]:
+        def body(tx: WriteTx) -> None:
+            tx.insert(carts, row(buyer))
+            if buyer == 10:
+                lease["valid"] = False  # the lease ends while the group runs
+
+        return body
+
+    async def scenario() -> None:
+        fence = Fence("hz", RULE, lease=lambda: lease["valid"])
+        store = CellStore(RULE.cells[1], "hz", cell_url(storage_url, 1), fence)
+        await store.open()
+        try:
+            first = asyncio.create_task(store.write(holding))
+            assert await asyncio.to_thread(started.wait, WAIT_S_MAX)
+            # The writer is busy with the first write: these twenty queue, one group.
+            queued = [asyncio.create_task(store.write(work(b))) for b in range(1, 21)]
+            await asyncio.sleep(0.05)
+            release.set()
+            await first
+            outcomes = await asyncio.gather(*queued, return_exceptions=True)
+            assert all(isinstance(o, NoWriteLease) for o in outcomes), outcomes
+            buyers = await store.read(lambda c: c.execute(select(carts.c.buyer_id)).all())
+            assert [b[0] for b in buyers] == [0]
+            assert store.position == 1
+        finally:
+            release.set()
             await store.close()
 
     asyncio.run(scenario())

@@ -593,6 +593,7 @@ class _Pending:
     body: Callable[[WriteTx], tuple[Any, int]]
     epoch: int
     fence_version: int
+    leased: bool  # a write of an owned cell (`write`): it may commit only inside the lease
     done: Future[Any] = dataclasses.field(default_factory=Future)
 
 
@@ -933,7 +934,9 @@ class CellStore:
 
         async with self._write_slot(), self.fence.admit(cell_id) as epoch:
             try:
-                result, position = await self._transact(body, epoch, fence_version=epoch)
+                result, position = await self._transact(
+                    body, epoch, fence_version=epoch, leased=True
+                )
             except _Dropped as dropped:
                 return dropped.result  # type: ignore[no-any-return]  # the planted bug
             except (DBAPIError, sqlite3.Error) as error:
@@ -1020,6 +1023,7 @@ class CellStore:
         inline: bool = True,
         fence_version: int = 0,
         lock_wait_ms: int | None = None,
+        leased: bool = False,
     ) -> tuple[T, int]:
         """Run `body` in one write transaction: inline on SQLite (on the writer thread when
         another process holds the lock, or when `inline` is False: `body` then gets a
@@ -1049,7 +1053,7 @@ class CellStore:
 
         loop = asyncio.get_running_loop()
         if self.backend == "postgresql" and inline and lock_wait_ms is None:
-            pending = _Pending(body, epoch, fence_version)
+            pending = _Pending(body, epoch, fence_version, leased)
             with self._group_lock:
                 self._group.append(pending)
                 start = not self._draining
@@ -1229,6 +1233,12 @@ class CellStore:
                 continue
             cursor.execute("RELEASE SAVEPOINT unitrade_write")
             results.append((True, value))
+        leased = any(p.leased for p, (ok, _) in zip(group, results, strict=True) if ok)
+        if leased and not self.fence.lease_valid():
+            # Each write checked the lease at its own end, but the group commits after the
+            # last: the lease's margin covers one write's commit, not a group's (the lease
+            # must hold at the COMMIT, control/lease.py). Nothing of the group commits.
+            raise self.fence.no_lease(self.cell.id)
         return None, 0
 
     def _run_alone(self, pending: _Pending) -> None:
