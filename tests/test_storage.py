@@ -307,6 +307,11 @@ def test_a_writer_connection_cut_while_idle_is_replaced_and_the_next_write_commi
     asyncio.run(scenario())
 
 
+def _cart(buyer: int) -> dict[str, Any]:
+    """A cart row of its own for each buyer."""
+    return {"buyer_id": buyer, "sku": "A", "qty": 1, "updated_ms": buyer}
+
+
 def test_a_statement_refused_mid_transaction_writes_nothing_and_the_next_write_goes_on(
     storage_url: str,
 ) -> None:
@@ -316,19 +321,16 @@ def test_a_statement_refused_mid_transaction_writes_nothing_and_the_next_write_g
     by the database (an integrity error, not a lost connection), nothing of it is kept, and
     the copy's next write takes the next position."""
 
-    def row(buyer: int) -> dict[str, Any]:
-        return {"buyer_id": buyer, "sku": "A", "qty": 1, "updated_ms": buyer}
-
     async def scenario() -> None:
         store = make_store(storage_url, 1)
         await store.open()
         try:
-            await store.write(lambda tx: tx.insert(carts, row(1)))
+            await store.write(lambda tx: tx.insert(carts, _cart(1)))
 
             def clashing(tx: WriteTx) -> None:
-                tx.insert(carts, row(2))
-                tx.insert(carts, row(1))  # the key is taken
-                tx.insert(carts, row(3))
+                tx.insert(carts, _cart(2))
+                tx.insert(carts, _cart(1))  # the key is taken
+                tx.insert(carts, _cart(3))
                 tx.update(carts, {"buyer_id": 2, "sku": "A"}, {"qty": 5})
 
             with pytest.raises(Exception) as refused:
@@ -341,7 +343,7 @@ def test_a_statement_refused_mid_transaction_writes_nothing_and_the_next_write_g
             buyers = await store.read(lambda c: c.execute(select(carts.c.buyer_id)).all())
             assert sorted(b[0] for b in buyers) == [1]
             assert [r["position"] for r in await _changelog(store)] == [1]
-            await store.write(lambda tx: tx.insert(carts, row(4)))
+            await store.write(lambda tx: tx.insert(carts, _cart(4)))
             assert [r["position"] for r in await _changelog(store)] == [1, 2]
             assert store.position == 2
         finally:
@@ -359,22 +361,19 @@ def test_writes_queued_together_commit_together_and_one_refused_fails_alone(
     if backend_of(storage_url) != "postgresql":
         pytest.skip("group commit is PostgreSQL's writer")
 
-    def row(buyer: int) -> dict[str, Any]:
-        return {"buyer_id": buyer, "sku": "A", "qty": 1, "updated_ms": buyer}
-
     async def scenario() -> None:
         store = make_store(storage_url, 1)
         await store.open()
         try:
-            await store.write(lambda tx: tx.insert(carts, row(0)))
+            await store.write(lambda tx: tx.insert(carts, _cart(0)))
 
             def work(buyer: int) -> Callable[[WriteTx], None]:
                 def body(tx: WriteTx) -> None:
-                    tx.insert(carts, row(buyer))
+                    tx.insert(carts, _cart(buyer))
                     if buyer == 7:
                         raise ValueError("refused by the work itself")
                     if buyer in (33, 40):  # 40: the last of its group, found at COMMIT
-                        tx.insert(carts, row(0))  # the key is taken
+                        tx.insert(carts, _cart(0))  # the key is taken
 
                 return body
 
@@ -413,17 +412,14 @@ def test_a_group_whose_lease_ends_before_its_commit_commits_nothing(storage_url:
     lease = {"valid": True}
     started, release = threading.Event(), threading.Event()
 
-    def row(buyer: int) -> dict[str, Any]:
-        return {"buyer_id": buyer, "sku": "A", "qty": 1, "updated_ms": buyer}
-
     def holding(tx: WriteTx) -> None:
         started.set()
         assert release.wait(WAIT_S_MAX), "never released"
-        tx.insert(carts, row(0))
+        tx.insert(carts, _cart(0))
 
     def work(buyer: int) -> Callable[[WriteTx], None]:
         def body(tx: WriteTx) -> None:
-            tx.insert(carts, row(buyer))
+            tx.insert(carts, _cart(buyer))
             if buyer == 10:
                 lease["valid"] = False  # the lease ends while the group runs
 

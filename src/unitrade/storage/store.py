@@ -1182,19 +1182,16 @@ class CellStore:
         results: list[tuple[bool, Any]] = []
         try:
             self._transact_pg(functools.partial(self._group_body, group, results), 0, 0, None)
-        except (_GroupRefused, DBAPIError) as error:
-            # A statement of the group refused by the database (its error may surface only
-            # at the COMMIT, in the pipeline): the group was rolled back; each write runs
-            # again on its own. A lost connection is not a refusal: it may have committed.
-            if isinstance(error, _GroupRefused) or not may_have_committed(error):
+        except BaseException as error:
+            if isinstance(error, _GroupRefused) or (
+                isinstance(error, DBAPIError) and not may_have_committed(error)
+            ):
+                # A statement of the group refused by the database (its error may surface
+                # only at the COMMIT, in the pipeline): the group was rolled back; each
+                # write runs again on its own.
                 for pending in group:
                     self._run_alone(pending)
                 return
-            for i, pending in enumerate(group):
-                own = results[i] if i < len(results) else (True, None)
-                pending.done.set_exception(error if own[0] else own[1])
-            return
-        except BaseException as error:
             # The group did not commit, or its COMMIT's answer was lost (the error says
             # which: outcome unknown for a dead connection). A write refused on its own
             # was rolled back to its savepoint either way: it keeps its own answer.
