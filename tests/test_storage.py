@@ -24,6 +24,7 @@ from tests.storage_support import (
 from unitrade.errors import NoWriteLease, WriteBanned, WriteOutcomeUnknown, WrongRegion
 from unitrade.storage.engine import backend_of, is_async, sync_url
 from unitrade.storage.fence import Fence
+from unitrade.storage.mysql_batch import STATEMENT_BYTES_MAX
 from unitrade.storage.schema import carts, changelog
 from unitrade.storage.store import CellStore, WriteTx
 
@@ -356,10 +357,10 @@ def test_writes_queued_together_commit_together_and_one_refused_fails_alone(
     storage_url: str,
 ) -> None:
     """Writes that queue for a copy's writer while it is busy commit in one transaction on
-    PostgreSQL (group commit); one refused by its own work, and one refused by the
-    database, fail alone: every other write commits, with gapless positions."""
-    if backend_of(storage_url) != "postgresql":
-        pytest.skip("group commit is PostgreSQL's writer")
+    PostgreSQL and MySQL (group commit); one refused by its own work, and one refused by
+    the database, fail alone: every other write commits, with gapless positions."""
+    if backend_of(storage_url) == "sqlite":
+        pytest.skip("SQLite's writes run inline, one at a time: nothing queues to group")
 
     async def scenario() -> None:
         store = make_store(storage_url, 1)
@@ -407,8 +408,9 @@ def test_a_group_whose_lease_ends_before_its_commit_commits_nothing(storage_url:
     """Each write checks the write lease at its own end, but a group commits after its
     last write: if the lease ended meanwhile, none of the group may commit (the lease
     must hold at the COMMIT), and every write of it is answered `no_write_lease`."""
-    if backend_of(storage_url) != "postgresql":
-        pytest.skip("group commit is PostgreSQL's writer")
+    backend = backend_of(storage_url)
+    if backend == "sqlite":
+        pytest.skip("SQLite's writes run inline, one at a time: nothing queues to group")
     lease = {"valid": True}
     started, release = threading.Event(), threading.Event()
 
@@ -430,13 +432,19 @@ def test_a_group_whose_lease_ends_before_its_commit_commits_nothing(storage_url:
         store = CellStore(RULE.cells[1], "hz", cell_url(storage_url, 1), fence)
         await store.open()
         try:
-            first = asyncio.create_task(store.write(holding))
-            assert await asyncio.to_thread(started.wait, WAIT_S_MAX)
-            # The writer is busy with the first write: these twenty queue, one group.
-            queued = [asyncio.create_task(store.write(work(b))) for b in range(1, 21)]
-            await asyncio.sleep(0.05)
-            release.set()
-            await first
+            if backend == "postgresql":
+                first = asyncio.create_task(store.write(holding))
+                assert await asyncio.to_thread(started.wait, WAIT_S_MAX)
+                # The writer thread is busy with the first write: these twenty queue, one
+                # group.
+                queued = [asyncio.create_task(store.write(work(b))) for b in range(1, 21)]
+                await asyncio.sleep(0.05)
+                release.set()
+                await first
+            else:
+                # MySQL's writer runs on the loop: the twenty queue before it next runs.
+                await store.write(lambda tx: tx.insert(carts, _cart(0)))
+                queued = [asyncio.create_task(store.write(work(b))) for b in range(1, 21)]
             outcomes = await asyncio.gather(*queued, return_exceptions=True)
             assert all(isinstance(o, NoWriteLease) for o in outcomes), outcomes
             buyers = await store.read(lambda c: c.execute(select(carts.c.buyer_id)).all())
@@ -444,6 +452,60 @@ def test_a_group_whose_lease_ends_before_its_commit_commits_nothing(storage_url:
             assert store.position == 1
         finally:
             release.set()
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_batch_larger_than_one_statement_is_applied_and_deleted_whole(
+    storage_url: str,
+) -> None:
+    """A replica's apply writes many rows at once: on MySQL they go as multi-row INSERTs
+    and `IN (...)` DELETEs bound by the driver, split where one statement would pass
+    STATEMENT_BYTES_MAX. Here 1.5 MB of changelog rows and a composite-key table: every
+    row lands, and every row of the delete goes, whatever the engine."""
+    images = [
+        {
+            "position": p,
+            "epoch": 1,
+            "origin": "hz",
+            "tbl": "carts",
+            "pk": orjson.dumps({"buyer_id": p, "sku": "A"}).decode(),
+            "op": "i",
+            # quotes and a percent sign: the driver's escaping, not string formatting
+            "row_image": f"{p:06d} it's 100% " + "x" * 5_000,
+            "created_ms": p,
+        }
+        for p in range(1, 301)
+    ]
+    assert sum(len(i["row_image"]) for i in images) > STATEMENT_BYTES_MAX
+    cart_rows = [{**_cart(b), "sku": s} for b in range(1, 41) for s in ("A", "B")]
+
+    async def scenario() -> None:
+        store = make_store(storage_url.replace("{cell}", "big-{cell}"), 1, region="sh")
+        await store.open()
+        try:
+            await store.write_replica(lambda tx: tx.append_verbatim(images))
+            await store.write_replica(lambda tx: tx.put_rows(carts, cart_rows))
+            stored = await _changelog(store)
+            assert [(r["position"], r["row_image"]) for r in stored] == [
+                (i["position"], i["row_image"]) for i in images
+            ]
+            gone = [{"position": p} for p in range(1, 301, 2)]
+            dropped = [{"buyer_id": b, "sku": "B"} for b in range(1, 41)]
+
+            def delete(tx: WriteTx) -> None:
+                tx.delete_rows(changelog, gone)
+                tx.delete_rows(carts, dropped)
+
+            await store.write_replica(delete)
+            kept = [r["position"] for r in await _changelog(store)]
+            assert kept == list(range(2, 301, 2))
+            rows = await store.read(
+                lambda c: c.execute(select(carts.c.buyer_id, carts.c.sku)).all()
+            )
+            assert sorted(tuple(r) for r in rows) == [(b, "A") for b in range(1, 41)]
+        finally:
             await store.close()
 
     asyncio.run(scenario())

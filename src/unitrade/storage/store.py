@@ -46,12 +46,14 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects.mysql.asyncmy import dialect as asyncmy_dialect
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import ClauseElement, Delete, Executable, Insert, Select, Update
+from sqlalchemy.util import await_only, greenlet_spawn
 
 from unitrade.errors import (
     Overloaded,
@@ -71,6 +73,12 @@ from unitrade.storage.engine import (
     is_async,
 )
 from unitrade.storage.fence import Fence
+from unitrade.storage.mysql_batch import (
+    BATCH_STATEMENTS_MAX,
+    STATEMENT_BYTES_MAX,
+    delete_keys_sql,
+    insert_rows_sql,
+)
 from unitrade.storage.schema import (
     METADATA_BY_KIND,
     cell_meta,
@@ -85,8 +93,8 @@ from unitrade.topology.rule import CellInfo
 T = TypeVar("T")
 log = logging.getLogger("unitrade.storage")
 ROWS_PER_WRITE_MAX = 1_000  # a single transaction never changes more rows than this
-# PostgreSQL: the writes of one cell copy queued while its writer was busy commit together,
-# at most this many in one transaction (group commit, `_commit_group`).
+# PostgreSQL and MySQL: the writes of one cell copy queued while its writer was busy commit
+# together, at most this many in one transaction (group commit, `_commit_group`).
 GROUP_WRITES_MAX = 64
 PENDING_WRITES_MAX = 1_024  # writes queued for one cell copy before callers are refused
 QUEUE_WAIT_S_MAX = 10.0
@@ -189,9 +197,10 @@ POLL_S_MAX = 0.05
 # inside a write holds the lock, and the raise is tried again until it gets it.
 FENCE_LOCK_WAIT_MS = 10_000
 
-# The write paths of SQLite (inline) and PostgreSQL (the writer thread) execute these
-# statements on the driver's cursor: SQLAlchemy renders each statement shape once (named
-# parameters), and its per-call execution machinery is skipped. On SQLite that machinery
+# The write paths of SQLite (inline), PostgreSQL (the writer thread) and MySQL/MariaDB (the
+# loop, storage/mysql_batch.py) execute these statements on the driver's cursor: SQLAlchemy
+# renders each statement shape once (named parameters), and its per-call execution
+# machinery is skipped. On SQLite that machinery
 # was ~0.35 ms of a 0.45 ms transaction: the same transaction then takes 0.10-0.12 ms, as
 # fast as hand-written SQL (benchmarks/bench_micro.py); on PostgreSQL it was 85-100 us of
 # CPU per statement against psycopg's own 31-47 (docs/benchmarks.md, Writes on the driver's
@@ -202,6 +211,8 @@ _DIALECTS = {
     "sqlite": sqlite_dialect(paramstyle="named"),
     # pyformat (%(name)s), with the casts psycopg's server-side binding needs
     "postgresql": psycopg_dialect(),  # type: ignore[no-untyped-call]
+    # pyformat, bound by the driver's own escaping (`mogrify`) into a batch of statements
+    "mysql": asyncmy_dialect(paramstyle="pyformat"),
 }
 
 
@@ -329,28 +340,96 @@ class WriteTx:
         # transactions on any engine.
         self.conn = conn
         # The driver's cursor: SQLite inline on the event loop, PostgreSQL on the writer
-        # thread (`backend` says which).
+        # thread, MySQL/MariaDB on the loop through the asyncio driver's adapter (`backend`
+        # says which).
         self.cursor = cursor
         self.backend = backend
         # PostgreSQL: the driver's pipeline the transaction runs in. A statement whose result
         # nobody reads is sent without waiting for its answer; the next statement whose
         # result is read, or the COMMIT, collects it (and raises its error, if any).
         self.pipeline: Any = None
-        self.locked_fence_epoch = 0  # PostgreSQL: the fence read under the cell's lock
+        # MySQL on the driver's cursor: statements whose results nobody reads, bound, waiting
+        # to go with the next round trip (`_send`; storage/mysql_batch.py). Shared, as the
+        # pipeline is, by the writes of a group.
+        self.deferred: list[str] | None = None
+        self.driver_error: type[BaseException] | tuple[()] = ()  # what the driver raises
+        self.locked_fence_epoch = 0  # the fence read under the cell's lock (driver paths)
         self.epoch = epoch
         self.origin = origin
         self.captured: list[dict[str, Any]] = []
         self.appended: list[dict[str, Any]] = []  # the changelog rows, once appended
         # MySQL and MariaDB have no UPDATE ... RETURNING: there an update is followed by a
         # read of the row by key, in the same transaction, which holds the row's lock.
-        self.returning = conn is None or bool(conn.dialect.update_returning)
-        self.mysql = conn is not None and conn.dialect.name in ("mysql", "mariadb")
+        if conn is None:
+            self.mysql = backend == "mysql"
+            self.returning = not self.mysql
+        else:
+            self.mysql = conn.dialect.name in ("mysql", "mariadb")
+            self.returning = bool(conn.dialect.update_returning)
+
+    def sibling(self, epoch: int) -> WriteTx:
+        """Another write of this transaction's group (group commit): the same cursor,
+        pipeline and batch, its own captured changes."""
+        assert self.cursor is not None
+        own = WriteTx(None, epoch, self.origin, cursor=self.cursor, backend=self.backend)
+        own.pipeline, own.deferred = self.pipeline, self.deferred
+        own.driver_error = self.driver_error
+        own.locked_fence_epoch = self.locked_fence_epoch
+        return own
+
+    def statement(self, sql: str) -> None:
+        """A statement without parameters or result (a savepoint), sent with the next
+        round trip where the driver allows (PostgreSQL's pipeline, MySQL's batch)."""
+        if self.deferred is not None:
+            self._defer(sql)
+        elif self.pipeline is not None:
+            self.cursor.execute(sql)
+        else:
+            self._count(text(sql), {})
+
+    def _sql(self, statement: Executable, params: Mapping[str, Any] | None) -> str:
+        """MySQL: the statement with its values bound by the driver (one query's text)."""
+        sql, literals = _driver_sql(statement, "mysql")
+        return str(self.cursor._cursor.mogrify(sql, {**literals, **params} if params else literals))
+
+    def _defer(self, sql: str) -> None:
+        deferred = self.deferred
+        assert deferred is not None
+        deferred.append(sql)
+        if len(deferred) >= BATCH_STATEMENTS_MAX or sum(map(len, deferred)) > STATEMENT_BYTES_MAX:
+            self._send([])
+
+    def _send(self, texts: Sequence[str]) -> list[tuple[int, list[Any], int]]:
+        """MySQL: the deferred statements and `texts` in one round trip (one query of
+        several statements); the row count, rows and insert ID of each of `texts`. The
+        server stops at the first statement it refuses, whose error is raised here: those
+        after it, a COMMIT among them, did not run."""
+        deferred = self.deferred
+        assert deferred is not None
+        skip = len(deferred)
+        query = ";".join([*deferred, *texts])
+        deferred.clear()
+        if not query:
+            return []
+        cursor = self.cursor
+        cursor.execute(query)
+        results: list[tuple[int, list[Any], int]] = []
+        for i in range(skip + len(texts)):
+            if i:
+                cursor.nextset()
+            if i >= skip:
+                values = cursor.fetchall() if cursor.description else []
+                found = [_driver_row(cursor, v) for v in values]
+                results.append((int(cursor.rowcount), found, int(cursor.lastrowid or 0)))
+        return results
 
     def _rows(self, statement: Executable, params: Mapping[str, Any] | None) -> list[Any]:
         """Execute and return every result row (for RETURNING and SELECT)."""
         if self.cursor is None:
             assert self.conn is not None
             return list(self.conn.execute(statement, params))
+        if self.deferred is not None:
+            return self._send([self._sql(statement, params)])[0][1]
         cursor = self.cursor
         cursor.execute(*_bound(statement, params, self.backend))
         values = cursor.fetchall()
@@ -361,6 +440,8 @@ class WriteTx:
         if self.cursor is None:
             assert self.conn is not None
             return int(self.conn.execute(statement, params).rowcount)
+        if self.deferred is not None:
+            return self._send([self._sql(statement, params)])[0][0]
         cursor = self.cursor
         cursor.execute(*_bound(statement, params, self.backend))
         if self.pipeline is not None:
@@ -368,7 +449,11 @@ class WriteTx:
         return int(cursor.rowcount)
 
     def _execute(self, statement: Executable, params: Mapping[str, Any]) -> None:
-        """Execute a statement whose result nobody reads (in the pipeline, on PostgreSQL)."""
+        """Execute a statement whose result nobody reads (in the pipeline, on PostgreSQL;
+        with the next round trip, on MySQL)."""
+        if self.deferred is not None:
+            self._defer(self._sql(statement, params))
+            return
         if self.pipeline is None:
             self._count(statement, params)
             return
@@ -378,6 +463,16 @@ class WriteTx:
         if self.cursor is None:
             assert self.conn is not None
             self.conn.execute(statement, rows)
+        elif self.deferred is not None:
+            sql, literals = _driver_sql(statement, "mysql")
+            batch = [{**literals, **r} for r in rows] if literals else rows
+            mogrify = self.cursor._cursor.mogrify
+            if isinstance(statement, Insert):
+                texts = insert_rows_sql(mogrify, sql, batch)
+            else:
+                texts = [mogrify(sql, row) for row in batch]
+            for one in texts:
+                self._defer(one)
         else:
             sql, literals = _driver_sql(statement, self.backend)
             batch = [{**literals, **r} for r in rows] if literals else rows
@@ -424,6 +519,12 @@ class WriteTx:
         columns in `at_least` are >= their value and those in `where` equal theirs.
         Returns the row image after the change, or None if no row matched."""
         statement, params = self._update_call(table, key, values, add, at_least, where)
+        if self.deferred is not None:
+            # The update and the read of its row in one round trip.
+            (matched, _, _), (_, found, _) = self._send(
+                [self._sql(statement, params), self._sql(by_key(table), key_params(key))]
+            )
+            return self._updated(table, key, found if matched else [])
         if self.returning:
             rows = self._rows(statement, params)
         else:
@@ -435,6 +536,17 @@ class WriteTx:
     def updates(self, table: Table, changes: Sequence[Update1]) -> list[dict[str, Any] | None]:
         """`update` for each of `changes` (key, values, add, at_least), in order; on
         PostgreSQL all are sent before any answer is read (`each`)."""
+        if self.deferred is not None:
+            # Each update and the read of its row, all in one round trip.
+            texts: list[str] = []
+            for k, v, a, m in changes:
+                texts.append(self._sql(*self._update_call(table, k, v, a, m, None)))
+                texts.append(self._sql(by_key(table), key_params(k)))
+            sent = self._send(texts)
+            return [
+                self._updated(table, change[0], sent[2 * i + 1][1] if sent[2 * i][0] else [])
+                for i, change in enumerate(changes)
+            ]
         if not self.returning:
             return [self.update(table, k, v, add=a, at_least=m) for k, v, a, m in changes]
         calls = [self._update_call(table, k, v, a, m, None) for k, v, a, m in changes]
@@ -477,6 +589,8 @@ class WriteTx:
         another took one each (each round trip of the center's serial writer counts:
         docs/benchmarks.md, Writes on the driver's cursor)."""
         assert len(calls) <= ROWS_PER_WRITE_MAX
+        if self.deferred is not None:
+            return [found for _, found, _ in self._send([self._sql(s, p) for s, p in calls])]
         if self.pipeline is None or len(calls) < 2:
             return [list(self._rows(statement, params)) for statement, params in calls]
         connection = self.cursor.connection
@@ -512,6 +626,11 @@ class WriteTx:
 
     def delete_rows(self, table: Table, keys: list[dict[str, Any]]) -> None:
         """Delete by primary keys in one statement, without capturing it."""
+        if self.deferred is not None:
+            quote = _DIALECTS["mysql"].identifier_preparer.quote
+            for one in delete_keys_sql(self.cursor._cursor.mogrify, quote, table, keys):
+                self._defer(one)
+            return
         if self.conn is not None and self.mysql and keys:
             # MySQL's drivers run an executemany of a DELETE as one round trip per key (only
             # INSERTs are batched): a replica's apply of 1,000 rows took 1,000 of them. One
@@ -565,6 +684,9 @@ class WriteTx:
         if self.returning:
             (bumped,) = self._rows(_BUMP_POSITION, params)
             last = bumped[0]
+        elif self.deferred is not None:
+            ((matched, _, last),) = self._send([self._sql(_BUMP_LAST_INSERT_ID, params)])
+            assert matched == 1, "a cell copy has one cell_meta row"
         else:
             assert self.conn is not None
             result = self.conn.execute(_BUMP_LAST_INSERT_ID, params)
@@ -588,13 +710,19 @@ _planted = random.Random(1)
 
 @dataclasses.dataclass
 class _Pending:
-    """A write waiting for PostgreSQL's writer thread (group commit)."""
+    """A write waiting for its copy's writer (group commit): PostgreSQL's writer thread
+    (`done` a thread's Future) or MySQL's writer connection (an asyncio future)."""
 
     body: Callable[[WriteTx], tuple[Any, int]]
     epoch: int
     fence_version: int
     leased: bool  # a write of an owned cell (`write`): it may commit only inside the lease
-    done: Future[Any] = dataclasses.field(default_factory=Future)
+    done: Any = dataclasses.field(default_factory=Future)
+
+
+# One write transaction on a driver path (PostgreSQL's writer thread, MySQL's batches):
+# (body, epoch, fence_version) -> body's result.
+_Transact = Callable[[Callable[[WriteTx], tuple[Any, int]], int, int], tuple[Any, int]]
 
 
 class _GroupRefused(Exception):
@@ -681,6 +809,7 @@ class CellStore:
         self._group: collections.deque[_Pending] = collections.deque()
         self._group_lock = threading.Lock()
         self._draining = False
+        self._drainer: asyncio.Future[None] | None = None  # MySQL: the task draining `_group`
         self.grouped_writes = 0  # writes committed with others in one transaction
         self._writes_since_checkpoint = 0
         self._checkpoint: asyncio.Future[None] | None = None
@@ -768,6 +897,12 @@ class CellStore:
             raise RuntimeError(f"{self.url} holds cell {exists.cell_id}, not {self.cell.id}")
 
     async def close(self) -> None:
+        if self._drainer is not None and not self._drainer.done():
+            # MySQL's queued writes: let them finish (each is bounded by the lock wait)
+            await asyncio.wait([self._drainer], timeout=QUEUE_WAIT_S_MAX)
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -1031,9 +1166,18 @@ class CellStore:
         asyncio driver on MySQL/MariaDB. On PostgreSQL and MySQL a `fence_version` (the rule
         version the transaction runs under; 0: local bookkeeping, not fenced) below the
         copy's `fence_epoch` is refused once the cell's lock is held (`_fenced`)."""
+        if self._async and inline and lock_wait_ms is None:
+            pending = _Pending(body, epoch, fence_version, leased, done=self._loop_future())
+            self._group.append(pending)
+            if not self._draining:
+                self._draining = True
+                self._drainer = asyncio.ensure_future(self._drain_mysql())
+                self._drainer.add_done_callback(_retrieve)
+            # Awaited as the writer thread's is: a cancelled caller still waits for the
+            # transaction to end (`_finish`).
+            return await _finish(pending.done)
         if self._async:
-            # Its own task, awaited as the writer thread's is: a cancelled caller still
-            # waits for the transaction to end (`_finish`).
+            # Its own task, awaited as above.
             job = asyncio.ensure_future(self._transact_async(body, epoch, fence_version))
             job.add_done_callback(_retrieve)
             return await _finish(job)
@@ -1088,6 +1232,8 @@ class CellStore:
         and the cell's lock go in one round trip, then `body`'s statements, then COMMIT.
         A connection found dead at that first round trip (the server restarted, an idle
         connection was cut) had done nothing: once more on a new one."""
+        import psycopg
+
         cell_id = self.cell.id
         # Simple query protocol (no parameters: the values are integers of ours), so the
         # statements share one round trip.
@@ -1113,6 +1259,7 @@ class CellStore:
                         self._fenced(locked, fence_version)
                         tx = WriteTx(None, epoch, self.region, cursor=cursor, backend="postgresql")
                         tx.locked_fence_epoch = int(locked.fence_epoch)
+                        tx.driver_error = psycopg.Error
                         # The body's statements whose results nobody reads, the changelog
                         # rows and the COMMIT share the round trips of the statements
                         # that are read (docs/benchmarks.md, Writes on the driver's cursor).
@@ -1141,7 +1288,7 @@ class CellStore:
         group = [p for p in taken if p.done.set_running_or_notify_cancel()]
         try:
             if group:
-                self._commit_group(group)
+                self._commit_group(group, self._transact_pg_grouped)
         except BaseException as error:  # every waiter must hear of it
             for pending in group:
                 if not pending.done.done():
@@ -1167,7 +1314,12 @@ class CellStore:
                         RegionUnavailable(f"cell {self.cell.id}: the copy is closing")
                     )
 
-    def _commit_group(self, group: list[_Pending]) -> None:
+    def _transact_pg_grouped(
+        self, body: Callable[[WriteTx], tuple[T, int]], epoch: int, fence_version: int
+    ) -> tuple[T, int]:
+        return self._transact_pg(body, epoch, fence_version, None)
+
+    def _commit_group(self, group: list[_Pending], transact: _Transact) -> None:
         """Several writes in one transaction (group commit): one BEGIN, one lock of the
         cell and one COMMIT (the WAL's fsync) for them all, which the center's serial
         writer paid per write. Each write runs under a savepoint of its own, sent in the
@@ -1177,11 +1329,11 @@ class CellStore:
         and each write runs again in a transaction of its own (a write's work may run
         more than once; only its last run can commit)."""
         if len(group) == 1:
-            self._run_alone(group[0])
+            self._run_alone(group[0], transact)
             return
         results: list[tuple[bool, Any]] = []
         try:
-            self._transact_pg(functools.partial(self._group_body, group, results), 0, 0, None)
+            transact(functools.partial(self._group_body, group, results), 0, 0)
         except BaseException as error:
             if isinstance(error, _GroupRefused) or (
                 isinstance(error, DBAPIError) and not may_have_committed(error)
@@ -1190,7 +1342,7 @@ class CellStore:
                 # only at the COMMIT, in the pipeline): the group was rolled back; each
                 # write runs again on its own.
                 for pending in group:
-                    self._run_alone(pending)
+                    self._run_alone(pending, transact)
                 return
             # The group did not commit, or its COMMIT's answer was lost (the error says
             # which: outcome unknown for a dead connection). A write refused on its own
@@ -1209,26 +1361,26 @@ class CellStore:
     def _group_body(
         self, group: list[_Pending], results: list[tuple[bool, Any]], tx: WriteTx
     ) -> tuple[None, int]:
-        import psycopg
-
         results.clear()
-        cursor, fence_epoch = tx.cursor, tx.locked_fence_epoch
+        fence_epoch = tx.locked_fence_epoch
         for pending in group:
             if pending.fence_version and pending.fence_version < fence_epoch:
                 results.append((False, self._banned(fence_epoch, pending.fence_version)))
                 continue
-            own = WriteTx(None, pending.epoch, self.region, cursor=cursor, backend="postgresql")
-            own.pipeline = tx.pipeline
-            cursor.execute("SAVEPOINT unitrade_write")
+            own = tx.sibling(pending.epoch)
+            # Sent with the write's first round trip (the pipeline, MySQL's batch). MySQL
+            # replaces a savepoint of the same name: no RELEASE needed there.
+            tx.statement("SAVEPOINT unitrade_write")
             try:
                 value = pending.body(own)
-            except psycopg.Error as refused:
+            except tx.driver_error as refused:
                 raise _GroupRefused() from refused
             except Exception as error:  # a refusal of the work itself: this write alone
-                cursor.execute("ROLLBACK TO SAVEPOINT unitrade_write")
+                tx.statement("ROLLBACK TO SAVEPOINT unitrade_write")
                 results.append((False, error))
                 continue
-            cursor.execute("RELEASE SAVEPOINT unitrade_write")
+            if tx.deferred is None:
+                tx.statement("RELEASE SAVEPOINT unitrade_write")
             results.append((True, value))
         leased = any(p.leased for p, (ok, _) in zip(group, results, strict=True) if ok)
         if leased and not self.fence.lease_valid():
@@ -1238,9 +1390,9 @@ class CellStore:
             raise self.fence.no_lease(self.cell.id)
         return None, 0
 
-    def _run_alone(self, pending: _Pending) -> None:
+    def _run_alone(self, pending: _Pending, transact: _Transact) -> None:
         try:
-            value = self._transact_pg(pending.body, pending.epoch, pending.fence_version, None)
+            value = transact(pending.body, pending.epoch, pending.fence_version)
         except BaseException as error:  # handed to the waiter
             pending.done.set_exception(error)
             return
@@ -1281,12 +1433,136 @@ class CellStore:
         driver.autocommit = False  # as SQLAlchemy expects its connections
         held.close()
 
+    @staticmethod
+    def _loop_future() -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _drain_mysql(self) -> None:
+        """MySQL/MariaDB: commit the queued writes, a group of at most GROUP_WRITES_MAX per
+        turn at the writer connection (group commit, as on PostgreSQL's writer thread);
+        between groups the turn goes to whoever else waits for it (a fence being raised, a
+        quarantine), so a steady stream of writes never starves them."""
+        try:
+            while self._group:
+                async with self._writer_turn:
+                    count = min(GROUP_WRITES_MAX, len(self._group))
+                    group = [self._group.popleft() for _ in range(count)]
+                    try:
+                        await greenlet_spawn(self._commit_group, group, self._transact_mysql)
+                    finally:
+                        for pending in group:  # cut off (closing): every waiter hears of it
+                            if not pending.done.done():
+                                pending.done.set_exception(self._cut_off())
+        finally:
+            self._draining = False
+            while self._group:  # closing: nothing more will run
+                pending = self._group.popleft()
+                pending.done.set_exception(
+                    RegionUnavailable(f"cell {self.cell.id}: the copy is closing")
+                )
+
+    def _cut_off(self) -> WriteOutcomeUnknown:
+        return WriteOutcomeUnknown(
+            f"cell {self.cell.id}: the write was cut off as the copy closed; it may have "
+            "committed: repeat the request as it was to learn its outcome",
+            region=self.region,
+            call=DATABASE_CALL,
+            cell=self.cell.id,
+        )
+
+    def _transact_mysql(
+        self, body: Callable[[WriteTx], tuple[T, int]], epoch: int, fence_version: int
+    ) -> tuple[T, int]:
+        """One write transaction on MySQL/MariaDB, in a greenlet of the loop, on the driver's
+        cursor of the writer connection: the cell's lock (the transaction begins with it),
+        then `body`'s statements in batches (storage/mysql_batch.py), the last batch ending
+        in the COMMIT. A connection found dead at the lock had done nothing: once more on a
+        new one."""
+        lock = (
+            "SELECT last_position, fence_epoch FROM cell_meta "
+            f"WHERE cell_id = {int(self.cell.id)} FOR UPDATE"
+        )
+        for attempt in range(2):
+            dbapi = await_only(self._mysql_writer())
+            cursor = dbapi.cursor()
+            begun = False
+            try:
+                with _lock_busy(self.cell.id), self._as_mysql_error(dbapi):
+                    try:
+                        tx = WriteTx(None, epoch, self.region, cursor=cursor, backend="mysql")
+                        tx.deferred = []
+                        tx.driver_error = self._async_writer.dialect.dbapi.Error  # type: ignore[union-attr]
+                        ((_, (locked,), _),) = tx._send([lock])
+                        begun = True
+                        self._fenced(locked, fence_version)
+                        tx.locked_fence_epoch = int(locked.fence_epoch)
+                        done = body(tx)
+                        tx._send(["COMMIT"])  # with the last batch: its refusal stops it
+                        return done
+                    except BaseException:
+                        self._rollback_mysql(dbapi)
+                        raise
+            except DBAPIError as error:
+                if not error.connection_invalidated or begun or attempt > 0:
+                    raise
+            finally:
+                cursor.close()
+        raise AssertionError("unreachable")
+
+    async def _mysql_writer(self) -> Any:
+        """The writer connection's driver connection (SQLAlchemy's adapter of asyncmy),
+        connected on first use and after it was found dead."""
+        if self._writer_connection is None:
+            assert self._async_writer is not None, "CellStore.open() first"
+            self._writer_connection = await self._async_writer.connect()
+        raw = await self._writer_connection.get_raw_connection()
+        return raw.dbapi_connection
+
+    async def _drop_writer(self) -> None:
+        conn, self._writer_connection = self._writer_connection, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    def _rollback_mysql(self, dbapi: Any) -> None:
+        """End a failed transaction; a connection that cannot (dead, or cut off mid-answer)
+        is let go: the server ends its transaction, and the next write connects anew."""
+        try:
+            dbapi.rollback()
+        except BaseException:
+            await_only(self._drop_writer())
+
+    @contextmanager
+    def _as_mysql_error(self, dbapi: Any) -> Iterator[None]:
+        """Raise the driver's errors as SQLAlchemy raises them on its own path (DBAPIError,
+        `connection_invalidated` when the connection is dead), for `_lock_busy` and
+        `may_have_committed`; a dead connection is let go."""
+        assert self._async_writer is not None
+        dialect = self._async_writer.dialect
+        try:
+            yield
+        except dialect.dbapi.Error as error:  # type: ignore[union-attr]
+            dead = dialect.is_disconnect(error, dbapi, None)
+            if dead:
+                await_only(self._drop_writer())
+            raise DBAPIError.instance(
+                None,
+                None,
+                error,
+                dialect.dbapi.Error,  # type: ignore[union-attr]
+                connection_invalidated=dead,
+                dialect=dialect,
+            ) from error
+
     async def _transact_async(
         self, body: Callable[[WriteTx], tuple[T, int]], epoch: int, fence_version: int = 0
     ) -> tuple[T, int]:
-        """One write transaction on the writer connection through the asyncio driver: this
-        process's writes take turns at the connection (FIFO), and the cell_meta row lock,
-        taken first, serialises them with every other process's."""
+        """One write transaction through SQLAlchemy on the writer connection (a fence being
+        raised, a quarantine: `body` gets a SQLAlchemy connection): it takes its turn at
+        the connection (FIFO) with the groups of writes, and the cell_meta row lock, taken
+        first, serialises it with every other process's writes."""
         writer, cell_id = self._async_writer, self.cell.id
         assert writer is not None, "CellStore.open() first"
         locked = False
