@@ -21,9 +21,10 @@ pytestmark = pytest.mark.mysql
 KEY = {"buyer_id": 7, "sku": "A"}
 
 
-@pytest.fixture(params=["mysql", "mysql+pymysql"])
+@pytest.fixture(params=["mysql", "mysql+aiomysql", "mysql+pymysql"])
 def mysql_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A storage URL template on MariaDB: through asyncmy on the loop, or PyMySQL on threads."""
+    """A storage URL template on MariaDB: through asyncmy or aiomysql on the loop, or PyMySQL
+    on threads."""
     require_mysql()
     prefix = mysql_prefix()
     base = MYSQL_BASE.replace("mysql://", f"{request.param}://")
