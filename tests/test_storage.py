@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -15,13 +16,20 @@ from sqlalchemy import select
 
 from tests.storage_support import (
     RULE,
+    Forwarder,
     cell_url,
     make_store,
     sqlite_template,
     until,
     write_lock_held,
 )
-from unitrade.errors import NoWriteLease, WriteBanned, WriteOutcomeUnknown, WrongRegion
+from unitrade.errors import (
+    NoWriteLease,
+    RegionUnavailable,
+    WriteBanned,
+    WriteOutcomeUnknown,
+    WrongRegion,
+)
 from unitrade.storage.engine import backend_of, is_async, sync_url
 from unitrade.storage.fence import Fence
 from unitrade.storage.mysql_batch import STATEMENT_BYTES_MAX
@@ -304,6 +312,45 @@ def test_a_writer_connection_cut_while_idle_is_replaced_and_the_next_write_commi
             assert store.position == 2
         finally:
             await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_write_whose_database_cannot_be_reached_is_refused_not_outcome_unknown(
+    storage_url: str,
+) -> None:
+    """The database's host goes away between two writes: the writer's connection is cut
+    and no new one can be made. The next write sent nothing, so it is refused as
+    unavailable (503, retry), not answered `outcome_unknown`; once the server is back the
+    copy holds nothing of it and the next write takes the next position."""
+    backend = backend_of(storage_url)
+    if backend == "sqlite":
+        pytest.skip("SQLite has no server to lose")
+
+    async def scenario() -> None:
+        forwarder = Forwarder(5432 if backend == "postgresql" else 3306)
+        await forwarder.open()
+        url = storage_url.replace("127.0.0.1:5432", f"127.0.0.1:{forwarder.port}")
+        url = url.replace("127.0.0.1:3306", f"127.0.0.1:{forwarder.port}")
+        assert str(forwarder.port) in url
+        store = make_store(url, 1)
+        await store.open()
+        try:
+            await store.write(lambda tx: tx.insert(carts, _cart(1)))
+            await forwarder.close()
+            with pytest.raises(RegionUnavailable) as refused:
+                await store.write(lambda tx: tx.insert(carts, _cart(2)))
+            assert "nothing was written" in str(refused.value)
+            assert (refused.value.status, refused.value.code) == (503, "region_unavailable")
+            await forwarder.open()
+            await store.write(lambda tx: tx.insert(carts, _cart(3)))
+            buyers = await store.read(lambda c: c.execute(select(carts.c.buyer_id)).all())
+            assert sorted(b[0] for b in buyers) == [1, 3]
+            assert [r["position"] for r in await _changelog(store)] == [1, 2]
+        finally:
+            await store.close()
+            with contextlib.suppress(AssertionError):
+                await forwarder.close()
 
     asyncio.run(scenario())
 

@@ -81,7 +81,7 @@ class MysqlLock:
             cursor = admin.cursor()
             cursor.execute(
                 "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s AND STATE LIKE "
-                "'Waiting for table metadata lock%%' AND INFO LIKE 'INSERT INTO orders%%'",
+                "'Waiting for table metadata lock%%' AND INFO LIKE '%%INSERT INTO orders%%'",
                 (self.database,),
             )
             row = cursor.fetchone()

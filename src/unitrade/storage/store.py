@@ -51,6 +51,7 @@ from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import ClauseElement, Delete, Executable, Insert, Select, Update
 from sqlalchemy.util import await_only, greenlet_spawn
@@ -1245,7 +1246,9 @@ class CellStore:
             f"WHERE cell_id = {int(cell_id)} FOR UPDATE"
         )
         for attempt in range(2):
-            held = self._held_pg()
+            # The pool's checkout raises the driver's own errors (no SQLAlchemy wrapping).
+            with _connecting(cell_id, psycopg.Error):
+                held = self._held_pg()
             cursor = held.driver_connection.cursor()
             begun = False
             try:
@@ -1483,7 +1486,8 @@ class CellStore:
             f"WHERE cell_id = {int(self.cell.id)} FOR UPDATE"
         )
         for attempt in range(2):
-            dbapi = await_only(self._mysql_writer())
+            with _connecting(self.cell.id):
+                dbapi = await_only(self._mysql_writer())
             cursor = dbapi.cursor()
             begun = False
             try:
@@ -1577,7 +1581,8 @@ class CellStore:
         async with self._writer_turn:
             for attempt in range(2):
                 if self._writer_connection is None:
-                    self._writer_connection = await writer.connect()
+                    with _connecting(cell_id):
+                        self._writer_connection = await writer.connect()
                 conn = self._writer_connection
                 try:
                     with _lock_busy(cell_id):
@@ -1858,6 +1863,21 @@ def _add_meta_columns(conn: Connection) -> None:
 _MYSQL_LOCK_ERRORS = (1205, 1213)
 _PG_LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout (raising the fence sets one)
 _PG_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE: no transaction open on the connection
+
+
+@contextmanager
+def _connecting(cell_id: int, *driver_errors: type[Exception]) -> Iterator[None]:
+    """Getting the writer's connection: a failure there sent nothing, so the write is
+    refused as unavailable (503, retry), never answered as outcome unknown."""
+    errors: tuple[type[Exception], ...] = (DBAPIError, PoolTimeout, *driver_errors)
+    try:
+        yield
+    except errors as error:
+        cause = getattr(error, "orig", None) or error
+        raise RegionUnavailable(
+            f"cell {cell_id}: its database cannot be reached ({type(cause).__name__}); "
+            "nothing was written, retry shortly"
+        ) from error
 
 
 @contextmanager
