@@ -556,3 +556,42 @@ def test_a_replica_batch_larger_than_one_statement_is_applied_and_deleted_whole(
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_position_moved_under_a_write_fails_the_write_instead_of_reusing_positions(
+    storage_url: str,
+) -> None:
+    """On PostgreSQL and MySQL a write's changelog positions come from the position read
+    with the cell's lock, moved without waiting for an answer. Should a statement of the
+    same transaction have moved the position meanwhile, the move finds the row elsewhere
+    and the database refuses it: the write fails, nothing of it is kept, and no position
+    is handed out twice."""
+    if backend_of(storage_url) == "sqlite":
+        pytest.skip("SQLite bumps the position with UPDATE ... RETURNING: nothing to guard")
+    from sqlalchemy import update
+
+    from unitrade.storage.schema import cell_meta
+
+    async def scenario() -> None:
+        store = make_store(storage_url, 1)
+        await store.open()
+        try:
+            await store.write(lambda tx: tx.insert(carts, _cart(1)))
+
+            def moving(tx: WriteTx) -> None:
+                tx.insert(carts, _cart(2))
+                tx.count(update(cell_meta).values(last_position=cell_meta.c.last_position + 5), {})
+
+            with pytest.raises(Exception) as refused:
+                await store.write(moving)
+            assert not isinstance(refused.value, WriteOutcomeUnknown), repr(refused.value)
+            assert await store.last_position() == 1
+            assert [r["position"] for r in await _changelog(store)] == [1]
+            await store.write(lambda tx: tx.insert(carts, _cart(3)))
+            assert [r["position"] for r in await _changelog(store)] == [1, 2]
+            buyers = await store.read(lambda c: c.execute(select(carts.c.buyer_id)).all())
+            assert sorted(b[0] for b in buyers) == [1, 3]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())

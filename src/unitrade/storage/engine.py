@@ -184,10 +184,10 @@ def create_async_cell_engine(
     blocking call: run it off the loop, as CellStore.open does)."""
     assert 1 <= readers <= READ_POOL_SIZE_MAX
     ensure_mysql_database(url)
-    # Each round trip counts (a write is a dozen of them): no ping before each use and no
-    # ROLLBACK when a connection goes back to the pool. Every use is a transaction that
-    # commits or rolls back (`begin()`), and the store retries, once, a transaction whose
-    # connection turns out dead before it did anything (storage/store.py).
+    # Each round trip counts (a cell's writes are serial, storage/mysql_batch.py): no ping
+    # before each use and no ROLLBACK when a connection goes back to the pool. Every use is
+    # a transaction that commits or rolls back, and the store retries, once, a transaction
+    # whose connection turns out dead before it did anything (storage/store.py).
     engine = create_async_engine(
         async_url(url),
         **_mysql_pool(1 if writer else readers, pre_ping=False),

@@ -33,14 +33,17 @@ from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import (
+    BigInteger,
     Connection,
     Engine,
     Table,
     bindparam,
+    case,
     delete,
     func,
     insert,
     inspect,
+    null,
     select,
     text,
     tuple_,
@@ -263,6 +266,26 @@ _BUMP_LAST_INSERT_ID = (
 )
 
 
+# The driver paths' bump: the position read with the cell's lock, moved by what the
+# transaction appended, without waiting for an answer (PostgreSQL's pipeline, MySQL's
+# batch): one round trip less per write. Should the row not be where the transaction left
+# it (a statement of the same transaction moved it: an apply, a snapshot's start), it is
+# set to NULL, which the NOT NULL column refuses: the transaction fails rather than hand
+# out a position twice.
+_MOVE_POSITION = (
+    update(cell_meta)
+    .where(cell_meta.c.cell_id == bindparam("k_cell_id"))
+    .values(
+        last_position=case(
+            (
+                cell_meta.c.last_position == bindparam("w_from", type_=BigInteger),
+                bindparam("s_to", type_=BigInteger),
+            ),
+            else_=null(),
+        )
+    )
+)
+
 _CHANGES_AFTER = (
     select(changelog)
     .where(changelog.c.position > bindparam("after"))
@@ -355,6 +378,9 @@ class WriteTx:
         self.deferred: list[str] | None = None
         self.driver_error: type[BaseException] | tuple[()] = ()  # what the driver raises
         self.locked_fence_epoch = 0  # the fence read under the cell's lock (driver paths)
+        # Driver paths: the cell's last position as this transaction (and the writes of its
+        # group before this one) left it, read with the lock; `append_changelog` moves it.
+        self.position_at: list[int] | None = None
         self.epoch = epoch
         self.origin = origin
         self.captured: list[dict[str, Any]] = []
@@ -374,7 +400,7 @@ class WriteTx:
         assert self.cursor is not None
         own = WriteTx(None, epoch, self.origin, cursor=self.cursor, backend=self.backend)
         own.pipeline, own.deferred = self.pipeline, self.deferred
-        own.driver_error = self.driver_error
+        own.driver_error, own.position_at = self.driver_error, self.position_at
         own.locked_fence_epoch = self.locked_fence_epoch
         return own
 
@@ -682,7 +708,12 @@ class WriteTx:
         if n == 0:
             return 0
         params = {"k_cell_id": cell_id, "n": n}
-        if self.returning:
+        if self.position_at is not None:
+            before = self.position_at[0]
+            last = before + n
+            self._execute(_MOVE_POSITION, {"k_cell_id": cell_id, "w_from": before, "s_to": last})
+            self.position_at[0] = last
+        elif self.returning:
             (bumped,) = self._rows(_BUMP_POSITION, params)
             last = bumped[0]
         elif self.deferred is not None:
@@ -1262,6 +1293,7 @@ class CellStore:
                         self._fenced(locked, fence_version)
                         tx = WriteTx(None, epoch, self.region, cursor=cursor, backend="postgresql")
                         tx.locked_fence_epoch = int(locked.fence_epoch)
+                        tx.position_at = [int(locked.last_position)]
                         tx.driver_error = psycopg.Error
                         # The body's statements whose results nobody reads, the changelog
                         # rows and the COMMIT share the round trips of the statements
@@ -1371,6 +1403,8 @@ class CellStore:
                 results.append((False, self._banned(fence_epoch, pending.fence_version)))
                 continue
             own = tx.sibling(pending.epoch)
+            assert tx.position_at is not None
+            position_before = tx.position_at[0]
             # Sent with the write's first round trip (the pipeline, MySQL's batch). MySQL
             # replaces a savepoint of the same name: no RELEASE needed there.
             tx.statement("SAVEPOINT unitrade_write")
@@ -1380,6 +1414,7 @@ class CellStore:
                 raise _GroupRefused() from refused
             except Exception as error:  # a refusal of the work itself: this write alone
                 tx.statement("ROLLBACK TO SAVEPOINT unitrade_write")
+                tx.position_at[0] = position_before
                 results.append((False, error))
                 continue
             if tx.deferred is None:
@@ -1500,6 +1535,7 @@ class CellStore:
                         begun = True
                         self._fenced(locked, fence_version)
                         tx.locked_fence_epoch = int(locked.fence_epoch)
+                        tx.position_at = [int(locked.last_position)]
                         done = body(tx)
                         tx._send(["COMMIT"])  # with the last batch: its refusal stops it
                         return done
