@@ -1357,12 +1357,15 @@ class CellStore:
     def _commit_group(self, group: list[_Pending], transact: _Transact) -> None:
         """Several writes in one transaction (group commit): one BEGIN, one lock of the
         cell and one COMMIT (the WAL's fsync) for them all, which the center's serial
-        writer paid per write. Each write runs under a savepoint of its own, sent in the
-        pipeline without a round trip: one that fails (a refusal, a fence) is rolled back
-        to it alone and answered with its error, the others commit. A statement the
-        database refuses leaves the pipeline aborted: then nothing of the group is kept
-        and each write runs again in a transaction of its own (a write's work may run
-        more than once; only its last run can commit)."""
+        writer paid per write. Each write runs under a savepoint of its own, sent with its
+        first round trip (PostgreSQL's pipeline, MySQL's batch): one that fails (a
+        refusal, a fence) is rolled back to it alone and answered with its error, the
+        others commit. A statement the database refuses may surface in another write's
+        round trip or at the COMMIT, so it cannot be pinned on one write: then nothing
+        of the group is kept and each write runs again in a transaction of its own (a
+        write's work may run more than once; only its last run can commit). `transact`
+        is the engine's one-transaction runner (`_transact_pg_grouped`,
+        `_transact_mysql`)."""
         if len(group) == 1:
             self._run_alone(group[0], transact)
             return
