@@ -1,6 +1,7 @@
 """Flow control benchmarks (run on demand, not in CI), three in one module:
 
-    .venv/bin/python -m benchmarks.bench_flow checks   [--checks N] [--json PATH]
+    .venv/bin/python -m benchmarks.bench_flow checks   [--checks N] [--concurrency N]
+        [--duration S] [--json PATH]
     .venv/bin/python -m benchmarks.bench_flow cost     [--duration S] [--rounds N]
         [--concurrency N] [--storage memory|redis] [--json PATH]
     .venv/bin/python -m benchmarks.bench_flow overload [--duration S] [--concurrency N]
@@ -12,6 +13,11 @@
   library's moving window and sliding-window counter, in memory and in Redis (redis-py),
   `--checks` sequential checks each on one event loop, keys spread over 1,000 buyers.
   Needs Redis on 127.0.0.1:6379 for the Redis rows (left out, with a note, without it).
+  Then the Redis schedules under load: `--concurrency` requests at a time for `--duration`
+  s, each taking the edge's checks (ip, buyer, region) and then the business layer's
+  (order_buyer, order_sku) as an order does: requests/s, Redis calls per request and the
+  CPU per request in this process and in the Redis server (its INFO), which on a machine
+  whose cores are all busy is what the limits cost an order.
 - **cost** (issue 12 item 8a): the limiter and the breakers on the order path. A
   three-region cluster (the default topology, SQLite, free ports); closed-loop order
   creations to the buyers' home regions for `--duration` s per phase, phases alternating
@@ -104,7 +110,59 @@ async def _time_checks(name: str, check: Any, n: int) -> dict[str, Any]:
     return row
 
 
-async def _checks(n: int) -> list[dict[str, Any]]:
+async def _redis_cpu_s(client: Any) -> float:
+    info = await client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def _shared_load(rules: Any, prefix: str, concurrency: int, seconds: float) -> dict[str, Any]:
+    """Requests taking an order's checks in Redis, `concurrency` at a time."""
+    from unitrade.flow.limits import RateLimits
+    from unitrade.flow.redis_limiter import RedisSchedules
+
+    shared = RedisSchedules(REDIS_URL, 1.0)
+    limits = RateLimits("bench", lambda: rules, shared, f"{prefix}-load")
+    rng = random.Random(2)
+    done = 0
+
+    async def worker(deadline: float) -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            buyer = str(rng.randrange(1800))
+            await limits.admit([("ip", "127.0.0.1"), ("buyer", buyer), ("region", "all")])
+            await limits.admit([("order_buyer", buyer), ("order_sku", rng.choice(SKUS))])
+            done += 1
+
+    try:
+        await asyncio.gather(*(worker(time.monotonic() + 1.0) for _ in range(concurrency)))
+        done, calls_before = 0, shared.calls
+        redis_before, cpu_before = await _redis_cpu_s(shared.client), time.process_time()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(time.monotonic() + seconds) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        cpu_s = time.process_time() - cpu_before
+        redis_s = await _redis_cpu_s(shared.client) - redis_before
+        calls = shared.calls - calls_before
+    finally:
+        await shared.aclose()
+    row = {
+        "limiter": f"unitrade schedule, Redis, {concurrency} requests at a time",
+        "requests": done,
+        "requests_per_s": round(done / elapsed, 1),
+        "calls_per_request": round(calls / max(1, done), 3),
+        "client_us_per_request": round(cpu_s / max(1, done) * 1e6, 1),
+        "redis_us_per_request": round(redis_s / max(1, done) * 1e6, 1),
+    }
+    print(
+        f"  {row['limiter']:<44} {row['requests_per_s']:8.1f} requests/s  "
+        f"calls/request {row['calls_per_request']:.3f}  CPU per request: "
+        f"here {row['client_us_per_request']:.1f} us, Redis {row['redis_us_per_request']:.1f} us",
+        flush=True,
+    )
+    return row
+
+
+async def _checks(n: int, concurrency: int, seconds: float) -> list[dict[str, Any]]:
     import limits as limits_lib
     from limits.aio.storage import MemoryStorage, RedisStorage
     from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
@@ -143,6 +201,7 @@ async def _checks(n: int) -> list[dict[str, Any]]:
         rows.append(
             await _time_checks("limits sliding window counter, Redis", _hit(sliding, item), n)
         )
+        rows.append(await _shared_load(rules, prefix, concurrency, seconds))
     finally:
         keys = await shared.client.keys(f"{prefix}*")
         if keys:
@@ -168,7 +227,7 @@ def _hit(limiter: Any, item: Any) -> Any:
 
 def run_checks(args: argparse.Namespace) -> dict[str, Any]:
     source = source_info()
-    rows = uvloop.run(_checks(args.checks))
+    rows = uvloop.run(_checks(args.checks, args.concurrency, args.duration))
     return {**run_header("bench_flow", args.label, source), "mode": "checks", "rows": rows}
 
 
@@ -252,8 +311,11 @@ def run_cost(args: argparse.Namespace) -> dict[str, Any]:
     try:
         buyers = home_buyers(config, BUYERS_PER_REGION)
         plan = plan_for(config, buyers, config.region_names, seed=1)
-        print("warm-up...", flush=True)
-        uvloop.run(closed_loop("warm-up", plan, args.concurrency, min(args.duration, 3.0)))
+        # The first seconds of a new cluster run slower and slower less (caches, the
+        # databases' files growing): a short warm-up made whichever phase came first look
+        # 15-25 % slower, flow control on or off.
+        print(f"warm-up ({args.warmup:.0f} s)...", flush=True)
+        uvloop.run(closed_loop("warm-up", plan, args.concurrency, args.warmup))
         phases: dict[str, list[Any]] = {"on": [], "off": []}
         order = ["on", "off", "off", "on"] * args.rounds  # ABBA
         for name in order[: 2 * args.rounds]:
@@ -382,6 +444,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checks", type=int, default=20_000, help="checks: per limiter")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--rounds", type=int, default=2, help="cost: on/off pairs (ABBA)")
+    parser.add_argument(
+        "--warmup", type=float, default=20.0, help="cost: seconds of load before the phases"
+    )
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop workers")
     parser.add_argument("--storage", choices=["memory", "redis"], default="memory")
     parser.add_argument("--factor", type=float, default=3.0, help="overload: x capacity")
@@ -396,6 +461,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--label", default="", help="free text stored with the results")
     args = parser.parse_args(argv)
+    if not 0 <= args.warmup <= 600:
+        parser.error("need 0 <= --warmup <= 600")
     if not 1 <= args.duration <= 600 or not 1 <= args.rounds <= 20:
         parser.error("need 1 <= --duration <= 600 and 1 <= --rounds <= 20")
     if not 1 <= args.concurrency <= 1024 or not 1 <= args.checks <= 10_000_000:
@@ -410,7 +477,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = {"checks": run_checks, "cost": run_cost, "overload": run_overload}
-    budget = 300 + args.duration * (4 * args.rounds + 6)
+    budget = 300 + args.warmup + args.duration * (4 * args.rounds + 6)
     return run_bounded(runs[args.mode], args, budget)
 
 

@@ -489,9 +489,14 @@ def test_the_center_breaker_opens_fails_fast_and_closes_after_a_probe(
         for buyer in buyers:
             answer = api.order("sh", buyer, [(sku, 1)])
             codes.append(answer.json()["error"])
-        # Refused, not unknown: no connection could be made, so nothing reached hz.
-        assert codes[:3] == ["region_unavailable"] * 3, codes
-        assert "circuit_open" in codes[3:], codes
+        # Refused, not unknown: no connection could be made, so nothing reached hz. The
+        # breaker counts every center call of sh's, its background ones too (reconciling
+        # orders an earlier test's fault left open), so it may open before a third order:
+        # refused until it opens (at most calls_min orders), failing fast from then on.
+        assert set(codes) <= {"region_unavailable", "circuit_open"}, codes
+        assert "circuit_open" in codes, codes
+        opened = codes.index("circuit_open")
+        assert opened <= 3 and codes[:opened] == ["region_unavailable"] * opened, codes
         fast = api.order("sh", buyers[0], [(sku, 1)])
         body = fast.json()
         assert fast.status_code == 503 and body["error"] == "circuit_open", body

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 from unitrade.errors import RateLimited
 from unitrade.flow.limiter import Schedules, Shape, retry_after_header
-from unitrade.flow.redis_limiter import RedisSchedules, RedisUnavailable
+from unitrade.flow.redis_limiter import STATE_FORMAT, RedisSchedules, RedisUnavailable
 from unitrade.topology.flow_rules import LIMITS, FlowRules, LimitMode
 
 log = logging.getLogger("unitrade.flow")
@@ -53,6 +53,7 @@ class RateLimits:
         # gets its burst again, a warm-up limit starts cold), here and in Redis, where the
         # digest is part of the key, so no schedule of the old settings is read.
         self._digests: dict[str, str] = {}
+        self._key_prefixes: dict[str, str] = {}  # per limit, its Redis keys' prefix
         self.admitted: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self.queued: Counter[str] = Counter()  # admitted after waiting their turn
@@ -67,12 +68,12 @@ class RateLimits:
             self._shapes.clear()
             self._shapes_version = rules.version
             for limit_name, limit in rules.limits.items():
-                digest = hashlib.blake2b(
-                    limit.model_dump_json().encode(), digest_size=4
-                ).hexdigest()
+                settings = f"{STATE_FORMAT}{limit.model_dump_json()}".encode()
+                digest = hashlib.blake2b(settings, digest_size=4).hexdigest()
                 if self._digests.get(limit_name, digest) != digest:
                     self.local[limit_name] = Schedules()
                 self._digests[limit_name] = digest
+                self._key_prefixes[limit_name] = f"{self.prefix}{limit_name}:{digest}:"
         shape = self._shapes.get((name, rate))
         if shape is None:
             if len(self._shapes) > 10_000:  # overrides are bounded; this bounds the rest
@@ -107,10 +108,8 @@ class RateLimits:
 
     async def _take(self, checks: list[tuple[str, str, Shape]]) -> tuple[int, float]:
         if self.shared is not None:
-            keys = [
-                (f"{self.prefix}{name}:{self._digests[name]}:{value}", shape)
-                for name, value, shape in checks
-            ]
+            prefixes = self._key_prefixes
+            keys = [(prefixes[name] + value, shape) for name, value, shape in checks]
             try:
                 return await self.shared.take(keys)
             except RedisUnavailable as exc:

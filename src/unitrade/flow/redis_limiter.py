@@ -2,7 +2,7 @@
 
 The same arithmetic as limiter.py, in one Lua script: all the checks of a request (client
 IP, buyer, region) in one round trip, atomically per key, on Redis's clock (TIME), so that
-processes on different machines agree. Each key is a hash {n: next_free, s: stored} that
+processes on different machines agree. Each key holds next_free and stored, and
 expires once it is as good as new (limiter.idle_s), so idle keys cost nothing. The checks
 run in order and stop at the first refusal; the permits the earlier ones took stay taken,
 as Sentinel's rule chain does.
@@ -34,60 +34,70 @@ from redis.exceptions import RedisError
 from unitrade.flow.limiter import Shape, idle_s
 
 # KEYS: one per check, the requests' one after the other. ARGV: the number of requests R,
-# then each request's number of checks, then 8 values per check: interval, stored_max,
-# refill, threshold, slope, timeout, warm (0/1), the key's TTL in ms.
+# the number of shapes S; 8 values per shape: interval, stored_max, refill, threshold,
+# slope, timeout, warm (0/1), the key's TTL in ms; each request's number of checks; then
+# per check the index of its shape (from 0). A batch's checks share a handful of shapes,
+# so a check costs its key and one small number to send and to parse, not eight floats.
+# A key's state is one string, next_free and stored as two doubles (Lua's struct library:
+# exact, and a tenth of what formatting and parsing them as text cost the server), set with
+# its TTL in one command.
 # Returns 2 values per request: {refused index (0: none), seconds}: the longest wait of the
 # admitted, or the refused one's retry-after. A request's checks stop at its first refusal.
-# Floats leave Lua as strings (a Lua number would be truncated), written with %.17g: Lua's
+# The waits leave Lua as strings (a Lua number would be truncated), written with %.17g: Lua's
 # tostring keeps 14 digits, which for a unix time is 0.1 ms, and a next-free time rounded
 # up by up to 50 us refused every request that came within that of the one before, however
 # many permits were stored (a 20,000/s limit refused at 500/s).
 SCRIPT = """
-local function num(x) return string.format('%.17g', x) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local requests = tonumber(ARGV[1])
+local count = tonumber(ARGV[2])
+local shapes = {}
+for s = 1, count do
+  local b = 2 + (s - 1) * 8
+  shapes[s] = {
+    tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]),
+    tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5]), tonumber(ARGV[b + 6]),
+    ARGV[b + 7] == '1', ARGV[b + 8]
+  }
+end
+local counts = 2 + count * 8
+local arg = counts + requests
 local out = {}
 local key = 0
-local arg = 1 + requests
 for r = 1, requests do
-  local n = tonumber(ARGV[1 + r])
+  local n = tonumber(ARGV[counts + r])
   local refused = 0
   local longest = 0
   for i = 1, n do
-    local k = KEYS[key + i]
-    local base = arg + (i - 1) * 8
     if refused == 0 then
-      local interval = tonumber(ARGV[base + 1])
-      local stored_max = tonumber(ARGV[base + 2])
-      local refill = tonumber(ARGV[base + 3])
-      local threshold = tonumber(ARGV[base + 4])
-      local slope = tonumber(ARGV[base + 5])
-      local timeout = tonumber(ARGV[base + 6])
-      local warm = ARGV[base + 7] == '1'
-      local ttl = tonumber(ARGV[base + 8])
-      local state = redis.call('HMGET', k, 'n', 's')
-      local next_free = tonumber(state[1]) or now
-      local stored = tonumber(state[2]) or stored_max
+      local k = KEYS[key + i]
+      local shape = shapes[tonumber(ARGV[arg + i]) + 1]
+      local interval = shape[1]
+      local stored_max = shape[2]
+      local state = redis.call('GET', k)
+      local next_free = now
+      local stored = stored_max
+      if state then next_free, stored = struct.unpack('<dd', state) end
       if now > next_free then
-        stored = stored + (now - next_free) / refill
+        stored = stored + (now - next_free) / shape[3]
         next_free = now
       end
-      stored = math.min(stored_max, stored)
+      if stored > stored_max then stored = stored_max end
       local wait = next_free - now
-      if wait > timeout then
+      if wait > shape[6] then
         refused = i
         longest = wait
       else
         local taken = math.min(1, stored)
         local cost = 0
-        if warm then
+        if shape[7] then
           local left = taken
-          local above = stored - threshold
+          local above = stored - shape[4]
           if above > 0 then
             local from_above = math.min(above, left)
-            local first = interval + above * slope
-            local last = interval + (above - from_above) * slope
+            local first = interval + above * shape[5]
+            local last = interval + (above - from_above) * shape[5]
             cost = from_above * (first + last) / 2
             left = left - from_above
           end
@@ -95,21 +105,25 @@ for r = 1, requests do
         end
         next_free = next_free + cost + (1 - taken) * interval
         stored = stored - taken
-        redis.call('HSET', k, 'n', num(next_free), 's', num(stored))
-        redis.call('PEXPIRE', k, ttl)
+        redis.call('SET', k, struct.pack('<dd', next_free, stored), 'PX', shape[8])
         if wait > longest then longest = wait end
       end
     end
   end
   out[#out + 1] = refused
-  out[#out + 1] = num(longest)
+  out[#out + 1] = string.format('%.17g', longest)
   key = key + n
-  arg = arg + n * 8
+  arg = arg + n
 end
 return out
 """
 
+# Part of every key's limit digest (limits.py): keys written in another state format are
+# never read (a hash of the format before this one would answer GET with WRONGTYPE).
+STATE_FORMAT = "d2"
+
 BATCH_MAX = 256  # requests per script call
+SHAPES_MAX = 10_000  # shapes whose script arguments are kept encoded
 PENDING_MAX = 10_000  # requests queued for the next calls; past it, checked in the process
 
 
@@ -128,6 +142,7 @@ class RedisSchedules:
         self._pending = []
         self._sender: asyncio.Task[None] | None = None
         self.calls = 0  # script calls made (each for one batch of requests)
+        self._encoded: dict[Shape, list[str]] = {}  # a shape's 8 script arguments
 
     async def aclose(self) -> None:
         if self._sender is not None:
@@ -154,7 +169,10 @@ class RedisSchedules:
 
     async def _send(self) -> None:
         """Send what is queued, a batch at a time, until nothing is."""
-        await asyncio.sleep(0)  # the requests of this loop pass join the first batch
+        # No wait for more: this task's first step runs after the callbacks already queued
+        # in this loop pass, so requests that came together join the first batch; under
+        # load a batch is in flight and the next gathers whatever came meanwhile. An extra
+        # loop pass here cost every request one more turn of a busy loop (twice per order).
         while self._pending:
             batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
             try:
@@ -171,22 +189,39 @@ class RedisSchedules:
                 if not future.done():  # its request may have been cancelled meanwhile
                     future.set_result(answer)
 
+    def _shape_args(self, shape: Shape) -> list[str]:
+        args = self._encoded.get(shape)
+        if args is None:
+            if len(self._encoded) >= SHAPES_MAX:  # overrides are bounded; this bounds the rest
+                self._encoded.clear()
+            args = self._encoded[shape] = [
+                repr(shape.interval_s),
+                repr(shape.stored_max),
+                repr(shape.refill_s),
+                repr(shape.threshold),
+                repr(shape.slope),
+                repr(shape.timeout_s),
+                "1" if shape.warm else "0",
+                str(max(1, int(idle_s(shape) * 1000) + 1000)),
+            ]
+        return args
+
     async def _call(self, batch: list[Sequence[tuple[str, Shape]]]) -> list[tuple[int, float]]:
         keys: list[str] = []
-        args: list[Any] = [str(len(batch)), *(str(len(checks)) for checks in batch)]
+        shapes: dict[Shape, int] = {}
+        indices: list[int] = []
         for checks in batch:
             for key, shape in checks:
                 keys.append(key)
-                args += [
-                    repr(shape.interval_s),
-                    repr(shape.stored_max),
-                    repr(shape.refill_s),
-                    repr(shape.threshold),
-                    repr(shape.slope),
-                    repr(shape.timeout_s),
-                    "1" if shape.warm else "0",
-                    str(max(1, int(idle_s(shape) * 1000) + 1000)),
-                ]
+                index = shapes.get(shape)
+                if index is None:
+                    index = shapes[shape] = len(shapes)
+                indices.append(index)
+        args: list[Any] = [len(batch), len(shapes)]
+        for shape in shapes:
+            args += self._shape_args(shape)
+        args += [len(checks) for checks in batch]
+        args += indices
         self.calls += 1
         try:
             async with asyncio.timeout(self.timeout_s):
