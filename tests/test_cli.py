@@ -38,7 +38,10 @@ def run(
 
 def _commands(group: click.Group) -> list[click.Command]:
     found: list[click.Command] = []
-    for command in group.commands.values():
+    context = click.Context(group)
+    for name in group.list_commands(context):  # the lazily imported commands too
+        command = group.get_command(context, name)
+        assert command is not None, name
         found.append(command)
         if isinstance(command, click.Group):
             found += _commands(command)
@@ -299,3 +302,19 @@ def test_sale_times_and_durations_are_read_as_an_operator_writes_them() -> None:
     assert parse_duration_s("2h") == 7_200 and parse_duration_s("90") == 90
     with pytest.raises(click.BadParameter):
         parse_duration_s("0d")
+
+
+def test_the_cli_imports_a_region_only_for_the_commands_that_run_one() -> None:
+    """`unitrade status` or `unitrade switch` in an incident does not wait for the whole
+    region's imports (services, storage, the web stack): the other modules' commands are
+    imported when run."""
+    probe = (
+        "import sys; from click import Context; from unitrade.cli import main; "
+        "main.get_command(Context(main), 'switch'); "
+        "print(sorted(m for m in ('unitrade.region', 'unitrade.storage.store', 'fastapi') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout

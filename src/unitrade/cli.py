@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 import threading
@@ -24,13 +25,6 @@ from unitrade.cli_options import (
     not_the_cluster,
     refuse_ports_in_use,
 )
-from unitrade.control.cli import evacuate, operations, switch
-from unitrade.control.failover_cli import failover, quarantine
-from unitrade.control.flow_cli import degrade, limits
-from unitrade.outbox_cli import outbox
-from unitrade.replication.diff_cli import diff
-from unitrade.sale_cli import coupon, sale
-from unitrade.supervisor_cli import start, stop, supervisor_notes
 from unitrade.topology.config import (
     CONTROL_NAME,
     WORKERS_MAX,
@@ -40,17 +34,54 @@ from unitrade.topology.config import (
     check_production,
 )
 from unitrade.topology.probes import PROBE_BUYER_MIN
-from unitrade.verify.cli import verify_command
 
 console = Console()
 WORKER_REPORT_MS_MAX = 3_000  # workers report every second: older is away
+
+
+# The commands of other modules, imported when run (or listed by --help): most of them
+# bring the whole region (its services, storage and web stack), a second of imports that
+# `unitrade status` or `unitrade switch` in an incident has no use for.
+LAZY_COMMANDS = {
+    "coupon": "unitrade.sale_cli:coupon",
+    "degrade": "unitrade.control.flow_cli:degrade",
+    "diff": "unitrade.replication.diff_cli:diff",
+    "evacuate": "unitrade.control.cli:evacuate",
+    "failover": "unitrade.control.failover_cli:failover",
+    "limits": "unitrade.control.flow_cli:limits",
+    "operations": "unitrade.control.cli:operations",
+    "outbox": "unitrade.outbox_cli:outbox",
+    "quarantine": "unitrade.control.failover_cli:quarantine",
+    "sale": "unitrade.sale_cli:sale",
+    "start": "unitrade.supervisor_cli:start",
+    "stop": "unitrade.supervisor_cli:stop",
+    "switch": "unitrade.control.cli:switch",
+    "verify": "unitrade.verify.cli:verify_command",
+}
+
+
+class LazyGroup(click.Group):
+    """click's lazily loading group (its documentation's pattern): a command named in
+    LAZY_COMMANDS is imported when it is looked up."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = LAZY_COMMANDS.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module_name, attribute = target.split(":")
+        command = getattr(importlib.import_module(module_name), attribute)
+        assert isinstance(command, click.Command) and command.name == cmd_name, target
+        return command
 
 
 def _load(config_path: Path | None) -> TopologyConfig:
     return load(config_path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="unitrade")
 def main() -> None:
     """unitrade: a multi-region, active-active trading platform.
@@ -354,6 +385,8 @@ def status(config_path: Path | None, data_dir: Path) -> None:
             if (health := _health(client, region.base_url)) is not None
         }
     urls = {r.name: r.base_url for r in config.regions} | {CONTROL_NAME: config.control.base_url}
+    from unitrade.supervisor_cli import supervisor_notes
+
     notes = supervisor_notes(data_dir, urls)
     _print_control(config, control, regions_up=bool(healths))
     newest = _newest_rule(healths)
@@ -884,21 +917,6 @@ def demo(
         raise click.ClickException(f"{exc} (the regions' logs are in {data_dir}/logs)") from exc
     sys.exit(0 if ok else 1)
 
-
-main.add_command(diff)
-main.add_command(switch)
-main.add_command(evacuate)
-main.add_command(operations)
-main.add_command(outbox)
-main.add_command(failover)
-main.add_command(quarantine)
-main.add_command(stop)
-main.add_command(start)
-main.add_command(verify_command)
-main.add_command(limits)
-main.add_command(degrade)
-main.add_command(sale)
-main.add_command(coupon)
 
 if __name__ == "__main__":
     main(prog_name="unitrade")
