@@ -2,8 +2,8 @@
 
 The same arithmetic as limiter.py, in one Lua script: all the checks of a request (client
 IP, buyer, region) in one round trip, atomically per key, on Redis's clock (TIME), so that
-processes on different machines agree. Each key holds next_free and stored, and
-expires once it is as good as new (limiter.idle_s), so idle keys cost nothing. The checks
+processes on different machines agree. Each key holds next_free and stored, and expires
+once it is as good as new (limiter.idle_s), so idle keys cost nothing. The checks
 run in order and stop at the first refusal; the permits the earlier ones took stay taken,
 as Sentinel's rule chain does.
 
@@ -12,13 +12,13 @@ falls back on its own schedules (limiter.Schedules) until Redis answers again, a
 the fallbacks (unitrade_flow_storage_errors_total): limits stay in force, per process,
 rather than every request waiting for Redis or none being limited.
 
-Under load the requests of one loop pass share one call: `take` queues its checks, and one
-sender sends every queued request's checks in a single script call (at most BATCH_MAX
-requests), one at a time, as a database groups commits. The script takes each request's
-checks as it would alone, in the order they were queued, so the answer is the same as one
-call per request; what changes is the cost: one round trip and one reply to parse per
-batch instead of per request (the region's core, not Redis, was what the checks cost:
-docs/benchmarks.md, Flow control).
+Under load requests share calls: `take` queues its checks, and one sender sends every
+queued request's checks in a single script call (at most BATCH_MAX requests), one call at
+a time, as a database groups commits: what is queued while a call is out goes in the next.
+The script takes each request's checks as it would alone, in the order they were queued,
+so the answer is the same as one call per request; what changes is the cost: one round
+trip and one reply to parse per batch instead of per request. What an order pays for its
+limits is mostly these calls, not the checks in them (docs/benchmarks.md, Flow control).
 """
 
 from __future__ import annotations
