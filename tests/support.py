@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -203,13 +202,6 @@ class Api:
         self.config = config
         self.rule = initial_rule(config)
         self.http = httpx.Client(timeout=30.0, verify=config.http_verify)
-        # `call` from other threads (tests that rush a cluster) gets a client per thread:
-        # one httpx client shared by many threads at once saw a connection closed under
-        # another thread's read (ReadError: Bad file descriptor), the test's own socket.
-        self._owner = threading.get_ident()
-        self._local = threading.local()
-        self._clients: list[httpx.Client] = []
-        self._clients_lock = threading.Lock()
         self.admin_headers = {
             "authorization": "Bearer " + issue_token(config.token_keys, admin=True)
         }
@@ -219,21 +211,6 @@ class Api:
 
     def __exit__(self, *_exc: object) -> None:
         self.http.close()
-        with self._clients_lock:
-            for client in self._clients:
-                client.close()
-            self._clients.clear()
-
-    def _client(self) -> httpx.Client:
-        if threading.get_ident() == self._owner:
-            return self.http
-        client: httpx.Client | None = getattr(self._local, "client", None)
-        if client is None:
-            client = httpx.Client(timeout=30.0, verify=self.config.http_verify)
-            self._local.client = client
-            with self._clients_lock:
-                self._clients.append(client)
-        return client
 
     def url(self, region: str, path: str) -> str:
         return self.config.region(region).base_url + path
@@ -262,9 +239,7 @@ class Api:
     ) -> httpx.Response:
         all_headers = dict(self.admin_headers if buyer is None else self.buyer_headers(buyer))
         all_headers.update(headers or {})
-        return self._client().request(
-            method, self.url(region, path), json=body, headers=all_headers
-        )
+        return self.http.request(method, self.url(region, path), json=body, headers=all_headers)
 
     def put_product(self, sku: str, stock: int, price_cents: int = 250, region: str = "hz") -> Any:
         """Write a product and wait until every region's copy of the catalog shows it."""
