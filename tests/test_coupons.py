@@ -241,10 +241,14 @@ def test_coupons_claimed_and_used_concurrently_from_all_regions(tmp_path: Path) 
             buyers = [api.buyer_in(regions[i % 3], 7_000 + i * 1_000) for i in range(40)]
             claims: dict[int, Any] = {}
 
+            # Each thread its own client, closed when done: one httpx client shared by the
+            # rush's threads once saw a connection closed under another thread's read (the
+            # test's own socket: ReadError, Bad file descriptor).
             def claim(i: int, buyer: int) -> None:
-                claims[buyer] = api.call(
-                    regions[(i + 1) % 3], "POST", "/v1/coupons/RUSH/claim", buyer
-                )
+                with Api(config) as own:
+                    claims[buyer] = own.call(
+                        regions[(i + 1) % 3], "POST", "/v1/coupons/RUSH/claim", buyer
+                    )
 
             run_all([lambda i=i, b=b: claim(i, b) for i, b in enumerate(buyers)])
             outcomes = Counter(
@@ -258,7 +262,8 @@ def test_coupons_claimed_and_used_concurrently_from_all_regions(tmp_path: Path) 
 
             def order(buyer: int, gateway: str) -> None:
                 body = {"items": [{"sku": PLAIN, "qty": 1}], "coupon": "RUSH"}
-                placed[(buyer, gateway)] = api.call(gateway, "POST", "/v1/orders", buyer, body)
+                with Api(config) as own:
+                    placed[(buyer, gateway)] = own.call(gateway, "POST", "/v1/orders", buyer, body)
 
             run_all([lambda b=b, g=g: order(b, g) for b in winners for g in ("sh", "bj")])
             for buyer in winners:
