@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import operator
 import random
 import sqlite3
 import threading
@@ -37,6 +38,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Table,
+    UniqueConstraint,
     bindparam,
     case,
     delete,
@@ -128,6 +130,15 @@ def primary_key_of(table: Table, row: Mapping[str, Any]) -> dict[str, Any]:
 @functools.cache
 def _insert_statement(table: Table) -> Insert:
     return insert(table)
+
+
+@functools.cache
+def _replace_statement(table: Table) -> Insert:
+    """SQLite's INSERT OR REPLACE: a row in the way is deleted first. Only a row with the same
+    primary key may be in the way: no table of the schema has another unique constraint."""
+    assert not any(index.unique for index in table.indexes), table.name
+    assert not any(isinstance(c, UniqueConstraint) for c in table.constraints), table.name
+    return insert(table).prefix_with("OR REPLACE")
 
 
 @functools.cache
@@ -231,6 +242,26 @@ def _driver_sql(statement: Executable, backend: str) -> tuple[str, dict[str, Any
     return sql, dict(compiled.params)
 
 
+# SQLite's driver binds `?` parameters from a tuple: no name to look up per value, and no
+# dict to build per row. Replication's bulk statements (a replica's apply, a snapshot) use
+# it, where the rows cost most (docs/benchmarks.md, Replication: the apply, positional).
+_SQLITE_QMARK = sqlite_dialect(paramstyle="qmark")
+
+
+@functools.cache
+def _qmark_sql(statement: Executable) -> tuple[str, tuple[str, ...]]:
+    """SQLite: an INSERT or DELETE of one row with `?` parameters, and the row's keys in
+    their order (a delete's key columns without their `k_` prefix)."""
+    assert isinstance(statement, (Insert, Delete))
+    compiled = statement.compile(dialect=_SQLITE_QMARK)
+    names = tuple(compiled.positiontup or ())
+    assert all(value is None for value in compiled.params.values()), "no literals bound"
+    if isinstance(statement, Delete):
+        assert all(name.startswith("k_") for name in names)
+        names = tuple(name[2:] for name in names)
+    return str(compiled), names
+
+
 def _bound(
     statement: Executable, params: Mapping[str, Any] | None, backend: str = "sqlite"
 ) -> tuple[str, Any]:
@@ -304,35 +335,37 @@ _MOVE_CHECKPOINT = (
 CHANGE_FIELDS = ("position", "epoch", "origin", "tbl", "pk", "op", "row_image", "created_ms")
 
 
+def _position_of(change: Mapping[str, Any]) -> int:
+    return int(change["position"])
+
+
 def apply_changes(
     tx: WriteTx, cell_id: int, tables: Mapping[str, Table], changes: Sequence[Mapping[str, Any]]
 ) -> int:
     """Apply the contiguous changelog rows after this copy's checkpoint; the new checkpoint."""
     (row,) = tx.all(_POSITION, {"k_cell_id": cell_id})
     checkpoint = int(row[0])
-    applied: list[dict[str, Any]] = []
-    for change in sorted(changes, key=lambda c: int(c["position"])):
+    applied: list[Mapping[str, Any]] = []
+    for change in sorted(changes, key=_position_of):
         position = int(change["position"])
         if position <= checkpoint + len(applied):
             continue  # applied before: a duplicate
         if position != checkpoint + len(applied) + 1:
             break  # a gap: the rest comes again, in order
-        applied.append({field: change[field] for field in CHANGE_FIELDS})
+        applied.append(change)
     # Every change is a whole row image or a delete, so a batch comes down to the last change
     # of each (table, key), applied with one delete and one insert per table: two statements
     # per row cost most of a replica's catch-up (docs/benchmarks.md, Replication).
-    final_change: dict[tuple[str, str], dict[str, Any]] = {}
+    final_change: dict[tuple[str, str], Mapping[str, Any]] = {}
     for change in applied:
-        final_change[(str(change["tbl"]), str(change["pk"]))] = change
-    by_table: dict[str, list[dict[str, Any]]] = {}
+        final_change[(change["tbl"], change["pk"])] = change
+    by_table: dict[str, list[Mapping[str, Any]]] = {}
     for (name, _), change in final_change.items():
         by_table.setdefault(name, []).append(change)
     for name, final in by_table.items():
-        table = tables[name]
-        tx.delete_rows(table, [orjson.loads(c["pk"]) for c in final])
         images = [orjson.loads(c["row_image"]) for c in final if c["op"] != "d"]
-        if images:
-            tx.put_rows(table, images)
+        gone = [orjson.loads(c["pk"]) for c in final if c["op"] == "d"]
+        tx.replace_rows(tables[name], images, gone)
     if not applied:
         return checkpoint
     tx.append_verbatim(applied)
@@ -385,6 +418,7 @@ class WriteTx:
         self.origin = origin
         self.captured: list[dict[str, Any]] = []
         self.appended: list[dict[str, Any]] = []  # the changelog rows, once appended
+        self.logged = 0  # changelog rows this transaction appended, captured or verbatim
         # MySQL and MariaDB have no UPDATE ... RETURNING: there an update is followed by a
         # read of the row by key, in the same transaction, which holds the row's lock.
         if conn is None:
@@ -647,12 +681,44 @@ class WriteTx:
         self._execute(_delete_statement(table), key_params(key))
 
     def put_rows(self, table: Table, images: list[dict[str, Any]]) -> None:
-        """Insert row images as they are, in one statement, without capturing them."""
-        columns = [str(c.name) for c in table.columns]
-        self._many(_insert_statement(table), [{c: i.get(c) for c in columns} for i in images])
+        """Insert row images as they are, in one statement, without capturing them (a column
+        an image lacks is NULL)."""
+        if self._positional():
+            sql, columns = _qmark_sql(_insert_statement(table))
+            self.cursor.executemany(sql, [tuple(map(i.get, columns)) for i in images])
+            return
+        names = [str(c.name) for c in table.columns]
+        self._many(_insert_statement(table), [{c: i.get(c) for c in names} for i in images])
+
+    def replace_rows(
+        self, table: Table, images: list[dict[str, Any]], gone: list[dict[str, Any]]
+    ) -> None:
+        """Make `images` the rows with their keys (inserted, or in place of the rows there)
+        and delete the rows with the keys `gone`, without capturing anything (replication:
+        one statement per table and kind, not one per row)."""
+        if gone:
+            self.delete_rows(table, gone)
+        if not images:
+            return
+        if self._positional():
+            # SQLite: INSERT OR REPLACE, one statement instead of a delete and an insert
+            # (0.5-1 us of a replica's ~8 us per row: docs/benchmarks.md, Replication).
+            sql, columns = _qmark_sql(_replace_statement(table))
+            self.cursor.executemany(sql, [tuple(map(i.get, columns)) for i in images])
+            return
+        self.delete_rows(table, [primary_key_of(table, i) for i in images])
+        self.put_rows(table, images)
+
+    def _positional(self) -> bool:
+        """SQLite on the driver's cursor: bulk statements bind tuples (`_qmark_sql`)."""
+        return self.cursor is not None and self.backend == "sqlite"
 
     def delete_rows(self, table: Table, keys: list[dict[str, Any]]) -> None:
         """Delete by primary keys in one statement, without capturing it."""
+        if self._positional():
+            sql, columns = _qmark_sql(_delete_statement(table))
+            self.cursor.executemany(sql, [tuple(map(k.__getitem__, columns)) for k in keys])
+            return
         if self.deferred is not None:
             quote = _DIALECTS["mysql"].identifier_preparer.quote
             for one in delete_keys_sql(self.cursor._cursor.mogrify, quote, table, keys):
@@ -662,17 +728,26 @@ class WriteTx:
             # MySQL's drivers run an executemany of a DELETE as one round trip per key (only
             # INSERTs are batched): a replica's apply of 1,000 rows took 1,000 of them. One
             # `key IN (...)` instead, a range scan of the primary key.
-            columns = [str(c.name) for c in table.primary_key.columns]
+            key_columns = [str(c.name) for c in table.primary_key.columns]
             values = [
-                k[columns[0]] if len(columns) == 1 else tuple(k[c] for c in columns) for k in keys
+                k[key_columns[0]] if len(key_columns) == 1 else tuple(k[c] for c in key_columns)
+                for k in keys
             ]
             self.conn.execute(_delete_in_statement(table), {"keys": values})
             return
         self._many(_delete_statement(table), [key_params(k) for k in keys])
 
-    def append_verbatim(self, changes: list[dict[str, Any]]) -> None:
-        """Append another copy's changelog rows unchanged (replication)."""
-        self._many(_insert_statement(changelog), changes)
+    def append_verbatim(self, changes: Sequence[Mapping[str, Any]]) -> None:
+        """Append another copy's changelog rows unchanged (replication); any other field of
+        a change is left out."""
+        self.logged += len(changes)
+        if self._positional():
+            sql, fields = _qmark_sql(_insert_statement(changelog))
+            self.cursor.executemany(sql, map(operator.itemgetter(*fields), changes))
+            return
+        self._many(
+            _insert_statement(changelog), [{f: c[f] for f in CHANGE_FIELDS} for c in changes]
+        )
 
     def count(self, statement: Executable, params: Mapping[str, Any]) -> int:
         return self._count(statement, params)
@@ -731,6 +806,7 @@ class WriteTx:
         ]
         self._many(_insert_statement(changelog), rows)
         self.appended = rows
+        self.logged += n
         return int(last)
 
 
@@ -776,7 +852,14 @@ class _Busy:
 
 
 BUSY = _Busy()
+# The WAL is checkpointed after this many inline write transactions or changelog rows,
+# whichever comes first: a checkpoint's work is the pages written since the last one. An
+# order writes a few rows (the writes bound it), a replica's apply up to BATCH_ROWS_MAX
+# (the rows do): counted in transactions alone, a catch-up's WAL grew to hundreds of MB
+# and its checkpoint then held the cell's writes for about a second (docs/benchmarks.md,
+# Replication).
 CHECKPOINT_EVERY_WRITES = 256
+CHECKPOINT_EVERY_ROWS = 8_192
 
 
 def _is_busy(error: Exception) -> bool:
@@ -843,7 +926,7 @@ class CellStore:
         self._draining = False
         self._drainer: asyncio.Future[None] | None = None  # MySQL: the task draining `_group`
         self.grouped_writes = 0  # writes committed with others in one transaction
-        self._writes_since_checkpoint = 0
+        self._writes_since_checkpoint = self._rows_since_checkpoint = 0
         self._checkpoint: asyncio.Future[None] | None = None
         self.position = 0  # last changelog position committed in this copy
         self.trimmed_position = 0  # this copy's changelog holds the positions after this
@@ -1224,7 +1307,6 @@ class CellStore:
         if self._cursor is not None and inline:
             done = self._write_inline(self._cursor, body, epoch)
             if not isinstance(done, _Busy):
-                self._after_inline_write()
                 return done
 
         loop = asyncio.get_running_loop()
@@ -1816,22 +1898,28 @@ class CellStore:
             if _is_busy(error):
                 return BUSY
             raise
+        tx = WriteTx(None, epoch=epoch, origin=self.region, cursor=cursor)
         try:
-            result = body(WriteTx(None, epoch=epoch, origin=self.region, cursor=cursor))
+            result = body(tx)
             cursor.execute("COMMIT")
-            return result
         except BaseException:
             cursor.execute("ROLLBACK")
             raise
+        self._after_inline_write(tx.logged)
+        return result
 
-    def _after_inline_write(self) -> None:
-        """Checkpoint the WAL on the writer thread every so many inline writes."""
+    def _after_inline_write(self, rows: int) -> None:
+        """Checkpoint the WAL on the writer thread every so many inline writes or rows."""
         self._writes_since_checkpoint += 1
-        if self._writes_since_checkpoint < CHECKPOINT_EVERY_WRITES:
+        self._rows_since_checkpoint += rows
+        if (
+            self._writes_since_checkpoint < CHECKPOINT_EVERY_WRITES
+            and self._rows_since_checkpoint < CHECKPOINT_EVERY_ROWS
+        ):
             return
         if self._checkpoint is not None and not self._checkpoint.done():
             return
-        self._writes_since_checkpoint = 0
+        self._writes_since_checkpoint = self._rows_since_checkpoint = 0
         loop = asyncio.get_running_loop()
         self._checkpoint = loop.run_in_executor(self._write_thread, self._checkpoint_sync)
 
