@@ -702,7 +702,8 @@ class WriteTx:
             return
         if self._positional():
             # SQLite: INSERT OR REPLACE, one statement instead of a delete and an insert
-            # (0.5-1 us of a replica's ~8 us per row: docs/benchmarks.md, Replication).
+            # (a delete of a key not there cost ~0.5 us per row of the ~8 a replica spends:
+            # docs/benchmarks.md, A cheaper apply).
             sql, columns = _qmark_sql(_replace_statement(table))
             self.cursor.executemany(sql, [tuple(map(i.get, columns)) for i in images])
             return
@@ -855,9 +856,9 @@ BUSY = _Busy()
 # The WAL is checkpointed after this many inline write transactions or changelog rows,
 # whichever comes first: a checkpoint's work is the pages written since the last one. An
 # order writes a few rows (the writes bound it), a replica's apply up to BATCH_ROWS_MAX
-# (the rows do): counted in transactions alone, a catch-up's WAL grew to hundreds of MB
-# and its checkpoint then held the cell's writes for about a second (docs/benchmarks.md,
-# Replication).
+# (the rows do): counted in transactions alone, a catch-up's WAL grew to tens of MB
+# before a checkpoint, which then held the cell's writes while it copied them
+# (docs/benchmarks.md, Replication).
 CHECKPOINT_EVERY_WRITES = 256
 CHECKPOINT_EVERY_ROWS = 8_192
 
