@@ -100,3 +100,22 @@ def test_waiting_for_a_position(tmp_path) -> None:  # type: ignore[no-untyped-de
             await replica.close()
 
     asyncio.run(scenario())
+
+
+def test_the_contiguous_changes_after_a_checkpoint() -> None:
+    from unitrade.storage.store import _contiguous_after
+
+    def batch(*positions: int) -> list[dict[str, int]]:
+        return [{"position": p} for p in positions]
+
+    def after(checkpoint: int, changes: list[dict[str, int]]) -> list[int]:
+        return [c["position"] for c in _contiguous_after(checkpoint, changes)]
+
+    assert after(0, batch(1, 2, 3)) == [1, 2, 3]
+    assert after(2, batch(1, 2, 3, 4)) == [3, 4]  # duplicates skipped
+    assert after(4, batch(1, 2, 3, 4)) == []  # all applied before
+    assert after(0, batch(2, 3)) == []  # a gap before the first
+    assert after(0, batch()) == []
+    assert after(0, batch(3, 1, 2)) == [1, 2, 3]  # reordered
+    assert after(0, batch(1, 2, 4, 5)) == [1, 2]  # a gap ends the batch
+    assert after(1, batch(2, 2, 3)) == [2, 3]  # a duplicate within
