@@ -119,3 +119,5 @@ def test_the_contiguous_changes_after_a_checkpoint() -> None:
     assert after(0, batch(3, 1, 2)) == [1, 2, 3]  # reordered
     assert after(0, batch(1, 2, 4, 5)) == [1, 2]  # a gap ends the batch
     assert after(1, batch(2, 2, 3)) == [2, 3]  # a duplicate within
+    as_text = [{"position": "1"}, {"position": "2"}]
+    assert [c["position"] for c in _contiguous_after(0, as_text)] == ["1", "2"]

@@ -244,7 +244,7 @@ def _driver_sql(statement: Executable, backend: str) -> tuple[str, dict[str, Any
 
 # SQLite's driver binds `?` parameters from a tuple: no name to look up per value, and no
 # dict to build per row. Replication's bulk statements (a replica's apply, a snapshot) use
-# it, where the rows cost most (docs/benchmarks.md, Replication: the apply, positional).
+# it, where the rows cost most (docs/benchmarks.md, A cheaper apply).
 _SQLITE_QMARK = sqlite_dialect(paramstyle="qmark")
 
 
@@ -345,10 +345,11 @@ def _contiguous_after(
     """The changes at checkpoint + 1, + 2, ... in order: rows at or below the checkpoint are
     duplicates, and the first after a gap ends them (the rest comes again, in order)."""
     positions = [c["position"] for c in changes]
-    if positions and positions == list(range(positions[0], positions[0] + len(positions))):
+    first = positions[0] if positions else None
+    if type(first) is int and positions == list(range(first, first + len(positions))):
         # What a pull brings, in order without gaps: a slice (0.13 us per change with the
         # dict of final changes, against 0.30 for the loop below).
-        skipped = checkpoint + 1 - positions[0]
+        skipped = checkpoint + 1 - first
         return changes[skipped:] if skipped >= 0 else []
     applied: list[Mapping[str, Any]] = []
     for change in sorted(changes, key=_position_of):
@@ -369,8 +370,8 @@ def apply_changes(
     checkpoint = int(row[0])
     applied = _contiguous_after(checkpoint, changes)
     # Every change is a whole row image or a delete, so a batch comes down to the last change
-    # of each (table, key), applied with one delete and one insert per table: two statements
-    # per row cost most of a replica's catch-up (docs/benchmarks.md, Replication).
+    # of each (table, key), applied with a statement or two per table: two statements per
+    # row cost most of a replica's catch-up (docs/benchmarks.md, Replication).
     final_change = {(c["tbl"], c["pk"]): c for c in applied}
     by_table: dict[str, list[Mapping[str, Any]]] = {}
     for (name, _), change in final_change.items():
